@@ -1,0 +1,298 @@
+"""Site files: which devices exist, where they answer, and how emulated ones behave.
+
+A site is YAML (or JSON) validated with pydantic. Every error names the file, the line,
+the field path and what was expected, e.g.::
+
+    demo.yaml:14: prosumers[0].devices[1].params.soc_min: Input should be less than
+    or equal to 1 (got 1.5)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .devices.driver import DeviceKind
+from .devices.models import BatteryParams, LoadParams, MeterParams, ProsumerParams, PVParams
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PVConfig(_Strict):
+    rating_w: Annotated[float, Field(gt=0, le=10_000_000)] = 5000.0
+    dc_peak_w: Annotated[float, Field(gt=0)] | None = None
+    efficiency: Annotated[float, Field(gt=0, le=1)] = 0.96
+    ramp_pct_per_s: Annotated[float, Field(gt=0, le=100)] = 10.0
+
+    def physics(self) -> PVParams:
+        return PVParams(**self.model_dump())
+
+
+class BatteryConfig(_Strict):
+    capacity_wh: Annotated[float, Field(gt=0)] = 10000.0
+    soc_min: Annotated[float, Field(ge=0, le=1)] = 0.10
+    soc_max: Annotated[float, Field(ge=0, le=1)] = 0.95
+    soc_init: Annotated[float, Field(ge=0, le=1)] = 0.5
+    max_charge_w: Annotated[float, Field(gt=0)] = 5000.0
+    max_discharge_w: Annotated[float, Field(gt=0)] = 5000.0
+    eta_ch: Annotated[float, Field(gt=0, le=1)] = 0.95
+    eta_dis: Annotated[float, Field(gt=0, le=1)] = 0.95
+
+    @model_validator(mode="after")
+    def _bounds(self) -> BatteryConfig:
+        if self.soc_min >= self.soc_max:
+            raise ValueError(f"soc_min ({self.soc_min}) must be below soc_max ({self.soc_max})")
+        if not self.soc_min <= self.soc_init <= self.soc_max:
+            raise ValueError(f"soc_init ({self.soc_init}) must lie within soc_min..soc_max "
+                             f"({self.soc_min}..{self.soc_max})")
+        return self
+
+    def physics(self) -> BatteryParams:
+        return BatteryParams(**self.model_dump())
+
+
+class MeterConfig(_Strict):
+    v_nominal: Annotated[float, Field(gt=0)] = 230.0
+    f_nominal: Literal[50.0, 60.0] = 50.0
+    v_drop_per_kw: Annotated[float, Field(ge=0)] = 0.4
+
+
+class LoadConfig(_Strict):
+    base_w: Annotated[float, Field(ge=0)] = 300.0
+    peak_w: Annotated[float, Field(ge=0)] = 2500.0
+    noise: Annotated[float, Field(ge=0, le=1)] = 0.08
+
+    @model_validator(mode="after")
+    def _order(self) -> LoadConfig:
+        if self.peak_w < self.base_w:
+            raise ValueError(f"peak_w ({self.peak_w}) must be >= base_w ({self.base_w})")
+        return self
+
+
+class _DeviceBase(_Strict):
+    name: Annotated[str, Field(pattern=NAME)]
+    protocol: Literal["modbus"] = "modbus"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 502
+    """0 = any free port (emulated devices only)."""
+    unit: Annotated[int, Field(ge=1, le=247)] = 1
+    emulated: bool = True
+    """False: real hardware (or an emulator someone else runs) at host:port."""
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @model_validator(mode="after")
+    def _port(self) -> _DeviceBase:
+        if self.port == 0 and not self.emulated:
+            raise ValueError("port 0 (any free port) is only meaningful for emulated devices")
+        return self
+
+
+class PVDevice(_DeviceBase):
+    kind: Literal[DeviceKind.PV]
+    params: PVConfig = PVConfig()
+
+
+class BatteryDevice(_DeviceBase):
+    kind: Literal[DeviceKind.BATTERY]
+    params: BatteryConfig = BatteryConfig()
+
+
+class MeterDevice(_DeviceBase):
+    kind: Literal[DeviceKind.METER]
+    params: MeterConfig = MeterConfig()
+
+
+DeviceConfig = Annotated[PVDevice | BatteryDevice | MeterDevice, Field(discriminator="kind")]
+_KIND_TAGS = {k.value for k in DeviceKind}
+
+
+class ProsumerConfig(_Strict):
+    name: Annotated[str, Field(pattern=NAME)]
+    load: LoadConfig = LoadConfig()
+    devices: list[DeviceConfig] = Field(min_length=1)
+
+    @field_validator("devices")
+    @classmethod
+    def _one_per_kind(cls, devices: list[DeviceConfig]) -> list[DeviceConfig]:
+        seen: dict[DeviceKind, str] = {}
+        for d in devices:
+            if d.kind in seen:
+                raise ValueError(f"two {d.kind.value} devices ({seen[d.kind]!r}, {d.name!r}); "
+                                 "a prosumer has at most one of each kind")
+            seen[d.kind] = d.name
+        return devices
+
+    def device(self, kind: DeviceKind) -> DeviceConfig | None:
+        return next((d for d in self.devices if d.kind == kind), None)
+
+    def physics(self, seed: int) -> ProsumerParams:
+        pv, bat, meter = (self.device(k) for k in (DeviceKind.PV, DeviceKind.BATTERY, DeviceKind.METER))
+        return ProsumerParams(
+            pv=pv.params.physics() if pv else None,
+            battery=bat.params.physics() if bat else None,
+            meter=MeterParams(**(meter.params if meter else MeterConfig()).model_dump(), seed=seed),
+            load=LoadParams(**self.load.model_dump(), seed=seed),
+        )
+
+
+class EmulationConfig(_Strict):
+    start: Annotated[str, Field(pattern=r"^([01]?\d|2[0-3]):[0-5]\d(:[0-5]\d)?$")] = "12:00"
+    """Simulated time of day when emulators start (`devices serve`)."""
+    speed: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    tick_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    seed: int = 0
+
+    @property
+    def start_s(self) -> float:
+        parts = [int(x) for x in self.start.split(":")]
+        return parts[0] * 3600.0 + parts[1] * 60.0 + (parts[2] if len(parts) > 2 else 0)
+
+
+class SiteConfig(_Strict):
+    name: Annotated[str, Field(pattern=NAME)]
+    description: str = ""
+    emulation: EmulationConfig = EmulationConfig()
+    prosumers: list[ProsumerConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SiteConfig:
+        names: set[str] = set()
+        endpoints: dict[tuple[str, int, int], str] = {}
+        for p in self.prosumers:
+            if p.name in names:
+                raise ValueError(f"name {p.name!r} is used twice")
+            names.add(p.name)
+            for d in p.devices:
+                if d.name in names:
+                    raise ValueError(f"name {d.name!r} is used twice")
+                names.add(d.name)
+                key = (d.host, d.port, d.unit)
+                if d.port and key in endpoints:
+                    raise ValueError(f"devices {endpoints[key]!r} and {d.name!r} share "
+                                     f"{d.host}:{d.port} unit {d.unit}")
+                endpoints[key] = d.name
+        return self
+
+    def devices(self) -> Iterator[tuple[ProsumerConfig, DeviceConfig]]:
+        for p in self.prosumers:
+            for d in p.devices:
+                yield p, d
+
+    def find(self, name: str) -> tuple[ProsumerConfig, DeviceConfig]:
+        for p, d in self.devices():
+            if d.name == name:
+                return p, d
+        known = ", ".join(d.name for _, d in self.devices())
+        raise ConfigError(f"site {self.name!r} has no device {name!r}; devices: {known}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message is meant for the user."""
+
+
+def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each YAML path (keys and list indexes) to its 1-based line."""
+    lines: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, k.value)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, (*path, i))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _fmt_loc(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(source: str, exc: ValidationError, text: str) -> str:
+    lines = _line_index(text)
+    msgs = []
+    for err in exc.errors():
+        # pydantic puts union/class tags in loc (e.g. 'function-after[...]'); keep only data keys
+        raw = err["loc"]
+        loc = tuple(p for i, p in enumerate(raw) if isinstance(p, int) or not (
+            re.search(r"[\[\]()]", str(p)) or (p in _KIND_TAGS and i and isinstance(raw[i - 1], int))))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            field = str(err.get("ctx", {}).get("discriminator", "kind")).strip("'")
+            loc = (*loc, field)
+            msg = f"expected one of {', '.join(sorted(_KIND_TAGS))}"
+            if "tag" in err.get("ctx", {}):
+                msg += f" (got {err['ctx']['tag']!r})"
+        probe = loc
+        while probe and probe not in lines:
+            probe = probe[:-1]
+        where = f"{source}:{lines[probe]}" if probe in lines else source
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict | list) else ""
+        msgs.append(f"{where}: {_fmt_loc(loc)}: {msg}{got}")
+    return "\n".join(msgs)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def load_model(model: type[BaseModel], text: str, source: str) -> Any:
+    data = parse_yaml(text, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc, text)) from None
+
+
+BUNDLED_SITES = {"demo": "demo-site.yaml"}
+
+
+def bundled_path(name: str) -> Path:
+    return Path(str(resources.files("testbed.scenarios.library").joinpath(BUNDLED_SITES[name])))
+
+
+def load_site(ref: str | Path) -> SiteConfig:
+    """Load a site file, or a bundled site by name (`demo`)."""
+    path = Path(ref)
+    if not path.exists() and str(ref) in BUNDLED_SITES:
+        path = bundled_path(str(ref))
+    if not path.exists():
+        raise ConfigError(f"{ref}: no such site file (bundled sites: {', '.join(BUNDLED_SITES)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return load_model(SiteConfig, text, str(path))

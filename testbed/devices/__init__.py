@@ -1,0 +1,1 @@
+"""The hardware side: device physics, SunSpec maps, protocol servers and drivers."""

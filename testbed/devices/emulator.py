@@ -1,0 +1,518 @@
+"""Emulated devices: the physics of `models.py` bound to SunSpec register maps.
+
+An `EmulatedSite` owns one `EmulatedProsumer` per connection point and advances their
+physics on a simulated clock. Each `EmulatedDevice` (inverter, battery, meter) knows
+which SunSpec models it presents, how to fill them from the physics state and how a
+write to a control point becomes a command. Transport (Modbus today) is elsewhere: the
+server in `modbus.py` asks a device to `refresh()` its map before a read and to
+`write()` before it stores registers, so a refused write never reaches the registers.
+
+SunSpec conventions of the emulators (documented in the README):
+- Inverter: models 1, 103, 120, 123. `WMaxLimPct` (0-100 % of `WRtg`) with
+  `WMaxLim_Ena`=1 curtails; the limit ramps at the inverter's ramp rate.
+- Battery: models 1, 802, 124. 802 `W` is + discharge / - charge. The power setpoint is
+  124 `StorCtl_Mod` bit 1 (DISCHARGE) with `OutWRte` % of the rated discharge power,
+  and/or bit 0 (CHARGE) with `InWRte` % of `WChaMax`; no bit set holds at 0 W. A setpoint
+  the battery cannot follow is clamped: 802 `State` = SOC PROTECTION and `Evt1` warning
+  bits (UNDER_SOC_MIN_WARNING, OVER_SOC_MAX_WARNING, OVER_CHARGE/DISCHARGE_CURRENT_WARNING).
+- Meter: models 1, 203, balanced three-phase; `W` + import / - export.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from .models import (
+    BatteryParams,
+    ClampReason,
+    LoadParams,
+    MeterParams,
+    ProsumerParams,
+    ProsumerState,
+    PVParams,
+    battery_command,
+    clear_sky_irradiance,
+    household_load_w,
+    prosumer_step,
+    pv_command,
+)
+from .sunspec import PointDef, RegisterMap, SunSpecError, scale_factor_for
+
+MANUFACTURER = "testbed"
+SQRT3 = math.sqrt(3.0)
+
+INVERTER_ST = {"SLEEPING": 2, "MPPT": 4, "THROTTLED": 5}
+CHA_ST = {"OFF": 1, "EMPTY": 2, "DISCHARGING": 3, "CHARGING": 4, "FULL": 5, "HOLDING": 6}
+BAT_STATE_CONNECTED, BAT_STATE_SOC_PROTECTION = 3, 5
+EVT1_BITS = {  # SunSpec 802 Evt1 symbol values (bit positions)
+    ClampReason.CHARGE_RATE: 6,
+    ClampReason.DISCHARGE_RATE: 8,
+    ClampReason.SOC_MIN: 14,
+    ClampReason.SOC_MAX: 16,
+}
+
+
+class WriteRefused(ValueError):
+    """A control write the device will not accept; the map and physics stay unchanged."""
+
+
+class EmulatedProsumer:
+    """One connection point's physics, advanced by the site clock and commanded by devices."""
+
+    def __init__(self, name: str, params: ProsumerParams, t_s: float = 0.0) -> None:
+        self.name = name
+        self.params = params
+        self.state = ProsumerState.initial(params, t_s)
+        self.version = 0
+        """Bumped on every change so devices re-encode their maps only when needed."""
+
+    def step(self, dt_s: float, irradiance_w_m2: float, load_w: float) -> None:
+        self.state = prosumer_step(self.params, self.state, irradiance_w_m2=irradiance_w_m2,
+                                   load_w=load_w, dt_s=dt_s, key=self.name)
+        self.version += 1
+
+    def update(self, **changes: object) -> None:
+        self.state = replace(self.state, **changes)
+        self.version += 1
+
+
+class EmulatedDevice:
+    """Base for an emulated device presenting a SunSpec map."""
+
+    kind: str = ""
+    models: tuple[int, ...] = ()
+    model_name: str = ""
+
+    def __init__(self, name: str, prosumer: EmulatedProsumer, serial: str) -> None:
+        self.name = name
+        self.prosumer = prosumer
+        self.serial = serial
+        self.map = RegisterMap.build(self.models)
+        self._encoded_version = -1
+        m = self.map
+        m.set_raw(1, "Mn", MANUFACTURER)
+        m.set_raw(1, "Md", self.model_name)
+        m.set_raw(1, "Vr", "0.1.0")
+        m.set_raw(1, "SN", serial[:32])
+        m.set_raw(1, "DA", 1)
+        self.init_map(m)
+        self.refresh()
+
+    # -- to be provided by each kind
+    def init_map(self, m: RegisterMap) -> None:
+        """Static points: nameplate ratings and scale factors."""
+
+    def fill(self, m: RegisterMap) -> None:
+        """Dynamic points from the current physics state."""
+
+    def apply(self, changes: Mapping[tuple[int, str], float | int | str | None]) -> None:
+        """Turn accepted control-point values into physics commands."""
+
+    def check(self, p: PointDef, value: float | int | str | None) -> None:
+        """Kind-specific range checks; raise WriteRefused."""
+
+    # -- shared
+    def refresh(self) -> None:
+        if self._encoded_version != self.prosumer.version:
+            self.fill(self.map)
+            self._encoded_version = self.prosumer.version
+
+    def write(self, address: int, values: list[int]) -> None:
+        """Validate and apply a register write; raises WriteRefused leaving state unchanged."""
+        trial = RegisterMap(self.map.base, self.map.models, list(self.map.registers))
+        start = address - trial.base
+        if start < 0 or start + len(values) > len(trial.registers):
+            raise WriteRefused(f"address {address}+{len(values)} outside the SunSpec map")
+        trial.registers[start: start + len(values)] = values
+        changes: dict[tuple[int, str], float | int | str | None] = {}
+        for a in range(address, address + len(values)):
+            located = trial.locate(a)
+            if located is None:
+                raise WriteRefused(f"address {a} holds no point")
+            inst, p = located
+            if not p.writable:
+                raise WriteRefused(f"{inst.id}.{p.name} is read-only")
+            if (inst.id, p.name) in changes:
+                continue
+            first = inst.address + p.offset
+            if first < address or first + p.size > address + len(values):
+                raise WriteRefused(f"{inst.id}.{p.name}: write must cover all {p.size} registers")
+            value = trial.get(inst.id, p.name)
+            _check_generic(p, trial.get_raw(inst.id, p.name))
+            self.check(p, value)
+            changes[(inst.id, p.name)] = value
+        self.apply(changes)
+        self.map.registers[start: start + len(values)] = values
+        self._encoded_version = -1
+        self.refresh()
+
+    def write_point(self, model_id: int, point: str, value: float | int | str) -> None:
+        """Engineering-unit write (used by tests and the OPC UA side): same checks."""
+        trial = RegisterMap(self.map.base, self.map.models, list(self.map.registers))
+        trial.set(model_id, point, value)
+        p = trial.model(model_id).definition.point(point)
+        i = trial.address_of(model_id, point) - trial.base
+        self.write(trial.base + i, trial.registers[i: i + p.size])
+
+
+def _check_generic(p: PointDef, raw: float | int | str | None) -> None:
+    """Refuse enum values outside the symbols and bitfields with undefined bits."""
+    if raw is None:
+        raise WriteRefused(f"{p.name}: the 'not implemented' value cannot be written")
+    if p.type.startswith("enum") and p.symbols and raw not in p.symbols.values():
+        raise WriteRefused(f"{p.name}: {raw} is not one of {dict(p.symbols)}")
+    if p.type.startswith("bitfield") and p.symbols:
+        allowed = sum(1 << b for b in p.symbols.values())
+        if int(raw) & ~allowed:
+            raise WriteRefused(f"{p.name}: bits {int(raw) & ~allowed:#x} are not defined")
+
+
+def _in_range(p: PointDef, value: float | int | str | None, lo: float, hi: float) -> None:
+    if not isinstance(value, int | float) or not lo - 1e-9 <= value <= hi + 1e-9:
+        raise WriteRefused(f"{p.name}: {value} outside {lo:g}..{hi:g} {p.units or ''}".rstrip())
+
+
+class EmulatedInverter(EmulatedDevice):
+    kind = "pv"
+    models = (1, 103, 120, 123)
+    model_name = "PV inverter emulator"
+
+    def __init__(self, name: str, prosumer: EmulatedProsumer, serial: str) -> None:
+        assert prosumer.params.pv is not None, "prosumer has no PV parameters"
+        self.params: PVParams = prosumer.params.pv
+        super().__init__(name, prosumer, serial)
+
+    def init_map(self, m: RegisterMap) -> None:
+        p = self.params
+        w_sf = scale_factor_for(p.rating_w * 1.2)
+        a_max = p.rating_w / (3 * 200.0)
+        for model in (103,):
+            m.set_raw(model, "A_SF", scale_factor_for(a_max * 1.2))
+            m.set_raw(model, "V_SF", -1)
+            m.set_raw(model, "W_SF", w_sf)
+            m.set_raw(model, "Hz_SF", -2)
+            m.set_raw(model, "VA_SF", w_sf)
+            m.set_raw(model, "VAr_SF", w_sf)
+            m.set_raw(model, "PF_SF", -1)
+            m.set_raw(model, "WH_SF", 0)
+            m.set_raw(model, "DCA_SF", scale_factor_for(p.array_w / 400.0 * 1.2))
+            m.set_raw(model, "DCV_SF", -1)
+            m.set_raw(model, "DCW_SF", scale_factor_for(p.array_w * 1.2))
+            m.set_raw(model, "Tmp_SF", -1)
+        m.set_raw(120, "DERTyp", 4)
+        for point in ("WRtg_SF", "VARtg_SF", "VArRtg_SF"):
+            m.set_raw(120, point, w_sf)
+        m.set_raw(120, "ARtg_SF", scale_factor_for(a_max * 1.2))
+        m.set_raw(120, "PFRtg_SF", -3)
+        m.set(120, "WRtg", p.rating_w)
+        m.set(120, "VARtg", p.rating_w)
+        for q in ("VArRtgQ1", "VArRtgQ2"):
+            m.set(120, q, 0.44 * p.rating_w)
+        for q in ("VArRtgQ3", "VArRtgQ4"):
+            m.set(120, q, -0.44 * p.rating_w)
+        m.set(120, "ARtg", a_max)
+        for q in ("PFRtgQ1", "PFRtgQ2"):
+            m.set(120, q, 0.9)
+        for q in ("PFRtgQ3", "PFRtgQ4"):
+            m.set(120, q, -0.9)
+        m.set_raw(123, "WMaxLimPct_SF", -1)
+        m.set_raw(123, "OutPFSet_SF", -3)
+        m.set_raw(123, "VArPct_SF", -1)
+        m.set_raw(123, "Conn", 1)
+        m.set(123, "OutPFSet", 1.0)
+        m.set_raw(123, "OutPFSet_Ena", 0)
+        m.set_raw(123, "VArPct_Ena", 0)
+        for point in ("Conn_WinTms", "Conn_RvrtTms", "WMaxLimPct_WinTms", "WMaxLimPct_RvrtTms",
+                      "WMaxLimPct_RmpTms", "OutPFSet_WinTms", "OutPFSet_RvrtTms", "OutPFSet_RmpTms"):
+            m.set_raw(123, point, 0)
+
+    def fill(self, m: RegisterMap) -> None:
+        s = self.prosumer.state
+        pv = s.pv
+        assert pv is not None
+        v = s.meter.voltage_v
+        a = pv.ac_w / (3 * v) if v > 0 else 0.0
+        m.set(103, "A", a)
+        for ph in ("AphA", "AphB", "AphC"):
+            m.set(103, ph, a)
+        for ph in ("PhVphA", "PhVphB", "PhVphC"):
+            m.set(103, ph, v)
+        for ph in ("PPVphAB", "PPVphBC", "PPVphCA"):
+            m.set(103, ph, v * SQRT3)
+        m.set(103, "W", pv.ac_w)
+        m.set(103, "Hz", s.meter.frequency_hz)
+        m.set(103, "VA", pv.ac_w)
+        m.set(103, "VAr", 0.0)
+        m.set(103, "PF", 100.0)
+        m.set(103, "WH", math.floor(pv.energy_wh))
+        dcv = 400.0 if pv.dc_w > 0 else 0.0
+        m.set(103, "DCV", dcv)
+        m.set(103, "DCA", pv.dc_w / dcv if dcv else 0.0)
+        m.set(103, "DCW", pv.dc_w)
+        m.set(103, "TmpCab", 25.0 + 15.0 * pv.ac_w / self.params.rating_w)
+        m.set_raw(103, "St", INVERTER_ST[pv.status.value])
+        m.set_raw(103, "Evt1", 0)
+        m.set_raw(103, "Evt2", 0)
+        m.set(123, "WMaxLimPct", pv.limit_pct)
+        m.set_raw(123, "WMaxLim_Ena", int(pv.limit_enabled))
+
+    def check(self, p: PointDef, value: float | int | str | None) -> None:
+        if p.model_id == 123 and p.name == "WMaxLimPct":
+            _in_range(p, value, 0.0, 100.0)
+        if p.model_id == 123 and p.name == "OutPFSet":
+            _in_range(p, value, -1.0, 1.0)
+
+    def apply(self, changes: Mapping[tuple[int, str], float | int | str | None]) -> None:
+        pv = self.prosumer.state.pv
+        assert pv is not None
+        limit = changes.get((123, "WMaxLimPct"))
+        ena = changes.get((123, "WMaxLim_Ena"))
+        if limit is None and ena is None:
+            return
+        self.prosumer.update(pv=pv_command(
+            pv, limit_pct=None if limit is None else float(limit),
+            limit_enabled=None if ena is None else bool(ena)))
+
+
+class EmulatedBattery(EmulatedDevice):
+    kind = "battery"
+    models = (1, 802, 124)
+    model_name = "Battery emulator"
+
+    def __init__(self, name: str, prosumer: EmulatedProsumer, serial: str) -> None:
+        assert prosumer.params.battery is not None, "prosumer has no battery parameters"
+        self.params: BatteryParams = prosumer.params.battery
+        self.wchamax = self.params.max_charge_w
+        # The 124 control registers are the device's command state; the power setpoint
+        # is derived from them, so a partial update (rate first, mode later) is kept.
+        self.storctl_mod, self.out_pct, self.in_pct = 0, 0.0, 0.0
+        super().__init__(name, prosumer, serial)
+
+    @property
+    def nominal_v(self) -> float:
+        return 48.0 if self.params.capacity_wh < 30000 else 400.0
+
+    def init_map(self, m: RegisterMap) -> None:
+        p = self.params
+        w_sf = scale_factor_for(max(p.max_charge_w, p.max_discharge_w) * 1.2)
+        ah = p.capacity_wh / self.nominal_v
+        a_max = max(p.max_charge_w, p.max_discharge_w) / self.nominal_v
+        m.set_raw(802, "AHRtg_SF", scale_factor_for(ah * 1.2))
+        m.set_raw(802, "WHRtg_SF", scale_factor_for(p.capacity_wh * 1.2))
+        m.set_raw(802, "WChaDisChaMax_SF", w_sf)
+        m.set_raw(802, "DisChaRte_SF", -1)
+        m.set_raw(802, "SoC_SF", -1)
+        m.set_raw(802, "DoD_SF", -1)
+        m.set_raw(802, "SoH_SF", 0)
+        m.set_raw(802, "V_SF", -1)
+        m.set_raw(802, "CellV_SF", -3)
+        m.set_raw(802, "A_SF", scale_factor_for(a_max * 1.2))
+        m.set_raw(802, "AMax_SF", scale_factor_for(a_max * 1.2))
+        m.set_raw(802, "W_SF", w_sf)
+        m.set(802, "AHRtg", ah)
+        m.set(802, "WHRtg", p.capacity_wh)
+        m.set(802, "WChaRteMax", p.max_charge_w)
+        m.set(802, "WDisChaRteMax", p.max_discharge_w)
+        m.set(802, "SoCMax", p.soc_max * 100)
+        m.set(802, "SoCMin", p.soc_min * 100)
+        m.set(802, "SocRsvMax", p.soc_max * 100)
+        m.set(802, "SoCRsvMin", p.soc_min * 100)
+        m.set(802, "SoH", 100)
+        m.set_raw(802, "LocRemCtl", 0)
+        m.set_raw(802, "Typ", 4)
+        m.set(802, "AChaMax", p.max_charge_w / self.nominal_v)
+        m.set(802, "ADisChaMax", p.max_discharge_w / self.nominal_v)
+        m.set_raw(802, "EvtVnd1", 0)
+        m.set_raw(802, "EvtVnd2", 0)
+        m.set_raw(802, "Evt2", 0)
+        m.set_raw(802, "AlmRst", 0)
+        m.set_raw(802, "SetOp", 1)
+        m.set_raw(802, "SetInvState", 1)
+        m.set_raw(124, "WChaMax_SF", w_sf)
+        m.set_raw(124, "WChaDisChaGra_SF", 0)
+        m.set_raw(124, "MinRsvPct_SF", -1)
+        m.set_raw(124, "ChaState_SF", -1)
+        m.set_raw(124, "InBatV_SF", -1)
+        m.set_raw(124, "InOutWRte_SF", -1)
+        m.set_raw(124, "WChaGra", 100)
+        m.set_raw(124, "WDisChaGra", 100)
+        m.set(124, "MinRsvPct", p.soc_min * 100)
+        m.set_raw(124, "ChaGriSet", 1)
+        m.set_raw(124, "StorCtl_Mod", 0)
+        m.set(124, "OutWRte", 0)
+        m.set(124, "InWRte", 0)
+        for point in ("InOutWRte_WinTms", "InOutWRte_RvrtTms", "InOutWRte_RmpTms"):
+            m.set_raw(124, point, 0)
+
+    def fill(self, m: RegisterMap) -> None:
+        s = self.prosumer.state
+        b = s.battery
+        assert b is not None
+        p = self.params
+        v = self.nominal_v * (0.9 + 0.2 * b.soc)
+        m.set(802, "SoC", b.soc * 100)
+        m.set(802, "DoD", (1 - b.soc) * 100)
+        m.set(802, "DisChaRte", abs(b.power_w) / p.capacity_wh * 100)
+        m.set_raw(802, "ChaSt", CHA_ST[b.status.value])
+        m.set_raw(124, "ChaSt", CHA_ST[b.status.value])
+        soc_clamp = b.clamp_reason in (ClampReason.SOC_MIN, ClampReason.SOC_MAX)
+        m.set_raw(802, "State", BAT_STATE_SOC_PROTECTION if soc_clamp else BAT_STATE_CONNECTED)
+        m.set_raw(802, "Evt1", 1 << EVT1_BITS[b.clamp_reason] if b.clamp_reason else 0)
+        m.set(802, "V", v)
+        m.set(802, "VMax", self.nominal_v * 1.1)
+        m.set(802, "VMin", self.nominal_v * 0.9)
+        m.set(802, "A", b.power_w / v)
+        m.set(802, "W", b.power_w)
+        m.set(802, "ReqW", b.setpoint_w)
+        m.set_raw(802, "NCyc", int(b.discharged_wh / p.capacity_wh))
+        m.set_raw(802, "Hb", int(s.t_s) & 0xFFFF)
+        m.set(124, "WChaMax", self.wchamax)
+        m.set(124, "ChaState", b.soc * 100)
+        m.set(124, "InBatV", v)
+        m.set_raw(124, "StorCtl_Mod", self.storctl_mod)
+        m.set(124, "OutWRte", self.out_pct)
+        m.set(124, "InWRte", self.in_pct)
+
+    def check(self, p: PointDef, value: float | int | str | None) -> None:
+        if p.model_id == 124 and p.name in ("OutWRte", "InWRte"):
+            _in_range(p, value, 0.0, 100.0)
+        elif p.model_id == 124 and p.name == "WChaMax":
+            _in_range(p, value, 0.0, self.params.max_charge_w)
+        elif p.model_id == 124 and p.name == "MinRsvPct":
+            _in_range(p, value, self.params.soc_min * 100, self.params.soc_max * 100)
+        elif p.model_id == 802 and p.name in ("SocRsvMax", "SoCRsvMin"):
+            _in_range(p, value, self.params.soc_min * 100, self.params.soc_max * 100)
+
+    def apply(self, changes: Mapping[tuple[int, str], float | int | str | None]) -> None:
+        b = self.prosumer.state.battery
+        assert b is not None
+        self.wchamax = float(changes.get((124, "WChaMax"), self.wchamax) or 0.0)
+        self.storctl_mod = int(changes.get((124, "StorCtl_Mod"), self.storctl_mod) or 0)
+        self.out_pct = float(changes.get((124, "OutWRte"), self.out_pct) or 0.0)
+        self.in_pct = float(changes.get((124, "InWRte"), self.in_pct) or 0.0)
+        setpoint = 0.0
+        if self.storctl_mod & 0b10:  # DISCHARGE
+            setpoint += self.out_pct / 100.0 * self.params.max_discharge_w
+        if self.storctl_mod & 0b01:  # CHARGE
+            setpoint -= self.in_pct / 100.0 * self.wchamax
+        self.prosumer.update(battery=battery_command(b, setpoint))
+
+
+class EmulatedMeter(EmulatedDevice):
+    kind = "meter"
+    models = (1, 203)
+    model_name = "Smart meter emulator"
+
+    def init_map(self, m: RegisterMap) -> None:
+        peak = max(15000.0, self.prosumer.params.load.peak_w * 3)
+        w_sf = scale_factor_for(peak)
+        m.set_raw(203, "A_SF", scale_factor_for(peak / (3 * 200.0)))
+        m.set_raw(203, "V_SF", -1)
+        m.set_raw(203, "Hz_SF", -2)
+        for sf in ("W_SF", "VA_SF", "VAR_SF"):
+            m.set_raw(203, sf, w_sf)
+        m.set_raw(203, "PF_SF", -1)
+        m.set_raw(203, "TotWh_SF", 0)
+        m.set_raw(203, "Evt", 0)
+
+    def fill(self, m: RegisterMap) -> None:
+        mt = self.prosumer.state.meter
+        v = mt.voltage_v
+        a = abs(mt.net_w) / (3 * v) if v > 0 else 0.0
+        m.set(203, "A", a)
+        for ph in ("AphA", "AphB", "AphC"):
+            m.set(203, ph, a)
+        m.set(203, "PhV", v)
+        for ph in ("PhVphA", "PhVphB", "PhVphC"):
+            m.set(203, ph, v)
+        m.set(203, "PPV", v * SQRT3)
+        for ph in ("PhVphAB", "PhVphBC", "PhVphCA"):
+            m.set(203, ph, v * SQRT3)
+        m.set(203, "Hz", mt.frequency_hz)
+        m.set(203, "W", mt.net_w)
+        for ph in ("WphA", "WphB", "WphC"):
+            m.set(203, ph, mt.net_w / 3)
+        m.set(203, "VA", abs(mt.net_w))
+        m.set(203, "VAR", 0.0)
+        m.set(203, "PF", 100.0)
+        m.set(203, "TotWhImp", math.floor(mt.import_wh))
+        m.set(203, "TotWhExp", math.floor(mt.export_wh))
+
+
+DEVICE_CLASSES: dict[str, type[EmulatedDevice]] = {
+    cls.kind: cls for cls in (EmulatedInverter, EmulatedBattery, EmulatedMeter)
+}
+
+
+Irradiance = Callable[[float], float]
+
+
+class EmulatedSite:
+    """Every emulated prosumer of a site on one simulated clock.
+
+    `t_s` is simulated seconds since midnight of day 0. Irradiance and household load
+    default to the seeded synthetic profiles of `models.py`; the scenario engine passes
+    its own functions.
+    """
+
+    def __init__(self, t0_s: float = 12 * 3600.0, *, irradiance: Irradiance | None = None,
+                 load: Callable[[str, LoadParams, float], float] | None = None) -> None:
+        self.t_s = t0_s
+        self.prosumers: dict[str, EmulatedProsumer] = {}
+        self.devices: dict[str, EmulatedDevice] = {}
+        self.irradiance = irradiance or clear_sky_irradiance
+        self.load = load or (lambda name, p, t: household_load_w(p, t, key=name))
+
+    def add_prosumer(self, name: str, params: ProsumerParams) -> EmulatedProsumer:
+        if name in self.prosumers:
+            raise ValueError(f"prosumer {name!r} already exists")
+        pr = EmulatedProsumer(name, params, self.t_s)
+        self.prosumers[name] = pr
+        return pr
+
+    def add_device(self, name: str, kind: str, prosumer: str, serial: str | None = None) -> EmulatedDevice:
+        if name in self.devices:
+            raise ValueError(f"device {name!r} already exists")
+        try:
+            cls = DEVICE_CLASSES[kind]
+        except KeyError:
+            raise SunSpecError(f"no emulator for device kind {kind!r}") from None
+        dev = cls(name, self.prosumers[prosumer], serial or f"TB-{name}")
+        self.devices[name] = dev
+        return dev
+
+    def step(self, dt_s: float) -> None:
+        """Advance every prosumer's physics by `dt_s` of simulated time."""
+        t = self.t_s + dt_s
+        irr = self.irradiance(t)
+        for pr in self.prosumers.values():
+            pr.step(dt_s, irr, self.load(pr.name, pr.params.load, t))
+        self.t_s = t
+
+    async def run(self, tick_s: float = 1.0, speed: float = 1.0,
+                  stop: asyncio.Event | None = None) -> None:
+        """Advance in real time (x `speed`) on absolute deadlines, so lateness never accumulates."""
+        stop = stop or asyncio.Event()
+        start = time.monotonic()
+        n = 0
+        while not stop.is_set():
+            n += 1
+            deadline = start + n * tick_s / speed
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                    break
+                except TimeoutError:
+                    pass
+            self.step(tick_s)
+
+
+def prosumer_params(pv: PVParams | None, battery: BatteryParams | None,
+                    meter: MeterParams | None = None, load: LoadParams | None = None) -> ProsumerParams:
+    return ProsumerParams(pv=pv, battery=battery, meter=meter or MeterParams(),
+                          load=load or LoadParams())

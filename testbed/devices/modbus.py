@@ -1,0 +1,614 @@
+"""Modbus TCP: the SunSpec emulator server and the SunSpec client driver (pymodbus).
+
+Server: one pymodbus TCP server per (host, port), hosting any number of emulated devices
+under distinct unit ids, built with pymodbus' SimData/SimDevice API. A SimDevice
+`action` hook refreshes a device's registers from its physics before a read and passes
+a write through the device's checks before pymodbus stores it; a refused write answers
+with exception 03 (illegal data value) and changes nothing.
+
+Client: `ModbusLink` is one TCP connection to an endpoint shared by every unit id behind
+it (as with a gateway), with per-request timeouts and reconnection with exponential
+backoff. `SunSpecDevice` discovers the SunSpec map (40000, then 0, then 50000), reads
+the models it needs in as few requests as possible and applies scale factors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import ModbusException, ModbusIOException, NoSuchIdException
+from pymodbus.pdu import ExceptionResponse
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+from pymodbus.simulator.simcore import SimCore
+
+from .driver import (
+    Device,
+    DeviceError,
+    DeviceKind,
+    DeviceUnavailable,
+    NotSunSpec,
+    Reading,
+    SetpointRejected,
+)
+from .emulator import EmulatedDevice, WriteRefused
+from .sunspec import (
+    BASE_ADDRESSES,
+    END_MODEL_ID,
+    MAX_READ,
+    SUNS_MARKER,
+    ModelDef,
+    SunSpecError,
+    decode_model,
+    encode_raw,
+    model_def,
+)
+
+log = logging.getLogger(__name__)
+
+# =========================================================================== server
+
+
+class _StrictSimCore(SimCore):
+    """SimCore that answers an unknown unit id like a gateway (exception 0x0B), instead of
+    failing on a missing default device."""
+
+    async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):
+        if device_id not in self.devices:
+            raise NoSuchIdException(f"unit {device_id}")
+        return await super().async_getValues(device_id, func_code, address, count)
+
+    async def async_setValues(self, device_id: int, func_code: int, address: int, values):
+        if device_id not in self.devices:
+            raise NoSuchIdException(f"unit {device_id}")
+        return await super().async_setValues(device_id, func_code, address, values)
+
+
+def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
+    """A pymodbus SimDevice presenting `dev`'s SunSpec map, read-only where SunSpec says R."""
+    m = dev.map
+    spans: list[tuple[int, int, bool]] = [(m.base, 2, True)]  # SunS marker
+    for inst in m.models:
+        spans.append((inst.address, 2, True))  # ID and L
+        spans += [(inst.address + p.offset, p.size, not p.writable)
+                  for p in inst.definition.points.values() if p.offset >= 2]
+    spans.append((m.base + len(m.registers) - 2, 2, True))  # end model
+    merged: list[list] = []  # [address, size, readonly], adjacent spans of equal access joined
+    for addr, size, ro in spans:
+        if merged and merged[-1][2] == ro and merged[-1][0] + merged[-1][1] == addr:
+            merged[-1][1] += size
+        else:
+            merged.append([addr, size, ro])
+    blocks = [SimData(a, values=m.registers[a - m.base: a - m.base + n],
+                      datatype=DataType.REGISTERS, readonly=ro) for a, n, ro in merged]
+
+    async def action(fc: int, start: int, address: int, count: int,
+                     registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
+        if m.registers is not registers:  # adopt pymodbus' register list: no copy per read
+            registers[: len(m.registers)] = m.registers
+            m.registers = registers
+        if not values:
+            dev.refresh()
+            return None
+        try:
+            dev.write(address, [int(v) for v in values])
+        except (WriteRefused, SunSpecError) as exc:
+            log.warning("%s: write at %d refused: %s", dev.name, address, exc)
+            return ExcCodes.ILLEGAL_VALUE
+        return None
+
+    return SimDevice(id=unit, simdata=blocks, action=action)
+
+
+class ModbusEmulatorServer:
+    """A Modbus TCP server on one (host, port) with emulated devices by unit id."""
+
+    def __init__(self, host: str, port: int, devices: Mapping[int, EmulatedDevice]) -> None:
+        if not devices:
+            raise ValueError("a server needs at least one device")
+        self.host = host
+        self.requested_port = port
+        self.devices = dict(devices)
+        self.port: int | None = None
+        self._server: ModbusTcpServer | None = None
+
+    async def start(self) -> int:
+        sims = [sim_device(unit, dev) for unit, dev in sorted(self.devices.items())]
+        server = ModbusTcpServer(sims, address=(self.host, self.requested_port))
+        server.context.__class__ = _StrictSimCore
+        await server.serve_forever(background=True)
+        sockets = getattr(server.transport, "sockets", None)
+        if not sockets:
+            raise OSError(f"could not listen on {self.host}:{self.requested_port}")
+        self.port = sockets[0].getsockname()[1]
+        self._server = server
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.shutdown()
+            self._server = None
+
+    async def __aenter__(self) -> ModbusEmulatorServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+# =========================================================================== client
+
+
+class ModbusLink:
+    """One TCP connection to host:port, shared by the unit ids behind it.
+
+    A failed request closes the connection; the next request reconnects once the backoff
+    (doubling from `backoff_s` to `backoff_max_s`) has passed, and fails fast before that
+    so a dead device never stalls a poll loop.
+    """
+
+    def __init__(self, host: str, port: int, *, timeout_s: float = 1.0,
+                 backoff_s: float = 0.5, backoff_max_s: float = 10.0) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self._client: AsyncModbusTcpClient | None = None
+        self._delay = 0.0
+        self._retry_at = 0.0
+        self._connect_lock = asyncio.Lock()
+        self.generation = 0
+        """Bumped on every new connection so devices know to re-discover."""
+        self.last_error: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    async def ensure(self) -> AsyncModbusTcpClient:
+        if self._client is not None and self._client.connected:
+            return self._client
+        async with self._connect_lock:
+            if self._client is not None and self._client.connected:
+                return self._client
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise DeviceUnavailable(
+                    f"{self.endpoint}: not connected ({self.last_error}); "
+                    f"next attempt in {self._retry_at - now:.1f} s")
+            client = AsyncModbusTcpClient(self.host, port=self.port, timeout=self.timeout_s,
+                                          retries=0, reconnect_delay=0)
+            try:
+                ok = await asyncio.wait_for(client.connect(), self.timeout_s + 0.5)
+            except (TimeoutError, OSError) as exc:
+                ok, self.last_error = False, str(exc) or type(exc).__name__
+            if not ok:
+                client.close()
+                self.last_error = self.last_error or "connection refused"
+                self._fail()
+                raise DeviceUnavailable(f"{self.endpoint}: cannot connect ({self.last_error})")
+            self._client = client
+            self._delay = 0.0
+            self.last_error = None
+            self.generation += 1
+            return client
+
+    def _fail(self) -> None:
+        self._delay = min(self.backoff_max_s, max(self.backoff_s, self._delay * 2))
+        self._retry_at = time.monotonic() + self._delay
+
+    def drop(self, reason: str) -> None:
+        """Close after a failure; the next request waits for the backoff."""
+        self.last_error = reason
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._fail()
+
+    async def read(self, address: int, count: int, unit: int) -> list[int]:
+        client = await self.ensure()
+        try:
+            rr = await client.read_holding_registers(address, count=count, device_id=unit)
+        except ModbusException as exc:
+            raise self._failed(client, unit, exc) from exc
+        if rr.isError():
+            raise ModbusExceptionReply(address, count, unit, _exc_code(rr))
+        return list(rr.registers)
+
+    async def write(self, address: int, values: Sequence[int], unit: int) -> None:
+        client = await self.ensure()
+        try:
+            rr = await client.write_registers(address, list(values), device_id=unit)
+        except ModbusException as exc:
+            raise self._failed(client, unit, exc) from exc
+        if rr.isError():
+            raise ModbusExceptionReply(address, len(values), unit, _exc_code(rr))
+
+    def _failed(self, client: AsyncModbusTcpClient, unit: int, exc: ModbusException) -> DeviceUnavailable:
+        """A request without an answer: a timeout on a live connection leaves it open (one
+        unit or address may be silent while others answer); a lost connection is dropped."""
+        if isinstance(exc, ModbusIOException) and client.connected:
+            return DeviceUnavailable(f"{self.endpoint} unit {unit}: no response within {self.timeout_s:g} s")
+        self.drop(str(exc))
+        return DeviceUnavailable(f"{self.endpoint} unit {unit}: connection lost ({exc})")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+EXCEPTION_NAMES = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
+                   4: "device failure", 6: "device busy", 10: "gateway path unavailable",
+                   11: "gateway target failed to respond"}
+
+
+def _exc_code(rr: Any) -> int:
+    return int(getattr(rr, "exception_code", 0)) if isinstance(rr, ExceptionResponse) else 0
+
+
+class ModbusExceptionReply(DeviceError):
+    """The device answered with a Modbus exception."""
+
+    def __init__(self, address: int, count: int, unit: int, code: int) -> None:
+        self.address, self.count, self.unit, self.code = address, count, unit, code
+        name = EXCEPTION_NAMES.get(code, f"code {code}")
+        super().__init__(f"unit {unit} answered exception {code:02d} ({name}) "
+                         f"for registers {address}..{address + count - 1}")
+
+
+@dataclass(frozen=True)
+class DiscoveredModel:
+    id: int
+    address: int
+    length: int
+    definition: ModelDef | None
+
+    @property
+    def name(self) -> str:
+        return self.definition.name if self.definition else "(unknown model)"
+
+
+async def discover(link: ModbusLink, unit: int,
+                   bases: Iterable[int] = BASE_ADDRESSES) -> tuple[int, list[DiscoveredModel]]:
+    """Find the `SunS` marker and walk the model list up to the end model.
+
+    A timeout or exception at one base address is not a failure: the next is tried.
+    Raises NotSunSpec naming what each base answered.
+    """
+    tried: list[str] = []
+    for base in bases:
+        try:
+            regs = await link.read(base, 2, unit)
+        except ModbusExceptionReply as exc:
+            tried.append(f"{base}: exception {exc.code:02d}")
+            continue
+        except DeviceUnavailable:
+            if not link.connected:
+                raise
+            tried.append(f"{base}: no answer")
+            continue
+        if tuple(regs) != SUNS_MARKER:
+            tried.append(f"{base}: {regs[0]:#06x} {regs[1]:#06x} is not 'SunS'")
+            continue
+        models: list[DiscoveredModel] = []
+        addr = base + 2
+        for _ in range(256):
+            mid, length = await link.read(addr, 2, unit)
+            if mid == END_MODEL_ID:
+                return base, models
+            try:
+                md: ModelDef | None = model_def(mid)
+            except SunSpecError:
+                md = None
+            models.append(DiscoveredModel(mid, addr, length, md))
+            addr += length + 2
+        raise NotSunSpec(f"{link.endpoint} unit {unit}: no end model after 256 models at base {base}")
+    raise NotSunSpec(f"{link.endpoint} unit {unit}: no SunSpec device "
+                     f"(no 'SunS' marker; {'; '.join(tried)})")
+
+
+def plan_reads(models: Sequence[DiscoveredModel], wanted: set[int],
+               max_count: int = MAX_READ) -> list[tuple[int, int]]:
+    """Merge the wanted models' register spans into as few reads of <= max_count as possible."""
+    spans = sorted((m.address, m.address + m.length + 2) for m in models if m.id in wanted)
+    reads: list[tuple[int, int]] = []
+    for start, end in spans:
+        if reads and end - reads[-1][0] <= max_count and start == reads[-1][0] + reads[-1][1]:
+            reads[-1] = (reads[-1][0], end - reads[-1][0])
+            continue
+        while end - start > max_count:
+            reads.append((start, max_count))
+            start += max_count
+        reads.append((start, end - start))
+    return reads
+
+
+INVERTER_MODELS = (103, 102, 101)
+METER_MODELS = (203, 204, 202, 201)
+KIND_MODELS: dict[DeviceKind, tuple[int, ...]] = {
+    DeviceKind.PV: (*INVERTER_MODELS, 120, 123),
+    DeviceKind.BATTERY: (802, 124),
+    DeviceKind.METER: METER_MODELS,
+}
+STATIC_MODELS = (1, 120)
+"""Read once at discovery: identity and nameplate do not change while connected."""
+
+
+def infer_kind(model_ids: Iterable[int]) -> DeviceKind | None:
+    ids = set(model_ids)
+    if ids & {802, 124}:
+        return DeviceKind.BATTERY
+    if ids & set(INVERTER_MODELS):
+        return DeviceKind.PV
+    if ids & set(METER_MODELS):
+        return DeviceKind.METER
+    return None
+
+
+class SunSpecDevice(Device):
+    """A SunSpec device over Modbus TCP, real or emulated."""
+
+    def __init__(self, name: str, link: ModbusLink, unit: int = 1,
+                 kind: DeviceKind | str | None = None) -> None:
+        self.name = name
+        self.link = link
+        self.unit = unit
+        self.kind = DeviceKind(kind) if kind else None  # type: ignore[assignment]
+        self.base: int | None = None
+        self.models: list[DiscoveredModel] = []
+        self.static: dict[int, dict[str, Any]] = {}
+        self.last: dict[int, dict[str, Any]] = {}
+        self._reads: list[tuple[int, int]] = []
+        self._generation = -1
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.link.endpoint} unit {self.unit}"
+
+    def _err(self, exc: Exception) -> str:
+        return f"{self.name} ({self.endpoint}): {exc}"
+
+    async def connect(self) -> None:
+        await self._discover()
+
+    async def _discover(self) -> None:
+        try:
+            self.base, self.models = await discover(self.link, self.unit)
+        except DeviceError as exc:
+            raise type(exc)(self._err(exc)) from exc
+        ids = [m.id for m in self.models]
+        kind = infer_kind(ids)
+        if self.kind is None:
+            if kind is None:
+                raise NotSunSpec(self._err(Exception(f"models {ids} fit no known device kind")))
+            self.kind = kind
+        wanted = set(KIND_MODELS[self.kind]) & set(ids)
+        if not wanted:
+            raise NotSunSpec(self._err(Exception(
+                f"configured as {self.kind.value} but offers models {ids} "
+                f"(needs one of {KIND_MODELS[self.kind]})")))
+        static = {m.id for m in self.models if m.id in STATIC_MODELS}
+        self.static = await self._read_models(plan_reads(self.models, static), static)
+        self._reads = plan_reads(self.models, wanted - static)
+        self._generation = self.link.generation
+
+    async def _read_models(self, reads: list[tuple[int, int]], ids: set[int]) -> dict[int, dict[str, Any]]:
+        regs: dict[int, int] = {}
+        for address, count in reads:
+            for i, v in enumerate(await self.link.read(address, count, self.unit)):
+                regs[address + i] = v
+        out: dict[int, dict[str, Any]] = {}
+        for m in self.models:
+            if m.id in ids and m.definition is not None:
+                block = [regs[a] for a in range(m.address, m.address + m.length + 2)]
+                out[m.id] = decode_model(m.definition, block)
+        return out
+
+    async def read_models(self) -> dict[int, dict[str, Any]]:
+        """Every dynamic model this device's kind uses, decoded with scale factors."""
+        try:
+            if self._generation != self.link.generation or not self.link.connected:
+                await self.link.ensure()
+                if self._generation != self.link.generation:
+                    await self._discover()
+            ids = {m.id for m in self.models}
+            self.last = await self._read_models(self._reads, ids - set(STATIC_MODELS))
+        except ModbusExceptionReply as exc:
+            raise DeviceError(self._err(exc)) from exc
+        except DeviceError as exc:
+            if self.name in str(exc):
+                raise
+            raise type(exc)(self._err(exc)) from exc
+        return self.last
+
+    async def read(self) -> Reading:
+        models = await self.read_models()
+        assert self.kind is not None
+        values, status = NEUTRAL[self.kind](models, self.static)
+        return Reading(self.name, self.kind, time.time(), values, status)
+
+    async def write(self, point: str, value: float) -> None:
+        if not self.models:
+            await self.connect()
+        assert self.kind is not None
+        if not self.last:
+            await self.read_models()
+        writes = SETPOINT_WRITERS.get((self.kind, point))
+        try:
+            if writes is not None:
+                for model_id, pname, v in writes(self, float(value)):
+                    await self.write_point(model_id, pname, v)
+            else:
+                model_id, pname = self.resolve_point(point)
+                await self.write_point(model_id, pname, value)
+        except ModbusExceptionReply as exc:
+            raise SetpointRejected(self._err(exc)) from exc
+
+    def resolve_point(self, point: str) -> tuple[int, str]:
+        """`123.WMaxLimPct` or a point name unique among the device's models."""
+        if "." in point:
+            mid_s, pname = point.split(".", 1)
+            mid = int(mid_s)
+            model = next((m for m in self.models if m.id == mid), None)
+            if model is None or model.definition is None or pname not in model.definition.points:
+                raise SetpointRejected(self._err(Exception(f"no point {point!r} on this device")))
+            return mid, pname
+        hits = [(m.id, point) for m in self.models if m.definition and point in m.definition.points]
+        if len(hits) != 1:
+            known = sorted(SETPOINT_NAMES.get(self.kind, ())) if self.kind else []
+            why = "no such point" if not hits else f"ambiguous, in models {[h[0] for h in hits]}"
+            raise SetpointRejected(self._err(Exception(
+                f"{point!r}: {why}; use a setpoint {known} or MODEL.POINT")))
+        return hits[0]
+
+    async def write_point(self, model_id: int, point: str, value: float | int | str) -> None:
+        """Write one SunSpec point in engineering units, scaled with the device's own SF."""
+        m = next(m for m in self.models if m.id == model_id)
+        assert m.definition is not None
+        p = m.definition.point(point)
+        if not p.writable:
+            raise SetpointRejected(self._err(Exception(f"{model_id}.{point} is read-only")))
+        raw: int | float | str = value
+        if p.sf is not None and not isinstance(value, str):
+            sf = p.sf if isinstance(p.sf, int) else (self.last.get(model_id) or self.static.get(model_id) or {}).get(p.sf)
+            raw = round(float(value) / 10.0 ** int(sf or 0))
+        elif not p.is_string and p.type not in ("float32", "float64"):
+            raw = round(float(value))
+        try:
+            regs = encode_raw(p, raw)
+        except SunSpecError as exc:
+            raise SetpointRejected(self._err(exc)) from exc
+        await self.link.write(m.address + p.offset, regs, self.unit)
+
+    async def close(self) -> None:
+        self.link.close()
+
+
+# --------------------------------------------------------------------------- neutral mapping
+
+
+def _first(models: Mapping[int, Mapping[str, Any]], ids: Iterable[int]) -> Mapping[str, Any]:
+    for i in ids:
+        if i in models:
+            return models[i]
+    return {}
+
+
+def _pv_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> tuple[dict, dict]:
+    inv = _first(models, INVERTER_MODELS)
+    ctl = models.get(123, {})
+    plate = static.get(120, {})
+    st = inv.get("St")
+    values = {
+        "p_w": inv.get("W"), "q_var": inv.get("VAr"), "dc_w": inv.get("DCW"),
+        "energy_wh": inv.get("WH"), "voltage_v": inv.get("PhVphA"), "frequency_hz": inv.get("Hz"),
+        "limit_pct": ctl.get("WMaxLimPct"), "limit_enabled": ctl.get("WMaxLim_Ena"),
+        "rating_w": plate.get("WRtg"), "temperature_c": inv.get("TmpCab"),
+    }
+    names = {1: "OFF", 2: "SLEEPING", 3: "STARTING", 4: "MPPT", 5: "THROTTLED",
+             6: "SHUTTING_DOWN", 7: "FAULT", 8: "STANDBY"}
+    return values, {"state": names.get(st, st), "events": inv.get("Evt1")}
+
+
+def _battery_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> tuple[dict, dict]:
+    b = models.get(802, {})
+    s = models.get(124, {})
+    soc = b.get("SoC") if b.get("SoC") is not None else s.get("ChaState")
+    values = {
+        "p_w": b.get("W"), "setpoint_w": b.get("ReqW"), "soc_pct": soc,
+        "capacity_wh": b.get("WHRtg"), "max_charge_w": s.get("WChaMax", b.get("WChaRteMax")),
+        "max_discharge_w": b.get("WDisChaRteMax"), "soc_min_pct": b.get("SoCMin"),
+        "soc_max_pct": b.get("SoCMax"), "voltage_v": b.get("V"), "current_a": b.get("A"),
+    }
+    evt = int(b.get("Evt1") or 0)
+    clamps = [name for name, bit in (("charge_rate", 6), ("discharge_rate", 8),
+                                     ("soc_min", 14), ("soc_max", 16)) if evt >> bit & 1]
+    states = {1: "DISCONNECTED", 2: "INITIALIZING", 3: "CONNECTED", 4: "STANDBY",
+              5: "SOC PROTECTION", 6: "SUSPENDING", 99: "FAULT"}
+    cha = {1: "OFF", 2: "EMPTY", 3: "DISCHARGING", 4: "CHARGING", 5: "FULL", 6: "HOLDING", 7: "TESTING"}
+    return values, {
+        "state": states.get(b.get("State"), b.get("State")),
+        "charge_status": cha.get(b.get("ChaSt") or s.get("ChaSt"), b.get("ChaSt")),
+        "clamped": bool(clamps), "clamp": clamps[0] if clamps else None,
+        "storctl_mod": s.get("StorCtl_Mod"),
+    }
+
+
+def _meter_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> tuple[dict, dict]:
+    m = _first(models, METER_MODELS)
+    return {
+        "p_w": m.get("W"), "import_wh": m.get("TotWhImp"), "export_wh": m.get("TotWhExp"),
+        "voltage_v": m.get("PhVphA", m.get("PhV")), "frequency_hz": m.get("Hz"),
+        "current_a": m.get("A"),
+    }, {"events": m.get("Evt")}
+
+
+NEUTRAL = {DeviceKind.PV: _pv_values, DeviceKind.BATTERY: _battery_values,
+           DeviceKind.METER: _meter_values}
+
+
+def _pv_limit(dev: SunSpecDevice, value: float) -> list[tuple[int, str, float]]:
+    if not 0.0 <= value <= 100.0:
+        raise SetpointRejected(dev._err(Exception(f"limit_pct {value:g} outside 0..100 %")))
+    return [(123, "WMaxLimPct", value), (123, "WMaxLim_Ena", 1)]
+
+
+def _pv_enable(dev: SunSpecDevice, value: float) -> list[tuple[int, str, float]]:
+    if value not in (0.0, 1.0):
+        raise SetpointRejected(dev._err(Exception(f"limit_enabled must be 0 or 1, got {value:g}")))
+    return [(123, "WMaxLim_Ena", value)]
+
+
+def _battery_power(dev: SunSpecDevice, value: float) -> list[tuple[int, str, float]]:
+    """+W discharge -> StorCtl_Mod=DISCHARGE, OutWRte; -W charge -> CHARGE, InWRte."""
+    b = dev.last.get(802, {})
+    s = dev.last.get(124, {})
+    max_dis = b.get("WDisChaRteMax")
+    max_ch = s.get("WChaMax") or b.get("WChaRteMax")
+    if not max_dis or not max_ch:
+        raise SetpointRejected(dev._err(Exception("device does not state its charge/discharge ratings")))
+    if not -max_ch <= value <= max_dis:
+        raise SetpointRejected(dev._err(Exception(
+            f"power_w {value:g} W outside -{max_ch:g} (charge) .. +{max_dis:g} (discharge) W")))
+    if value > 0:
+        return [(124, "OutWRte", value / max_dis * 100), (124, "InWRte", 0), (124, "StorCtl_Mod", 2)]
+    if value < 0:
+        return [(124, "OutWRte", 0), (124, "InWRte", -value / max_ch * 100), (124, "StorCtl_Mod", 1)]
+    return [(124, "StorCtl_Mod", 0), (124, "OutWRte", 0), (124, "InWRte", 0)]
+
+
+SETPOINT_WRITERS = {
+    (DeviceKind.PV, "limit_pct"): _pv_limit,
+    (DeviceKind.PV, "limit_enabled"): _pv_enable,
+    (DeviceKind.BATTERY, "power_w"): _battery_power,
+}
+SETPOINT_NAMES: dict[DeviceKind, set[str]] = {}
+for _kind, _name in SETPOINT_WRITERS:
+    SETPOINT_NAMES.setdefault(_kind, set()).add(_name)
+
+
+async def scan(host: str, port: int, unit: int = 1, timeout_s: float = 1.0) -> dict[str, Any]:
+    """SunSpec discovery of one endpoint: base address, models, identity."""
+    link = ModbusLink(host, port, timeout_s=timeout_s)
+    try:
+        base, models = await discover(link, unit)
+        common = next((m for m in models if m.id == 1), None)
+        ident: dict[str, Any] = {}
+        if common is not None and common.definition is not None:
+            regs = await link.read(common.address, common.length + 2, unit)
+            ident = decode_model(common.definition, regs)
+        return {"endpoint": f"{host}:{port}", "unit": unit, "base": base, "models": models,
+                "kind": infer_kind(m.id for m in models), "common": ident}
+    finally:
+        link.close()

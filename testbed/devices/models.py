@@ -1,0 +1,373 @@
+"""Device physics: PV inverter, battery (paper eqs. 1-6), smart meter, household load.
+
+Everything here is a pure function of its inputs: a step takes parameters, the previous
+state and the step's exogenous inputs and returns a new state. Noise is derived from a
+seed and the simulated time, never from a global generator, so a run replays exactly.
+
+Sign conventions (one for the whole package):
+- PV and battery AC power use the *generator* convention: positive = power delivered to
+  the AC bus. A battery at +2000 W discharges, at -2000 W charges.
+- The meter uses the *consumer* convention of SunSpec meter models: positive = import
+  from the grid, negative = export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+
+def seeded_noise(seed: int, key: str, t_s: float) -> float:
+    """A standard-normal-ish sample fixed by (seed, key, whole second of t).
+
+    Hash-based so any point of a run can be recomputed without replaying the ones before.
+    """
+    digest = hashlib.blake2b(f"{seed}|{key}|{math.floor(t_s)}".encode(), digest_size=8).digest()
+    u1, u2 = struct.unpack(">II", digest)
+    a = (u1 + 1) / 4294967297.0
+    b = u2 / 4294967296.0
+    return math.sqrt(-2.0 * math.log(a)) * math.cos(2.0 * math.pi * b)
+
+
+# --------------------------------------------------------------------------- PV inverter
+
+
+class InverterStatus(StrEnum):
+    """Mirrors SunSpec model 103 `St` names."""
+
+    SLEEPING = "SLEEPING"  # no irradiance
+    MPPT = "MPPT"  # producing what the array gives
+    THROTTLED = "THROTTLED"  # output held by the active-power limit
+
+
+@dataclass(frozen=True)
+class PVParams:
+    rating_w: float = 5000.0
+    """AC nameplate rating (SunSpec 120 `WRtg`)."""
+    dc_peak_w: float | None = None
+    """Array peak DC power at 1000 W/m2; defaults to 1.1 x rating (typical DC/AC ratio)."""
+    efficiency: float = 0.96
+    """DC -> AC conversion efficiency."""
+    ramp_pct_per_s: float = 10.0
+    """How fast the active-power limit moves to a new value, % of rating per second."""
+
+    def __post_init__(self) -> None:
+        if self.rating_w <= 0:
+            raise ValueError(f"rating_w must be > 0, got {self.rating_w}")
+        if not 0 < self.efficiency <= 1:
+            raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
+        if self.ramp_pct_per_s <= 0:
+            raise ValueError(f"ramp_pct_per_s must be > 0, got {self.ramp_pct_per_s}")
+        if self.dc_peak_w is not None and self.dc_peak_w <= 0:
+            raise ValueError(f"dc_peak_w must be > 0, got {self.dc_peak_w}")
+
+    @property
+    def array_w(self) -> float:
+        return self.dc_peak_w if self.dc_peak_w is not None else 1.1 * self.rating_w
+
+
+@dataclass(frozen=True)
+class PVState:
+    ac_w: float = 0.0
+    dc_w: float = 0.0
+    limit_pct: float = 100.0
+    """Commanded active-power limit (SunSpec 123 `WMaxLimPct`)."""
+    limit_enabled: bool = False
+    effective_limit_pct: float = 100.0
+    """Limit actually applied this step, moving towards `limit_pct` at the ramp rate."""
+    energy_wh: float = 0.0
+    """Lifetime AC energy delivered (SunSpec 103 `WH`)."""
+    status: InverterStatus = InverterStatus.SLEEPING
+
+
+def pv_command(state: PVState, *, limit_pct: float | None = None,
+               limit_enabled: bool | None = None) -> PVState:
+    """Apply a curtailment command; out-of-range values are refused, not clamped."""
+    if limit_pct is not None and not 0.0 <= limit_pct <= 100.0:
+        raise ValueError(f"limit_pct must be within 0..100 %, got {limit_pct}")
+    return replace(
+        state,
+        limit_pct=state.limit_pct if limit_pct is None else float(limit_pct),
+        limit_enabled=state.limit_enabled if limit_enabled is None else bool(limit_enabled),
+    )
+
+
+def pv_step(p: PVParams, s: PVState, irradiance_w_m2: float, dt_s: float) -> PVState:
+    """Irradiance -> DC -> AC, capped by rating and the (ramped) active-power limit."""
+    irr = max(0.0, irradiance_w_m2)
+    dc_w = p.array_w * irr / 1000.0
+    available_w = min(dc_w * p.efficiency, p.rating_w)
+    target_pct = s.limit_pct if s.limit_enabled else 100.0
+    max_move = p.ramp_pct_per_s * dt_s
+    delta = target_pct - s.effective_limit_pct
+    effective = s.effective_limit_pct + max(-max_move, min(max_move, delta))
+    cap_w = effective / 100.0 * p.rating_w
+    ac_w = min(available_w, cap_w)
+    if ac_w <= 0.0:
+        status = InverterStatus.SLEEPING
+    elif available_w > cap_w:
+        status = InverterStatus.THROTTLED
+    else:
+        status = InverterStatus.MPPT
+    dc_used = ac_w / p.efficiency if ac_w > 0 else 0.0
+    return replace(
+        s, ac_w=ac_w, dc_w=dc_used, effective_limit_pct=effective,
+        energy_wh=s.energy_wh + ac_w * dt_s / 3600.0, status=status,
+    )
+
+
+# --------------------------------------------------------------------------- battery
+
+
+class ChargeStatus(StrEnum):
+    """Mirrors SunSpec model 802/124 `ChaSt` names."""
+
+    EMPTY = "EMPTY"
+    DISCHARGING = "DISCHARGING"
+    CHARGING = "CHARGING"
+    FULL = "FULL"
+    HOLDING = "HOLDING"
+
+
+class ClampReason(StrEnum):
+    SOC_MIN = "soc_min"  # eq. (1): discharging further would go below SOC_min
+    SOC_MAX = "soc_max"  # eq. (1): charging further would go above SOC_max
+    DISCHARGE_RATE = "discharge_rate"  # eq. (3): above the maximum discharge power
+    CHARGE_RATE = "charge_rate"  # eq. (2): above the maximum charge power
+
+
+@dataclass(frozen=True)
+class BatteryParams:
+    capacity_wh: float = 10000.0
+    soc_min: float = 0.10
+    soc_max: float = 0.95
+    max_charge_w: float = 5000.0
+    max_discharge_w: float = 5000.0
+    eta_ch: float = 0.95
+    eta_dis: float = 0.95
+    soc_init: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.capacity_wh <= 0:
+            raise ValueError(f"capacity_wh must be > 0, got {self.capacity_wh}")
+        if not 0.0 <= self.soc_min < self.soc_max <= 1.0:
+            raise ValueError(
+                f"need 0 <= soc_min < soc_max <= 1, got soc_min={self.soc_min}, soc_max={self.soc_max}")
+        if not self.soc_min <= self.soc_init <= self.soc_max:
+            raise ValueError(
+                f"soc_init={self.soc_init} must lie within [soc_min={self.soc_min}, soc_max={self.soc_max}]")
+        for name in ("max_charge_w", "max_discharge_w"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("eta_ch", "eta_dis"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class BatteryState:
+    soc: float
+    setpoint_w: float = 0.0
+    """Commanded AC power, + discharge / - charge."""
+    power_w: float = 0.0
+    """AC power actually delivered in the last step (setpoint after clamping)."""
+    clamped: bool = False
+    clamp_reason: ClampReason | None = None
+    charged_wh: float = 0.0
+    """Lifetime AC energy taken in (E_ch summed)."""
+    discharged_wh: float = 0.0
+    """Lifetime AC energy delivered (E_dis summed)."""
+    status: ChargeStatus = ChargeStatus.HOLDING
+
+    @classmethod
+    def initial(cls, p: BatteryParams) -> BatteryState:
+        return cls(soc=p.soc_init)
+
+
+def battery_power_limits(p: BatteryParams, soc: float, dt_s: float) -> tuple[float, float]:
+    """(max charge W, max discharge W) feasible over the next `dt_s` (eqs. 1-3 and 6).
+
+    Eq. (6) SOC_t = SOC_{t-1} + eta_ch*E_ch/Cap - E_dis/(eta_dis*Cap), bounded by eq. (1),
+    gives the energy headroom; eqs. (2)-(3) cap the rate.
+    """
+    hours = dt_s / 3600.0
+    room_up_wh = max(0.0, (p.soc_max - soc) * p.capacity_wh / p.eta_ch)
+    room_down_wh = max(0.0, (soc - p.soc_min) * p.capacity_wh * p.eta_dis)
+    if hours <= 0:
+        return p.max_charge_w, p.max_discharge_w
+    return min(p.max_charge_w, room_up_wh / hours), min(p.max_discharge_w, room_down_wh / hours)
+
+
+def battery_command(state: BatteryState, setpoint_w: float) -> BatteryState:
+    """Record a new power setpoint; feasibility is decided by the physics at the next step."""
+    if not math.isfinite(setpoint_w):
+        raise ValueError(f"setpoint_w must be finite, got {setpoint_w}")
+    return replace(state, setpoint_w=float(setpoint_w))
+
+
+def battery_step(p: BatteryParams, s: BatteryState, dt_s: float) -> BatteryState:
+    """Advance SOC by eq. (6), clamping an infeasible setpoint and saying why."""
+    max_ch, max_dis = battery_power_limits(p, s.soc, dt_s)
+    sp = s.setpoint_w
+    reason: ClampReason | None = None
+    power = sp
+    if sp > max_dis + 1e-9:
+        power = max_dis
+        reason = ClampReason.DISCHARGE_RATE if max_dis >= p.max_discharge_w else ClampReason.SOC_MIN
+    elif -sp > max_ch + 1e-9:
+        power = -max_ch
+        reason = ClampReason.CHARGE_RATE if max_ch >= p.max_charge_w else ClampReason.SOC_MAX
+    hours = dt_s / 3600.0
+    e_dis = max(power, 0.0) * hours
+    e_ch = max(-power, 0.0) * hours
+    soc = s.soc + p.eta_ch * e_ch / p.capacity_wh - e_dis / (p.eta_dis * p.capacity_wh)
+    soc = min(p.soc_max, max(p.soc_min, soc))  # only rounding can push it out
+    if power > 0:
+        status = ChargeStatus.DISCHARGING
+    elif power < 0:
+        status = ChargeStatus.CHARGING
+    elif soc <= p.soc_min + 1e-9:
+        status = ChargeStatus.EMPTY
+    elif soc >= p.soc_max - 1e-9:
+        status = ChargeStatus.FULL
+    else:
+        status = ChargeStatus.HOLDING
+    return replace(
+        s, soc=soc, power_w=power, clamped=reason is not None, clamp_reason=reason,
+        charged_wh=s.charged_wh + e_ch, discharged_wh=s.discharged_wh + e_dis, status=status,
+    )
+
+
+# --------------------------------------------------------------------------- meter
+
+
+@dataclass(frozen=True)
+class MeterParams:
+    v_nominal: float = 230.0
+    f_nominal: float = 50.0
+    v_drop_per_kw: float = 0.4
+    """Volts lost per kW imported (a feeder's impedance seen from the connection point)."""
+    v_noise: float = 0.3
+    f_noise: float = 0.01
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MeterState:
+    net_w: float = 0.0
+    """+ import / - export (SunSpec meter convention)."""
+    import_wh: float = 0.0
+    export_wh: float = 0.0
+    voltage_v: float = 230.0
+    frequency_hz: float = 50.0
+
+
+def net_power_w(load_w: float, pv_w: float, battery_w: float) -> float:
+    """Net import at the connection point: load - PV - battery discharge + battery charge."""
+    return load_w - pv_w - battery_w
+
+
+def meter_step(p: MeterParams, s: MeterState, *, load_w: float, pv_w: float,
+               battery_w: float, dt_s: float, t_s: float, key: str = "meter") -> MeterState:
+    """Integrate import/export registers (never decreasing) and derive V and f."""
+    net = net_power_w(load_w, pv_w, battery_w)
+    hours = dt_s / 3600.0
+    v = p.v_nominal - p.v_drop_per_kw * net / 1000.0 + p.v_noise * seeded_noise(p.seed, key + ".v", t_s)
+    f = p.f_nominal + p.f_noise * seeded_noise(p.seed, key + ".f", t_s)
+    return MeterState(
+        net_w=net,
+        import_wh=s.import_wh + max(net, 0.0) * hours,
+        export_wh=s.export_wh + max(-net, 0.0) * hours,
+        voltage_v=v,
+        frequency_hz=f,
+    )
+
+
+# --------------------------------------------------------------------------- household load
+
+
+@dataclass(frozen=True)
+class LoadParams:
+    base_w: float = 300.0
+    """Night-time base load."""
+    peak_w: float = 2500.0
+    """Evening peak (before noise)."""
+    noise: float = 0.08
+    """Relative noise, one sample per second of simulated time."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.base_w < 0 or self.peak_w < self.base_w:
+            raise ValueError(f"need 0 <= base_w <= peak_w, got base_w={self.base_w}, peak_w={self.peak_w}")
+
+
+def household_load_w(p: LoadParams, t_s: float, key: str = "load") -> float:
+    """Residential profile: base load plus morning (7:30) and evening (19:00) peaks.
+
+    `t_s` is seconds since local midnight of day 0; the shape repeats daily.
+    """
+    h = (t_s / 3600.0) % 24.0
+    morning = 0.45 * math.exp(-((h - 7.5) ** 2) / (2 * 1.0**2))
+    evening = 1.0 * math.exp(-((h - 19.0) ** 2) / (2 * 1.6**2))
+    midday = 0.20 * math.exp(-((h - 13.0) ** 2) / (2 * 2.0**2))
+    shape = max(morning, evening, midday)
+    w = p.base_w + (p.peak_w - p.base_w) * shape
+    return max(0.0, w * (1.0 + p.noise * seeded_noise(p.seed, key, t_s)))
+
+
+def clear_sky_irradiance(t_s: float, *, peak_w_m2: float = 1000.0, sunrise_h: float = 6.0,
+                         sunset_h: float = 20.0) -> float:
+    """A smooth clear-sky day: a sine arch between sunrise and sunset, zero at night."""
+    h = (t_s / 3600.0) % 24.0
+    if not sunrise_h < h < sunset_h:
+        return 0.0
+    return peak_w_m2 * math.sin(math.pi * (h - sunrise_h) / (sunset_h - sunrise_h)) ** 1.2
+
+
+# --------------------------------------------------------------------------- prosumer
+
+
+@dataclass(frozen=True)
+class ProsumerParams:
+    """One connection point: optional PV, optional battery, a meter and a household load."""
+
+    pv: PVParams | None = None
+    battery: BatteryParams | None = None
+    meter: MeterParams = field(default_factory=MeterParams)
+    load: LoadParams = field(default_factory=LoadParams)
+
+
+@dataclass(frozen=True)
+class ProsumerState:
+    pv: PVState | None
+    battery: BatteryState | None
+    meter: MeterState
+    load_w: float = 0.0
+    irradiance_w_m2: float = 0.0
+    t_s: float = 0.0
+
+    @classmethod
+    def initial(cls, p: ProsumerParams, t_s: float = 0.0) -> ProsumerState:
+        return cls(
+            pv=PVState() if p.pv else None,
+            battery=BatteryState.initial(p.battery) if p.battery else None,
+            meter=MeterState(voltage_v=p.meter.v_nominal, frequency_hz=p.meter.f_nominal),
+            t_s=t_s,
+        )
+
+
+def prosumer_step(p: ProsumerParams, s: ProsumerState, *, irradiance_w_m2: float,
+                  load_w: float, dt_s: float, key: str = "") -> ProsumerState:
+    """Advance one connection point by `dt_s`: devices first, then the meter sees their sum."""
+    t = s.t_s + dt_s
+    pv = pv_step(p.pv, s.pv, irradiance_w_m2, dt_s) if p.pv and s.pv else None
+    bat = battery_step(p.battery, s.battery, dt_s) if p.battery and s.battery else None
+    meter = meter_step(
+        p.meter, s.meter, load_w=load_w, pv_w=pv.ac_w if pv else 0.0,
+        battery_w=bat.power_w if bat else 0.0, dt_s=dt_s, t_s=t, key=key + ".meter",
+    )
+    return ProsumerState(pv=pv, battery=bat, meter=meter, load_w=load_w,
+                         irradiance_w_m2=irradiance_w_m2, t_s=t)

@@ -1,0 +1,199 @@
+"""A site's devices, as a whole: start its emulators, or open drivers to all of them.
+
+`SiteEmulators` builds the physics of every emulated prosumer, serves each emulated
+device over its protocol (devices sharing host:port share one server, by unit id) and
+runs the simulated clock. `open_devices` gives the orchestrator one `Device` per site
+device, emulated or real, sharing one connection per endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..config import SiteConfig
+from .driver import Device, DeviceKind
+from .emulator import EmulatedDevice, EmulatedSite
+from .modbus import ModbusEmulatorServer, ModbusLink, SunSpecDevice
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a device answers."""
+
+    name: str
+    kind: DeviceKind
+    prosumer: str
+    protocol: str
+    host: str
+    port: int
+    unit: int
+    emulated: bool
+
+    @property
+    def address(self) -> str:
+        return f"{self.protocol}://{self.host}:{self.port}/{self.unit}"
+
+
+class SiteEmulators:
+    """Every emulated device of a site, served on its configured (or a free) port.
+
+    With `free_ports=True` each configured host:port is replaced by a free loopback port
+    (devices that shared a port still share one), which is what tests and CI want.
+    """
+
+    def __init__(self, site: SiteConfig, *, free_ports: bool = False, host: str | None = None,
+                 start_s: float | None = None) -> None:
+        self.site = site
+        self.free_ports = free_ports
+        self.host_override = host
+        self.physics = EmulatedSite(site.emulation.start_s if start_s is None else start_s)
+        self.servers: list[ModbusEmulatorServer] = []
+        self.endpoints: dict[str, Endpoint] = {}
+        self._clock: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        seed = site.emulation.seed
+        for p in site.prosumers:
+            if any(d.emulated for d in p.devices):
+                self.physics.add_prosumer(p.name, p.physics(seed))
+
+    @property
+    def devices(self) -> Mapping[str, EmulatedDevice]:
+        return self.physics.devices
+
+    async def start(self, *, clock: bool = True) -> dict[str, Endpoint]:
+        """Start the servers (and the real-time physics clock unless `clock=False`)."""
+        groups: dict[tuple[str, str | int], dict[int, tuple[str, EmulatedDevice]]] = {}
+        configs = {}
+        for p, d in self.site.devices():
+            if not d.emulated:
+                self.endpoints[d.name] = Endpoint(d.name, d.kind, p.name, d.protocol, d.host,
+                                                  d.port, d.unit, False)
+                continue
+            dev = self.physics.add_device(d.name, d.kind.value, p.name)
+            host = self.host_override or d.host
+            key = (host, d.port if d.port else f"auto:{p.name}")
+            units = groups.setdefault(key, {})
+            if d.unit in units:
+                raise ValueError(f"{d.name} and {units[d.unit][0]} share unit {d.unit} on {host}")
+            units[d.unit] = (d.name, dev)
+            configs[d.name] = (p, d)
+        try:
+            for (host, port), units in groups.items():
+                want = 0 if self.free_ports or isinstance(port, str) else int(port)
+                server = ModbusEmulatorServer(host, want, {u: dev for u, (_, dev) in units.items()})
+                try:
+                    actual = await server.start()
+                except OSError as exc:
+                    raise OSError(f"cannot serve {', '.join(n for n, _ in units.values())} on "
+                                  f"{host}:{want}: {exc}") from exc
+                self.servers.append(server)
+                for unit, (name, _) in units.items():
+                    p, d = configs[name]
+                    self.endpoints[name] = Endpoint(name, d.kind, p.name, d.protocol, host,
+                                                    actual, unit, True)
+        except BaseException:
+            await self.stop()
+            raise
+        if clock:
+            em = self.site.emulation
+            self._clock = asyncio.create_task(self.physics.run(em.tick_s, em.speed, self._stop))
+        return dict(self.endpoints)
+
+    def resolved_site(self) -> SiteConfig:
+        """The site file with the ports actually in use (for drivers and `devices read`)."""
+        prosumers = []
+        for p in self.site.prosumers:
+            devices = []
+            for d in p.devices:
+                ep = self.endpoints.get(d.name)
+                devices.append(d.model_copy(update={"host": ep.host, "port": ep.port}) if ep else d)
+            prosumers.append(p.model_copy(update={"devices": devices}))
+        return self.site.model_copy(update={"prosumers": prosumers})
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._clock is not None:
+            await self._clock
+            self._clock = None
+        for server in self.servers:
+            await server.stop()
+        self.servers.clear()
+
+    async def __aenter__(self) -> SiteEmulators:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def open_devices(site: SiteConfig, names: list[str] | None = None) -> dict[str, Device]:
+    """A driver per device (all, or `names`), one shared connection per host:port."""
+    links: dict[tuple[str, int], ModbusLink] = {}
+    out: dict[str, Device] = {}
+    for _, d in site.devices():
+        if names is not None and d.name not in names:
+            continue
+        link = links.get((d.host, d.port))
+        if link is None:
+            link = links[(d.host, d.port)] = ModbusLink(d.host, d.port, timeout_s=d.timeout_s)
+        out[d.name] = SunSpecDevice(d.name, link, d.unit, d.kind)
+    return out
+
+
+class BackgroundEmulators:
+    """A site's emulators on a private event loop in a daemon thread.
+
+    For callers that are not async themselves or must not share their loop with the
+    servers: pytest fixtures, notebooks, a CI job's controller under test. `step()` lets
+    a test advance the physics deterministically when the real-time clock is off.
+    """
+
+    def __init__(self, site: SiteConfig, *, free_ports: bool = True, clock: bool = True,
+                 start_s: float | None = None) -> None:
+        self.emulators = SiteEmulators(site, free_ports=free_ports, start_s=start_s)
+        self.clock = clock
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="testbed-emulators", daemon=True)
+        self.endpoints: dict[str, Endpoint] = {}
+
+    def start(self) -> dict[str, Endpoint]:
+        self._thread.start()
+        self.endpoints = self.call(self.emulators.start(clock=self.clock))
+        return self.endpoints
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run a coroutine on the emulators' loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def step(self, dt_s: float, n: int = 1) -> None:
+        """Advance the physics by n steps of dt_s (thread-safe)."""
+        async def _step() -> None:
+            for _ in range(n):
+                self.emulators.physics.step(dt_s)
+        self.call(_step())
+
+    @property
+    def site(self) -> SiteConfig:
+        """The site with the ports actually served; pass it to `open_devices`."""
+        return self.emulators.resolved_site()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.call(self.emulators.stop())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+        self.loop.close()
+
+    def __enter__(self) -> BackgroundEmulators:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,99 @@
+"""Register layouts come from pysunspec2's definitions; the codec round-trips."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sunspec2 import device as ss_device
+
+from testbed.devices.sunspec import (
+    SUNS_MARKER,
+    RegisterMap,
+    SunSpecError,
+    decode_model,
+    decode_raw,
+    encode_raw,
+    model_def,
+    scale_factor_for,
+)
+
+MODELS = (1, 103, 120, 123, 124, 203, 802)
+
+
+@pytest.mark.parametrize("mid", MODELS)
+def test_offsets_and_length_match_pysunspec2(mid):
+    """Our offsets equal the ones pysunspec2's own device model computes."""
+    ours = model_def(mid)
+    theirs = ss_device.Model(model_id=mid)
+    assert ours.length + 2 == theirs.len  # pysunspec2 counts the ID and L registers
+    for name, p in ours.points.items():
+        assert theirs.points[name].offset == p.offset, name
+        assert theirs.points[name].len == p.size, name
+
+
+def test_map_starts_with_suns_and_ends_with_end_model():
+    m = RegisterMap.build([1, 103, 123])
+    assert tuple(m.registers[:2]) == SUNS_MARKER
+    assert [x.address for x in m.models] == [40002, 40002 + 68, 40002 + 68 + 52]
+    assert m.registers[-2:] == [0xFFFF, 0]
+    assert m.registers[2:4] == [1, 66]
+
+
+def test_scaled_values_round_trip_and_saturate():
+    m = RegisterMap.build([1, 103])
+    m.set_raw(103, "W_SF", -1)
+    m.set(103, "W", 1234.56)
+    assert m.get_raw(103, "W") == 12346
+    assert m.get(103, "W") == pytest.approx(1234.6)
+    m.set(103, "W", 1e9)  # saturates, never wraps
+    assert m.get_raw(103, "W") == 32767
+    m.set_raw(103, "WH_SF", 0)
+    m.set(103, "WH", 3_000_000)  # acc32 spans two registers
+    assert m.get(103, "WH") == 3_000_000
+
+
+def test_unimplemented_values_decode_to_none():
+    m = RegisterMap.build([1, 103])
+    assert m.get(103, "W") is None  # int16 0x8000
+    assert m.get(103, "St") is None  # enum16 0xFFFF
+    assert m.get(1, "Mn") is None  # empty string
+
+
+def test_decode_model_applies_scale_factors():
+    m = RegisterMap.build([1, 203])
+    m.set_raw(203, "V_SF", -1)
+    m.set_raw(203, "TotWh_SF", 1)
+    m.set(203, "PhVphA", 229.9)
+    m.set(203, "TotWhImp", 12340)
+    inst = m.model(203)
+    start = inst.address - m.base
+    values = decode_model(inst.definition, m.registers[start: start + inst.length + 2])
+    assert values["PhVphA"] == pytest.approx(229.9)
+    assert values["TotWhImp"] == pytest.approx(12340)
+
+
+@given(st.integers(-32767, 32767))
+def test_int16_codec_round_trip(v):
+    p = model_def(103).point("W")
+    assert decode_raw(p, encode_raw(p, v)) == v
+
+
+def test_codec_refuses_values_outside_the_type():
+    with pytest.raises(SunSpecError, match="outside uint16"):
+        encode_raw(model_def(123).point("WMaxLimPct"), 70000)
+    with pytest.raises(SunSpecError, match="longer than"):
+        encode_raw(model_def(1).point("Mn"), "x" * 40)
+
+
+def test_unknown_model_and_point_errors_are_specific():
+    with pytest.raises(SunSpecError, match="model 9999"):
+        model_def(9999)
+    with pytest.raises(SunSpecError, match="no point 'Watts'"):
+        model_def(103).point("Watts")
+
+
+def test_scale_factor_keeps_values_in_int16():
+    assert scale_factor_for(5000) == -1 + 1  # 5000 W fits at SF 0 but not at -1 (50000)
+    assert scale_factor_for(100) == -2
+    assert scale_factor_for(1_000_000) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -26,7 +27,7 @@ app.add_typer(devices_app, name="devices")
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # our errors say it once, plainly
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, for logs and grep
 T = TypeVar("T")
 
 SiteArg = Annotated[str, typer.Argument(help="Site file, or a bundled site name (demo).")]
@@ -102,10 +103,8 @@ def serve(
                      for n, e in endpoints.items()}, indent=2))
             console.print(f"serving {len(emulators.devices)} devices; simulated clock x{cfg.emulation.speed:g} "
                           "from " + cfg.emulation.start + "; Ctrl-C to stop", highlight=False)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=duration)
-            except TimeoutError:
-                pass
         finally:
             await emulators.stop()
         console.print("stopped")
@@ -187,7 +186,7 @@ def read(
         console.print(_reading_table(r))
 
 
-@devices_app.command("write")
+@devices_app.command("write", context_settings={"ignore_unknown_options": True})  # VALUE may be negative
 def write(
     site: SiteArg,
     name: Annotated[str, typer.Argument(help="Device name in the site file.")],

@@ -33,6 +33,7 @@ class PVConfig(_Strict):
     dc_peak_w: Annotated[float, Field(gt=0)] | None = None
     efficiency: Annotated[float, Field(gt=0, le=1)] = 0.96
     ramp_pct_per_s: Annotated[float, Field(gt=0, le=100)] = 10.0
+    initial_energy_wh: Annotated[float, Field(ge=0)] = 2_000_000.0
 
     def physics(self) -> PVParams:
         return PVParams(**self.model_dump())
@@ -65,6 +66,8 @@ class MeterConfig(_Strict):
     v_nominal: Annotated[float, Field(gt=0)] = 230.0
     f_nominal: Literal[50.0, 60.0] = 50.0
     v_drop_per_kw: Annotated[float, Field(ge=0)] = 0.4
+    initial_import_wh: Annotated[float, Field(ge=0)] = 1_000_000.0
+    initial_export_wh: Annotated[float, Field(ge=0)] = 500_000.0
 
 
 class LoadConfig(_Strict):

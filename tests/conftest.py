@@ -34,3 +34,6 @@ def make_site(**emulation: object) -> SiteConfig:
 @pytest.fixture
 def site() -> SiteConfig:
     return make_site()
+
+
+pytest_plugins = ["pytester"]

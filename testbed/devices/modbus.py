@@ -15,6 +15,7 @@ the models it needs in as few requests as possible and applies scale factors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -79,7 +80,7 @@ def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
         spans.append((inst.address, 2, True))  # ID and L
         spans += [(inst.address + p.offset, p.size, not p.writable)
                   for p in inst.definition.points.values() if p.offset >= 2]
-    spans.append((m.base + len(m.registers) - 2, 2, True))  # end model
+    spans.append((m.base + m.size - 2, 2, True))  # end model
     merged: list[list] = []  # [address, size, readonly], adjacent spans of equal access joined
     for addr, size, ro in spans:
         if merged and merged[-1][2] == ro and merged[-1][0] + merged[-1][1] == addr:
@@ -92,7 +93,7 @@ def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
     async def action(fc: int, start: int, address: int, count: int,
                      registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
         if m.registers is not registers:  # adopt pymodbus' register list: no copy per read
-            registers[: len(m.registers)] = m.registers
+            registers[: m.size] = m.registers[: m.size]
             m.registers = registers
         if not values:
             dev.refresh()
@@ -160,6 +161,7 @@ class ModbusLink:
         self.host, self.port, self.timeout_s = host, port, timeout_s
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self._client: AsyncModbusTcpClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._delay = 0.0
         self._retry_at = 0.0
         self._connect_lock = asyncio.Lock()
@@ -176,6 +178,10 @@ class ModbusLink:
         return self._client is not None and self._client.connected
 
     async def ensure(self) -> AsyncModbusTcpClient:
+        if self._client is not None and self._loop is not asyncio.get_running_loop():
+            with contextlib.suppress(RuntimeError):  # its loop may be closed already
+                self._client.close()  # opened under another event loop (e.g. a second asyncio.run)
+            self._client = None
         if self._client is not None and self._client.connected:
             return self._client
         async with self._connect_lock:
@@ -198,6 +204,7 @@ class ModbusLink:
                 self._fail()
                 raise DeviceUnavailable(f"{self.endpoint}: cannot connect ({self.last_error})")
             self._client = client
+            self._loop = asyncio.get_running_loop()
             self._delay = 0.0
             self.last_error = None
             self.generation += 1
@@ -320,11 +327,15 @@ async def discover(link: ModbusLink, unit: int,
 
 def plan_reads(models: Sequence[DiscoveredModel], wanted: set[int],
                max_count: int = MAX_READ) -> list[tuple[int, int]]:
-    """Merge the wanted models' register spans into as few reads of <= max_count as possible."""
+    """Cover the wanted models with as few reads of <= max_count registers as possible.
+
+    Models in between are read along (and discarded) when that saves a request: every
+    register between the marker and the end model is valid in a SunSpec map.
+    """
     spans = sorted((m.address, m.address + m.length + 2) for m in models if m.id in wanted)
     reads: list[tuple[int, int]] = []
     for start, end in spans:
-        if reads and end - reads[-1][0] <= max_count and start == reads[-1][0] + reads[-1][1]:
+        if reads and end - reads[-1][0] <= max_count:
             reads[-1] = (reads[-1][0], end - reads[-1][0])
             continue
         while end - start > max_count:
@@ -370,6 +381,7 @@ class SunSpecDevice(Device):
         self.static: dict[int, dict[str, Any]] = {}
         self.last: dict[int, dict[str, Any]] = {}
         self._reads: list[tuple[int, int]] = []
+        self._wanted: set[int] = set()
         self._generation = -1
 
     @property
@@ -379,6 +391,13 @@ class SunSpecDevice(Device):
     def _err(self, exc: Exception) -> str:
         return f"{self.name} ({self.endpoint}): {exc}"
 
+    def _named(self, exc: DeviceError) -> DeviceError:
+        """The same kind of error, its message prefixed with this device's name and endpoint."""
+        if self.name in str(exc):
+            return exc
+        cls = DeviceError if isinstance(exc, ModbusExceptionReply) else type(exc)
+        return cls(self._err(exc))
+
     async def connect(self) -> None:
         await self._discover()
 
@@ -386,7 +405,7 @@ class SunSpecDevice(Device):
         try:
             self.base, self.models = await discover(self.link, self.unit)
         except DeviceError as exc:
-            raise type(exc)(self._err(exc)) from exc
+            raise self._named(exc) from exc
         ids = [m.id for m in self.models]
         kind = infer_kind(ids)
         if self.kind is None:
@@ -400,7 +419,8 @@ class SunSpecDevice(Device):
                 f"(needs one of {KIND_MODELS[self.kind]})")))
         static = {m.id for m in self.models if m.id in STATIC_MODELS}
         self.static = await self._read_models(plan_reads(self.models, static), static)
-        self._reads = plan_reads(self.models, wanted - static)
+        self._wanted = wanted - static
+        self._reads = plan_reads(self.models, self._wanted)
         self._generation = self.link.generation
 
     async def _read_models(self, reads: list[tuple[int, int]], ids: set[int]) -> dict[int, dict[str, Any]]:
@@ -422,14 +442,9 @@ class SunSpecDevice(Device):
                 await self.link.ensure()
                 if self._generation != self.link.generation:
                     await self._discover()
-            ids = {m.id for m in self.models}
-            self.last = await self._read_models(self._reads, ids - set(STATIC_MODELS))
-        except ModbusExceptionReply as exc:
-            raise DeviceError(self._err(exc)) from exc
+            self.last = await self._read_models(self._reads, self._wanted)
         except DeviceError as exc:
-            if self.name in str(exc):
-                raise
-            raise type(exc)(self._err(exc)) from exc
+            raise self._named(exc) from exc
         return self.last
 
     async def read(self) -> Reading:

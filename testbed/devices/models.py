@@ -53,6 +53,9 @@ class PVParams:
     """DC -> AC conversion efficiency."""
     ramp_pct_per_s: float = 10.0
     """How fast the active-power limit moves to a new value, % of rating per second."""
+    initial_energy_wh: float = 2_000_000.0
+    """Lifetime energy counter at start: an inverter in service (SunSpec reads an
+    accumulator of 0 as "not implemented")."""
 
     def __post_init__(self) -> None:
         if self.rating_w <= 0:
@@ -252,6 +255,9 @@ class MeterParams:
     """Volts lost per kW imported (a feeder's impedance seen from the connection point)."""
     v_noise: float = 0.3
     f_noise: float = 0.01
+    initial_import_wh: float = 1_000_000.0
+    initial_export_wh: float = 500_000.0
+    """Register readings at start: a meter in service (SunSpec reads 0 as "not implemented")."""
     seed: int = 0
 
 
@@ -352,9 +358,10 @@ class ProsumerState:
     @classmethod
     def initial(cls, p: ProsumerParams, t_s: float = 0.0) -> ProsumerState:
         return cls(
-            pv=PVState() if p.pv else None,
+            pv=PVState(energy_wh=p.pv.initial_energy_wh) if p.pv else None,
             battery=BatteryState.initial(p.battery) if p.battery else None,
-            meter=MeterState(voltage_v=p.meter.v_nominal, frequency_hz=p.meter.f_nominal),
+            meter=MeterState(import_wh=p.meter.initial_import_wh, export_wh=p.meter.initial_export_wh,
+                             voltage_v=p.meter.v_nominal, frequency_hz=p.meter.f_nominal),
             t_s=t_s,
         )
 

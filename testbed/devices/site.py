@@ -83,6 +83,7 @@ class SiteEmulators:
                 raise ValueError(f"{d.name} and {units[d.unit][0]} share unit {d.unit} on {host}")
             units[d.unit] = (d.name, dev)
             configs[d.name] = (p, d)
+        self.physics.step(0.0)  # settle: readings are meaningful from the first request
         try:
             for (host, port), units in groups.items():
                 want = 0 if self.free_ports or isinstance(port, str) else int(port)

@@ -13,7 +13,7 @@ import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from sunspec2 import device as ss_device
 from sunspec2 import mb as ss_mb
@@ -110,7 +110,7 @@ class ModelDef:
                 f"points are: {', '.join(self.points)}") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_def(model_id: int) -> ModelDef:
     """Load a model definition from pysunspec2's bundled JSON files."""
     try:
@@ -249,6 +249,12 @@ class RegisterMap:
             models.append(ModelInstance(md, address, md.length))
         regs.extend([END_MODEL_ID, 0])
         return cls(base=base, models=models, registers=regs)
+
+    @property
+    def size(self) -> int:
+        """Registers from the marker through the end model (the list may be longer)."""
+        last = self.models[-1] if self.models else None
+        return (last.address + last.length + 2 - self.base if last else 2) + 2
 
     # -- lookup
     def model(self, model_id: int) -> ModelInstance:

@@ -1,0 +1,578 @@
+"""Device-polling benchmark: how many emulated SunSpec devices one poller reads at 1 Hz.
+
+Run:  python bench/devices.py [--max-devices N] [--rounds R] [--quick] [--json PATH] [--check]
+
+Setup
+    A separate *server process* (multiprocessing, spawn) hosts the emulated devices, so
+    the poller and the emulators do not share a GIL. It builds one `EmulatedSite` with one
+    prosumer per (PV inverter, battery, meter) triple, serves the devices with
+    `ModbusEmulatorServer` on 127.0.0.1 at up to 240 unit ids per port (several ports as
+    needed) and runs the physics clock (`EmulatedSite.run(tick_s=1.0)`), so every poll
+    sees fresh values and the server re-encodes registers as it would in a test. The
+    ports come back over a pipe; the process is stopped on exit, Ctrl-C and errors.
+
+    The poller (this process) opens one `ModbusLink` per port and one `SunSpecDevice` per
+    device and runs SunSpec discovery once for all of them (progress bar). A read of a
+    device is `await SunSpecDevice.read()`: the request(s) of its read plan
+    (`dev._reads`), decoding, scale factors and the neutral `Reading`.
+
+What is measured (all in the same run, on the same server)
+    1. Saturation throughput, the ratio: request rate of our driver vs. a bare pymodbus
+       `AsyncModbusTcpClient` loop with the same connection structure (one client per
+       port, one sequential loop per connection, connections concurrent) reading the same
+       register ranges (the driver's read plans) without decoding. Each side reads as
+       fast as it can for `--sat-seconds`; the sides alternate `--sat-reps` times and the
+       medians are compared: ratio = ours / bare (target >= 0.8).
+    2. 1 Hz capacity: for growing N, the N devices (spread evenly over ceil(N/240)
+       ports) are polled once per second for `--rounds` rounds: at each tick every link
+       reads its devices one after another, the links concurrently (asyncio.gather). A
+       round is *on time* when every device's read completed before the next tick, with
+       no errors; an overrun delays the next round, which then has less time. The search
+       stops at the first N with a late round, then bisects between the last good and the
+       first bad N. Reported: the largest N with every round on time (target >= 1000).
+
+Output: a rich table per phase, then one JSON line with all figures (also written to
+`--json PATH`). `--check` exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pymodbus
+from pymodbus.client import AsyncModbusTcpClient
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from testbed.devices.driver import DeviceError
+from testbed.devices.emulator import EmulatedDevice, EmulatedSite, prosumer_params
+from testbed.devices.modbus import ModbusEmulatorServer, ModbusLink, SunSpecDevice
+from testbed.devices.models import BatteryParams, LoadParams, MeterParams, PVParams
+
+HOST = "127.0.0.1"
+UNITS_PER_PORT = 240
+"""Unit ids 1..240 per port (Modbus allows 1..247), like a gateway per 240 devices."""
+KINDS = ("pv", "battery", "meter")
+"""Device kinds in hosting order: every port carries an even mix."""
+TARGET_DEVICES = 1000
+TARGET_RATIO = 0.8
+PERIOD_S = 1.0
+
+console = Console(width=None if sys.stdout.isatty() else 120)
+"""Tables and progress; piped output keeps a wide layout so the tables do not wrap."""
+
+
+# =========================================================================== server process
+
+
+@dataclass(frozen=True)
+class Hosted:
+    """One emulated device as the poller addresses it."""
+
+    port: int
+    unit: int
+    kind: str
+
+
+def _server_main(n_devices: int, conn: Connection) -> None:
+    """Entry point of the server process: host `n_devices`, report ports, serve until told."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        asyncio.run(_serve(n_devices, conn))
+    except Exception as exc:  # report startup failures instead of dying silently
+        with contextlib.suppress(OSError):
+            conn.send({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+async def _serve(n_devices: int, conn: Connection) -> None:
+    site = EmulatedSite()
+    per_port: list[dict[int, EmulatedDevice]] = []
+    for i in range(n_devices):
+        if i % 3 == 0:
+            # one prosumer per inverter/battery/meter triple, with its own noise seed
+            site.add_prosumer(f"p{i // 3}", prosumer_params(
+                PVParams(rating_w=4000.0 + (i % 7) * 500.0), BatteryParams(soc_init=0.3 + (i % 5) * 0.1),
+                MeterParams(seed=i), LoadParams(seed=i)))
+        if i % UNITS_PER_PORT == 0:
+            per_port.append({})
+        kind = KINDS[i % 3]
+        per_port[-1][i % UNITS_PER_PORT + 1] = site.add_device(f"{kind}{i}", kind, f"p{i // 3}")
+    servers = [ModbusEmulatorServer(HOST, 0, devices) for devices in per_port]
+    stop = asyncio.Event()
+    clock = asyncio.create_task(site.run(tick_s=PERIOD_S, stop=stop))
+    try:
+        hosted = []
+        for server in servers:
+            port = await server.start()
+            hosted += [(port, unit, dev.kind) for unit, dev in server.devices.items()]
+        conn.send({"hosted": hosted, "pid": os.getpid()})
+        # Block (in a thread) until the parent says stop or goes away (EOF).
+        with contextlib.suppress(EOFError, OSError):
+            await asyncio.to_thread(conn.recv)
+    finally:
+        stop.set()
+        await clock
+        for server in servers:
+            await server.stop()
+
+
+@contextlib.contextmanager
+def device_server(n_devices: int, timeout_s: float = 300.0) -> Iterator[list[Hosted]]:
+    """Start the server process; yield what it hosts; always stop it (join, terminate, kill)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_server_main, args=(n_devices, child),
+                       name="bench-device-server", daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout_s):
+            raise RuntimeError(f"device server did not start within {timeout_s:g} s")
+        msg = parent.recv()
+        if "error" in msg:
+            raise RuntimeError(f"device server failed: {msg['error']}")
+        yield [Hosted(*h) for h in msg["hosted"]]
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            parent.send("stop")
+        proc.join(5.0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        parent.close()
+
+
+# =========================================================================== poller side
+
+
+def select(hosted: Sequence[Hosted], n: int) -> list[list[Hosted]]:
+    """N devices as a deployment of N would have them: ceil(N/240) ports, evenly filled."""
+    by_port: dict[int, list[Hosted]] = {}
+    for h in hosted:
+        by_port.setdefault(h.port, []).append(h)
+    ports = list(by_port.values())
+    k = math.ceil(n / UNITS_PER_PORT)
+    if n > len(hosted) or k > len(ports):
+        raise ValueError(f"{n} devices asked, {len(hosted)} hosted")
+    return [ports[i][: n // k + (1 if i < n % k else 0)] for i in range(k)]
+
+
+@dataclass
+class Poller:
+    """Our driver: one ModbusLink per port, one discovered SunSpecDevice per device."""
+
+    links: dict[int, ModbusLink] = field(default_factory=dict)
+    devices: dict[tuple[int, int], SunSpecDevice] = field(default_factory=dict)
+
+    async def discover(self, hosted: Sequence[Hosted]) -> float:
+        """SunSpec discovery of every hosted device (links concurrently); returns seconds."""
+        for h in hosted:
+            link = self.links.setdefault(h.port, ModbusLink(HOST, h.port, timeout_s=1.0))
+            self.devices[(h.port, h.unit)] = SunSpecDevice(f"{h.kind}-{h.port}-{h.unit}", link, h.unit)
+        t0 = time.perf_counter()
+        with Progress(TextColumn("discovery"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("discovery", total=len(hosted))
+
+            async def one_link(port: int) -> None:
+                for (p, _), dev in self.devices.items():
+                    if p == port:
+                        await dev.connect()
+                        progress.advance(task)
+
+            await asyncio.gather(*(one_link(port) for port in self.links))
+        return time.perf_counter() - t0
+
+    def groups(self, selection: list[list[Hosted]]) -> list[list[SunSpecDevice]]:
+        return [[self.devices[(h.port, h.unit)] for h in group] for group in selection]
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+
+
+def requests_per_read(dev: SunSpecDevice) -> int:
+    return len(dev._reads)
+
+
+# --------------------------------------------------------------------------- 1 Hz rounds
+
+
+@dataclass
+class PollResult:
+    n: int
+    links: int
+    rounds: int
+    late: int
+    errors: int
+    requests_per_round: int
+    durations_ms: list[float]
+
+    @property
+    def on_time(self) -> bool:
+        return self.late == 0 and self.errors == 0
+
+    @property
+    def busy_rps(self) -> float:
+        """Requests per second while a round was in progress."""
+        return self.requests_per_round * self.rounds / (sum(self.durations_ms) / 1000.0)
+
+    def summary(self) -> dict[str, Any]:
+        d = sorted(self.durations_ms)
+        return {"n": self.n, "links": self.links, "rounds": self.rounds, "late": self.late,
+                "errors": self.errors, "on_time": self.on_time,
+                "requests_per_round": self.requests_per_round,
+                "p50_ms": round(_pct(d, 50), 1), "p99_ms": round(_pct(d, 99), 1),
+                "max_ms": round(d[-1], 1), "busy_rps": round(self.busy_rps, 1)}
+
+
+def _pct(sorted_values: Sequence[float], p: float) -> float:
+    """Percentile with linear interpolation (p in 0..100)."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    x = (len(sorted_values) - 1) * p / 100.0
+    lo = math.floor(x)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (x - lo)
+
+
+async def _sweep(devices: Sequence[SunSpecDevice]) -> int:
+    """Read each device once, in order; returns the number of failed reads."""
+    errors = 0
+    for dev in devices:
+        try:
+            await dev.read()
+        except DeviceError:
+            errors += 1
+    return errors
+
+
+async def poll_1hz(groups: list[list[SunSpecDevice]], rounds: int) -> PollResult:
+    """`rounds` rounds on absolute 1 s ticks; a round must finish before the next tick."""
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(_sweep(g) for g in groups))  # warm-up, not counted
+    durations: list[float] = []
+    late = errors = 0
+    start = loop.time() + 0.05
+    for k in range(rounds):
+        tick = start + k * PERIOD_S
+        if (delay := tick - loop.time()) > 0:
+            await asyncio.sleep(delay)
+        errors += sum(await asyncio.gather(*(_sweep(g) for g in groups)))
+        done = loop.time()
+        durations.append((done - tick) * 1000.0)
+        late += done > tick + PERIOD_S
+    n = sum(len(g) for g in groups)
+    reqs = sum(requests_per_read(d) for g in groups for d in g)
+    return PollResult(n, len(groups), rounds, late, errors, reqs, durations)
+
+
+def capacity_steps(max_devices: int) -> list[int]:
+    """Coarse steps of the 1 Hz search, ending at max_devices."""
+    steps = [250, 500, 1000] + list(range(1500, max_devices, 500))
+    return sorted({s for s in steps if s < max_devices} | {max_devices})
+
+
+async def capacity_search(poller: Poller, hosted: Sequence[Hosted], steps: list[int],
+                          rounds: int, refine: int, report: Callable[[PollResult], None]
+                          ) -> list[PollResult]:
+    results: list[PollResult] = []
+
+    async def run(n: int) -> PollResult:
+        res = await poll_1hz(poller.groups(select(hosted, n)), rounds)
+        results.append(res)
+        report(res)
+        return res
+
+    good, bad = 0, None
+    for n in steps:
+        if (await run(n)).on_time:
+            good = n
+        else:
+            bad = n
+            break
+    for _ in range(refine):  # bisect between the last good and the first bad N
+        if bad is None or bad - good <= 50:
+            break
+        mid = (good + bad) // 2 // 10 * 10
+        if (await run(mid)).on_time:
+            good = mid
+        else:
+            bad = mid
+    return results
+
+
+# --------------------------------------------------------------------------- saturation
+
+
+Loop = Callable[[float], Awaitable[tuple[int, int]]]
+"""One connection's read loop: runs until the given loop time, returns (requests, errors)."""
+
+
+async def _run_until(loops: list[Loop], seconds: float) -> tuple[int, int, float]:
+    """Run the per-connection loops concurrently for `seconds`: (requests, errors, elapsed)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    out = await asyncio.gather(*(f(t0 + seconds) for f in loops))
+    return sum(r for r, _ in out), sum(e for _, e in out), loop.time() - t0
+
+
+def ours_loops(groups: list[list[SunSpecDevice]]) -> list[Loop]:
+    """Our driver: `await dev.read()` over each link's devices, as fast as possible."""
+    async def one(devices: list[SunSpecDevice], end: float) -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        reqs = errors = 0
+        while loop.time() < end:
+            for dev in devices:
+                try:
+                    await dev.read()
+                except DeviceError:
+                    errors += 1
+                reqs += len(dev._reads)
+                if loop.time() >= end:
+                    break
+        return reqs, errors
+    return [lambda end, g=g: one(g, end) for g in groups]
+
+
+def bare_loops(clients: list[AsyncModbusTcpClient], groups: list[list[SunSpecDevice]]
+               ) -> list[Loop]:
+    """The same register ranges, read with pymodbus directly: no decoding, no link logic."""
+    async def one(client: AsyncModbusTcpClient, plans: list[tuple[int, list[tuple[int, int]]]],
+                  end: float) -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        reqs = errors = 0
+        while loop.time() < end:
+            for unit, reads in plans:
+                for address, count in reads:
+                    rr = await client.read_holding_registers(address, count=count, device_id=unit)
+                    errors += rr.isError()
+                    reqs += 1
+                if loop.time() >= end:
+                    break
+        return reqs, errors
+    plans = [[(d.unit, list(d._reads)) for d in g] for g in groups]
+    return [lambda end, c=c, p=p: one(c, p, end) for c, p in zip(clients, plans, strict=True)]
+
+
+@dataclass
+class Saturation:
+    devices: int
+    links: int
+    seconds: float
+    ours_rps: list[float] = field(default_factory=list)
+    bare_rps: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def ours(self) -> float:
+        return statistics.median(self.ours_rps)
+
+    @property
+    def bare(self) -> float:
+        return statistics.median(self.bare_rps)
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.bare
+
+
+async def saturation(groups: list[list[SunSpecDevice]], seconds: float, reps: int) -> Saturation:
+    ports = [g[0].link.port for g in groups]
+    clients = [AsyncModbusTcpClient(HOST, port=p, timeout=2.0, retries=0, reconnect_delay=0)
+               for p in ports]
+    try:
+        for c in clients:
+            if not await c.connect():
+                raise RuntimeError(f"bare client cannot connect to {HOST}:{c.comm_params.port}")
+        ours, bare = ours_loops(groups), bare_loops(clients, groups)
+        await _run_until(ours, min(0.5, seconds))  # warm-up both paths
+        await _run_until(bare, min(0.5, seconds))
+        sat = Saturation(sum(len(g) for g in groups), len(groups), seconds)
+        for rep in range(reps):  # alternate the sides (and which goes first) against drift
+            order = [("ours", ours), ("bare", bare)]
+            for side, loops in order if rep % 2 == 0 else order[::-1]:
+                reqs, errors, elapsed = await _run_until(loops, seconds)
+                (sat.ours_rps if side == "ours" else sat.bare_rps).append(reqs / elapsed)
+                sat.errors += errors
+        return sat
+    finally:
+        for c in clients:
+            c.close()
+
+
+# =========================================================================== main
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_devices: int
+    rounds: int
+    steps: list[int]
+    refine: int
+    sat_devices: int
+    sat_seconds: float
+    sat_reps: int
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.quick:
+        max_devices = args.max_devices or 120
+        steps = sorted({n for n in (30, 60) if n < max_devices} | {max_devices})
+        return Settings(max_devices, args.rounds or 3, steps, 0, min(60, max_devices),
+                        args.sat_seconds or 0.5, args.sat_reps or 1)
+    max_devices = args.max_devices or 3000
+    return Settings(max_devices, args.rounds or 8, capacity_steps(max_devices), args.refine,
+                    min(args.sat_devices, max_devices), args.sat_seconds or 2.0, args.sat_reps or 3)
+
+
+def poll_table(results: list[PollResult], rounds: int) -> Table:
+    t = Table(title=f"1 Hz polling ({rounds} rounds per N; on time = every read done before the next tick)")
+    for col in ("N", "links", "rounds", "late", "errors", "p50 ms", "p99 ms", "max ms",
+                "req/round", "req/s busy", ""):
+        t.add_column(col, justify="right")
+    for r in sorted(results, key=lambda r: r.n):
+        s = r.summary()
+        t.add_row(str(r.n), str(r.links), str(r.rounds), str(r.late), str(r.errors),
+                  f"{s['p50_ms']:.0f}", f"{s['p99_ms']:.0f}", f"{s['max_ms']:.0f}",
+                  str(r.requests_per_round), f"{r.busy_rps:,.0f}",
+                  "[green]ok[/]" if r.on_time else "[red]LATE[/]")
+    return t
+
+
+def saturation_table(sat: Saturation) -> Table:
+    t = Table(title=f"Saturation: {sat.devices} devices over {sat.links} links, "
+                    f"{sat.seconds:g} s x {len(sat.ours_rps)} reps per side")
+    for col in ("client", "req/s (median)", "reps"):
+        t.add_column(col, justify="right")
+    t.add_row("testbed SunSpecDevice.read()", f"{sat.ours:,.0f}",
+              " ".join(f"{x:,.0f}" for x in sat.ours_rps))
+    t.add_row("bare AsyncModbusTcpClient", f"{sat.bare:,.0f}",
+              " ".join(f"{x:,.0f}" for x in sat.bare_rps))
+    t.add_row("[bold]ratio ours/bare[/]", f"[bold]{sat.ratio:.3f}[/]", "")
+    return t
+
+
+async def run(s: Settings) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    console.print(f"[bold]bench/devices.py[/]: hosting {s.max_devices} emulated devices in a "
+                  f"server process ({math.ceil(s.max_devices / UNITS_PER_PORT)} ports)")
+    with device_server(s.max_devices) as hosted:
+        setup_s = time.perf_counter() - t_start
+        poller = Poller()
+        try:
+            discovery_s = await poller.discover(hosted)
+            console.print(f"server ready in {setup_s:.1f} s; discovered {len(hosted)} devices "
+                          f"in {discovery_s:.1f} s")
+
+            sat_groups = poller.groups(select(hosted, s.sat_devices))
+            sat = await saturation(sat_groups, s.sat_seconds, s.sat_reps)
+            console.print(saturation_table(sat))
+
+            def report(r: PollResult) -> None:
+                su = r.summary()
+                mark = "[green]on time[/]" if r.on_time else "[red]LATE[/]"
+                console.print(f"  N={r.n:5d}: late {r.late}/{r.rounds}, errors {r.errors}, "
+                              f"p50 {su['p50_ms']:.0f} ms, max {su['max_ms']:.0f} ms  {mark}")
+
+            console.print("1 Hz capacity search:")
+            results = await capacity_search(poller, hosted, s.steps, s.rounds, s.refine, report)
+        finally:
+            poller.close()
+    console.print(poll_table(results, s.rounds))
+
+    on_time = [r.n for r in results if r.on_time]
+    largest = max(on_time, default=0)
+    capped = largest == s.max_devices
+    total_s = time.perf_counter() - t_start
+    reqs_per_dev = statistics.mean(requests_per_read(d) for d in poller.devices.values())
+    figures = {
+        "benchmark": "devices",
+        "largest_n_on_time": largest,
+        "capped_by_max_devices": capped,
+        "target_devices": TARGET_DEVICES,
+        "ours_rps": round(sat.ours, 1),
+        "bare_rps": round(sat.bare, 1),
+        "ratio": round(sat.ratio, 4),
+        "target_ratio": TARGET_RATIO,
+        "meets_targets": largest >= TARGET_DEVICES and sat.ratio >= TARGET_RATIO,
+        "saturation": {"devices": sat.devices, "links": sat.links, "seconds": sat.seconds,
+                       "ours_rps": [round(x, 1) for x in sat.ours_rps],
+                       "bare_rps": [round(x, 1) for x in sat.bare_rps], "errors": sat.errors},
+        "poll": [r.summary() for r in sorted(results, key=lambda r: r.n)],
+        "requests_per_device_read": round(reqs_per_dev, 3),
+        "settings": asdict(s),
+        "setup_s": round(setup_s, 2),
+        "discovery_s": round(discovery_s, 2),
+        "total_s": round(total_s, 1),
+        "env": {"python": platform.python_version(), "pymodbus": pymodbus.__version__,
+                "cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+    verdict = "[green]meets[/]" if figures["meets_targets"] else "[red]misses[/]"
+    console.print(
+        f"\n[bold]largest N on time at 1 Hz: {largest}[/]"
+        f"{' (= --max-devices, the real limit is higher)' if capped else ''}; "
+        f"[bold]ours {sat.ours:,.0f} req/s vs bare {sat.bare:,.0f} req/s, ratio {sat.ratio:.3f}[/] "
+        f"-> {verdict} the targets (N >= {TARGET_DEVICES}, ratio >= {TARGET_RATIO}); "
+        f"{total_s:.0f} s in all")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--max-devices", type=int, default=None,
+                    help="devices hosted and upper end of the 1 Hz search (default 3000; quick: 120)")
+    ap.add_argument("--rounds", type=int, default=None, help="1 Hz rounds per N (default 8; quick: 3)")
+    ap.add_argument("--refine", type=int, default=2,
+                    help="bisection steps after the first late N (default 2)")
+    ap.add_argument("--sat-devices", type=int, default=TARGET_DEVICES,
+                    help=f"devices in the saturation comparison (default {TARGET_DEVICES})")
+    ap.add_argument("--sat-seconds", type=float, default=None,
+                    help="seconds per saturation measurement (default 2; quick: 0.5)")
+    ap.add_argument("--sat-reps", type=int, default=None,
+                    help="saturation repetitions per side (default 3; quick: 1)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (< 30 s)")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args(argv)
+    s = settings_from(args)
+    if s.max_devices < 1 or s.rounds < 1:
+        ap.error("--max-devices and --rounds must be >= 1")
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        figures = asyncio.run(run(s))
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        return 130
+    line = json.dumps(figures, separators=(",", ":"))
+    print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(figures, indent=2) + "\n")
+    return 1 if args.check and not figures["meets_targets"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -173,10 +173,19 @@ def select(hosted: Sequence[Hosted], n: int) -> list[list[Hosted]]:
     for h in hosted:
         by_port.setdefault(h.port, []).append(h)
     ports = list(by_port.values())
-    k = math.ceil(n / UNITS_PER_PORT)
-    if n > len(hosted) or k > len(ports):
+    if not 0 < n <= len(hosted):
         raise ValueError(f"{n} devices asked, {len(hosted)} hosted")
-    return [ports[i][: n // k + (1 if i < n % k else 0)] for i in range(k)]
+    k = math.ceil(n / UNITS_PER_PORT)
+    while sum(len(p) for p in ports[:k]) < n:  # the last hosted port may be partly filled
+        k += 1
+    take = [0] * k
+    left = n
+    order = sorted(range(k), key=lambda i: len(ports[i]))  # water-filling: small ports first
+    for j, i in enumerate(order):
+        take[i] = min(len(ports[i]), left // (k - j))
+        left -= take[i]
+    assert left == 0, (n, take)
+    return [ports[i][: take[i]] for i in range(k)]
 
 
 @dataclass

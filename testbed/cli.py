@@ -13,6 +13,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
 from rich.table import Table
 
 from . import __version__
@@ -74,9 +76,12 @@ def serve(
     speed: Annotated[float | None, typer.Option(help="Simulated seconds per real second.")] = None,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     endpoints_json: Annotated[Path | None, typer.Option("--endpoints-json", help="Also write the endpoint table here (JSON).")] = None,
+    live: Annotated[bool, typer.Option(help="Show the emulated physics live (power, SOC, meter).")] = False,
 ) -> None:
     """Start every emulated device of SITE and serve until Ctrl-C or SIGTERM."""
     cfg = _site(site)
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
     if speed is not None:
         cfg = cfg.model_copy(update={"emulation": cfg.emulation.model_copy(update={"speed": speed})})
 
@@ -103,13 +108,37 @@ def serve(
                      for n, e in endpoints.items()}, indent=2))
             console.print(f"serving {len(emulators.devices)} devices; simulated clock x{cfg.emulation.speed:g} "
                           "from " + cfg.emulation.start + "; Ctrl-C to stop", highlight=False)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=duration)
+            if live:
+                with Live(_physics_table(emulators), console=console, refresh_per_second=2) as view:
+                    loop_end = None if duration is None else loop.time() + duration
+                    while not stop.is_set() and (loop_end is None or loop.time() < loop_end):
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), timeout=1.0)
+                        view.update(_physics_table(emulators))
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=duration)
         finally:
             await emulators.stop()
         console.print("stopped")
 
     _run(go())
+
+
+def _physics_table(emulators: SiteEmulators) -> Table:
+    t = emulators.physics.t_s
+    table = Table(title=f"simulated {int(t // 3600) % 24:02d}:{int(t // 60) % 60:02d}:{int(t) % 60:02d}")
+    for col in ("prosumer", "load W", "PV W", "battery W", "SOC %", "meter W", "import Wh", "export Wh", "V"):
+        table.add_column(col, justify="right" if col != "prosumer" else "left")
+    for name, pr in emulators.physics.prosumers.items():
+        s = pr.state
+        bat = s.battery
+        table.add_row(
+            name, f"{s.load_w:.0f}", f"{s.pv.ac_w:.0f}" if s.pv else "-",
+            (f"{bat.power_w:.0f}" + (" [yellow](clamped)[/]" if bat.clamped else "")) if bat else "-",
+            f"{bat.soc * 100:.1f}" if bat else "-", f"{s.meter.net_w:.0f}",
+            f"{s.meter.import_wh:.0f}", f"{s.meter.export_wh:.0f}", f"{s.meter.voltage_v:.1f}")
+    return table
 
 
 # --------------------------------------------------------------------------- scan

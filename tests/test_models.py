@@ -62,6 +62,13 @@ def test_pv_limit_ramps_at_the_configured_rate():
     assert s.ac_w == pytest.approx(3000)  # 40 % + 2 s x 10 %/s
 
 
+def test_pv_disconnect_stops_output():
+    p = PVParams(rating_w=5000)
+    s = pv_step(p, pv_command(PVState(), connected=False), 1000, 1)
+    assert s.ac_w == 0 and s.status is InverterStatus.OFF
+    assert pv_step(p, pv_command(s, connected=True), 1000, 1).ac_w == 5000
+
+
 def test_pv_refuses_out_of_range_limit():
     with pytest.raises(ValueError, match="0..100"):
         pv_command(PVState(), limit_pct=120)

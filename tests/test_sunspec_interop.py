@@ -77,6 +77,14 @@ def test_curtailment_written_with_pysunspec2_changes_output(emulators):
     inv.read()
     assert inv.W.cvalue == pytest.approx(1500, abs=1)
     assert inv.St.value == 5  # THROTTLED
+    ctl.Conn.value = 0  # DISCONNECT
+    ctl.write()
+    emulators.step(1.0)
+    inv.read()
+    assert inv.W.cvalue == 0 and inv.St.value == 1  # OFF
+    ctl.Conn.value = 7  # not a Conn symbol
+    with pytest.raises(ModbusClientException, match="exception: 3"):
+        ctl.write()
     dev.close()
 
 

@@ -9,7 +9,8 @@ server in `modbus.py` asks a device to `refresh()` its map before a read and to
 
 SunSpec conventions of the emulators (documented in the README):
 - Inverter: models 1, 103, 120, 123. `WMaxLimPct` (0-100 % of `WRtg`) with
-  `WMaxLim_Ena`=1 curtails; the limit ramps at the inverter's ramp rate.
+  `WMaxLim_Ena`=1 curtails; the limit ramps at the inverter's ramp rate. `Conn`=0
+  disconnects (no output, `St` OFF).
 - Battery: models 1, 802, 124. 802 `W` is + discharge / - charge. The power setpoint is
   124 `StorCtl_Mod` bit 1 (DISCHARGE) with `OutWRte` % of the rated discharge power,
   and/or bit 0 (CHARGE) with `InWRte` % of `WChaMax`; no bit set holds at 0 W. A setpoint
@@ -45,7 +46,7 @@ from .sunspec import PointDef, RegisterMap, SunSpecError, scale_factor_for
 MANUFACTURER = "testbed"
 SQRT3 = math.sqrt(3.0)
 
-INVERTER_ST = {"SLEEPING": 2, "MPPT": 4, "THROTTLED": 5}
+INVERTER_ST = {"OFF": 1, "SLEEPING": 2, "MPPT": 4, "THROTTLED": 5}
 CHA_ST = {"OFF": 1, "EMPTY": 2, "DISCHARGING": 3, "CHARGING": 4, "FULL": 5, "HOLDING": 6}
 BAT_STATE_CONNECTED, BAT_STATE_SOC_PROTECTION = 3, 5
 EVT1_BITS = {  # SunSpec 802 Evt1 symbol values (bit positions)
@@ -222,7 +223,6 @@ class EmulatedInverter(EmulatedDevice):
         m.set_raw(123, "WMaxLimPct_SF", -1)
         m.set_raw(123, "OutPFSet_SF", -3)
         m.set_raw(123, "VArPct_SF", -1)
-        m.set_raw(123, "Conn", 1)
         m.set(123, "OutPFSet", 1.0)
         m.set_raw(123, "OutPFSet_Ena", 0)
         m.set_raw(123, "VArPct_Ena", 0)
@@ -259,6 +259,7 @@ class EmulatedInverter(EmulatedDevice):
         m.set_raw(103, "Evt2", 0)
         m.set(123, "WMaxLimPct", pv.limit_pct)
         m.set_raw(123, "WMaxLim_Ena", int(pv.limit_enabled))
+        m.set_raw(123, "Conn", int(pv.connected))
 
     def check(self, p: PointDef, value: float | int | str | None) -> None:
         if p.model_id == 123 and p.name == "WMaxLimPct":
@@ -271,11 +272,13 @@ class EmulatedInverter(EmulatedDevice):
         assert pv is not None
         limit = changes.get((123, "WMaxLimPct"))
         ena = changes.get((123, "WMaxLim_Ena"))
-        if limit is None and ena is None:
+        conn = changes.get((123, "Conn"))
+        if limit is None and ena is None and conn is None:
             return
         self.prosumer.update(pv=pv_command(
             pv, limit_pct=None if limit is None else float(limit),
-            limit_enabled=None if ena is None else bool(ena)))
+            limit_enabled=None if ena is None else bool(ena),
+            connected=None if conn is None else bool(conn)))
 
 
 class EmulatedBattery(EmulatedDevice):

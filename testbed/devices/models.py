@@ -38,6 +38,7 @@ def seeded_noise(seed: int, key: str, t_s: float) -> float:
 class InverterStatus(StrEnum):
     """Mirrors SunSpec model 103 `St` names."""
 
+    OFF = "OFF"  # disconnected from the grid by command
     SLEEPING = "SLEEPING"  # no irradiance
     MPPT = "MPPT"  # producing what the array gives
     THROTTLED = "THROTTLED"  # output held by the active-power limit
@@ -79,6 +80,8 @@ class PVState:
     limit_pct: float = 100.0
     """Commanded active-power limit (SunSpec 123 `WMaxLimPct`)."""
     limit_enabled: bool = False
+    connected: bool = True
+    """Grid connection (SunSpec 123 `Conn`); a disconnected inverter delivers nothing."""
     effective_limit_pct: float = 100.0
     """Limit actually applied this step, moving towards `limit_pct` at the ramp rate."""
     energy_wh: float = 0.0
@@ -87,14 +90,15 @@ class PVState:
 
 
 def pv_command(state: PVState, *, limit_pct: float | None = None,
-               limit_enabled: bool | None = None) -> PVState:
-    """Apply a curtailment command; out-of-range values are refused, not clamped."""
+               limit_enabled: bool | None = None, connected: bool | None = None) -> PVState:
+    """Apply a curtailment or connection command; out-of-range values are refused, not clamped."""
     if limit_pct is not None and not 0.0 <= limit_pct <= 100.0:
         raise ValueError(f"limit_pct must be within 0..100 %, got {limit_pct}")
     return replace(
         state,
         limit_pct=state.limit_pct if limit_pct is None else float(limit_pct),
         limit_enabled=state.limit_enabled if limit_enabled is None else bool(limit_enabled),
+        connected=state.connected if connected is None else bool(connected),
     )
 
 
@@ -107,9 +111,11 @@ def pv_step(p: PVParams, s: PVState, irradiance_w_m2: float, dt_s: float) -> PVS
     max_move = p.ramp_pct_per_s * dt_s
     delta = target_pct - s.effective_limit_pct
     effective = s.effective_limit_pct + max(-max_move, min(max_move, delta))
-    cap_w = effective / 100.0 * p.rating_w
+    cap_w = effective / 100.0 * p.rating_w if s.connected else 0.0
     ac_w = min(available_w, cap_w)
-    if ac_w <= 0.0:
+    if not s.connected:
+        status = InverterStatus.OFF
+    elif ac_w <= 0.0:
         status = InverterStatus.SLEEPING
     elif available_w > cap_w:
         status = InverterStatus.THROTTLED

@@ -424,14 +424,21 @@ class SunSpecDevice(Device):
         self._generation = self.link.generation
 
     async def _read_models(self, reads: list[tuple[int, int]], ids: set[int]) -> dict[int, dict[str, Any]]:
-        regs: dict[int, int] = {}
-        for address, count in reads:
-            for i, v in enumerate(await self.link.read(address, count, self.unit)):
-                regs[address + i] = v
+        chunks = [(address, await self.link.read(address, count, self.unit)) for address, count in reads]
         out: dict[int, dict[str, Any]] = {}
         for m in self.models:
-            if m.id in ids and m.definition is not None:
-                block = [regs[a] for a in range(m.address, m.address + m.length + 2)]
+            if m.id not in ids or m.definition is None:
+                continue
+            for start, regs in chunks:
+                i = m.address - start
+                if i >= 0 and i + m.length + 2 <= len(regs):
+                    out[m.id] = decode_model(m.definition, regs[i: i + m.length + 2])
+                    break
+            else:  # a model longer than one read: join the chunks
+                joined: dict[int, int] = {}
+                for start, regs in chunks:
+                    joined.update(zip(range(start, start + len(regs)), regs, strict=True))
+                block = [joined[a] for a in range(m.address, m.address + m.length + 2)]
                 out[m.id] = decode_model(m.definition, block)
         return out
 

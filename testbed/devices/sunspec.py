@@ -13,7 +13,8 @@ import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
+from typing import Any
 
 from sunspec2 import device as ss_device
 from sunspec2 import mb as ss_mb
@@ -100,6 +101,29 @@ class ModelDef:
     name: str
     length: int
     points: Mapping[str, PointDef]
+
+    @cached_property
+    def decoder(self) -> tuple[struct.Struct, tuple[tuple[str, Any, str, int | None, int | None], ...]]:
+        """One struct for the whole fixed block and, per point, how to finish its value.
+
+        The driver decodes every poll, so the per-point work is done once per model here.
+        """
+        names = list(self.points)
+        fmt = ">"
+        steps = []
+        for p in self.points.values():
+            unimpl: int | float | None = None
+            if p.is_string:
+                fmt, how = fmt + f"{2 * p.size}s", "str"
+            elif p.type in _FORMATS:
+                f, unimpl = _FORMATS[p.type]
+                fmt, how = fmt + f[1:], "float" if p.type in ("float32", "float64") else "int"
+            else:
+                fmt, how = fmt + f"{2 * p.size}s", "unknown"  # decoded as None
+            sf_index = names.index(p.sf) if isinstance(p.sf, str) and p.sf in self.points else None
+            sf_const = p.sf if isinstance(p.sf, int) else None
+            steps.append((p.name, unimpl, how, sf_index, sf_const))
+        return struct.Struct(fmt), tuple(steps)
 
     def point(self, name: str) -> PointDef:
         try:
@@ -321,18 +345,29 @@ class RegisterMap:
 
 
 def decode_model(md: ModelDef, regs: Sequence[int]) -> dict[str, float | int | str | None]:
-    """Decode a model's registers (starting at its ID register) into engineering values."""
-    raw: dict[str, int | float | str | None] = {}
-    for p in md.points.values():
-        if p.offset + p.size > len(regs):
-            break
-        raw[p.name] = decode_raw(p, regs[p.offset: p.offset + p.size])
+    """Decode a model's registers (starting at its ID register) into engineering values.
+
+    Unimplemented points decode to None; scale factors from the same model are applied.
+    """
+    decoder, steps = md.decoder
+    n = decoder.size // 2
+    if len(regs) < n:
+        raise SunSpecError(f"model {md.id}: {len(regs)} registers, the definition needs {n}")
+    raw = decoder.unpack(struct.pack(f">{n}H", *regs[:n]))
     out: dict[str, float | int | str | None] = {}
-    for name, value in raw.items():
-        p = md.points[name]
-        if value is None or p.sf is None or isinstance(value, str):
-            out[name] = value
+    for (name, unimpl, how, _, _), value in zip(steps, raw, strict=True):
+        if how == "str":
+            value = value.split(b"\0", 1)[0].decode("utf-8", errors="replace") or None
+        elif how == "float":
+            value = None if value != value else value  # NaN: not implemented
+        elif how == "unknown" or (unimpl is not None and value == unimpl):
+            value = None
+        out[name] = value
+    for name, _, how, sf_index, sf_const in steps:
+        value = out[name]
+        if how != "int" or value is None or (sf_index is None and not sf_const):
             continue
-        sf = p.sf if isinstance(p.sf, int) else raw.get(p.sf)
-        out[name] = value if sf is None or sf == 0 else value * 10.0 ** int(sf)
+        sf = sf_const if sf_index is None else out[steps[sf_index][0]]
+        if sf:
+            out[name] = value * 10.0 ** int(sf)
     return out

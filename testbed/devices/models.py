@@ -141,6 +141,10 @@ class ChargeStatus(StrEnum):
     HOLDING = "HOLDING"
 
 
+EPS_W = 1e-6
+"""Below a microwatt a setpoint and its feasible limit are the same: no clamp is reported."""
+
+
 class ClampReason(StrEnum):
     SOC_MIN = "soc_min"  # eq. (1): discharging further would go below SOC_min
     SOC_MAX = "soc_max"  # eq. (1): charging further would go above SOC_max
@@ -223,10 +227,10 @@ def battery_step(p: BatteryParams, s: BatteryState, dt_s: float) -> BatteryState
     sp = s.setpoint_w
     reason: ClampReason | None = None
     power = sp
-    if sp > max_dis + 1e-9:
+    if sp > max_dis + EPS_W:
         power = max_dis
         reason = ClampReason.DISCHARGE_RATE if max_dis >= p.max_discharge_w else ClampReason.SOC_MIN
-    elif -sp > max_ch + 1e-9:
+    elif -sp > max_ch + EPS_W:
         power = -max_ch
         reason = ClampReason.CHARGE_RATE if max_ch >= p.max_charge_w else ClampReason.SOC_MAX
     hours = dt_s / 3600.0

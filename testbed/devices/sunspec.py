@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any
@@ -88,6 +88,39 @@ class PointDef:
     def is_string(self) -> bool:
         return self.type in ("string", "eui48", "ipv6addr")
 
+    @cached_property
+    def codec(self) -> _Codec:
+        return _Codec.of(self)
+
+
+@dataclass(frozen=True)
+class _Codec:
+    """How one point's registers become a raw value and back, compiled once per point."""
+
+    value: struct.Struct
+    """The value's own format (whole point for strings)."""
+    regs: struct.Struct
+    """The point as `size` big-endian 16-bit registers."""
+    how: str
+    """int | float | str | unknown"""
+    unimpl: int | float | None
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, p: PointDef) -> _Codec:
+        regs = struct.Struct(f">{p.size}H")
+        if p.is_string or p.type not in _FORMATS:
+            return cls(struct.Struct(f">{2 * p.size}s"), regs, "str" if p.is_string else "unknown",
+                       None, 0, 0)
+        fmt, unimpl = _FORMATS[p.type]
+        if fmt in _RAW_RANGE:
+            lo, hi = _RAW_RANGE[fmt]
+            if unimpl is None:  # accumulators, pads: every unsigned value is a reading
+                lo, hi = 0, 2 ** (8 * struct.calcsize(fmt)) - 1
+            return cls(struct.Struct(fmt), regs, "int", unimpl, lo, hi)
+        return cls(struct.Struct(fmt), regs, "float", None, -math.inf, math.inf)
+
 
 @dataclass(frozen=True)
 class ModelDef:
@@ -101,29 +134,6 @@ class ModelDef:
     name: str
     length: int
     points: Mapping[str, PointDef]
-
-    @cached_property
-    def decoder(self) -> tuple[struct.Struct, tuple[tuple[str, Any, str, int | None, int | None], ...]]:
-        """One struct for the whole fixed block and, per point, how to finish its value.
-
-        The driver decodes every poll, so the per-point work is done once per model here.
-        """
-        names = list(self.points)
-        fmt = ">"
-        steps = []
-        for p in self.points.values():
-            unimpl: int | float | None = None
-            if p.is_string:
-                fmt, how = fmt + f"{2 * p.size}s", "str"
-            elif p.type in _FORMATS:
-                f, unimpl = _FORMATS[p.type]
-                fmt, how = fmt + f[1:], "float" if p.type in ("float32", "float64") else "int"
-            else:
-                fmt, how = fmt + f"{2 * p.size}s", "unknown"  # decoded as None
-            sf_index = names.index(p.sf) if isinstance(p.sf, str) and p.sf in self.points else None
-            sf_const = p.sf if isinstance(p.sf, int) else None
-            steps.append((p.name, unimpl, how, sf_index, sf_const))
-        return struct.Struct(fmt), tuple(steps)
 
     def point(self, name: str) -> PointDef:
         try:
@@ -172,50 +182,45 @@ def model_def(model_id: int) -> ModelDef:
 
 def encode_raw(p: PointDef, raw: int | float | str | None) -> list[int]:
     """Raw (unscaled) value -> registers; None encodes the "not implemented" pattern."""
-    if p.is_string:
+    c = p.codec
+    if c.how == "str":
         data = b"" if raw is None else str(raw).encode("utf-8")
         if len(data) > 2 * p.size:
             raise SunSpecError(f"{p.name}: string {raw!r} longer than {2 * p.size} bytes")
-        data = data.ljust(2 * p.size, b"\0")
-        return list(struct.unpack(f">{p.size}H", data))
-    fmt, unimpl = _FORMATS.get(p.type, (None, None))
-    if fmt is None:
+        return list(c.regs.unpack(data.ljust(2 * p.size, b"\0")))
+    if c.how == "unknown":
         raise SunSpecError(f"{p.name}: unsupported SunSpec type {p.type!r}")
     if raw is None:
         if p.type == "float32":
-            raw_bytes = struct.pack(">I", ss_mb.SUNS_UNIMPL_FLOAT32)
+            data = struct.pack(">I", ss_mb.SUNS_UNIMPL_FLOAT32)
         elif p.type == "float64":
-            raw_bytes = struct.pack(">Q", ss_mb.SUNS_UNIMPL_FLOAT64)
+            data = struct.pack(">Q", ss_mb.SUNS_UNIMPL_FLOAT64)
         else:
-            raw_bytes = struct.pack(fmt, 0 if unimpl is None else unimpl)
+            data = c.value.pack(c.unimpl or 0)
+    elif c.how == "int":
+        if not c.lo <= raw <= c.hi:
+            raise SunSpecError(f"{p.name}: raw value {raw} outside {p.type} range {c.lo}..{c.hi}")
+        data = c.value.pack(int(raw))
     else:
-        if fmt in _RAW_RANGE:
-            lo, hi = _RAW_RANGE[fmt]
-            if unimpl is None:  # accumulators, pads: every unsigned value is a reading
-                lo, hi = 0, 2 ** (8 * struct.calcsize(fmt)) - 1
-            if not lo <= int(raw) <= hi:
-                raise SunSpecError(f"{p.name}: raw value {raw} outside {p.type} range {lo}..{hi}")
-            raw_bytes = struct.pack(fmt, int(raw))
-        else:
-            raw_bytes = struct.pack(fmt, float(raw))
-    return list(struct.unpack(f">{len(raw_bytes) // 2}H", raw_bytes))
+        data = c.value.pack(float(raw))
+    return list(c.regs.unpack(data))
+
+
+def _finish(c: _Codec, value: Any) -> int | float | str | None:
+    """Unpacked value -> raw value, None where SunSpec means "not implemented"."""
+    if c.how == "int":
+        return None if value == c.unimpl else value
+    if c.how == "str":
+        return value.split(b"\0", 1)[0].decode("utf-8", errors="replace") or None
+    if c.how == "float":
+        return None if value != value else value  # NaN
+    return None
 
 
 def decode_raw(p: PointDef, regs: Sequence[int]) -> int | float | str | None:
     """Registers -> raw value; None when the device marks the point not implemented."""
-    data = struct.pack(f">{p.size}H", *regs[: p.size])
-    if p.is_string:
-        text = data.split(b"\0", 1)[0].decode("utf-8", errors="replace")
-        return text or None
-    fmt, unimpl = _FORMATS.get(p.type, (None, None))
-    if fmt is None:
-        return None
-    (value,) = struct.unpack(fmt, data[: struct.calcsize(fmt)])
-    if p.type in ("float32", "float64"):
-        return None if math.isnan(value) else value
-    if unimpl is not None and value == unimpl:
-        return None
-    return value
+    c = p.codec
+    return _finish(c, c.value.unpack_from(c.regs.pack(*regs[: p.size]))[0])
 
 
 def scale_factor_for(max_abs: float, *, digits: int = 4) -> int:
@@ -280,6 +285,17 @@ class RegisterMap:
         last = self.models[-1] if self.models else None
         return (last.address + last.length + 2 - self.base if last else 2) + 2
 
+    def __post_init__(self) -> None:
+        # (model id, point) -> (register index, definition): set/get are on the emulator's
+        # per-read path, so lookups are one dict access.
+        self._slots: dict[tuple[int, str], tuple[int, PointDef]] = {
+            (m.id, p.name): (m.address - self.base + p.offset, p)
+            for m in reversed(self.models) for p in m.definition.points.values()
+        }  # reversed: with a model twice, the first one wins, as in `model()`
+        self._sf: dict[tuple[int, str], int] = {}
+        """Scale-factor exponents; SF points are read-only on the wire, so only `set_raw`
+        and `set` change them, and both drop the cache."""
+
     # -- lookup
     def model(self, model_id: int) -> ModelInstance:
         for m in self.models:
@@ -287,9 +303,15 @@ class RegisterMap:
                 return m
         raise SunSpecError(f"model {model_id} is not in this map (has {[m.id for m in self.models]})")
 
+    def slot(self, model_id: int, point: str) -> tuple[int, PointDef]:
+        try:
+            return self._slots[(model_id, point)]
+        except KeyError:
+            self.model(model_id).definition.point(point)  # raises the specific error
+            raise
+
     def address_of(self, model_id: int, point: str) -> int:
-        m = self.model(model_id)
-        return m.address + m.definition.point(point).offset
+        return self.base + self.slot(model_id, point)[0]
 
     def locate(self, address: int) -> tuple[ModelInstance, PointDef] | None:
         """The point that holds `address`, if any."""
@@ -303,15 +325,13 @@ class RegisterMap:
 
     # -- raw access
     def set_raw(self, model_id: int, point: str, raw: int | float | str | None) -> None:
-        m = self.model(model_id)
-        p = m.definition.point(point)
-        i = m.address - self.base + p.offset
+        i, p = self.slot(model_id, point)
+        if p.type == "sunssf":
+            self._sf.clear()
         self.registers[i: i + p.size] = encode_raw(p, raw)
 
     def get_raw(self, model_id: int, point: str) -> int | float | str | None:
-        m = self.model(model_id)
-        p = m.definition.point(point)
-        i = m.address - self.base + p.offset
+        i, p = self.slot(model_id, point)
         return decode_raw(p, self.registers[i: i + p.size])
 
     # -- engineering values
@@ -320,54 +340,71 @@ class RegisterMap:
             return 0
         if isinstance(p.sf, int):
             return p.sf
-        sf = self.get_raw(model_id, p.sf)
-        return int(sf) if sf is not None else 0
+        key = (model_id, p.sf)
+        cached = self._sf.get(key)
+        if cached is None:
+            sf = self.get_raw(model_id, p.sf)
+            cached = self._sf[key] = int(sf) if sf is not None else 0
+        return cached
 
     def set(self, model_id: int, point: str, value: float | int | str | None) -> None:
         """Store an engineering value, applying the point's scale factor (saturating)."""
-        p = self.model(model_id).definition.point(point)
-        if value is None or p.is_string or p.sf is None:
-            self.set_raw(model_id, point, value)
-            return
-        raw = round(float(value) / 10.0 ** self.scale_of(model_id, p))
-        fmt = _FORMATS[p.type][0]
-        if fmt in _RAW_RANGE:
-            lo, hi = _RAW_RANGE[fmt]
-            raw = max(lo, min(hi, raw))
-        self.set_raw(model_id, point, raw)
+        i, p = self.slot(model_id, point)
+        c = p.codec
+        if p.type == "sunssf":
+            self._sf.clear()
+        if value is not None and c.how == "int" and p.sf is not None:
+            raw = round(float(value) / 10.0 ** self.scale_of(model_id, p))
+            value = max(c.lo, min(c.hi, raw))
+        self.registers[i: i + p.size] = encode_raw(p, value)
 
     def get(self, model_id: int, point: str) -> float | int | str | None:
-        p = self.model(model_id).definition.point(point)
-        raw = self.get_raw(model_id, point)
+        i, p = self.slot(model_id, point)
+        raw = decode_raw(p, self.registers[i: i + p.size])
         if raw is None or p.sf is None or isinstance(raw, str):
             return raw
         return raw * 10.0 ** self.scale_of(model_id, p)
 
 
-def decode_model(md: ModelDef, regs: Sequence[int]) -> dict[str, float | int | str | None]:
-    """Decode a model's registers (starting at its ID register) into engineering values.
+class ModelValues(Mapping[str, Any]):
+    """A model's values in engineering units, each decoded on first access.
 
-    Unimplemented points decode to None; scale factors from the same model are applied.
+    The driver polls whole models but uses a handful of points, so decoding lazily keeps
+    the per-poll cost low; scale factors come from the same model's SF points.
     """
-    decoder, steps = md.decoder
-    n = decoder.size // 2
-    if len(regs) < n:
-        raise SunSpecError(f"model {md.id}: {len(regs)} registers, the definition needs {n}")
-    raw = decoder.unpack(struct.pack(f">{n}H", *regs[:n]))
-    out: dict[str, float | int | str | None] = {}
-    for (name, unimpl, how, _, _), value in zip(steps, raw, strict=True):
-        if how == "str":
-            value = value.split(b"\0", 1)[0].decode("utf-8", errors="replace") or None
-        elif how == "float":
-            value = None if value != value else value  # NaN: not implemented
-        elif how == "unknown" or (unimpl is not None and value == unimpl):
-            value = None
-        out[name] = value
-    for name, _, how, sf_index, sf_const in steps:
-        value = out[name]
-        if how != "int" or value is None or (sf_index is None and not sf_const):
-            continue
-        sf = sf_const if sf_index is None else out[steps[sf_index][0]]
-        if sf:
-            out[name] = value * 10.0 ** int(sf)
-    return out
+
+    __slots__ = ("_cache", "_data", "definition")
+
+    def __init__(self, definition: ModelDef, regs: Sequence[int]) -> None:
+        n = definition.length + 2
+        if len(regs) < n:
+            raise SunSpecError(f"model {definition.id}: {len(regs)} registers, the definition needs {n}")
+        self.definition = definition
+        self._data = struct.pack(f">{n}H", *regs[:n])
+        self._cache: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._cache[name]
+        except KeyError:
+            pass
+        p = self.definition.points[name]
+        c = p.codec
+        value = _finish(c, c.value.unpack_from(self._data, 2 * p.offset)[0])
+        if value is not None and c.how == "int" and p.sf is not None:
+            sf = p.sf if isinstance(p.sf, int) else self.get(p.sf)
+            if sf:
+                value = value * 10.0 ** int(sf)
+        self._cache[name] = value
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.definition.points)
+
+    def __len__(self) -> int:
+        return len(self.definition.points)
+
+
+def decode_model(md: ModelDef, regs: Sequence[int]) -> dict[str, float | int | str | None]:
+    """Decode all of a model's registers (starting at its ID register) at once."""
+    return dict(ModelValues(md, regs))

@@ -202,3 +202,33 @@ async def test_connection_refused_is_a_clear_error():
     link = ModbusLink("127.0.0.1", 1, timeout_s=0.5)
     with pytest.raises(DeviceUnavailable, match=r"127.0.0.1:1: cannot connect"):
         await SunSpecDevice("gone", link, 1, "meter").connect()
+
+
+async def test_float_meter_model_longer_than_one_request():
+    """Model 213 (float meter) is 126 registers: read in two requests, decoded as floats."""
+    m = RegisterMap.build([1, 213])
+    m.set_raw(1, "Mn", "float-meter")
+    m.set(213, "W", -1234.5)
+    m.set(213, "TotWhImp", 98765.25)
+    m.set(213, "PhVphA", 231.25)
+    m.set(213, "Hz", 49.98)
+    m.set(213, "Evt", 0)  # the last point: in the second request
+    server = ModbusTcpServer([SimDevice(1, [SimData(40000, values=m.registers, datatype=DataType.REGISTERS)])],
+                             address=("127.0.0.1", 0))
+    await server.serve_forever(background=True)
+    port = server.transport.sockets[0].getsockname()[1]
+    try:
+        d = SunSpecDevice("fm", ModbusLink("127.0.0.1", port), 1)
+        await d.connect()
+        assert d.kind is DeviceKind.METER
+        assert d._reads == [(40070, 125), (40195, 1)]
+        r = await d.read()
+        assert r.values["p_w"] == pytest.approx(-1234.5)
+        assert r.values["import_wh"] == pytest.approx(98765.25)
+        assert r.values["voltage_v"] == pytest.approx(231.25)
+        assert r.values["frequency_hz"] == pytest.approx(49.98, abs=1e-4)
+        assert r.values["export_wh"] is None  # float NaN: not implemented
+        assert r.status["events"] == 0
+        await d.close()
+    finally:
+        await server.shutdown()

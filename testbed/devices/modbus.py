@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from .sunspec import (
     MAX_READ,
     SUNS_MARKER,
     ModelDef,
+    ModelValues,
     SunSpecError,
     decode_model,
     encode_raw,
@@ -345,8 +347,8 @@ def plan_reads(models: Sequence[DiscoveredModel], wanted: set[int],
     return reads
 
 
-INVERTER_MODELS = (103, 102, 101)
-METER_MODELS = (203, 204, 202, 201)
+INVERTER_MODELS = (103, 102, 101, 113, 112, 111)  # integer+SF and float variants
+METER_MODELS = (203, 204, 202, 201, 213, 214, 212, 211)
 KIND_MODELS: dict[DeviceKind, tuple[int, ...]] = {
     DeviceKind.PV: (*INVERTER_MODELS, 120, 123),
     DeviceKind.BATTERY: (802, 124),
@@ -378,8 +380,8 @@ class SunSpecDevice(Device):
         self.kind = DeviceKind(kind) if kind else None  # type: ignore[assignment]
         self.base: int | None = None
         self.models: list[DiscoveredModel] = []
-        self.static: dict[int, dict[str, Any]] = {}
-        self.last: dict[int, dict[str, Any]] = {}
+        self.static: dict[int, ModelValues] = {}
+        self.last: dict[int, ModelValues] = {}
         self._reads: list[tuple[int, int]] = []
         self._wanted: set[int] = set()
         self._generation = -1
@@ -423,26 +425,32 @@ class SunSpecDevice(Device):
         self._reads = plan_reads(self.models, self._wanted)
         self._generation = self.link.generation
 
-    async def _read_models(self, reads: list[tuple[int, int]], ids: set[int]) -> dict[int, dict[str, Any]]:
-        chunks = [(address, await self.link.read(address, count, self.unit)) for address, count in reads]
-        out: dict[int, dict[str, Any]] = {}
+    async def _read_models(self, reads: list[tuple[int, int]], ids: set[int]) -> dict[int, ModelValues]:
+        """Read the planned spans and view each wanted model's registers (decoded lazily)."""
+        chunks = []
+        for address, count in reads:
+            regs = await self.link.read(address, count, self.unit)
+            chunks.append((address, len(regs), struct.pack(f">{len(regs)}H", *regs)))
+        out: dict[int, ModelValues] = {}
         for m in self.models:
             if m.id not in ids or m.definition is None:
                 continue
-            for start, regs in chunks:
+            for start, n, data in chunks:
                 i = m.address - start
-                if i >= 0 and i + m.length + 2 <= len(regs):
-                    out[m.id] = decode_model(m.definition, regs[i: i + m.length + 2])
+                if i >= 0 and i + m.length + 2 <= n:
+                    out[m.id] = ModelValues(m.definition, data, 2 * i)
                     break
-            else:  # a model longer than one read: join the chunks
-                joined: dict[int, int] = {}
-                for start, regs in chunks:
-                    joined.update(zip(range(start, start + len(regs)), regs, strict=True))
-                block = [joined[a] for a in range(m.address, m.address + m.length + 2)]
-                out[m.id] = decode_model(m.definition, block)
+            else:  # a model longer than one read: join the consecutive pieces that cover it
+                end = m.address + m.length + 2
+                pieces = [c for c in chunks if c[0] < end and c[0] + c[1] > m.address]
+                first = pieces[0][0] if pieces else end
+                data = b"".join(c[2] for c in pieces)
+                if first > m.address or first + len(data) // 2 < end:
+                    raise NotSunSpec(self._err(Exception(f"model {m.id} at {m.address} is not covered by the reads")))
+                out[m.id] = ModelValues(m.definition, data, 2 * (m.address - first))
         return out
 
-    async def read_models(self) -> dict[int, dict[str, Any]]:
+    async def read_models(self) -> dict[int, ModelValues]:
         """Every dynamic model this device's kind uses, decoded with scale factors."""
         try:
             if self._generation != self.link.generation or not self.link.connected:

@@ -135,6 +135,13 @@ class ModelDef:
     length: int
     points: Mapping[str, PointDef]
 
+    @cached_property
+    def slots(self) -> dict[str, tuple[int, _Codec, str | int | None]]:
+        """Per point: byte offset, codec, scale factor (SF point name or exponent); only
+        integer points scale."""
+        return {p.name: (2 * p.offset, p.codec, p.sf if p.codec.how == "int" else None)
+                for p in self.points.values()}
+
     def point(self, name: str) -> PointDef:
         try:
             return self.points[name]
@@ -370,33 +377,44 @@ class ModelValues(Mapping[str, Any]):
     """A model's values in engineering units, each decoded on first access.
 
     The driver polls whole models but uses a handful of points, so decoding lazily keeps
-    the per-poll cost low; scale factors come from the same model's SF points.
+    the per-poll cost low; scale factors come from the same model's SF points. `data` is
+    the raw bytes of a read that contains the model at byte `offset` (its ID register).
     """
 
-    __slots__ = ("_cache", "_data", "definition")
+    __slots__ = ("_cache", "_data", "_offset", "_slots", "definition")
 
-    def __init__(self, definition: ModelDef, regs: Sequence[int]) -> None:
-        n = definition.length + 2
-        if len(regs) < n:
-            raise SunSpecError(f"model {definition.id}: {len(regs)} registers, the definition needs {n}")
+    def __init__(self, definition: ModelDef, data: bytes, offset: int = 0) -> None:
+        if len(data) < offset + 2 * (definition.length + 2):
+            raise SunSpecError(f"model {definition.id}: {(len(data) - offset) // 2} registers, "
+                               f"the definition needs {definition.length + 2}")
         self.definition = definition
-        self._data = struct.pack(f">{n}H", *regs[:n])
+        self._data = data
+        self._offset = offset
+        self._slots = definition.slots
         self._cache: dict[str, Any] = {}
 
+    @classmethod
+    def from_registers(cls, definition: ModelDef, regs: Sequence[int]) -> ModelValues:
+        return cls(definition, struct.pack(f">{len(regs)}H", *regs))
+
     def __getitem__(self, name: str) -> Any:
-        try:
-            return self._cache[name]
-        except KeyError:
-            pass
-        p = self.definition.points[name]
-        c = p.codec
-        value = _finish(c, c.value.unpack_from(self._data, 2 * p.offset)[0])
-        if value is not None and c.how == "int" and p.sf is not None:
-            sf = p.sf if isinstance(p.sf, int) else self.get(p.sf)
-            if sf:
-                value = value * 10.0 ** int(sf)
-        self._cache[name] = value
+        cache = self._cache
+        if name in cache:
+            return cache[name]
+        offset, codec, sf = self._slots[name]
+        value = _finish(codec, codec.value.unpack_from(self._data, self._offset + offset)[0])
+        if value is not None and sf is not None:
+            exp = sf if isinstance(sf, int) else self.get(sf)
+            if exp:
+                value = value * 10.0 ** exp
+        cache[name] = value
         return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.definition.points)
@@ -407,4 +425,4 @@ class ModelValues(Mapping[str, Any]):
 
 def decode_model(md: ModelDef, regs: Sequence[int]) -> dict[str, float | int | str | None]:
     """Decode all of a model's registers (starting at its ID register) at once."""
-    return dict(ModelValues(md, regs))
+    return dict(ModelValues.from_registers(md, regs))

@@ -225,14 +225,16 @@ class ModbusLink:
         self._fail()
 
     async def read(self, address: int, count: int, unit: int) -> list[int]:
-        client = await self.ensure()
+        client = self._client
+        if client is None or not client.connected or self._loop is not asyncio.get_running_loop():
+            client = await self.ensure()
         try:
             rr = await client.read_holding_registers(address, count=count, device_id=unit)
         except ModbusException as exc:
             raise self._failed(client, unit, exc) from exc
         if rr.isError():
             raise ModbusExceptionReply(address, count, unit, _exc_code(rr))
-        return list(rr.registers)
+        return rr.registers
 
     async def write(self, address: int, values: Sequence[int], unit: int) -> None:
         client = await self.ensure()

@@ -136,10 +136,11 @@ class ModelDef:
     points: Mapping[str, PointDef]
 
     @cached_property
-    def slots(self) -> dict[str, tuple[int, _Codec, str | int | None]]:
-        """Per point: byte offset, codec, scale factor (SF point name or exponent); only
-        integer points scale."""
-        return {p.name: (2 * p.offset, p.codec, p.sf if p.codec.how == "int" else None)
+    def slots(self) -> dict[str, tuple[int, struct.Struct, str, int | float | None, str | int | None]]:
+        """Per point: byte offset, value struct, kind (int/float/str/unknown), "not
+        implemented" value, scale factor (SF point name or exponent; integers only)."""
+        return {p.name: (2 * p.offset, p.codec.value, p.codec.how, p.codec.unimpl,
+                         p.sf if p.codec.how == "int" else None)
                 for p in self.points.values()}
 
     def point(self, name: str) -> PointDef:
@@ -401,12 +402,21 @@ class ModelValues(Mapping[str, Any]):
         cache = self._cache
         if name in cache:
             return cache[name]
-        offset, codec, sf = self._slots[name]
-        value = _finish(codec, codec.value.unpack_from(self._data, self._offset + offset)[0])
-        if value is not None and sf is not None:
-            exp = sf if isinstance(sf, int) else self.get(sf)
-            if exp:
-                value = value * 10.0 ** exp
+        offset, value_struct, how, unimpl, sf = self._slots[name]
+        value = value_struct.unpack_from(self._data, self._offset + offset)[0]
+        if how == "int":  # the common case, kept inline: this runs for every point read
+            if value == unimpl:
+                value = None
+            elif sf is not None:
+                exp = sf if isinstance(sf, int) else self.get(sf)
+                if exp:
+                    value = value * 10.0 ** exp
+        elif how == "str":
+            value = value.split(b"\0", 1)[0].decode("utf-8", errors="replace") or None
+        elif how == "float":
+            value = None if value != value else value  # NaN: not implemented
+        else:
+            value = None
         cache[name] = value
         return value
 

@@ -90,6 +90,10 @@ def test_serve_read_write_scan_and_stop_on_sigterm(served):
     assert "SunSpec map at 40000" in r.output and "kind: battery" in r.output
     assert "802" in r.output and "storage_basic" in r.output
 
+    r = runner.invoke(app, ["devices", "serve", str(site), "--duration", "1"])  # ports taken
+    assert r.exit_code == 1
+    assert f"cannot serve a-pv, a-bat, a-meter: cannot listen on 127.0.0.1:{port}: Address already in use" in r.output
+
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,7 +127,15 @@ class ModbusEmulatorServer:
         sims = [sim_device(unit, dev) for unit, dev in sorted(self.devices.items())]
         server = ModbusTcpServer(sims, address=(self.host, self.requested_port))
         server.context.__class__ = _StrictSimCore
-        await server.serve_forever(background=True)
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError:  # pymodbus hides the OS error: find it by binding ourselves
+            reason = "cannot listen"
+            try:
+                socket.create_server((self.host, self.requested_port)).close()
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+            raise OSError(f"cannot listen on {self.host}:{self.requested_port}: {reason}") from None
         sockets = getattr(server.transport, "sockets", None)
         if not sockets:
             raise OSError(f"could not listen on {self.host}:{self.requested_port}")

@@ -91,8 +91,7 @@ class SiteEmulators:
                 try:
                     actual = await server.start()
                 except OSError as exc:
-                    raise OSError(f"cannot serve {', '.join(n for n, _ in units.values())} on "
-                                  f"{host}:{want}: {exc}") from exc
+                    raise OSError(f"cannot serve {', '.join(n for n, _ in units.values())}: {exc}") from exc
                 self.servers.append(server)
                 for unit, (name, _) in units.items():
                     p, d = configs[name]

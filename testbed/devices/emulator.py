@@ -191,19 +191,12 @@ class EmulatedInverter(EmulatedDevice):
         p = self.params
         w_sf = scale_factor_for(p.rating_w * 1.2)
         a_max = p.rating_w / (3 * 200.0)
-        for model in (103,):
-            m.set_raw(model, "A_SF", scale_factor_for(a_max * 1.2))
-            m.set_raw(model, "V_SF", -1)
-            m.set_raw(model, "W_SF", w_sf)
-            m.set_raw(model, "Hz_SF", -2)
-            m.set_raw(model, "VA_SF", w_sf)
-            m.set_raw(model, "VAr_SF", w_sf)
-            m.set_raw(model, "PF_SF", -1)
-            m.set_raw(model, "WH_SF", 0)
-            m.set_raw(model, "DCA_SF", scale_factor_for(p.array_w / 400.0 * 1.2))
-            m.set_raw(model, "DCV_SF", -1)
-            m.set_raw(model, "DCW_SF", scale_factor_for(p.array_w * 1.2))
-            m.set_raw(model, "Tmp_SF", -1)
+        for point, sf in (("A_SF", scale_factor_for(a_max * 1.2)), ("V_SF", -1), ("W_SF", w_sf),
+                          ("Hz_SF", -2), ("VA_SF", w_sf), ("VAr_SF", w_sf), ("PF_SF", -1),
+                          ("WH_SF", 0), ("DCA_SF", scale_factor_for(p.array_w / 400.0 * 1.2)),
+                          ("DCV_SF", -1), ("DCW_SF", scale_factor_for(p.array_w * 1.2)),
+                          ("Tmp_SF", -1)):
+            m.set_raw(103, point, sf)
         m.set_raw(120, "DERTyp", 4)
         for point in ("WRtg_SF", "VARtg_SF", "VArRtg_SF"):
             m.set_raw(120, point, w_sf)

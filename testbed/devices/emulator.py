@@ -378,7 +378,7 @@ class EmulatedBattery(EmulatedDevice):
             _in_range(p, value, 0.0, 100.0)
         elif p.model_id == 124 and p.name == "WChaMax":
             _in_range(p, value, 0.0, self.params.max_charge_w)
-        elif p.model_id == 124 and p.name == "MinRsvPct" or p.model_id == 802 and p.name in ("SocRsvMax", "SoCRsvMin"):
+        elif (p.model_id, p.name) in ((124, "MinRsvPct"), (802, "SocRsvMax"), (802, "SoCRsvMin")):
             _in_range(p, value, self.params.soc_min * 100, self.params.soc_max * 100)
 
     def apply(self, changes: Mapping[tuple[int, str], float | int | str | None]) -> None:

@@ -188,13 +188,18 @@ class ModbusLink:
     def connected(self) -> bool:
         return self._client is not None and self._client.connected
 
+    def _usable(self) -> bool:
+        """Connected, and under the running event loop (not a previous asyncio.run's)."""
+        client = self._client
+        return client is not None and client.connected and self._loop is asyncio.get_running_loop()
+
     async def ensure(self) -> AsyncModbusTcpClient:
+        if self._usable():
+            return self._client  # type: ignore[return-value]
         if self._client is not None and self._loop is not asyncio.get_running_loop():
             with contextlib.suppress(RuntimeError):  # its loop may be closed already
-                self._client.close()  # opened under another event loop (e.g. a second asyncio.run)
+                self._client.close()
             self._client = None
-        if self._client is not None and self._client.connected:
-            return self._client
         async with self._connect_lock:
             if self._client is not None and self._client.connected:
                 return self._client
@@ -234,9 +239,7 @@ class ModbusLink:
         self._fail()
 
     async def read(self, address: int, count: int, unit: int) -> list[int]:
-        client = self._client
-        if client is None or not client.connected or self._loop is not asyncio.get_running_loop():
-            client = await self.ensure()
+        client = self._client if self._usable() else await self.ensure()
         try:
             rr = await client.read_holding_registers(address, count=count, device_id=unit)
         except ModbusException as exc:

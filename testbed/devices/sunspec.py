@@ -214,13 +214,13 @@ def encode_raw(p: PointDef, raw: int | float | str | None) -> list[int]:
     return list(c.regs.unpack(data))
 
 
-def _finish(c: _Codec, value: Any) -> int | float | str | None:
+def _finish(how: str, unimpl: int | float | None, value: Any) -> int | float | str | None:
     """Unpacked value -> raw value, None where SunSpec means "not implemented"."""
-    if c.how == "int":
-        return None if value == c.unimpl else value
-    if c.how == "str":
+    if how == "int":
+        return None if value == unimpl else value
+    if how == "str":
         return value.split(b"\0", 1)[0].decode("utf-8", errors="replace") or None
-    if c.how == "float":
+    if how == "float":
         return None if value != value else value  # NaN
     return None
 
@@ -228,7 +228,7 @@ def _finish(c: _Codec, value: Any) -> int | float | str | None:
 def decode_raw(p: PointDef, regs: Sequence[int]) -> int | float | str | None:
     """Registers -> raw value; None when the device marks the point not implemented."""
     c = p.codec
-    return _finish(c, c.value.unpack_from(c.regs.pack(*regs[: p.size]))[0])
+    return _finish(c.how, c.unimpl, c.value.unpack_from(c.regs.pack(*regs[: p.size]))[0])
 
 
 def scale_factor_for(max_abs: float, *, digits: int = 4) -> int:
@@ -301,8 +301,8 @@ class RegisterMap:
             for m in reversed(self.models) for p in m.definition.points.values()
         }  # reversed: with a model twice, the first one wins, as in `model()`
         self._sf: dict[tuple[int, str], int] = {}
-        """Scale-factor exponents; SF points are read-only on the wire, so only `set_raw`
-        and `set` change them, and both drop the cache."""
+        """Scale-factor exponents; SF points are read-only on the wire, so only `_store`
+        (behind `set_raw` and `set`) changes them, and it drops the cache."""
 
     # -- lookup
     def model(self, model_id: int) -> ModelInstance:
@@ -334,9 +334,7 @@ class RegisterMap:
     # -- raw access
     def set_raw(self, model_id: int, point: str, raw: int | float | str | None) -> None:
         i, p = self.slot(model_id, point)
-        if p.type == "sunssf":
-            self._sf.clear()
-        self.registers[i: i + p.size] = encode_raw(p, raw)
+        self._store(i, p, raw)
 
     def get_raw(self, model_id: int, point: str) -> int | float | str | None:
         i, p = self.slot(model_id, point)
@@ -359,12 +357,15 @@ class RegisterMap:
         """Store an engineering value, applying the point's scale factor (saturating)."""
         i, p = self.slot(model_id, point)
         c = p.codec
-        if p.type == "sunssf":
-            self._sf.clear()
         if value is not None and c.how == "int" and p.sf is not None:
             raw = round(float(value) / 10.0 ** self.scale_of(model_id, p))
             value = max(c.lo, min(c.hi, raw))
-        self.registers[i: i + p.size] = encode_raw(p, value)
+        self._store(i, p, value)
+
+    def _store(self, i: int, p: PointDef, raw: int | float | str | None) -> None:
+        if p.type == "sunssf":
+            self._sf.clear()
+        self.registers[i: i + p.size] = encode_raw(p, raw)
 
     def get(self, model_id: int, point: str) -> float | int | str | None:
         i, p = self.slot(model_id, point)
@@ -403,20 +404,11 @@ class ModelValues(Mapping[str, Any]):
         if name in cache:
             return cache[name]
         offset, value_struct, how, unimpl, sf = self._slots[name]
-        value = value_struct.unpack_from(self._data, self._offset + offset)[0]
-        if how == "int":  # the common case, kept inline: this runs for every point read
-            if value == unimpl:
-                value = None
-            elif sf is not None:
-                exp = sf if isinstance(sf, int) else self.get(sf)
-                if exp:
-                    value = value * 10.0 ** exp
-        elif how == "str":
-            value = value.split(b"\0", 1)[0].decode("utf-8", errors="replace") or None
-        elif how == "float":
-            value = None if value != value else value  # NaN: not implemented
-        else:
-            value = None
+        value = _finish(how, unimpl, value_struct.unpack_from(self._data, self._offset + offset)[0])
+        if value is not None and sf is not None:
+            exp = sf if isinstance(sf, int) else self.get(sf)
+            if exp:
+                value = value * 10.0 ** exp
         cache[name] = value
         return value
 

@@ -254,3 +254,163 @@ def points() -> None:
         for spec in SETPOINTS[kind].values():
             table.add_row(kind.value, spec.name, spec.unit, spec.description)
     console.print(table)
+
+
+# ----------------------------------------------------------------------------- ledger
+ledger_app = typer.Typer(help="The permissioned Proof-of-Energy ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+DbArg = Annotated[Path, typer.Argument(help="A node's ledger database (nodes/<name>.db).")]
+
+
+def _open_chain(db: Path) -> Any:
+    from .ledger.chain import Chain
+    from .ledger.errors import Rejected
+
+    if not db.exists():
+        err.print(f"[red]error:[/] {db}: no such ledger database", highlight=False)
+        raise typer.Exit(2)
+    try:
+        return Chain.open(db)
+    except (Rejected, ValueError) as exc:
+        err.print(f"[red]error:[/] {db}: {exc} (run `testbed ledger verify {db}`)",
+                  highlight=False)
+        raise typer.Exit(1) from None
+
+
+@ledger_app.command("init")
+def ledger_init(
+    site: SiteArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for keys, genesis, node DBs.")] = Path("ledger"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing chain.")] = False,
+) -> None:
+    """Keys, registry (CSM-DB) and genesis for SITE's prosumers; one node DB each."""
+    from .ledger.setup import init_ledger
+
+    cfg = _site(site)
+    try:
+        layout = init_ledger(cfg, out, force=force)
+    except FileExistsError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    g = layout.genesis()
+    table = Table(title=f"chain {g.hash[:16]}… ({cfg.name})")
+    for col in ("name", "address", "roles", "mode", "node database"):
+        table.add_column(col)
+    for e in g.header["registry"]:
+        from .ledger.identity import address_of
+
+        db = str(layout.db_path(e["name"])) if "validator" in e["roles"] else ""
+        table.add_row(e["name"], address_of(bytes.fromhex(e["public_key"])),
+                      ",".join(e["roles"]), e["mode"], db)
+    console.print(table)
+    console.print(f"genesis: {layout.genesis_path}   keys: {layout.root / 'keys'} (private, 0600)")
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    db: DbArg,
+    genesis: Annotated[Path | None, typer.Option(help="Expected genesis.json (pins the chain id).")] = None,
+) -> None:
+    """Recompute every hash, signature, election and contract result. Exit 1 at the first bad height."""
+    from .ledger.blocks import Block
+    from .ledger.chain import verify_store
+
+    expected = Block.parse(genesis.read_bytes().strip(), genesis=True) if genesis else None
+    if not db.exists():
+        err.print(f"[red]error:[/] {db}: no such ledger database", highlight=False)
+        raise typer.Exit(2)
+    report = verify_store(db, genesis=expected)
+    if not report.ok:
+        err.print(f"[red]FAILED[/] at height {report.height}: {report.error}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/]: chain {report.chain_id[:16]}…, heights 0-{report.height}, "
+                  f"{report.txs} transactions verified", highlight=False)
+
+
+@ledger_app.command("show")
+def ledger_show(
+    db: DbArg,
+    height: Annotated[int | None, typer.Option("--height", help="Show one block's transactions.")] = None,
+    last: Annotated[int, typer.Option(help="Blocks to list.")] = 20,
+) -> None:
+    """Blocks (proposer, CPF, round, transactions) or one block in detail."""
+    from .ledger import messages
+    from .ledger.blocks import Block
+    from .ledger.store import Store
+
+    chain = _open_chain(db)
+    names = {a: e.name for a, e in chain.state.identities.items()}
+    store = Store(db, readonly=True)
+    if height is None:
+        table = Table(title=f"chain {chain.id[:16]}…, height {chain.height}")
+        for col in ("height", "time (UTC)", "proposer", "round", "CPF", "txs", "hash"):
+            table.add_column(col)
+        for h in range(max(1, chain.height - last + 1), chain.height + 1):
+            b = store.block(h)
+            blk = Block.parse(b.raw)
+            table.add_row(str(h), messages.format_date(blk.time),
+                          names.get(blk.proposer, blk.proposer), str(blk.round),
+                          f"{blk.header['evidence']['cpf']:.4f}", str(blk.header["txs"]),
+                          b.hash[:16])
+        console.print(table)
+        return
+    b = store.block(height)
+    if b is None:
+        err.print(f"[red]error:[/] {db} has no block {height} (height {chain.height})")
+        raise typer.Exit(2)
+    blk = Block.parse(b.raw, genesis=height == 0)
+    console.print_json(data=blk.header if height else {k: v for k, v in blk.header.items()})
+    table = Table(title=f"block {height}: {len(b.txs)} transactions")
+    for col in ("#", "operation", "from", "date", "parameters", "id"):
+        table.add_column(col, overflow="fold")
+    for i, (tid, raw) in enumerate(b.txs):
+        m = messages.parse(raw)
+        table.add_row(str(i), m.operation, names.get(m.client_id, m.client_id), m.date,
+                      json.dumps(m.parameters, sort_keys=True)[:120], tid[:16])
+    console.print(table)
+
+
+@ledger_app.command("wallets")
+def ledger_wallets(db: DbArg) -> None:
+    """Account balances derived from the chain (EUR)."""
+    from .ledger.state import MICRO, POOL
+
+    chain = _open_chain(db)
+    names = {a: e.name for a, e in chain.state.identities.items()} | {POOL: "(incentive pool)"}
+    table = Table(title=f"wallets at height {chain.height}")
+    table.add_column("account")
+    table.add_column("address")
+    table.add_column("balance EUR", justify="right")
+    for address, amount in chain.wallets().items():
+        table.add_row(names.get(address, "(pseudonym)"), address, f"{amount / MICRO:,.6f}")
+    console.print(table)
+
+
+@ledger_app.command("node")
+def ledger_node(
+    folder: Annotated[Path, typer.Argument(help="Folder made by `testbed ledger init`.")],
+    name: Annotated[str, typer.Argument(help="Validator (prosumer) name.")],
+    bus: Annotated[str, typer.Option(help="Broker URL (mqtt://, mqtts://user:pass@host:port).")],
+    site: Annotated[str, typer.Option(help="Site name in the topic scheme.")] = "demo",
+    block_interval: Annotated[float, typer.Option(help="Seconds between blocks.")] = 0.5,
+) -> None:
+    """Run one validator node until interrupted (SIGINT/SIGTERM)."""
+    from .bus.client import BusError
+    from .ledger.node import run_node
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        node = await run_node(str(folder), name, bus_url=bus, site=site,
+                              block_interval_s=block_interval, stop=stop,
+                              on_start=lambda n: console.print(
+                                  f"node {n.name} ({n.key.address}) at height {n.chain.height}"))
+        console.print(f"node {name} stopped at height {node.chain.height}")
+
+    try:
+        _run(go())
+    except (BusError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None

@@ -1,0 +1,331 @@
+"""Genesis, block production and full validation: the rules every node applies alike.
+
+`Chain` holds a node's state and (optionally) its store. Every block is checked the same
+way whether it arrives live, during catch-up or from `testbed ledger verify`: height and
+link, time, PoE election of the proposer (and its round), the proposer's CPF evidence and
+signature, the Merkle root, the commit certificate, then every transaction against the
+rules in `state`. Nothing changes unless all of it passes.
+"""
+
+from __future__ import annotations
+
+import time as _time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.ledger import canonical, election, messages
+from testbed.ledger import transactions as T
+from testbed.ledger.blocks import (
+    ZERO_HASH,
+    Block,
+    Vote,
+    check_certificate,
+    encode_certificate,
+    merkle_root,
+)
+from testbed.ledger.errors import Reason, Rejected
+from testbed.ledger.identity import KeyPair, address_of
+from testbed.ledger.messages import SignedMessage
+from testbed.ledger.state import POOL, Entry, LedgerState, Params
+from testbed.ledger.store import Store
+
+MAX_ROUNDS = 1000
+
+
+def make_genesis(admin: KeyPair, registry: Sequence[dict[str, Any]], *,
+                 allocations: dict[str, int] | None = None, params: Params | None = None,
+                 time: float | None = None, name: str = "testbed") -> Block:
+    """Height 0: the registry, the administrator key, parameters and initial balances.
+
+    It is signed by the administrator and is the trust anchor: the chain id is its hash.
+    """
+    for i, e in enumerate(registry):
+        T.check_shape(T.REGISTRY, {"action": "add", "entry": e})
+        if not e["roles"]:
+            raise ValueError(f"registry[{i}] has no role")
+    header = {"name": name, "height": 0, "prev": ZERO_HASH,
+              "time": round(_time.time() if time is None else time, 3),
+              "admin": admin.public.hex(), "params": (params or Params()).as_dict(),
+              "registry": list(registry), "allocations": dict(allocations or {})}
+    return Block.create(admin, header)
+
+
+def genesis_state(genesis: Block) -> LedgerState:
+    h = genesis.header
+    try:
+        admin = bytes.fromhex(h["admin"])
+        state = LedgerState(Params.from_dict(h["params"]), admin, chain_id=genesis.hash,
+                            head=genesis.hash, head_time=float(h["time"]))
+        for e in h["registry"]:
+            entry = Entry.from_dict(e)
+            if entry.address in state.identities:
+                raise ValueError(f"{entry.address} registered twice")
+            state.identities[entry.address] = entry
+        for address, amount in h["allocations"].items():
+            if type(amount) is not int or amount < 0:
+                raise ValueError(f"allocation to {address} must be a non-negative integer")
+            state.balances[address] = amount
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Rejected(Reason.BAD_BLOCK, f"genesis: {exc}", height=0) from None
+    if h.get("height") != 0 or h.get("prev") != ZERO_HASH:
+        raise Rejected(Reason.BAD_BLOCK, "genesis must be height 0 with a zero prev",
+                       height=0)
+    if not genesis.signature_ok(admin):
+        raise Rejected(Reason.BAD_SIGNATURE, "genesis is not signed by its administrator",
+                       height=0)
+    if not state.validators():
+        raise Rejected(Reason.BAD_BLOCK, "genesis registers no validator", height=0)
+    return state
+
+
+@dataclass
+class Proposal:
+    block: Block
+    txs: list[SignedMessage]
+    dropped: list[tuple[SignedMessage, Rejected]] = field(default_factory=list)
+
+
+class Chain:
+    """A node's view of the ledger: state, head and (optionally) its SQLite store."""
+
+    def __init__(self, genesis: Block, store: Store | None = None) -> None:
+        self.genesis = genesis
+        self.state = genesis_state(genesis)
+        self.store = store
+        self.verified: set[str] = set()
+        """Ids of transactions whose signature this node has checked (mempool)."""
+        if store is not None and store.height() < 0:
+            store.append(0, genesis.hash, genesis.raw, b"[]", [])
+
+    @property
+    def id(self) -> str:
+        return self.genesis.hash
+
+    @property
+    def height(self) -> int:
+        return self.state.height
+
+    @classmethod
+    def open(cls, path: Path | str, *, genesis: Block | None = None) -> Chain:
+        """Open a node's database (creating it from `genesis`) and replay it fully checked."""
+        store = Store(path)
+        stored = store.block(0)
+        if stored is None:
+            if genesis is None:
+                raise ValueError(f"{path}: empty ledger database and no genesis given")
+            return cls(genesis, store)
+        g = Block.parse(stored.raw, genesis=True)
+        if genesis is not None and g.hash != genesis.hash:
+            raise ValueError(f"{path}: holds chain {g.hash[:16]}, expected {genesis.hash[:16]}")
+        chain = cls(g, None)
+        for b in store.blocks(1):
+            chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+        chain.store = store
+        return chain
+
+    # ------------------------------------------------------------ production
+    def admit(self, msg: SignedMessage) -> None:
+        """Mempool admission: shape and signature against the current registry."""
+        T.check_shape(msg.operation, msg.parameters)
+        if msg.id not in self.verified:
+            messages.verify(msg, lambda a: self.state.public_key(a, msg.time))
+            self.verified.add(msg.id)
+
+    def propose(self, key: KeyPair, txs: Iterable[SignedMessage], *, time: float,
+                round_: int = 0) -> Proposal:
+        """Build and sign the next block from candidate transactions, dropping those the
+        rules refuse (with their reasons). Only the elected proposer for `round_` may."""
+        state = self.state
+        elected = election.proposer(state, round_)
+        if elected.address != key.address:
+            raise Rejected(Reason.WRONG_PROPOSER, f"round {round_} of height "
+                           f"{state.height + 1} belongs to {elected.address}, not "
+                           f"{key.address}", height=state.height + 1)
+        time = round(max(time, state.head_time + 0.001), 3)
+        height = state.height + 1
+        candidates = list(txs)
+        entry = state.identities[key.address]
+        if (state.params.block_reward > 0 and entry.mode in ("RE", "RE+TE")
+                and state.balance(POOL) >= state.params.block_reward):
+            reward = messages.sign(key, T.REWARD, {"to": key.address, "height": height,
+                                                   "amount": state.params.block_reward},
+                                   at=time)
+            self.verified.add(reward.id)
+            candidates.insert(0, reward)
+        accepted: list[SignedMessage] = []
+        dropped: list[tuple[SignedMessage, Rejected]] = []
+        with state.trial():
+            state.advance(height, state.head, time)
+            for msg in candidates:
+                if len(accepted) >= state.params.max_block_txs:
+                    break
+                try:
+                    with state.atomic():
+                        state.apply(msg, block_time=time, height=height,
+                                    proposer=key.address, index=len(accepted),
+                                    verified=self.verified)
+                except Rejected as exc:
+                    dropped.append((msg, exc.at(tx=msg.id)))
+                else:
+                    accepted.append(msg)
+        header = {"chain": self.id, "height": height, "prev": state.head, "time": time,
+                  "round": round_, "proposer": key.address, "evidence": elected.evidence(),
+                  "merkle": merkle_root([m.id for m in accepted]), "txs": len(accepted)}
+        return Proposal(Block.create(key, header), accepted, dropped)
+
+    def vote(self, key: KeyPair, block: Block) -> Vote:
+        return Vote.cast(key, self.id, block.height, block.hash)
+
+    # ------------------------------------------------------------ validation
+    def _check_header(self, block: Block, txs: Sequence[SignedMessage],
+                      now: float | None) -> None:
+        state, h = self.state, block.header
+        height = state.height + 1
+        if h["chain"] != self.id:
+            raise Rejected(Reason.BAD_BLOCK, f"block of chain {str(h['chain'])[:16]}, this is "
+                           f"{self.id[:16]}", height=block.height)
+        if block.height != height:
+            raise Rejected(Reason.BAD_BLOCK, f"expected height {height}, got {block.height}",
+                           height=block.height)
+        if h["prev"] != state.head:
+            raise Rejected(Reason.BAD_BLOCK, f"prev {h['prev'][:16]} is not the head "
+                           f"{state.head[:16]}", height=height)
+        if not h["time"] > state.head_time:
+            raise Rejected(Reason.BAD_BLOCK, f"time {h['time']} is not after the previous "
+                           f"block's {state.head_time}", height=height)
+        if now is not None and h["time"] > now + state.params.max_skew_s:
+            raise Rejected(Reason.STALE, f"block dated {h['time'] - now:+.1f} s in the future",
+                           height=height)
+        if not 0 <= block.round < MAX_ROUNDS:
+            raise Rejected(Reason.BAD_BLOCK, f"round {block.round} out of range", height=height)
+        elected = election.proposer(state, block.round)
+        if block.proposer != elected.address:
+            raise Rejected(Reason.WRONG_PROPOSER, f"round {block.round} belongs to "
+                           f"{elected.address} (CPF {elected.cpf:.6f}), block proposed by "
+                           f"{block.proposer}", height=height)
+        if canonical.encode(h["evidence"]) != canonical.encode(elected.evidence()):
+            raise Rejected(Reason.BAD_BLOCK, "proposer's CPF evidence does not match its "
+                           "certified readings", height=height)
+        if not block.signature_ok(state.identities[block.proposer].public_key):
+            raise Rejected(Reason.BAD_SIGNATURE, "block is not signed by its proposer",
+                           height=height)
+        if h["txs"] != len(txs) or h["merkle"] != merkle_root([m.id for m in txs]):
+            raise Rejected(Reason.BAD_BLOCK, "transactions do not match the header's Merkle "
+                           "root", height=height)
+
+    def _apply_txs(self, block: Block, txs: Sequence[SignedMessage]) -> None:
+        state = self.state
+        state.advance(block.height, block.hash, block.time)
+        for i, msg in enumerate(txs):
+            try:
+                state.apply(msg, block_time=block.time, height=block.height,
+                            proposer=block.proposer, index=i, verified=self.verified)
+            except Rejected as exc:
+                raise exc.at(height=block.height, tx=msg.id) from None
+
+    def check_proposal(self, block: Block, txs: Sequence[SignedMessage], *,
+                       now: float | None = None) -> None:
+        """Everything but the certificate; leaves the state as it was (a validator votes
+        only after this passes)."""
+        self._check_header(block, txs, now)
+        with self.state.trial():
+            self._apply_txs(block, txs)
+        self.verified.update(m.id for m in txs)
+
+    def commit(self, block: Block, txs: Sequence[SignedMessage], cert: bytes, *,
+               now: float | None = None) -> None:
+        """Fully check a block with its commit certificate, apply it and store it."""
+        state = self.state
+        self._check_header(block, txs, now)
+        validators = {a: state.identities[a].public_key for a in state.validators()}
+        try:
+            check_certificate(cert, chain=self.id, block=block, validators=validators,
+                              quorum=state.quorum())
+        except Rejected as exc:
+            raise exc.at(height=block.height) from None
+        with state.atomic():
+            self._apply_txs(block, txs)
+            if self.store is not None:
+                self.store.append(block.height, block.hash, block.raw, cert,
+                                  [(m.id, m.raw) for m in txs])
+        for m in txs:
+            self.verified.discard(m.id)
+
+    def commit_raw(self, raw: bytes, tx_raws: Sequence[bytes], cert: bytes, *,
+                   now: float | None = None) -> Block:
+        """`commit` from stored or received bytes (strictly canonical)."""
+        height = self.state.height + 1
+        try:
+            block = Block.parse(raw)
+            txs = [messages.parse(r) for r in tx_raws]
+        except Rejected as exc:
+            raise exc.at(height=height) from None
+        self.commit(block, txs, cert, now=now)
+        return block
+
+    def wallets(self) -> dict[str, int]:
+        return dict(sorted(self.state.balances.items()))
+
+
+def admin_address(genesis: Block) -> str:
+    return address_of(bytes.fromhex(genesis.header["admin"]))
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    height: int
+    """Last good height when ok; the first bad height otherwise."""
+    chain_id: str
+    txs: int
+    error: str = ""
+
+
+def verify_store(path: Path | str, *, genesis: Block | None = None) -> VerifyReport:
+    """Recompute every hash, signature, election and contract result of a node database."""
+    store = Store(path, readonly=True)
+    try:
+        heights = store.heights()
+        if not heights or heights[0] != 0:
+            return VerifyReport(False, 0, "", 0, "no genesis block at height 0")
+        g0 = store.block(0)
+        assert g0 is not None
+        try:
+            g = Block.parse(g0.raw, genesis=True)
+            if g0.hash != g.hash:
+                raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
+                               height=0)
+            if genesis is not None and g.hash != genesis.hash:
+                raise Rejected(Reason.BAD_BLOCK, f"genesis {g.hash[:16]} is not the expected "
+                               f"{genesis.hash[:16]}", height=0)
+            if g0.txs or g0.cert != b"[]":
+                raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes",
+                               height=0)
+            chain = Chain(g)
+        except Rejected as exc:
+            return VerifyReport(False, 0, "", 0, str(exc.at(height=0)))
+        count = 0
+        for expect, h in enumerate(heights[1:], start=1):
+            b = store.block(h)
+            assert b is not None
+            try:
+                if h != expect:
+                    raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing",
+                                   height=expect)
+                block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+                if block.hash != b.hash:
+                    raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
+                                   height=h)
+                for (tid, _), msg_id in zip(b.txs, [canonical.sha256_hex(r) for _, r in b.txs],
+                                            strict=True):
+                    if tid != msg_id:
+                        raise Rejected(Reason.BAD_BLOCK, f"stored tx id {tid[:16]} differs "
+                                       "from its bytes", height=h)
+            except Rejected as exc:
+                return VerifyReport(False, expect, chain.id, count, str(exc.at(height=expect)))
+            count += len(b.txs)
+        return VerifyReport(True, chain.height, chain.id, count)
+    finally:
+        store.close()

@@ -1,0 +1,95 @@
+"""`testbed ledger init`: keys, registry and genesis for a site's prosumers.
+
+Layout of the ledger folder:
+
+    genesis.json          the signed genesis block (share it; it is the chain id)
+    keys/admin.key        registry administrator (keep offline)
+    keys/audit.key        32-byte key that maps pseudonyms back to identities (auditor)
+    keys/aggregator.key   the VPP aggregator
+    keys/<prosumer>.key   each prosumer's HEM / certified meter key (validator + meter)
+    nodes/<prosumer>.db   each validator's SQLite store, holding genesis
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed.config import SiteConfig
+from testbed.ledger import transactions as T
+from testbed.ledger.blocks import Block
+from testbed.ledger.chain import Chain, make_genesis
+from testbed.ledger.identity import KeyPair
+from testbed.ledger.state import MICRO, POOL, Params
+
+
+@dataclass(frozen=True)
+class LedgerLayout:
+    root: Path
+
+    @property
+    def genesis_path(self) -> Path:
+        return self.root / "genesis.json"
+
+    def key_path(self, name: str) -> Path:
+        return self.root / "keys" / f"{name}.key"
+
+    def db_path(self, name: str) -> Path:
+        return self.root / "nodes" / f"{name}.db"
+
+    def genesis(self) -> Block:
+        try:
+            raw = self.genesis_path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{self.genesis_path}: cannot read genesis ({exc.strerror}); "
+                             "run `testbed ledger init` first") from None
+        return Block.parse(raw.strip(), genesis=True)
+
+    def key(self, name: str) -> KeyPair:
+        return KeyPair.load(self.key_path(name))
+
+    def validators(self) -> list[str]:
+        g = self.genesis()
+        return [e["name"] for e in g.header["registry"] if "validator" in e["roles"]]
+
+
+def init_ledger(site: SiteConfig, root: Path, *, params: Params | None = None,
+                aggregator_funds_eur: float = 10_000.0, pool_eur: float = 100.0,
+                modes: dict[str, str] | None = None, time: float | None = None,
+                force: bool = False) -> LedgerLayout:
+    """Generate keys and a genesis registering every prosumer's meter/HEM as validator."""
+    layout = LedgerLayout(Path(root))
+    if layout.genesis_path.exists() and not force:
+        raise FileExistsError(f"{layout.genesis_path} exists; pass force to start a new chain")
+    admin, aggregator = KeyPair.generate(), KeyPair.generate()
+    admin.save(layout.key_path("admin"))
+    aggregator.save(layout.key_path("aggregator"))
+    audit = layout.key_path("audit")
+    fd = os.open(audit, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    registry = [T.entry_dict("aggregator", aggregator.public, meter_type="none",
+                             roles=["aggregator"])]
+    for p in site.prosumers:
+        key = KeyPair.generate()
+        key.save(layout.key_path(p.name))
+        meter = next((d for d in p.devices if d.kind.value == "meter"), None)
+        serial = f"{site.name}/{meter.name}" if meter else f"{site.name}/{p.name}"
+        registry.append(T.entry_dict(p.name, key.public, meter_type="SunSpec 203 (emulated)",
+                                     serial=serial, roles=["validator", "meter"],
+                                     mode=(modes or {}).get(p.name, "RE+TE")))
+    genesis = make_genesis(admin, registry, params=params, time=time, name=site.name,
+                           allocations={aggregator.address: int(aggregator_funds_eur * MICRO),
+                                        POOL: int(pool_eur * MICRO)})
+    layout.genesis_path.write_bytes(genesis.raw + b"\n")
+    for p in site.prosumers:
+        db = layout.db_path(p.name)
+        if db.exists():
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+        chain = Chain.open(db, genesis=genesis)
+        assert chain.store is not None
+        chain.store.close()
+    return layout

@@ -1,0 +1,88 @@
+"""An in-process set of validators for rule tests (the bus tests use real brokers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from testbed.ledger import election, messages
+from testbed.ledger import transactions as T
+from testbed.ledger.blocks import Block, Vote, encode_certificate
+from testbed.ledger.chain import Chain, Proposal, make_genesis
+from testbed.ledger.identity import KeyPair
+from testbed.ledger.messages import SignedMessage
+from testbed.ledger.state import MICRO, POOL, Params
+
+T0 = 1_800_000_000.0
+
+
+@dataclass
+class Net:
+    admin: KeyPair
+    aggregator: KeyPair
+    validators: list[KeyPair]
+    genesis: Block
+    chains: list[Chain]
+    time: float = T0
+    outsider: KeyPair = field(default_factory=lambda: KeyPair.from_seed(b"outsider"))
+
+    @property
+    def chain(self) -> Chain:
+        return self.chains[0]
+
+    def key_of(self, address: str) -> KeyPair:
+        return next(k for k in [*self.validators, self.aggregator, self.admin]
+                    if k.address == address)
+
+    def sign(self, key: KeyPair, op: str, params: dict, *, dt: float = 0.0,
+             req_id: str | None = None) -> SignedMessage:
+        return messages.sign(key, op, params, at=self.time + dt, req_id=req_id)
+
+    def reading(self, key: KeyPair, p_kwh: float, c_kwh: float, *, start: int | None = None,
+                duration: int = 60) -> SignedMessage:
+        start = int(self.time) - duration if start is None else start
+        return self.sign(key, T.READING, {"meter": key.address, "start": start,
+                                          "duration_s": duration, "production_kwh": p_kwh,
+                                          "consumption_kwh": c_kwh})
+
+    def pay(self, payer: KeyPair, payee: str, amount: int, award: str | None = None,
+            **kw) -> SignedMessage:
+        return self.sign(payer, T.PAYMENT, {"to": payee, "amount": amount, "award": award,
+                                            "memo": ""}, **kw)
+
+    def propose(self, txs: Sequence[SignedMessage], *, round_: int = 0,
+                dt: float = 1.0) -> Proposal:
+        self.time += dt
+        elected = election.proposer(self.chain.state, round_).address
+        return self.chain.propose(self.key_of(elected), txs, time=self.time, round_=round_)
+
+    def certify(self, block: Block, voters: Sequence[KeyPair] | None = None) -> bytes:
+        voters = self.validators if voters is None else voters
+        return encode_certificate([Vote.cast(k, self.chain.id, block.height, block.hash)
+                                   for k in voters])
+
+    def commit(self, txs: Sequence[SignedMessage], **kw) -> Proposal:
+        """Propose with the elected validator, have everyone check and vote, commit."""
+        p = self.propose(txs, **kw)
+        for c in self.chains:
+            c.check_proposal(p.block, p.txs)
+        cert = self.certify(p.block)
+        for c in self.chains:
+            c.commit(p.block, p.txs, cert)
+        return p
+
+
+def make_net(n: int = 4, *, nodes: int = 2, params: Params | None = None,
+             modes: Sequence[str] | None = None, stores: Sequence[str] | None = None) -> Net:
+    admin = KeyPair.from_seed(b"admin")
+    aggregator = KeyPair.from_seed(b"aggregator")
+    validators = [KeyPair.from_seed(f"validator-{i}".encode()) for i in range(n)]
+    registry = [T.entry_dict("aggregator", aggregator.public, roles=["aggregator"])]
+    registry += [T.entry_dict(f"house-{i}", k.public, roles=["validator", "meter"],
+                              serial=f"SN{i:04d}", mode=(modes[i] if modes else "TE"))
+                 for i, k in enumerate(validators)]
+    genesis = make_genesis(admin, registry, params=params or Params(), time=T0,
+                           allocations={aggregator.address: 1000 * MICRO, POOL: 10 * MICRO})
+    chains = [Chain.open(s, genesis=genesis) if stores else Chain(genesis)
+              for s in (stores or [None] * nodes)]
+    return Net(admin, aggregator, validators, genesis, chains)

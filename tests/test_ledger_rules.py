@@ -1,0 +1,364 @@
+"""Ledger rules: every refusal is specific and leaves the state as it was."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from ledger_net import make_net
+
+from testbed.ledger import canonical, election, messages
+from testbed.ledger import transactions as T
+from testbed.ledger.blocks import Block, merkle_root
+from testbed.ledger.contracts import check_result, execute
+from testbed.ledger.errors import Reason, Rejected
+from testbed.ledger.identity import KeyPair, escrow_tag, reveal_owner
+from testbed.ledger.messages import Freshness, SignedMessage
+from testbed.ledger.state import POOL, Params
+
+
+def forge(msg: SignedMessage, **params) -> SignedMessage:
+    """The same envelope and signature with changed parameters."""
+    return SignedMessage(msg.client_id, msg.req_id, msg.date, msg.operation,
+                         {**msg.parameters, **params}, msg.signature)
+
+
+def rejected_block(net, txs, reason: Reason) -> Rejected:
+    """Commit must fail on every node with `reason`, changing nothing."""
+    before = [c.state.digest() for c in net.chains]
+    p = net.chain.propose(net.key_of(election.proposer(net.chain.state).address), [],
+                          time=net.time + 1)
+    header = {**p.block.header, "merkle": merkle_root([m.id for m in txs]), "txs": len(txs)}
+    block = Block.create(net.key_of(header["proposer"]), header)
+    with pytest.raises(Rejected) as info:
+        net.chain.commit(block, txs, net.certify(block))
+    assert info.value.reason == reason, info.value
+    assert info.value.height == 1
+    assert [c.state.digest() for c in net.chains] == before
+    return info.value
+
+
+def test_signed_message_has_the_papers_shape_and_round_trips():
+    net = make_net()
+    k = net.validators[0]
+    msg = net.reading(k, 1.0, 2.0)
+    obj = canonical.decode(msg.raw)
+    assert set(obj) == {"clientId", "reqId", "date", "operation", "parameters", "signature"}
+    assert obj["clientId"] == k.address and obj["operation"] == "meter-reading"
+    again = messages.parse(msg.raw)
+    assert again == msg and again.id == msg.id
+    assert messages.verify(again, net.chain.state.public_key) == k.public
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"{not json", "not valid JSON"),
+    (b'{"a": 1}', "not in canonical form"),
+    (b'{"a":1}', "envelope fields"),
+    (b"[1,2]", "must be a JSON object"),
+    (b'{"x":NaN}', "not valid JSON"),
+])
+def test_malformed_envelopes_are_refused_with_the_reason(raw, expected):
+    with pytest.raises(Rejected) as info:
+        messages.parse(raw)
+    assert info.value.reason == Reason.MALFORMED
+    assert expected in str(info.value)
+
+
+def test_forged_signature_is_refused_at_admission_and_in_a_block():
+    net = make_net()
+    good = net.pay(net.aggregator, net.validators[0].address, 5)
+    forged = forge(good, amount=500)
+    with pytest.raises(Rejected) as info:
+        net.chain.admit(forged)
+    assert info.value.reason == Reason.BAD_SIGNATURE
+    rejected_block(net, [forged], Reason.BAD_SIGNATURE)
+
+
+def test_unregistered_key_is_refused():
+    net = make_net()
+    msg = net.reading(net.outsider, 1.0, 1.0)
+    with pytest.raises(Rejected) as info:
+        net.chain.admit(msg)
+    assert info.value.reason == Reason.UNKNOWN_KEY
+    rejected_block(net, [msg], Reason.UNKNOWN_KEY)
+
+
+def test_replayed_req_id_is_refused_live_and_on_chain():
+    net = make_net()
+    first = net.pay(net.aggregator, net.validators[0].address, 5, req_id="r-1")
+    net.commit([first])
+    # same reqId, different content (a new signature): still a replay
+    again = net.pay(net.aggregator, net.validators[1].address, 7, req_id="r-1", dt=2)
+    before = net.chain.state.digest()
+    p = net.propose([again])
+    assert p.txs == [] and p.dropped[0][1].reason == Reason.REPLAY
+    assert net.chain.state.digest() == before
+    fresh = Freshness(max_skew_s=60)
+    resolve = net.chain.state.public_key
+    fresh.accept(first, resolve, now=first.time)
+    with pytest.raises(Rejected) as info:
+        fresh.accept(first, resolve, now=first.time + 1)
+    assert info.value.reason == Reason.REPLAY
+
+
+def test_stale_timestamps_are_refused_live_and_on_chain():
+    net = make_net(params=Params(max_skew_s=30, max_age_s=120))
+    old = net.pay(net.aggregator, net.validators[0].address, 5, dt=-200)
+    with pytest.raises(Rejected) as info:
+        Freshness(30).accept(old, net.chain.state.public_key, now=net.time)
+    assert info.value.reason == Reason.STALE and "allowed ±30 s" in str(info.value)
+    future = net.pay(net.aggregator, net.validators[0].address, 5, dt=+100)
+    for msg in (old, future):
+        p = net.propose([msg], dt=0.5)
+        assert p.dropped[0][1].reason == Reason.STALE
+
+
+def test_wrong_proposer_is_refused():
+    net = make_net()
+    net.commit([net.reading(k, 1.0, 1.0 + i) for i, k in enumerate(net.validators)])
+    elected = election.proposer(net.chain.state).address
+    other = next(k for k in net.validators if k.address != elected)
+    with pytest.raises(Rejected) as info:
+        net.chain.propose(other, [], time=net.time + 1)
+    assert info.value.reason == Reason.WRONG_PROPOSER
+    # a block built by hand by the wrong validator, even with a full certificate
+    p = net.propose([])
+    header = {**p.block.header, "proposer": other.address,
+              "evidence": election.standing(net.chain.state, other.address).evidence()}
+    block = Block.create(other, header)
+    before = net.chain.state.digest()
+    with pytest.raises(Rejected) as info:
+        net.chain.commit(block, [], net.certify(block))
+    assert info.value.reason == Reason.WRONG_PROPOSER and info.value.height == 2
+    assert net.chain.state.digest() == before
+
+
+def test_block_without_a_valid_commit_certificate_is_refused():
+    net = make_net(4)
+    p = net.propose([net.pay(net.aggregator, net.validators[0].address, 5)])
+    before = net.chain.state.digest()
+    other = net.propose([]).block  # another block at the same height
+    bad_certs = {
+        "2 of 4 votes": net.certify(p.block, net.validators[:2]),
+        "votes for another block": net.certify(other),
+        "an outsider's vote": net.certify(p.block, [*net.validators[:2], net.outsider]),
+        "not JSON": b"garbage",
+    }
+    forged = canonical.decode(net.certify(p.block))
+    forged[0]["signature"] = "00" * 64
+    bad_certs["a forged vote"] = canonical.encode(forged)
+    for what, cert in bad_certs.items():
+        with pytest.raises(Rejected) as info:
+            net.chain.commit(p.block, p.txs, cert)
+        assert info.value.reason in (Reason.BAD_CERTIFICATE, Reason.MALFORMED), what
+        assert net.chain.state.digest() == before, what
+    net.chain.commit(p.block, p.txs, net.certify(p.block, net.validators[:3]))  # 3 > 2/3 of 4
+    assert net.chain.height == 1
+
+
+def test_overdraw_and_double_settlement_are_refused():
+    net = make_net()
+    v0 = net.validators[0]
+    p = net.propose([net.pay(v0, net.validators[1].address, 1)])  # v0 holds nothing
+    assert p.dropped[0][1].reason == Reason.OVERDRAW
+    # an award obliges the aggregator to pay v0 once
+    auction, award = open_and_award(net, "test/first-come-v1", seller=v0)
+    line = [k for k in net.chain.state.lines if k[0] == award.id]
+    assert line == [(award.id, net.aggregator.address, v0.address)]
+    due = net.chain.state.lines[line[0]][0]
+    assert due == 1_000_000  # 5 kWh x 0.20 EUR/kWh
+    pay = net.pay(net.aggregator, v0.address, due, award=award.id)
+    net.commit([pay])
+    assert net.chain.state.balance(v0.address) == due
+    twice = net.pay(net.aggregator, v0.address, due, award=award.id, dt=2)
+    p = net.propose([twice])
+    assert p.dropped[0][1].reason == Reason.DOUBLE_SPEND
+    # two spends of one balance in one block: the second overdraws
+    a = net.pay(v0, net.validators[1].address, due)
+    b = net.pay(v0, net.validators[2].address, due)
+    p = net.propose([a, b])
+    assert p.txs == [a] and p.dropped[0][1].reason == Reason.OVERDRAW
+
+
+def open_and_award(net, contract, *, seller, price=0.2, energy=5.0, claimed=None):
+    agg = net.aggregator
+    gate = int(net.time) + 10
+    req = net.sign(agg, T.AUCTION, {
+        "address": agg.address, "interval": 7, "gate": gate, "pricing": "pay-as-bid",
+        "contract": contract, "bid": {"type": "buy", "energy": {"unit": "kWh", "value": energy},
+                                      "price": {"unit": "EUR/kWh", "value": 0.3}}})
+    net.commit([req])
+    order = net.sign(seller, T.ORDER, {
+        "address": seller.address, "cpf": 0.5, "auction": req.id,
+        "bid": {"type": "sell", "energy": {"unit": "kWh", "value": energy},
+                "price": {"unit": "EUR/kWh", "value": price}}})
+    net.commit([order])
+    net.time = gate + 1
+    inputs = net.chain.state.auctions[req.id].contract_inputs()
+    result = execute(contract, inputs) if claimed is None else claimed
+    award = net.sign(agg, T.AWARD, {"auction": req.id, "contract": contract,
+                                    "orders": [order.id], "result": result})
+    net.commit([award])
+    return req, award
+
+
+def test_contract_result_must_equal_re_execution():
+    net = make_net()
+    seller = net.validators[1]
+    agg = net.aggregator
+    req, _ = open_and_award(net, "test/first-come-v1", seller=seller)
+    # a second auction whose award claims more money than the contract computes
+    gate = int(net.time) + 10
+    req2 = net.sign(agg, T.AUCTION, {
+        "address": agg.address, "interval": 8, "gate": gate, "pricing": "pay-as-bid",
+        "contract": "test/first-come-v1", "bid": {
+            "type": "buy", "energy": {"unit": "kWh", "value": 1.0},
+            "price": {"unit": "EUR/kWh", "value": 0.3}}})
+    order = net.sign(seller, T.ORDER, {
+        "address": seller.address, "cpf": 0.5, "auction": req2.id,
+        "bid": {"type": "sell", "energy": {"unit": "kWh", "value": 1.0},
+                "price": {"unit": "EUR/kWh", "value": 0.1}}})
+    net.commit([req2, order])
+    net.time = gate + 1
+    honest = execute("test/first-come-v1", net.chain.state.auctions[req2.id].contract_inputs())
+    cheat = canonical.decode(canonical.encode(honest))
+    cheat["awards"][0]["amount_eur"] = 10.0
+    bad = net.sign(agg, T.AWARD, {"auction": req2.id, "contract": "test/first-come-v1",
+                                  "orders": [order.id], "result": cheat})
+    before = net.chain.state.digest()
+    p = net.propose([bad])
+    assert p.dropped[0][1].reason == Reason.CONTRACT_MISMATCH
+    assert net.chain.state.digest() == before
+    censored = net.sign(agg, T.AWARD, {"auction": req2.id, "contract": "test/first-come-v1",
+                                       "orders": [], "result": {"awards": []}})
+    p = net.propose([censored])
+    assert p.dropped[0][1].reason == Reason.CONTRACT_MISMATCH  # every order must count
+    with pytest.raises(Rejected) as info:
+        check_result("test/first-come-v1", net.chain.state.auctions[req2.id].contract_inputs(),
+                     cheat)
+    assert info.value.reason == Reason.CONTRACT_MISMATCH
+
+
+def test_poe_election_picks_the_cpf_closest_to_one_and_rounds_rotate():
+    net = make_net(4)
+    gaps = [0.9, 0.1, 2.5, 0.4]  # |P - C| per validator
+    net.commit([net.reading(k, 1.0, 1.0 + g) for k, g in zip(net.validators, gaps,
+                                                             strict=True)])
+    order = election.ranking(net.chain.state)
+    expected = [net.validators[i].address for i in (1, 3, 0, 2)]
+    assert [s.address for s in order] == expected
+    assert order[0].cpf == pytest.approx(math.exp(-0.1))
+    assert [election.proposer(net.chain.state, r).address for r in range(5)] == [
+        *expected, expected[0]]
+    p = net.commit([])
+    assert p.block.proposer == expected[0]
+    assert p.block.header["evidence"]["cpf"] == pytest.approx(math.exp(-0.1))
+    p = net.commit([], round_=2)  # two silent proposers: the third in CPF order
+    assert p.block.proposer == expected[2] and p.block.round == 2
+
+
+def test_ties_and_validators_without_readings_break_deterministically():
+    net = make_net(4)
+    net.commit([net.reading(k, 1.0, 1.5) for k in net.validators[:2]])
+    a = [s.address for s in election.ranking(net.chain.state)]
+    assert set(a[:2]) == {k.address for k in net.validators[:2]}  # readings rank first
+    import hashlib
+    head = net.chain.state.head
+    tie = sorted(a[:2], key=lambda x: hashlib.sha256(f"{head}|{x}".encode()).hexdigest())
+    assert a[:2] == tie
+    assert [s.address for s in election.ranking(net.chains[1].state)] == a
+
+
+def test_reward_goes_to_re_proposers_from_the_pool():
+    net = make_net(2, params=Params(block_reward=250_000), modes=["RE+TE", "TE"])
+    net.commit([net.reading(net.validators[0], 1, 1), net.reading(net.validators[1], 0, 5)])
+    p = net.commit([net.pay(net.aggregator, net.validators[1].address, 1)])
+    assert p.block.proposer == net.validators[0].address
+    assert p.txs[0].operation == T.REWARD
+    assert net.chain.state.balance(net.validators[0].address) == 2 * 250_000
+    assert net.chain.state.balance(POOL) == 10_000_000 - 2 * 250_000
+
+
+def test_registry_changes_need_the_administrator_and_change_the_validator_set():
+    net = make_net(3)
+    newcomer = KeyPair.from_seed(b"newcomer")
+    entry = T.entry_dict("house-new", newcomer.public, roles=["validator", "meter"])
+    by_outsider = net.sign(net.validators[0], T.REGISTRY, {"action": "add", "entry": entry})
+    assert net.propose([by_outsider]).dropped[0][1].reason == Reason.NOT_AUTHORISED
+    net.commit([net.sign(net.admin, T.REGISTRY, {"action": "add", "entry": entry})])
+    assert newcomer.address in net.chain.state.validators()
+    assert net.chain.state.quorum() == 3  # 4 validators: more than 2/3 is 3
+    net.validators.append(newcomer)
+    p = net.commit([net.reading(newcomer, 1, 1)])
+    assert p.txs[0].client_id == newcomer.address
+    gone = net.sign(net.admin, T.REGISTRY, {"action": "remove", "address": newcomer.address})
+    net.commit([gone])
+    assert newcomer.address not in net.chain.state.validators()
+    p = net.propose([net.reading(newcomer, 1, 1, start=int(net.time) + 100)])
+    assert p.dropped[0][1].reason == Reason.UNKNOWN_KEY
+
+
+def test_pseudonyms_are_certified_by_the_registry_and_auditable():
+    net = make_net()
+    owner = net.validators[2]
+    audit_key = b"k" * 32
+    pseudo = KeyPair.from_seed(b"period-42")
+    cert = net.sign(net.admin, T.PSEUDONYM, {
+        "public_key": pseudo.public.hex(), "escrow": escrow_tag(audit_key, owner.address,
+                                                                  pseudo.address),
+        "valid_from": int(net.time), "valid_to": int(net.time) + 3600})
+    net.commit([cert])
+    agg = net.aggregator
+    req = net.sign(agg, T.AUCTION, {
+        "address": agg.address, "interval": 1, "gate": int(net.time) + 60,
+        "pricing": "pay-as-bid", "contract": "test/first-come-v1",
+        "bid": {"type": "buy", "energy": {"unit": "kWh", "value": 1.0},
+                "price": {"unit": "EUR/kWh", "value": 0.3}}})
+    order = net.sign(pseudo, T.ORDER, {
+        "address": pseudo.address, "cpf": 0.9, "auction": req.id,
+        "bid": {"type": "sell", "energy": {"unit": "kWh", "value": 1.0},
+                "price": {"unit": "EUR/kWh", "value": 0.1}}})
+    p = net.commit([req, order])
+    assert p.txs == [req, order]
+    assert owner.address not in canonical.encode(order.as_dict()).decode()
+    ps = net.chain.state.pseudonyms[pseudo.address]
+    identities = sorted(net.chain.state.identities)
+    assert reveal_owner(audit_key, pseudo.address, ps.escrow, identities) == owner.address
+    assert reveal_owner(b"x" * 32, pseudo.address, ps.escrow, identities) is None
+    net.time += 7200  # past valid_to
+    late = net.sign(pseudo, T.ORDER, {**order.parameters})
+    assert net.propose([late]).dropped[0][1].reason == Reason.UNKNOWN_KEY
+
+
+def test_a_block_with_one_bad_transaction_is_refused_whole():
+    net = make_net()
+    good = net.pay(net.aggregator, net.validators[0].address, 5)
+    bad = net.pay(net.validators[1], net.validators[0].address, 5)  # overdraws
+    err = rejected_block(net, [good, bad], Reason.OVERDRAW)
+    assert err.tx == bad.id
+    assert net.chain.state.balance(net.validators[0].address) == 0
+
+
+def test_readings_are_certified_by_their_own_meter_only():
+    net = make_net()
+    a, b = net.validators[:2]
+    other = net.sign(a, T.READING, {"meter": b.address, "start": int(net.time) - 60,
+                                    "duration_s": 60, "production_kwh": 1.0,
+                                    "consumption_kwh": 1.0})
+    assert net.propose([other]).dropped[0][1].reason == Reason.NOT_AUTHORISED
+    net.commit([net.reading(a, 1, 1)])
+    overlap = net.reading(a, 1, 1, start=int(net.time) - 90)
+    assert net.propose([overlap]).dropped[0][1].reason == Reason.INVALID
+    negative = net.reading(a, -1, 1, start=int(net.time))
+    with pytest.raises(Rejected) as info:
+        net.chain.admit(negative)
+    assert info.value.reason == Reason.MALFORMED
+    assert "parameters.production_kwh" in str(info.value)
+
+
+def test_merkle_root_depends_on_every_id_and_their_order():
+    ids = [canonical.sha256_hex(bytes([i])) for i in range(5)]
+    roots = {merkle_root(ids[:n]) for n in range(6)}
+    assert len(roots) == 6
+    assert merkle_root(ids) != merkle_root([ids[1], ids[0], *ids[2:]])
+    assert merkle_root(ids[:3]) != merkle_root([*ids[:3], ids[2]])  # no duplication trick

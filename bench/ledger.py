@@ -1,0 +1,254 @@
+"""Ledger benchmark: committed signed transactions per second, and block commit latency.
+
+Run:  python bench/ledger.py [--txs N] [--block B] [--validators 4,16,64] [--quick]
+                             [--broker mosquitto|embedded] [--json PATH]
+
+1. Ceiling: raw Ed25519 verifications per second (cryptography/OpenSSL), one core, in
+   this run. Every committed transaction costs at least one verification per node.
+2. Throughput with full checks, one validator's work: N pre-signed transactions (payments
+   and certified meter readings from registered keys; signing is the clients' work and is
+   done before the clock starts) go through what a node does to each: strict parse of the
+   canonical bytes, shape check, signature verification, freshness (stale/replay) check,
+   then blocks of B transactions are proposed (every rule applied), checked with a 4-vote
+   commit certificate (4 signature checks per block) and committed to the SQLite (WAL)
+   store. Figure: committed tx/s, and its ratio to the raw verify rate (the ceiling).
+   Every validator does this same work on its own machine, so this is the network's rate;
+   `--inproc-validators V` also runs V full validators in this one process (V times the
+   work on these 2 cores) for comparison.
+3. Commit latency for 4, 16 and 64 validators, each a `LedgerNode` with its own store and
+   MQTT connection to a real broker (Mosquitto when installed, else embedded amqtt), all in
+   this one process: time from the proposer publishing a block to the last node
+   committing it (proposal check + one signed vote per validator + certificate), median
+   and p90 over blocks of 50 transactions. All nodes share two cores, so this is an upper
+   bound of what separate hosts would see.
+
+Output: rich tables and, as the last line, one JSON object (also written to --json PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from testbed.ledger import messages  # noqa: E402
+from testbed.ledger import transactions as T  # noqa: E402
+from testbed.ledger.blocks import Vote, encode_certificate  # noqa: E402
+from testbed.ledger.chain import Chain, make_genesis  # noqa: E402
+from testbed.ledger.identity import KeyPair  # noqa: E402
+from testbed.ledger.messages import Freshness  # noqa: E402
+from testbed.ledger.state import MICRO, Params  # noqa: E402
+
+console = Console(stderr=True)
+TARGET_TPS = 5000
+
+
+def raw_verify_rate(n: int) -> float:
+    k = KeyPair.generate()
+    pub = k.private.public_key()
+    data = os.urandom(300)
+    sig = k.sign(data)
+    t = time.perf_counter()
+    for _ in range(n):
+        pub.verify(sig, data)
+    return n / (time.perf_counter() - t)
+
+
+def make_chain(n_validators: int, store: Path | None):
+    admin = KeyPair.from_seed(b"bench-admin")
+    agg = KeyPair.from_seed(b"bench-aggregator")
+    vals = [KeyPair.from_seed(f"bench-v{i}".encode()) for i in range(n_validators)]
+    reg = [T.entry_dict("aggregator", agg.public, roles=["aggregator"])]
+    reg += [T.entry_dict(f"house-{i}", k.public, roles=["validator", "meter"])
+            for i, k in enumerate(vals)]
+    t0 = time.time() - 10
+    g = make_genesis(admin, reg, allocations={agg.address: 10**9 * MICRO}, time=t0,
+                     params=Params(max_block_txs=100_000))
+    chain = Chain.open(store, genesis=g) if store else Chain(g)
+    return g, chain, agg, vals
+
+
+def presign(agg: KeyPair, vals: list[KeyPair], n: int) -> list[bytes]:
+    now = time.time()
+    out = []
+    for i in range(n):
+        if i % 4 == 3:  # a certified reading, one interval further each time per meter
+            k = vals[i % len(vals)]
+            start = int(now) - 86_400 + 60 * (i // len(vals))
+            msg = messages.sign(k, T.READING, {"meter": k.address, "start": start,
+                                               "duration_s": 60, "production_kwh": 0.1,
+                                               "consumption_kwh": 0.12}, at=now)
+        else:
+            msg = messages.sign(agg, T.PAYMENT, {"to": vals[i % len(vals)].address,
+                                                 "amount": 1 + i % 1000, "award": None,
+                                                 "memo": "bench"}, at=now)
+        out.append(msg.raw)
+    return out
+
+
+def throughput(n_txs: int, block: int, tmp: Path, validators_inproc: int = 1) -> dict:
+    g, chain, agg, vals = make_chain(4, tmp / "node0.db")
+    extra = [Chain.open(tmp / f"node{i}.db", genesis=g) for i in range(1, validators_inproc)]
+    raws = presign(agg, vals, n_txs)
+    by_addr = {k.address: k for k in vals}
+    fresh = [Freshness(600) for _ in range(validators_inproc)]
+    t = time.perf_counter()
+    committed = 0
+    for start in range(0, len(raws), block):
+        batch = []
+        now = time.time()
+        for node, c in enumerate([chain, *extra]):
+            msgs = []
+            for raw in raws[start:start + block]:
+                m = messages.parse(raw)
+                fresh[node].check(m, now)
+                c.admit(m)
+                fresh[node].remember(m, now)
+                msgs.append(m)
+            if node == 0:
+                batch = msgs
+        from testbed.ledger import election
+        proposer = by_addr[election.proposer(chain.state).address]
+        p = chain.propose(proposer, batch, time=time.time())
+        assert not p.dropped, p.dropped[:1]
+        cert = encode_certificate([Vote.cast(k, chain.id, p.block.height, p.block.hash)
+                                   for k in vals])
+        for c in [chain, *extra]:
+            c.check_proposal(p.block, p.txs)
+            c.commit(p.block, p.txs, cert)
+        committed += len(p.txs)
+    elapsed = time.perf_counter() - t
+    for c in [chain, *extra]:
+        c.store.close()
+    return {"txs": committed, "seconds": elapsed, "tps": committed / elapsed,
+            "blocks": chain.height, "validators_in_process": validators_inproc}
+
+
+async def commit_latency(n_validators: int, blocks: int, broker_kind: str, tmp: Path) -> dict:
+    from testbed.bus.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
+    from testbed.bus.client import BusClient
+    from testbed.ledger.node import LedgerNode
+
+    g, _, agg, vals = make_chain(n_validators, None)
+    use_mosquitto = broker_kind == "mosquitto" and find_mosquitto() is not None
+    broker = MosquittoBroker() if use_mosquitto else EmbeddedBroker()
+    async with broker:
+        nodes = []
+        for i, k in enumerate(vals):
+            bus = BusClient(broker.url, client_id=f"bench-{n_validators}-{i}")
+            await bus.connect()
+            node = LedgerNode(f"v{i}", k, Chain.open(tmp / f"lat{n_validators}-{i}.db",
+                                                     genesis=g),
+                              bus, "bench", block_interval_s=0.0)
+            await node.start()
+            nodes.append(node)
+        client = BusClient(broker.url)
+        await client.connect()
+        from testbed.bus import topics
+        lat = []
+        for b in range(blocks):
+            now = time.time()
+            for j in range(50):
+                msg = messages.sign(agg, T.PAYMENT, {"to": vals[j % len(vals)].address,
+                                                     "amount": 1, "award": None,
+                                                     "memo": f"{b}-{j}"}, at=now)
+                await client.publish(topics.ledger_tx("bench"), msg.raw)
+            target = b + 1
+            deadline = time.monotonic() + 60
+            while any(n.chain.height < target for n in nodes):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{n_validators} validators: block {target} did not "
+                                       "commit within 60 s")
+                await asyncio.sleep(0.002)
+            proposer = max(nodes, key=lambda n: n.stats.last_proposal_at)
+            lat.append(max(n.stats.last_commit_at for n in nodes)
+                       - proposer.stats.last_proposal_at)
+            # let stragglers drain so the next block starts clean
+            while any(n.mempool for n in nodes):
+                await asyncio.sleep(0.01)
+        await client.close()
+        for n in nodes:
+            await n.stop()
+            await n.bus.close()
+            n.chain.store.close()
+    lat.sort()
+    return {"validators": n_validators, "blocks": blocks,
+            "broker": "mosquitto" if use_mosquitto else "embedded-amqtt",
+            "median_ms": 1000 * statistics.median(lat),
+            "p90_ms": 1000 * lat[min(len(lat) - 1, int(0.9 * len(lat)))]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--txs", type=int, default=50_000)
+    ap.add_argument("--block", type=int, default=1000)
+    ap.add_argument("--validators", default="4,16,64")
+    ap.add_argument("--latency-blocks", type=int, default=10)
+    ap.add_argument("--inproc-validators", type=int, default=4)
+    ap.add_argument("--broker", choices=("mosquitto", "embedded"), default="mosquitto")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (< 20 s)")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    if args.quick:
+        args.txs, args.validators, args.latency_blocks = 4000, "4", 3
+    logging.basicConfig(level=logging.ERROR)
+    figures: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        console.print("raw Ed25519 verify rate …")
+        figures["raw_verify_per_s"] = raw_verify_rate(20_000 if not args.quick else 5000)
+        console.print(f"committed tx/s with full checks ({args.txs} txs, blocks of "
+                      f"{args.block}) …")
+        tp = throughput(args.txs, args.block, tmp)
+        tp["ratio_to_raw_verify"] = tp["tps"] / figures["raw_verify_per_s"]
+        figures["throughput"] = tp
+        if args.inproc_validators > 1:
+            (tmp / "inproc").mkdir()
+            n = max(2000, args.txs // 5)
+            figures["throughput_inproc"] = throughput(n, args.block, tmp / "inproc",
+                                                      args.inproc_validators)
+        figures["latency"] = []
+        for v in [int(x) for x in args.validators.split(",") if x]:
+            console.print(f"commit latency, {v} validators over {args.broker} …")
+            (tmp / f"v{v}").mkdir()
+            figures["latency"].append(asyncio.run(commit_latency(v, args.latency_blocks,
+                                                                 args.broker, tmp / f"v{v}")))
+    t = Table(title="ledger throughput (one validator's work per transaction)")
+    for col in ("figure", "value", "target"):
+        t.add_column(col)
+    t.add_row("raw Ed25519 verify /s (ceiling)", f"{figures['raw_verify_per_s']:,.0f}", "")
+    t.add_row("committed signed tx/s, full checks", f"{tp['tps']:,.0f}",
+              f">= {TARGET_TPS:,} {'ok' if tp['tps'] >= TARGET_TPS else 'MISSED'}")
+    t.add_row("ratio to raw verify", f"{tp['ratio_to_raw_verify']:.2f}", "")
+    if "throughput_inproc" in figures:
+        ti = figures["throughput_inproc"]
+        t.add_row(f"tx/s with {ti['validators_in_process']} validators in this process",
+                  f"{ti['tps']:,.0f}", "(all share 2 cores)")
+    Console().print(t)
+    lt = Table(title="block commit latency (proposal -> last node committed, 50 tx/block)")
+    for col in ("validators", "broker", "median ms", "p90 ms"):
+        lt.add_column(col)
+    for row in figures["latency"]:
+        lt.add_row(str(row["validators"]), row["broker"], f"{row['median_ms']:.1f}",
+                   f"{row['p90_ms']:.1f}")
+    Console().print(lt)
+    print(json.dumps(figures, separators=(",", ":")), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -362,3 +362,37 @@ def test_merkle_root_depends_on_every_id_and_their_order():
     assert len(roots) == 6
     assert merkle_root(ids) != merkle_root([ids[1], ids[0], *ids[2:]])
     assert merkle_root(ids[:3]) != merkle_root([*ids[:3], ids[2]])  # no duplication trick
+
+
+def test_the_markets_merit_order_auction_runs_as_a_contract():
+    """Two sellers answer an aggregator bid; validators re-execute the clearing and the
+    award obliges the aggregator to pay each winner exactly the cleared amount once."""
+    from testbed.market.auction import CONTRACT
+    net = make_net(3)
+    agg = net.aggregator
+    gate = int(net.time) + 10
+    req = net.sign(agg, T.AUCTION, {
+        "address": agg.address, "interval": 3, "gate": gate, "pricing": "pay-as-bid",
+        "contract": CONTRACT, "bid": {"type": "buy", "energy": {"unit": "kWh", "value": 3.0},
+                                      "price": {"unit": "EUR/kWh", "value": 0.25}}})
+    net.commit([req])
+    offers = [(net.validators[0], 2.0, 0.20), (net.validators[1], 2.0, 0.10),
+              (net.validators[2], 5.0, 0.30)]  # the last is above the aggregator's price
+    orders = [net.sign(k, T.ORDER, {
+        "address": k.address, "cpf": 0.5, "auction": req.id,
+        "bid": {"type": "sell", "energy": {"unit": "kWh", "value": e},
+                "price": {"unit": "EUR/kWh", "value": p}}}) for k, e, p in offers]
+    assert not net.commit(orders).dropped
+    net.time = gate + 1
+    result = execute(CONTRACT, net.chain.state.auctions[req.id].contract_inputs())
+    assert result["outcome"] == "exact"
+    assert [(a["address"], a["energy_kwh"]) for a in result["awards"]] == [
+        (net.validators[1].address, 2.0), (net.validators[0].address, 1.0)]
+    statuses = {n["address"]: n["status"] for n in result["notices"]}
+    assert statuses[net.validators[2].address] == "rejected"
+    award = net.sign(agg, T.AWARD, {"auction": req.id, "contract": CONTRACT,
+                                    "orders": [o.id for o in orders], "result": result})
+    assert not net.commit([award]).dropped
+    lines = {k[2]: v for k, v in net.chain.state.lines.items() if k[0] == award.id}
+    assert lines == {net.validators[1].address: (200_000, False),
+                     net.validators[0].address: (200_000, False)}

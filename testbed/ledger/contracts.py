@@ -86,7 +86,4 @@ def _load_builtin() -> None:
     global _builtin_loaded
     if not _builtin_loaded:
         _builtin_loaded = True
-        try:
-            import testbed.ledger.auction_contract  # noqa: F401
-        except ImportError:  # pragma: no cover - market not installed
-            pass
+        import testbed.ledger.auction_contract  # noqa: F401

@@ -1,0 +1,19 @@
+"""The market's merit-order auction, registered as a ledger contract.
+
+The ledger hands the contract the auction request and every order committed for it (see
+`state.Auction.contract_inputs`); the market module does the clearing. Pricing names on
+the ledger are the paper-style `pay-as-bid` / `pay-as-clear`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from testbed.ledger.contracts import contract
+from testbed.market.auction import CONTRACT, clear_dict
+
+
+@contract(CONTRACT)
+def merit_order(inputs: dict[str, Any]) -> dict[str, Any]:
+    return clear_dict({"request": inputs["request"], "orders": inputs["orders"],
+                       "pricing": str(inputs["pricing"]).replace("-", "_")})

@@ -1,0 +1,264 @@
+"""The market on the message bus: the aggregator and the prosumers' TCRs as agents.
+
+Every market message is a signed ledger transaction in the paper's envelope (one
+implementation: `testbed.ledger.messages`), so what travels on MQTT can be committed to
+the ledger unchanged:
+
+- the aggregator's request is an `auction-open` transaction on `market/{i}/request`;
+- a TCR's answer is a `bid-offer` transaction on `market/{i}/orders`, from its address
+  (a registry-certified pseudonym on public channels, or its identity);
+- the clearing is an `award` transaction on `market/{i}/awards` carrying the auction
+  contract's result, with a notice for every participant, losers included.
+
+Each receiver checks, in this order: JSON envelope, registered key, signature, freshness
+(stale date, replayed reqId), operation shape, then the market rules (`validate_order`).
+A refused message is logged with its reason and dropped; the round goes on for everyone
+else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time as _time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from testbed.bus import topics
+from testbed.bus.client import BusClient, BusMessage
+from testbed.devices.models import BatteryParams, BatteryState
+from testbed.ledger import messages
+from testbed.ledger import transactions as T
+from testbed.ledger.errors import Reason, Rejected
+from testbed.ledger.identity import KeyPair
+from testbed.ledger.messages import Freshness, KeyResolver, SignedMessage
+
+from .auction import CONTRACT, Clearing, clear
+from .orders import DEFAULT_RULES, MarketError, MarketRules, Order, Pricing, Side, validate_order
+from .tcr import Mode, TCRParams, respond
+
+log = logging.getLogger("testbed.market")
+PRICING_NAMES = {Pricing.PAY_AS_BID: "pay-as-bid", Pricing.PAY_AS_CLEAR: "pay-as-clear"}
+
+
+def _bid(side: Side | str, energy_kwh: float, price: float) -> dict[str, Any]:
+    return {"type": str(side), "energy": {"unit": "kWh", "value": energy_kwh},
+            "price": {"unit": "EUR/kWh", "value": price}}
+
+
+@dataclass
+class Inbox:
+    """Checks incoming market messages; keeps what it refused and why."""
+
+    resolve: KeyResolver
+    clock: Callable[[], float]
+    max_skew_s: float = 300.0
+    refused: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.fresh = Freshness(self.max_skew_s)
+
+    def accept(self, m: BusMessage, operation: str) -> SignedMessage | None:
+        try:
+            msg = messages.parse(m.payload)
+            self.fresh.accept(msg, self.resolve, self.clock())
+            if msg.operation != operation:
+                raise Rejected(Reason.INVALID, f"expected {operation}, got {msg.operation}")
+            T.check_shape(msg.operation, msg.parameters)
+        except Rejected as exc:
+            self.refuse(m.topic, str(exc))
+            return None
+        return msg
+
+    def refuse(self, where: str, reason: str) -> None:
+        text = f"{where}: {reason}"
+        log.warning("refused %s", text)
+        self.refused.append(text)
+
+
+@dataclass
+class Round:
+    """One auction as the aggregator saw it."""
+
+    request: SignedMessage
+    orders: list[SignedMessage]
+    clearing: Clearing
+    award: SignedMessage
+
+
+class AggregatorAgent:
+    def __init__(self, key: KeyPair, bus: BusClient, site: str, *, resolve: KeyResolver,
+                 rules: MarketRules = DEFAULT_RULES, clock: Callable[[], float] = _time.time,
+                 submit: Callable[[SignedMessage], Any] | None = None) -> None:
+        self.key, self.bus, self.site, self.rules, self.clock = key, bus, site, rules, clock
+        self.inbox = Inbox(resolve, clock)
+        self.submit = submit
+        """Also hand every message to the ledger (e.g. `LedgerNode.submit`)."""
+
+    async def _record(self, msg: SignedMessage) -> None:
+        if self.submit is not None:
+            result = self.submit(msg)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def auction(self, side: Side, energy_kwh: float, price: float, interval: int, *,
+                      gate_s: float = 1.0, pricing: Pricing | None = None) -> Round:
+        """Publish a request, collect answers until the gate closes, clear and publish."""
+        pricing = pricing or self.rules.pricing
+        now = self.clock()
+        request = messages.sign(self.key, T.AUCTION, {
+            "address": self.key.address, "interval": interval, "gate": math.ceil(now + gate_s),
+            "pricing": PRICING_NAMES[pricing], "contract": CONTRACT,
+            "bid": _bid(side, energy_kwh, price)}, at=now)
+        req_order = Order(request.id, self.key.address, side, energy_kwh, price, interval)
+        validate_order(req_order, self.rules)
+        received: list[SignedMessage] = []
+        seen: set[str] = set()
+        async with await self.bus.subscribe(topics.market_orders(self.site, interval)) as sub:
+            await self._record(request)
+            await self.bus.publish(topics.market_request(self.site, interval), request.raw)
+            deadline = asyncio.get_running_loop().time() + gate_s
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                try:
+                    m = await sub.get(timeout=left)
+                except (TimeoutError, asyncio.TimeoutError):
+                    break
+                msg = self.inbox.accept(m, T.ORDER)
+                if msg is None:
+                    continue
+                p = msg.parameters
+                if p["auction"] != request.id:
+                    self.inbox.refuse(m.topic, f"order {msg.id[:12]} answers another auction")
+                    continue
+                if p["address"] != msg.client_id or msg.client_id in seen:
+                    self.inbox.refuse(m.topic, f"order {msg.id[:12]}: address must be the "
+                                      "signer's, one order per participant")
+                    continue
+                try:
+                    validate_order(self._order(msg, interval), self.rules)
+                except MarketError as exc:
+                    self.inbox.refuse(m.topic, f"order {msg.id[:12]} from {msg.client_id}: "
+                                      f"{exc}")
+                    continue
+                seen.add(msg.client_id)
+                received.append(msg)
+                await self._record(msg)
+        clearing = clear(req_order, [self._order(m, interval) for m in received], pricing,
+                         rules=self.rules)
+        award = messages.sign(self.key, T.AWARD, {
+            "auction": request.id, "contract": CONTRACT, "orders": [m.id for m in received],
+            "result": clearing.to_dict()}, at=self.clock())
+        await self._record(award)
+        await self.bus.publish(topics.market_awards(self.site, interval), award.raw)
+        return Round(request, received, clearing, award)
+
+    @staticmethod
+    def _order(msg: SignedMessage, interval: int) -> Order:
+        b = msg.parameters["bid"]
+        return Order(msg.id, msg.client_id, Side(b["type"]), float(b["energy"]["value"]),
+                     float(b["price"]["value"]), interval)
+
+
+@dataclass
+class Answer:
+    request: SignedMessage
+    order: SignedMessage | None
+    notice: dict[str, Any] | None = None
+    award: dict[str, Any] | None = None
+
+
+class TCRAgent:
+    """A prosumer's transactive controller on the bus.
+
+    `battery` returns the battery's current state (from its driver reading); `on_award`
+    receives (awarded kWh, side, interval) to turn into a setpoint.
+    """
+
+    def __init__(self, key: KeyPair, bus: BusClient, site: str, *, resolve: KeyResolver,
+                 is_aggregator: Callable[[str], bool], params: TCRParams,
+                 battery_params: BatteryParams, battery: Callable[[], BatteryState | float],
+                 mode: Mode = Mode.TE, rules: MarketRules = DEFAULT_RULES,
+                 clock: Callable[[], float] = _time.time,
+                 on_award: Callable[[float, Side, int], Any] | None = None) -> None:
+        self.key, self.bus, self.site = key, bus, site
+        self.params, self.battery_params, self.battery = params, battery_params, battery
+        self.mode, self.rules, self.clock = mode, rules, clock
+        self.is_aggregator = is_aggregator
+        self.inbox = Inbox(resolve, clock)
+        self.on_award = on_award
+        self.cpf = 0.0
+        """exp(-|P - C|) of the last metered interval; set by `observe`."""
+        self.answers: dict[str, Answer] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.awarded = asyncio.Event()
+
+    def observe(self, production_kwh: float, consumption_kwh: float) -> None:
+        self.cpf = math.exp(-abs(production_kwh - consumption_kwh))
+
+    async def start(self) -> None:
+        for kind, fn in (("request", self._on_request), ("awards", self._on_award)):
+            sub = await self.bus.subscribe(topics.market_filter(self.site, kind))
+            self._tasks.append(asyncio.create_task(self._pump(sub, fn)))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+
+    async def _pump(self, sub: Any, fn: Callable[[BusMessage], Any]) -> None:
+        async for m in sub:
+            try:
+                await fn(m)
+            except Exception:  # one bad message must not stop the controller
+                log.exception("TCR %s: handling %s", self.key.address, m.topic)
+
+    async def _on_request(self, m: BusMessage) -> None:
+        msg = self.inbox.accept(m, T.AUCTION)
+        if msg is None:
+            return
+        if not self.is_aggregator(msg.client_id):
+            self.inbox.refuse(m.topic, f"request from {msg.client_id}, not the aggregator")
+            return
+        p = msg.parameters
+        b = p["bid"]
+        request = Order(msg.id, msg.client_id, Side(b["type"]), float(b["energy"]["value"]),
+                        float(b["price"]["value"]), p["interval"])
+        mine = respond(request, self.params, self.battery_params, self.battery(), self.mode,
+                       address=self.key.address, rules=self.rules)
+        answer = Answer(msg, None)
+        self.answers[msg.id] = answer
+        if mine is None:
+            return
+        order = messages.sign(self.key, T.ORDER, {
+            "address": self.key.address, "cpf": round(self.cpf, 6), "auction": msg.id,
+            "bid": _bid(mine.side, mine.energy_kwh, mine.price)}, at=self.clock())
+        answer.order = order
+        await self.bus.publish(topics.market_orders(self.site, p["interval"]), order.raw)
+
+    async def _on_award(self, m: BusMessage) -> None:
+        msg = self.inbox.accept(m, T.AWARD)
+        if msg is None:
+            return
+        answer = self.answers.get(msg.parameters["auction"])
+        if answer is None or answer.order is None:
+            return
+        if msg.client_id != answer.request.client_id:
+            self.inbox.refuse(m.topic, "award not signed by the auction's aggregator")
+            return
+        result = msg.parameters["result"]
+        oid = answer.order.id
+        answer.notice = next((n for n in result.get("notices", []) if n["order_id"] == oid),
+                             None)
+        answer.award = next((a for a in result.get("awards", []) if a["order_id"] == oid),
+                            None)
+        if answer.award is not None and self.on_award is not None:
+            res = self.on_award(float(answer.award["energy_kwh"]), Side(answer.award["side"]),
+                                answer.request.parameters["interval"])
+            if asyncio.iscoroutine(res):
+                await res
+        self.awarded.set()

@@ -242,3 +242,6 @@ async def test_a_silent_proposer_is_replaced_by_the_next_in_cpf_order(tmp_path):
     second = Block.parse(s.block(2).raw)
     assert second.round == 1 and second.proposer == layout.key(names[1]).address
     assert chain.state.balance(layout.key(names[1]).address) == 5
+    silent_address = layout.key(silent).address
+    proposers = {Block.parse(s.block(h).raw).proposer for h in range(1, chain.height + 1)}
+    assert silent_address not in proposers

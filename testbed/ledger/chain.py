@@ -22,7 +22,6 @@ from testbed.ledger.blocks import (
     Block,
     Vote,
     check_certificate,
-    encode_certificate,
     merkle_root,
 )
 from testbed.ledger.errors import Reason, Rejected

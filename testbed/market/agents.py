@@ -124,7 +124,7 @@ class AggregatorAgent:
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
                 try:
                     m = await sub.get(timeout=left)
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     break
                 msg = self.inbox.accept(m, T.ORDER)
                 if msg is None:

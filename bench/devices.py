@@ -1,6 +1,14 @@
 """Device-polling benchmark: how many emulated SunSpec devices one poller reads at 1 Hz.
 
-Run:  python bench/devices.py [--max-devices N] [--rounds R] [--quick] [--json PATH] [--check]
+Run:  python bench/devices.py [--protocol modbus|opcua] [--max-devices N] [--rounds R] [--quick]
+                              [--json PATH] [--check]
+
+OPC UA mode (`--protocol opcua`): the same setup with `OpcUaEmulatorServer` (one server
+per 240 devices, SignAndEncrypt Basic256Sha256 with username/password, certificates made
+in a temporary folder) and `OpcUaDevice` (one session per server, one Read request per
+device read). The bare side is an asyncua `Client` per server with the same security,
+calling `client.read_values(nodes)` on the same variables. Figures are also given in
+values per second (variables read), since an OPC UA read carries a device's values by name.
 
 Setup
     A separate *server process* (multiprocessing, spawn) hosts the emulated devices, so
@@ -55,22 +63,35 @@ import platform
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
+import asyncua
 import pymodbus
+from asyncua import Client as UaClient
+from asyncua import ua
 from pymodbus.client import AsyncModbusTcpClient
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from testbed.devices.driver import DeviceError
+from testbed.devices.driver import MEASUREMENTS, DeviceError
 from testbed.devices.emulator import EmulatedDevice, EmulatedSite, prosumer_params
 from testbed.devices.modbus import ModbusEmulatorServer, ModbusLink, SunSpecDevice
 from testbed.devices.models import BatteryParams, LoadParams, MeterParams, PVParams
+from testbed.devices.opcua import POLICIES as OPCUA_POLICIES
+from testbed.devices.opcua import (
+    OpcUaDevice,
+    OpcUaEmulatorServer,
+    OpcUaLink,
+    OpcUaSecurity,
+    make_certificates,
+)
 
 HOST = "127.0.0.1"
 UNITS_PER_PORT = 240
@@ -134,6 +155,7 @@ class Hosted:
     port: int
     unit: int
     kind: str
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,12 +164,19 @@ class ServerInfo:
     hosted: list[Hosted]
 
 
-def _server_main(n_devices: int, conn: Connection) -> None:
+def bench_security(certs: str | None) -> OpcUaSecurity:
+    return OpcUaSecurity(Path(certs) if certs else None, username="bench", password="bench-pw",
+                         accounts={"bench": "bench-pw"})
+
+
+def _server_main(n_devices: int, conn: Connection, protocol: str = "modbus",
+                 certs: str | None = None) -> None:
     """Entry point of the server process: host `n_devices`, report ports, serve until told."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
     try:
-        asyncio.run(_serve(n_devices, conn))
+        asyncio.run(_serve(n_devices, conn, protocol, certs))
     except Exception as exc:  # report startup failures instead of dying silently
         with contextlib.suppress(OSError):
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
@@ -172,16 +201,22 @@ def build_site(n_devices: int) -> tuple[EmulatedSite, list[dict[int, EmulatedDev
     return site, per_port
 
 
-async def _serve(n_devices: int, conn: Connection) -> None:
+async def _serve(n_devices: int, conn: Connection, protocol: str = "modbus",
+                 certs: str | None = None) -> None:
     site, per_port = build_site(n_devices)
-    servers = [ModbusEmulatorServer(HOST, 0, devices) for devices in per_port]
+    servers: list[Any]
+    if protocol == "opcua":
+        servers = [OpcUaEmulatorServer(HOST, 0, {d.name: d for d in devices.values()},
+                                       bench_security(certs)) for devices in per_port]
+    else:
+        servers = [ModbusEmulatorServer(HOST, 0, devices) for devices in per_port]
     stop = asyncio.Event()
     clock = asyncio.create_task(site.run(tick_s=PERIOD_S, stop=stop))
     try:
         hosted = []
-        for server in servers:
+        for server, devices in zip(servers, per_port, strict=True):
             port = await server.start()
-            hosted += [(port, unit, dev.kind) for unit, dev in server.devices.items()]
+            hosted += [(port, unit, dev.kind, dev.name) for unit, dev in devices.items()]
         conn.send({"hosted": hosted, "pid": os.getpid()})
         # Block (in a thread) until the parent says stop or goes away (EOF).
         with contextlib.suppress(EOFError, OSError):
@@ -194,11 +229,12 @@ async def _serve(n_devices: int, conn: Connection) -> None:
 
 
 @contextlib.contextmanager
-def device_server(n_devices: int, timeout_s: float = 300.0) -> Iterator[ServerInfo]:
+def device_server(n_devices: int, timeout_s: float = 300.0, protocol: str = "modbus",
+                  certs: str | None = None) -> Iterator[ServerInfo]:
     """Start the server process, yield what it hosts, and always stop it again."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_server_main, args=(n_devices, child),
+    proc = ctx.Process(target=_server_main, args=(n_devices, child, protocol, certs),
                        name="bench-device-server", daemon=True)
     proc.start()
     child.close()
@@ -252,25 +288,33 @@ def select(hosted: Sequence[Hosted], n: int) -> list[list[Hosted]]:
 
 @dataclass
 class Poller:
-    """Our driver: one ModbusLink per port, one discovered SunSpecDevice per device."""
+    """Our driver: one ModbusLink (or OPC UA session) per port, one discovered device each."""
 
-    links: dict[int, ModbusLink] = field(default_factory=dict)
-    devices: dict[tuple[int, int], SunSpecDevice] = field(default_factory=dict)
+    protocol: str = "modbus"
+    security: OpcUaSecurity | None = None
+    links: dict[int, Any] = field(default_factory=dict)
+    devices: dict[tuple[int, int], Any] = field(default_factory=dict)
 
     async def discover(self, hosted: Sequence[Hosted]) -> float:
-        """SunSpec discovery of every hosted device (links concurrently); returns seconds."""
-        per_link: dict[int, list[SunSpecDevice]] = {}
+        """Discovery of every hosted device (links concurrently); returns seconds."""
+        per_link: dict[int, list[Any]] = {}
         for h in hosted:
-            link = self.links.setdefault(h.port, ModbusLink(HOST, h.port, timeout_s=1.0))
-            dev = SunSpecDevice(f"{h.kind}-{h.port}-{h.unit}", link, h.unit)
+            dev: Any
+            if self.protocol == "opcua":
+                assert self.security is not None
+                link = self.links.setdefault(h.port, OpcUaLink(HOST, h.port, self.security, timeout_s=2.0))
+                dev = OpcUaDevice(h.name, link, h.kind)
+            else:
+                link = self.links.setdefault(h.port, ModbusLink(HOST, h.port, timeout_s=1.0))
+                dev = SunSpecDevice(f"{h.kind}-{h.port}-{h.unit}", link, h.unit)
             self.devices[(h.port, h.unit)] = dev
             per_link.setdefault(h.port, []).append(dev)
         t0 = time.perf_counter()
-        with Progress(TextColumn("SunSpec discovery"), BarColumn(), MofNCompleteColumn(),
+        with Progress(TextColumn(f"{self.protocol} discovery"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task("discovery", total=len(hosted))
 
-            async def one_link(devices: list[SunSpecDevice]) -> None:
+            async def one_link(devices: list[Any]) -> None:
                 for dev in devices:
                     await dev.connect()
                     progress.advance(task)
@@ -281,14 +325,24 @@ class Poller:
     def groups(self, selection: list[list[Hosted]]) -> list[list[SunSpecDevice]]:
         return [[self.devices[(h.port, h.unit)] for h in group] for group in selection]
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for link in self.links.values():
-            link.close()
+            if isinstance(link, OpcUaLink):
+                await link.aclose()
+            else:
+                link.close()
 
 
-def requests_per_read(dev: SunSpecDevice) -> int:
-    """Modbus requests one `read()` costs: the driver's read plan."""
-    return len(dev._reads)
+def requests_per_read(dev: Any) -> int:
+    """Requests one `read()` costs: the Modbus driver's read plan; one Read in OPC UA."""
+    return len(dev._reads) if isinstance(dev, SunSpecDevice) else 1
+
+
+def values_per_read(dev: Any) -> int:
+    """Values one `read()` returns (OPC UA: variables in its Read request)."""
+    if isinstance(dev, OpcUaDevice):
+        return len(dev._points)
+    return len(MEASUREMENTS[dev.kind]) if dev.kind else 0
 
 
 # --------------------------------------------------------------------------- 1 Hz rounds
@@ -457,6 +511,40 @@ def bare_loops(clients: list[AsyncModbusTcpClient], groups: list[list[SunSpecDev
     return [lambda end, c=c, p=p: one(c, p, end) for c, p in zip(clients, plans, strict=True)]
 
 
+def bare_opcua_loops(clients: list[UaClient], groups: list[list[OpcUaDevice]]) -> list[Loop]:
+    """The same variables, read with asyncua directly: `client.read_values(nodes)` per device."""
+    async def one(client: UaClient, plans: list[list[Any]], end: float) -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        reqs = errors = 0
+        while loop.time() < end:
+            for nodes in plans:
+                values = await client.read_values(nodes)
+                errors += values[0] is None
+                reqs += 1
+                if loop.time() >= end:
+                    break
+        return reqs, errors
+    plans = [[[c.get_node(r.NodeId) for r in d._params.NodesToRead] for d in g]
+             for c, g in zip(clients, groups, strict=True)]
+    return [lambda end, c=c, p=p: one(c, p, end) for c, p in zip(clients, plans, strict=True)]
+
+
+async def bare_opcua_client(link: OpcUaLink) -> UaClient:
+    """A plain asyncua client with the driver's security and login."""
+    sec = link.security
+    client = UaClient(link.url, timeout=2.0)
+    client.session_timeout = 60_000
+    if sec.certs is not None:
+        client.application_uri = "urn:testbed:client"
+        await client.set_security(OPCUA_POLICIES[sec.policy][0], str(sec.certs / "client/cert.der"),
+                                  str(sec.certs / "client/key.pem"),
+                                  mode=ua.MessageSecurityMode.SignAndEncrypt)
+    client.set_user(sec.username or "")
+    client.set_password(sec.password or "")
+    await client.connect()
+    return client
+
+
 @dataclass
 class Side:
     """Repeated saturation measurements of one client."""
@@ -508,15 +596,23 @@ class Saturation:
         return self.bare.cpu_us_per_request / self.ours.cpu_us_per_request
 
 
-async def saturation(groups: list[list[SunSpecDevice]], seconds: float, reps: int,
+async def saturation(groups: list[list[Any]], seconds: float, reps: int,
                      server_pid: int) -> Saturation:
-    clients = [AsyncModbusTcpClient(HOST, port=g[0].link.port, timeout=2.0, retries=0,
-                                    reconnect_delay=0) for g in groups]
+    opcua = isinstance(groups[0][0], OpcUaDevice)
+    clients: list[Any] = [] if opcua else [
+        AsyncModbusTcpClient(HOST, port=g[0].link.port, timeout=2.0, retries=0, reconnect_delay=0)
+        for g in groups]
     try:
-        for c in clients:
-            if not await c.connect():
-                raise RuntimeError(f"bare client cannot connect to {HOST}:{c.comm_params.port}")
-        loops = {"ours": ours_loops(groups), "bare": bare_loops(clients, groups)}
+        if opcua:
+            for g in groups:
+                clients.append(await bare_opcua_client(g[0].link))
+            bare = bare_opcua_loops(clients, groups)
+        else:
+            for c in clients:
+                if not await c.connect():
+                    raise RuntimeError(f"bare client cannot connect to {HOST}:{c.comm_params.port}")
+            bare = bare_loops(clients, groups)
+        loops = {"ours": ours_loops(groups), "bare": bare}
         for side_loops in loops.values():  # warm-up both paths
             await _run_until(side_loops, min(0.5, seconds))
         sat = Saturation(sum(len(g) for g in groups), len(groups), seconds)
@@ -533,7 +629,11 @@ async def saturation(groups: list[list[SunSpecDevice]], seconds: float, reps: in
         return sat
     finally:
         for c in clients:
-            c.close()
+            if isinstance(c, UaClient):
+                with contextlib.suppress(Exception):
+                    await c.disconnect()
+            else:
+                c.close()
 
 
 # =========================================================================== main
@@ -548,18 +648,22 @@ class Settings:
     sat_devices: int
     sat_seconds: float
     sat_reps: int
+    protocol: str = "modbus"
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    opcua = args.protocol == "opcua"
     if args.quick:
-        max_devices = args.max_devices or 120
+        max_devices = args.max_devices or (60 if opcua else 120)
         steps = sorted({n for n in (30, 60) if n < max_devices} | {max_devices})
         return Settings(max_devices, args.rounds or 3, steps, 0, min(60, max_devices),
-                        args.sat_seconds or 0.5, args.sat_reps or 1)
-    max_devices = args.max_devices or 8000
-    return Settings(max_devices, args.rounds or 8, capacity_steps(max_devices), args.refine,
+                        args.sat_seconds or 0.5, args.sat_reps or 1, args.protocol)
+    max_devices = args.max_devices or (2000 if opcua else 8000)
+    steps = (sorted({n for n in (100, 250, 500, 750, 1000, 1500) if n < max_devices} | {max_devices})
+             if opcua else capacity_steps(max_devices))
+    return Settings(max_devices, args.rounds or 8, steps, args.refine,
                     min(args.sat_devices, max_devices), args.sat_seconds or 2.0,
-                    args.sat_reps or 3)
+                    args.sat_reps or 3, args.protocol)
 
 
 def poll_table(results: list[PollResult], rounds: int) -> Table:
@@ -578,40 +682,59 @@ def poll_table(results: list[PollResult], rounds: int) -> Table:
     return t
 
 
-def saturation_table(sat: Saturation) -> Table:
+def saturation_table(sat: Saturation, protocol: str = "modbus", values_per_req: float = 0.0) -> Table:
     t = Table(title=f"Saturation: {sat.devices} devices over {sat.links} links, "
                     f"{sat.seconds:g} s x {len(sat.ours.rps)} alternating reps per side")
-    for col in ("client", "req/s (median)", "reps", "poller CPU", "server CPU",
-                "poller CPU us/req"):
+    cols = ["client", "req/s (median)", "reps", "poller CPU", "server CPU", "poller CPU us/req"]
+    if protocol == "opcua":
+        cols.insert(2, "values/s")
+    for col in cols:
         t.add_column(col, justify="right")
-    for name, side in (("testbed SunSpecDevice.read()", sat.ours),
-                       ("bare AsyncModbusTcpClient", sat.bare)):
+    names = (("testbed OpcUaDevice.read()", "bare asyncua read_values()") if protocol == "opcua"
+             else ("testbed SunSpecDevice.read()", "bare AsyncModbusTcpClient"))
+    for name, side in zip(names, (sat.ours, sat.bare), strict=True):
         client, server = side.median_cpu()
-        t.add_row(name, f"{side.median_rps:,.0f}", " ".join(f"{x:,.0f}" for x in side.rps),
-                  _pct_str(client), _pct_str(server), f"{side.cpu_us_per_request:.0f}")
-    t.add_row("[bold]ratio ours/bare[/]", f"[bold]{sat.ratio:.3f}[/]", "", "", "",
-              f"{sat.cpu_ratio:.3f} (bare/ours)")
+        row = [name, f"{side.median_rps:,.0f}", " ".join(f"{x:,.0f}" for x in side.rps),
+               _pct_str(client), _pct_str(server), f"{side.cpu_us_per_request:.0f}"]
+        if protocol == "opcua":
+            row.insert(2, f"{side.median_rps * values_per_req:,.0f}")
+        t.add_row(*row)
+    last = ["[bold]ratio ours/bare[/]", f"[bold]{sat.ratio:.3f}[/]", "", "", "",
+            f"{sat.cpu_ratio:.3f} (bare/ours)"]
+    if protocol == "opcua":
+        last.insert(2, f"[bold]{sat.ratio:.3f}[/]")
+    t.add_row(*last)
     return t
 
 
 async def run(s: Settings) -> dict[str, Any]:
+    if s.protocol == "opcua":
+        with tempfile.TemporaryDirectory(prefix="bench-opcua-") as certs:
+            make_certificates(Path(certs))
+            return await _run(s, certs)
+    return await _run(s, None)
+
+
+async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
     t_start = time.perf_counter()
-    console.print(f"[bold]bench/devices.py[/]: {s.max_devices} emulated devices in a server "
+    what = "OPC UA (Basic256Sha256 SignAndEncrypt)" if s.protocol == "opcua" else "Modbus"
+    console.print(f"[bold]bench/devices.py[/]: {s.max_devices} emulated devices ({what}) in a server "
                   f"process on {math.ceil(s.max_devices / UNITS_PER_PORT)} ports of {HOST}")
-    with device_server(s.max_devices) as server:
+    with device_server(s.max_devices, protocol=s.protocol, certs=certs) as server:
         setup_s = time.perf_counter() - t_start
-        poller = Poller()
+        poller = Poller(s.protocol, bench_security(certs) if certs else None)
         try:
             discovery_s = await poller.discover(server.hosted)
             reqs_per_dev = statistics.mean(requests_per_read(d) for d in poller.devices.values())
+            sat_groups = poller.groups(select(server.hosted, s.sat_devices))
+            values_per_req = statistics.mean(values_per_read(d) for g in sat_groups for d in g)
             sample = await next(iter(poller.devices.values())).read()
             console.print(f"server up in {setup_s:.1f} s; discovered {len(server.hosted)} devices "
                           f"in {discovery_s:.1f} s; {reqs_per_dev:.2f} requests per read; "
                           f"sample {sample.device}: p_w={sample.values.get('p_w')}")
 
-            sat = await saturation(poller.groups(select(server.hosted, s.sat_devices)),
-                                   s.sat_seconds, s.sat_reps, server.pid)
-            console.print(saturation_table(sat))
+            sat = await saturation(sat_groups, s.sat_seconds, s.sat_reps, server.pid)
+            console.print(saturation_table(sat, s.protocol, values_per_req))
 
             def report(r: PollResult) -> None:
                 su = r.summary()
@@ -623,7 +746,7 @@ async def run(s: Settings) -> dict[str, Any]:
             console.print("1 Hz capacity search:")
             results = await capacity_search(poller, server, s.steps, s.rounds, s.refine, report)
         finally:
-            poller.close()
+            await poller.close()
     console.print(poll_table(results, s.rounds))
 
     largest = max((r.n for r in results if r.on_time), default=0)
@@ -631,6 +754,7 @@ async def run(s: Settings) -> dict[str, Any]:
     total_s = time.perf_counter() - t_start
     figures = {
         "benchmark": "devices",
+        "protocol": s.protocol,
         "largest_n_on_time": largest,
         "capped_by_max_devices": capped,
         "target_devices": TARGET_DEVICES,
@@ -646,15 +770,24 @@ async def run(s: Settings) -> dict[str, Any]:
                        "ours": sat.ours.summary(), "bare": sat.bare.summary()},
         "poll": [r.summary() for r in sorted(results, key=lambda r: r.n)],
         "requests_per_device_read": round(reqs_per_dev, 3),
+        **({"values_per_read": round(values_per_req, 2),
+            "ours_values_per_s": round(sat.ours.median_rps * values_per_req, 1),
+            "bare_values_per_s": round(sat.bare.median_rps * values_per_req, 1)}
+           if s.protocol == "opcua" else {}),
         "settings": asdict(s),
         "setup_s": round(setup_s, 2),
         "discovery_s": round(discovery_s, 2),
         "total_s": round(total_s, 1),
         "env": {"python": platform.python_version(), "pymodbus": pymodbus.__version__,
+                "asyncua": asyncua.__version__ if hasattr(asyncua, "__version__") else None,
                 "cpus": os.cpu_count(), "platform": platform.platform()},
     }
     verdict = {True: "[green]meets[/]", False: "[red]misses[/]",
                None: "[yellow]too few devices hosted to assess[/]"}[figures["meets_targets"]]
+    if s.protocol == "opcua":
+        console.print(f"\n[bold]OPC UA values/s: ours {sat.ours.median_rps * values_per_req:,.0f} vs bare "
+                      f"asyncua {sat.bare.median_rps * values_per_req:,.0f} ({values_per_req:.1f} values "
+                      f"per read, {sat.devices} devices), ratio {sat.ratio:.3f}[/]")
     console.print(
         f"\n[bold]largest N on time at 1 Hz: {largest}[/]"
         f"{' (= --max-devices: the limit is higher)' if capped else ''}; "
@@ -680,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sat-reps", type=int, default=None,
                     help="saturation measurements per side (default 3; quick: 1)")
     ap.add_argument("--quick", action="store_true", help="small smoke run (< 30 s)")
+    ap.add_argument("--protocol", choices=("modbus", "opcua"), default="modbus",
+                    help="serve and poll over Modbus/SunSpec (default) or secure OPC UA")
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)

@@ -28,6 +28,7 @@ devices_app = typer.Typer(help="Serve, discover, read and command devices.", no_
 app.add_typer(devices_app, name="devices")
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # our errors say it once, plainly
+logging.getLogger("asyncua").setLevel(logging.CRITICAL)
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, for logs and grep
 T = TypeVar("T")
@@ -94,12 +95,15 @@ def serve(
         endpoints = await emulators.start()
         try:
             table = Table(title=f"site {cfg.name}: emulated devices")
-            for col in ("device", "kind", "prosumer", "endpoint", "unit", "SunSpec models"):
+            for col in ("device", "kind", "prosumer", "protocol", "endpoint", "unit / node", "SunSpec models"):
                 table.add_column(col)
             for name, ep in endpoints.items():
                 dev = emulators.devices.get(name)
                 models = ", ".join(str(m) for m in dev.models) if dev else "(not emulated)"
-                table.add_row(name, ep.kind.value, ep.prosumer, f"{ep.host}:{ep.port}", str(ep.unit), models)
+                opcua = ep.protocol == "opcua"
+                table.add_row(name, ep.kind.value, ep.prosumer, ep.protocol,
+                              f"opc.tcp://{ep.host}:{ep.port}/" if opcua else f"{ep.host}:{ep.port}",
+                              f"Devices/{name}" if opcua else str(ep.unit), models)
             console.print(table)
             if endpoints_json:
                 endpoints_json.write_text(json.dumps(
@@ -242,6 +246,39 @@ def write(
     r = _run(go())
     console.print(f"[green]ok[/]: {name}.{point} = {number:g}", highlight=False)
     console.print(_reading_table(r))
+
+
+@devices_app.command("certs")
+def certs(
+    directory: Annotated[Path, typer.Argument(help="Folder to write (the site's opcua.certs).")],
+    host: Annotated[list[str] | None, typer.Option(help="Extra DNS name or IP for the certificates (repeatable).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing server and client certificates.")] = False,
+    client: Annotated[str | None, typer.Option(help="Also make a client certificate NAME for another OPC UA client, trusted by the emulators.")] = None,
+    uri: Annotated[str | None, typer.Option(help="Application URI of that client (must match what it sends).")] = None,
+) -> None:
+    """Make the OPC UA certificates a site's `opcua.certs` points to."""
+    from .devices.opcua import CERTS_LAYOUT, add_trusted_client, make_certificates
+
+    if (client is None) != (uri is None):
+        raise typer.BadParameter("--client and --uri go together", param_hint="--client/--uri")
+    hosts = tuple(host or ())
+    try:
+        made = make_certificates(directory, hosts=hosts, force=force)
+        if client is not None and uri is not None:
+            made[client] = add_trusted_client(directory, client, uri, hosts=hosts)
+    except OSError as exc:
+        err.print(f"[red]error:[/] {directory}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title=f"OPC UA certificates in {directory}")
+    for col in ("role", "certificate", "private key"):
+        table.add_column(col)
+    for role, folder in made.items():
+        table.add_row(role, str(folder / "cert.der"), str(folder / "key.pem"))
+    console.print(table)
+    console.print(f"emulators trust the client certificates in {directory / CERTS_LAYOUT['trusted_clients']}; "
+                  f"the driver trusts the server certificates in {directory / CERTS_LAYOUT['trusted_servers']}.\n"
+                  f"In the site file: opcua: {{certs: {directory}, username: ..., password: ...}}",
+                  highlight=False)
 
 
 @devices_app.command("points")

@@ -82,22 +82,48 @@ class LoadConfig(_Strict):
         return self
 
 
+PROTOCOL_PORTS = {"modbus": 502, "opcua": 4840}
+
+
 class _DeviceBase(_Strict):
     name: Annotated[str, Field(pattern=NAME)]
-    protocol: Literal["modbus"] = "modbus"
+    protocol: Literal["modbus", "opcua"] = "modbus"
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 502
-    """0 = any free port (emulated devices only)."""
-    unit: Annotated[int, Field(ge=1, le=247)] = 1
+    """0 = any free port (emulated devices only). Default 502 (Modbus) or 4840 (OPC UA)."""
+    unit: Annotated[int, Field(ge=1, le=247)] | None = None
+    """Modbus unit id (default 1); OPC UA devices are found by name instead."""
     emulated: bool = True
     """False: real hardware (or an emulator someone else runs) at host:port."""
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        protocol = data.get("protocol", "modbus")
+        if protocol == "opcua" and data.get("unit") is not None:
+            raise ValueError("unit is a Modbus unit id; an OPC UA device is found by its name "
+                             "on the server (remove unit)")
+        if protocol in PROTOCOL_PORTS:
+            data = {"port": PROTOCOL_PORTS[protocol], **data}
+            if protocol == "modbus":
+                data.setdefault("unit", 1)
+        return data
 
     @model_validator(mode="after")
     def _port(self) -> _DeviceBase:
         if self.port == 0 and not self.emulated:
             raise ValueError("port 0 (any free port) is only meaningful for emulated devices")
         return self
+
+    @property
+    def address(self) -> str:
+        """host:port and unit (Modbus) or opc.tcp URL and device name (OPC UA)."""
+        if self.protocol == "opcua":
+            return f"opc.tcp://{self.host}:{self.port} {self.name}"
+        return f"{self.host}:{self.port} unit {self.unit}"
 
 
 class PVDevice(_DeviceBase):
@@ -161,16 +187,43 @@ class EmulationConfig(_Strict):
         return parts[0] * 3600.0 + parts[1] * 60.0 + (parts[2] if len(parts) > 2 else 0)
 
 
+OPCUA_POLICIES = ("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss")
+
+
+class OpcUaConfig(_Strict):
+    """Site-wide OPC UA security, for the emulators and for the driver."""
+
+    certs: Path | None = None
+    """Folder made by `testbed devices certs DIR` (relative to the site file)."""
+    policy: Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"] = "Basic256Sha256"
+    """Security policy of the SignAndEncrypt endpoint."""
+    username: str | None = None
+    """The driver's login."""
+    password: str | None = None
+    users: dict[Annotated[str, Field(min_length=1)], str] = {}
+    """Accounts the emulators accept (default: the driver's username/password)."""
+    allow_insecure: bool = False
+    """Also offer (emulators) or use (driver, when no certs) a NoSecurity endpoint."""
+
+    @model_validator(mode="after")
+    def _login(self) -> OpcUaConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("set both opcua.username and opcua.password, or neither")
+        return self
+
+
 class SiteConfig(_Strict):
     name: Annotated[str, Field(pattern=NAME)]
     description: str = ""
     emulation: EmulationConfig = EmulationConfig()
+    opcua: OpcUaConfig = OpcUaConfig()
     prosumers: list[ProsumerConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique(self) -> SiteConfig:
         names: set[str] = set()
         endpoints: dict[tuple[str, int, int], str] = {}
+        protocols: dict[tuple[str, int], tuple[str, str]] = {}
         for p in self.prosumers:
             if p.name in names:
                 raise ValueError(f"name {p.name!r} is used twice")
@@ -179,11 +232,30 @@ class SiteConfig(_Strict):
                 if d.name in names:
                     raise ValueError(f"name {d.name!r} is used twice")
                 names.add(d.name)
-                key = (d.host, d.port, d.unit)
-                if d.port and key in endpoints:
-                    raise ValueError(f"devices {endpoints[key]!r} and {d.name!r} share "
-                                     f"{d.host}:{d.port} unit {d.unit}")
-                endpoints[key] = d.name
+                if not d.port:
+                    continue
+                other = protocols.setdefault((d.host, d.port), (d.protocol, d.name))
+                if other[0] != d.protocol:
+                    raise ValueError(f"devices {other[1]!r} ({other[0]}) and {d.name!r} ({d.protocol}) "
+                                     f"both use {d.host}:{d.port}; one port serves one protocol")
+                if d.unit is not None:
+                    key = (d.host, d.port, d.unit)
+                    if key in endpoints:
+                        raise ValueError(f"devices {endpoints[key]!r} and {d.name!r} share "
+                                         f"{d.host}:{d.port} unit {d.unit}")
+                    endpoints[key] = d.name
+        opcua = [d.name for _, d in self.devices() if d.protocol == "opcua"]
+        if opcua:
+            o = self.opcua
+            if o.certs is None and not o.allow_insecure:
+                raise ValueError(
+                    f"OPC UA devices ({', '.join(opcua)}) need opcua.certs: a folder made by "
+                    "`testbed devices certs DIR` (or opcua.allow_insecure: true for an "
+                    "unencrypted lab network)")
+            emulated = [d.name for _, d in self.devices() if d.protocol == "opcua" and d.emulated]
+            if emulated and not (o.users or o.username):
+                raise ValueError(f"emulated OPC UA devices ({', '.join(emulated)}) need an account: "
+                                 "set opcua.username and opcua.password (or opcua.users)")
         return self
 
     def devices(self) -> Iterator[tuple[ProsumerConfig, DeviceConfig]]:
@@ -298,4 +370,9 @@ def load_site(ref: str | Path) -> SiteConfig:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return load_model(SiteConfig, text, str(path))
+    site: SiteConfig = load_model(SiteConfig, text, str(path))
+    certs = site.opcua.certs
+    if certs is not None:  # relative to the site file
+        certs = (path.parent / certs.expanduser()).resolve()
+        site = site.model_copy(update={"opcua": site.opcua.model_copy(update={"certs": certs})})
+    return site

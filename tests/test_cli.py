@@ -117,3 +117,64 @@ def test_scan_of_a_closed_port_is_a_clear_error():
 def test_read_of_a_stopped_device_is_a_clear_error():
     r = runner.invoke(app, ["devices", "read", "demo", "house-1-meter"])
     assert r.exit_code == 1 and "house-1-meter (127.0.0.1:15021 unit 3)" in r.output
+
+
+def test_opcua_certs_serve_read_write(tmp_path):
+    """`devices certs`, then a site mixing Modbus and OPC UA served and commanded by the CLI."""
+    r = runner.invoke(app, ["devices", "certs", str(tmp_path / "certs")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for f in ("server/cert.der", "server/key.pem", "client/cert.der", "client/key.pem",
+              "trusted/clients/client.der", "trusted/servers/server.der"):
+        assert (tmp_path / "certs" / f).is_file(), f
+    assert oct((tmp_path / "certs/client/key.pem").stat().st_mode & 0o777) == "0o600"
+
+    p_mb, p_ua = free_port(), free_port()
+    site = tmp_path / "mixed.yaml"
+    site.write_text(f"""\
+name: mixed
+opcua: {{certs: certs, username: lab, password: pw-1}}
+prosumers:
+  - name: a
+    devices:
+      - {{name: a-pv, kind: pv, port: {p_mb}, unit: 1}}
+      - {{name: a-bat, kind: battery, protocol: opcua, port: {p_ua}}}
+      - {{name: a-meter, kind: meter, protocol: opcua, port: {p_ua}}}
+""")
+    endpoints = tmp_path / "endpoints.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed", "devices", "serve", str(site), "--endpoints-json", str(endpoints)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 30
+        while not endpoints.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"serve did not start: {proc.stdout.read()}")
+            time.sleep(0.05)
+        eps = json.loads(endpoints.read_text())
+        assert eps["a-bat"] == {"kind": "battery", "prosumer": "a", "host": "127.0.0.1", "port": p_ua,
+                                "unit": None, "protocol": "opcua", "emulated": True}
+
+        r = runner.invoke(app, ["devices", "read", str(site), "a-bat", "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["values"]["capacity_wh"] == 10000
+        r = runner.invoke(app, ["devices", "write", str(site), "a-bat", "power_w", "-1500"])
+        assert r.exit_code == 0 and "ok" in r.output, r.output
+        r = runner.invoke(app, ["devices", "read", str(site), "a-bat", "--json"])
+        assert json.loads(r.output)["values"]["setpoint_w"] == -1500
+        r = runner.invoke(app, ["devices", "write", str(site), "a-bat", "power_w", "-7000"])
+        assert r.exit_code == 1
+        assert (f"error: a-bat (opc.tcp://127.0.0.1:{p_ua} Devices/a-bat): power_w=-7000 W refused "
+                "(BadOutOfRange; allowed -5000..5000 W)") in r.output
+        r = runner.invoke(app, ["devices", "read", str(site), "a-pv", "--json"])  # Modbus, same site
+        assert r.exit_code == 0 and json.loads(r.output)["kind"] == "pv"
+
+        site.write_text(site.read_text().replace("password: pw-1", "password: wrong"))
+        r = runner.invoke(app, ["devices", "read", str(site), "a-meter"])
+        assert r.exit_code == 1
+        assert "refused (BadUserAccessDenied): wrong username or password (user 'lab'" in r.output
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    assert f"opc.tcp://127.0.0.1:{p_ua}/" in out and "Devices/a-bat" in out

@@ -18,6 +18,7 @@ from ..config import SiteConfig
 from .driver import Device, DeviceKind
 from .emulator import EmulatedDevice, EmulatedSite
 from .modbus import ModbusEmulatorServer, ModbusLink, SunSpecDevice
+from .opcua import OpcUaDevice, OpcUaEmulatorServer, OpcUaLink, OpcUaSecurity
 
 T = TypeVar("T")
 
@@ -32,11 +33,14 @@ class Endpoint:
     protocol: str
     host: str
     port: int
-    unit: int
+    unit: int | None
+    """Modbus unit id; None for OPC UA (the device is Objects/Devices/<name>)."""
     emulated: bool
 
     @property
     def address(self) -> str:
+        if self.protocol == "opcua":
+            return f"opc.tcp://{self.host}:{self.port}/ Devices/{self.name}"
         return f"{self.protocol}://{self.host}:{self.port}/{self.unit}"
 
 
@@ -53,7 +57,7 @@ class SiteEmulators:
         self.free_ports = free_ports
         self.host_override = host
         self.physics = EmulatedSite(site.emulation.start_s if start_s is None else start_s)
-        self.servers: list[ModbusEmulatorServer] = []
+        self.servers: list[ModbusEmulatorServer | OpcUaEmulatorServer] = []
         self.endpoints: dict[str, Endpoint] = {}
         self._clock: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -68,7 +72,8 @@ class SiteEmulators:
 
     async def start(self, *, clock: bool = True) -> dict[str, Endpoint]:
         """Start the servers (and the real-time physics clock unless `clock=False`)."""
-        groups: dict[tuple[str, str | int], dict[int, tuple[str, EmulatedDevice]]] = {}
+        # One server per (protocol, host, port); Modbus devices by unit id, OPC UA by name.
+        groups: dict[tuple[str, str, str | int], dict[int | str, tuple[str, EmulatedDevice]]] = {}
         configs = {}
         for p, d in self.site.devices():
             if not d.emulated:
@@ -77,26 +82,32 @@ class SiteEmulators:
                 continue
             dev = self.physics.add_device(d.name, d.kind.value, p.name)
             host = self.host_override or d.host
-            key = (host, d.port if d.port else f"auto:{p.name}")
-            units = groups.setdefault(key, {})
-            if d.unit in units:
-                raise ValueError(f"{d.name} and {units[d.unit][0]} share unit {d.unit} on {host}")
-            units[d.unit] = (d.name, dev)
+            key = (d.protocol, host, d.port if d.port else f"auto:{p.name}")
+            members = groups.setdefault(key, {})
+            slot: int | str = d.name if d.protocol == "opcua" else (d.unit or 1)
+            if slot in members:
+                raise ValueError(f"{d.name} and {members[slot][0]} share unit {slot} on {host}")
+            members[slot] = (d.name, dev)
             configs[d.name] = (p, d)
         self.physics.step(0.0)  # settle: readings are meaningful from the first request
+        security = OpcUaSecurity.from_config(self.site.opcua)
         try:
-            for (host, port), units in groups.items():
+            for (protocol, host, port), members in groups.items():
                 want = 0 if self.free_ports or isinstance(port, str) else int(port)
-                server = ModbusEmulatorServer(host, want, {u: dev for u, (_, dev) in units.items()})
+                server: ModbusEmulatorServer | OpcUaEmulatorServer
+                if protocol == "opcua":
+                    server = OpcUaEmulatorServer(host, want, {n: dev for n, dev in members.values()}, security)
+                else:
+                    server = ModbusEmulatorServer(host, want, {u: dev for u, (_, dev) in members.items()})  # type: ignore[misc]
                 try:
                     actual = await server.start()
                 except OSError as exc:
-                    raise OSError(f"cannot serve {', '.join(n for n, _ in units.values())}: {exc}") from exc
+                    raise OSError(f"cannot serve {', '.join(n for n, _ in members.values())}: {exc}") from exc
                 self.servers.append(server)
-                for unit, (name, _) in units.items():
+                for slot, (name, _) in members.items():
                     p, d = configs[name]
-                    self.endpoints[name] = Endpoint(name, d.kind, p.name, d.protocol, host,
-                                                    actual, unit, True)
+                    self.endpoints[name] = Endpoint(name, d.kind, p.name, d.protocol, host, actual,
+                                                    slot if isinstance(slot, int) else None, True)
         except BaseException:
             await self.stop()
             raise
@@ -134,16 +145,25 @@ class SiteEmulators:
 
 
 def open_devices(site: SiteConfig, names: list[str] | None = None) -> dict[str, Device]:
-    """A driver per device (all, or `names`), one shared connection per host:port."""
+    """A driver per device (all, or `names`), one shared connection (Modbus) or session
+    (OPC UA) per host:port."""
     links: dict[tuple[str, int], ModbusLink] = {}
+    sessions: dict[tuple[str, int], OpcUaLink] = {}
+    security = OpcUaSecurity.from_config(site.opcua)
     out: dict[str, Device] = {}
     for _, d in site.devices():
         if names is not None and d.name not in names:
             continue
+        if d.protocol == "opcua":
+            session = sessions.get((d.host, d.port))
+            if session is None:
+                session = sessions[(d.host, d.port)] = OpcUaLink(d.host, d.port, security, timeout_s=d.timeout_s)
+            out[d.name] = OpcUaDevice(d.name, session, d.kind)
+            continue
         link = links.get((d.host, d.port))
         if link is None:
             link = links[(d.host, d.port)] = ModbusLink(d.host, d.port, timeout_s=d.timeout_s)
-        out[d.name] = SunSpecDevice(d.name, link, d.unit, d.kind)
+        out[d.name] = SunSpecDevice(d.name, link, d.unit or 1, d.kind)
     return out
 
 

@@ -1,0 +1,1030 @@
+"""OPC UA: the device emulator server and the client driver (asyncua), with security.
+
+Information model (namespace URI `urn:testbed:devices`, "ns" below)::
+
+    Objects
+      ns:Devices                      FolderType, NodeId ns;s=Devices
+        ns:<device name>              BaseObjectType, NodeId ns;s=<device>
+          ns:kind                     Property, String: pv | battery | meter
+          ns:serial                   Property, String
+          ns:<measurement>            BaseAnalogType, Double, read-only, NodeId ns;s=<device>/<name>
+            EngineeringUnits          Property, EUInformation (UNECE code, e.g. WTT = W)
+          ns:<setpoint>               AnalogItemType, Double, read/write
+            EngineeringUnits, EURange Properties; EURange is what the device accepts
+          ns:status                   BaseObjectType
+            ns:<status key>           String, Boolean or UInt32 (state, clamped, ...)
+
+Browse names are the neutral names of `driver.MEASUREMENTS` / `driver.SETPOINTS`
+(`p_w`, `soc_pct`, `power_w`, ...), so the OPC UA view of a device is the `Reading` the
+driver returns. Values are derived from the same emulator objects the Modbus server uses
+(the device's SunSpec map, refreshed from its physics, decoded like the Modbus driver
+does), so both protocols read the same numbers. A setpoint write goes through
+`EmulatedDevice.write_point` (the protocol-neutral write path with range checks); a
+refused write answers `BadOutOfRange` (`BadTypeMismatch` for a non-number) and changes
+nothing.
+
+Security: endpoints are SignAndEncrypt with one policy (Basic256Sha256 by default;
+Aes128_Sha256_RsaOaep or Aes256_Sha256_RsaPss), sessions need a username and password,
+and the server accepts only client certificates in its trust folder. A NoSecurity
+endpoint exists only when the site allows it (`opcua: {allow_insecure: true}`);
+otherwise a channel without security (which OPC UA keeps open for discovery) can do
+nothing but GetEndpoints. `make_certificates` writes the folder the site points to::
+
+    DIR/server/cert.der, key.pem      the emulators' application certificate
+    DIR/client/cert.der, key.pem      the driver's application certificate
+    DIR/trusted/clients/*.der         client certificates the emulators accept
+    DIR/trusted/servers/*.der         server certificates the driver accepts (when any)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hmac
+import ipaddress
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asyncua import Client, Server, ua
+from asyncua.client.ua_client import UaClientState
+from asyncua.common.utils import ServiceError
+from asyncua.crypto import security_policies as sp
+from asyncua.crypto.permission_rules import PermissionRuleset, User, UserRole
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from asyncua.server.address_space import AttributeService
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .driver import (
+    MEASUREMENTS,
+    SETPOINTS,
+    Device,
+    DeviceError,
+    DeviceKind,
+    DeviceUnavailable,
+    Reading,
+    SetpointRejected,
+)
+from .emulator import EmulatedBattery, EmulatedDevice, EmulatedInverter, WriteRefused
+from .modbus import NEUTRAL
+from .sunspec import ModelValues, SunSpecError
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_URI = "urn:testbed:devices"
+SERVER_URI = "urn:testbed:server"
+CLIENT_URI = "urn:testbed:client"
+DEVICES_FOLDER = "Devices"
+
+POLICIES: dict[str, tuple[type[sp.SecurityPolicy], ua.SecurityPolicyType]] = {
+    "Basic256Sha256": (sp.SecurityPolicyBasic256Sha256, ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt),
+    "Aes128_Sha256_RsaOaep": (sp.SecurityPolicyAes128Sha256RsaOaep,
+                              ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt),
+    "Aes256_Sha256_RsaPss": (sp.SecurityPolicyAes256Sha256RsaPss,
+                             ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt),
+}
+"""Security policy names of the site file, all with MessageSecurityMode SignAndEncrypt."""
+
+
+class AccessDenied(DeviceError):
+    """The server refused us: wrong username/password, an untrusted certificate, or a
+    security mode it does not offer. Retrying will not help until the setup changes."""
+
+
+# =========================================================================== certificates
+
+
+CERTS_LAYOUT = {"server": "server", "client": "client", "trusted_clients": "trusted/clients",
+                "trusted_servers": "trusted/servers"}
+
+
+def make_certificate(directory: Path, uri: str, common_name: str, *, server: bool,
+                     hosts: tuple[str, ...] = (), days: int = 3650) -> tuple[Path, Path]:
+    """A self-signed RSA-2048 application certificate as OPC UA wants it.
+
+    The application URI goes into subjectAltName (asyncua and most stacks compare it
+    with the ApplicationUri of the session), with DNS/IP names of `hosts`, localhost and
+    this host. Writes `directory/cert.der` and `directory/key.pem` (PKCS#8, 0600).
+    """
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "testbed")])
+    alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+    for h in dict.fromkeys((*hosts, "localhost", socket.gethostname(), "127.0.0.1")):
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            alt.append(x509.DNSName(h))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True,
+                                     key_encipherment=True, data_encipherment=True,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                              else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.der", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def make_certificates(directory: Path, *, hosts: tuple[str, ...] = (), force: bool = False) -> dict[str, Path]:
+    """The folder a site's `opcua.certs` points to: server and client certificates, each
+    trusted by the other side. Existing certificates are kept unless `force`."""
+    directory = Path(directory)
+    out: dict[str, Path] = {}
+    for role, uri, cn, is_server, trust in (
+            ("server", SERVER_URI, "testbed device emulator", True, CERTS_LAYOUT["trusted_servers"]),
+            ("client", CLIENT_URI, "testbed driver", False, CERTS_LAYOUT["trusted_clients"])):
+        folder = directory / CERTS_LAYOUT[role]
+        if force or not (folder / "cert.der").exists() or not (folder / "key.pem").exists():
+            make_certificate(folder, uri, cn, server=is_server, hosts=hosts)
+        trusted = directory / trust / f"{role}.der"
+        trusted.parent.mkdir(parents=True, exist_ok=True)
+        trusted.write_bytes((folder / "cert.der").read_bytes())
+        out[role] = folder
+    return out
+
+
+def add_trusted_client(directory: Path, name: str, uri: str, *, hosts: tuple[str, ...] = ()) -> Path:
+    """One more client certificate (e.g. for a third-party tool), trusted by the emulators."""
+    folder = Path(directory) / name
+    make_certificate(folder, uri, name, server=False, hosts=hosts)
+    trusted = Path(directory) / CERTS_LAYOUT["trusted_clients"] / f"{name}.der"
+    trusted.parent.mkdir(parents=True, exist_ok=True)
+    trusted.write_bytes((folder / "cert.der").read_bytes())
+    return folder
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    data = path.read_bytes()
+    return x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+
+
+def load_trusted(folder: Path) -> dict[bytes, x509.Certificate]:
+    """SHA-256 fingerprint -> certificate, for every .der/.pem/.crt file in `folder`."""
+    out: dict[bytes, x509.Certificate] = {}
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in (".der", ".pem", ".crt", ".cer"):
+                try:
+                    cert = _load_cert(p)
+                except ValueError:
+                    log.warning("%s: not a certificate, ignored", p)
+                    continue
+                out[cert.fingerprint(hashes.SHA256())] = cert
+    return out
+
+
+def _cert_uri(cert: x509.Certificate) -> str | None:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else None
+
+
+def _describe(cert: x509.Certificate) -> str:
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    fp = cert.fingerprint(hashes.SHA256()).hex(":")[:23]
+    return f"'{cn[0].value if cn else cert.subject.rfc4514_string()}' (SHA-256 {fp}...)"
+
+
+@dataclass(frozen=True)
+class OpcUaSecurity:
+    """What both sides need: the cert folder, the policy, accounts and the insecure switch.
+
+    `username`/`password` are what the driver logs in with; `accounts` are what the
+    emulators accept (default: the driver's own login).
+    """
+
+    certs: Path | None = None
+    policy: str = "Basic256Sha256"
+    username: str | None = None
+    password: str | None = None
+    accounts: Mapping[str, str] = field(default_factory=dict)
+    allow_insecure: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> OpcUaSecurity:
+        accounts = dict(cfg.users) or ({cfg.username: cfg.password} if cfg.username else {})
+        return cls(cfg.certs, cfg.policy, cfg.username, cfg.password, accounts, cfg.allow_insecure)
+
+    def path(self, role: str) -> Path:
+        assert self.certs is not None
+        return self.certs / CERTS_LAYOUT[role]
+
+    def require(self, role: str) -> tuple[Path, Path]:
+        """(cert, key) of `role` (server or client); a clear error when missing."""
+        if self.certs is None:
+            raise AccessDenied("no OPC UA certificate folder configured (opcua.certs)")
+        folder = self.path(role)
+        cert, key = folder / "cert.der", folder / "key.pem"
+        for p in (cert, key):
+            if not p.exists():
+                raise AccessDenied(f"OPC UA {role} certificate {p} is missing; "
+                                   f"make it with `testbed devices certs {self.certs}`")
+        return cert, key
+
+
+# =========================================================================== information model
+
+
+def _unit_id(code: str) -> int:
+    """OPC UA Part 8 UnitId of a UNECE common code: its characters, 8 bits each."""
+    uid = 0
+    for ch in code:
+        uid = (uid << 8) | ord(ch)
+    return uid
+
+
+UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
+UNITS: dict[str, tuple[str, str, str]] = {  # neutral unit -> (UNECE code, symbol, description)
+    "W": ("WTT", "W", "watt"), "var": ("D44", "var", "volt ampere reactive"),
+    "Wh": ("WHR", "W·h", "watt hour"), "%": ("P1", "%", "percent"), "V": ("VLT", "V", "volt"),
+    "Hz": ("HTZ", "Hz", "hertz"), "A": ("AMP", "A", "ampere"), "°C": ("CEL", "°C", "degree Celsius"),
+    "1": ("C62", "1", "one (0 or 1)"),
+}
+SUFFIX_UNITS = {"w": "W", "var": "var", "wh": "Wh", "pct": "%", "v": "V", "hz": "Hz", "a": "A",
+                "c": "°C", "enabled": "1"}
+
+
+def unit_of(point: str) -> str:
+    """The engineering unit of a neutral name, from its suffix (p_w -> W, soc_pct -> %)."""
+    return SUFFIX_UNITS[point.rsplit("_", 1)[-1]]
+
+
+def eu_information(unit: str) -> ua.EUInformation:
+    code, symbol, description = UNITS[unit]
+    return ua.EUInformation(NamespaceUri=UNECE, UnitId=_unit_id(code),
+                            DisplayName=ua.LocalizedText(symbol), Description=ua.LocalizedText(description))
+
+
+STATUS_TYPES: dict[str, ua.VariantType] = {
+    "state": ua.VariantType.String, "charge_status": ua.VariantType.String,
+    "clamped": ua.VariantType.Boolean, "clamp": ua.VariantType.String,
+    "storctl_mod": ua.VariantType.UInt32, "events": ua.VariantType.UInt32,
+}
+STATUS_KEYS: dict[DeviceKind, tuple[str, ...]] = {
+    DeviceKind.PV: ("state", "events"),
+    DeviceKind.BATTERY: ("state", "charge_status", "clamped", "clamp", "storctl_mod"),
+    DeviceKind.METER: ("events",),
+}
+
+
+def _setpoint_range(dev: EmulatedDevice, point: str) -> tuple[float, float]:
+    if isinstance(dev, EmulatedBattery) and point == "power_w":
+        return -float(dev.wchamax), float(dev.params.max_discharge_w)
+    if isinstance(dev, EmulatedInverter) and point == "limit_pct":
+        return 0.0, 100.0
+    if isinstance(dev, EmulatedInverter) and point == "limit_enabled":
+        return 0.0, 1.0
+    raise WriteRefused(f"{dev.name} has no setpoint {point!r}")
+
+
+def apply_setpoint(dev: EmulatedDevice, point: str, value: float) -> None:
+    """Command an emulated device by neutral setpoint name, through `write_point` (and its
+    checks). Raises WriteRefused, leaving the device unchanged, when out of range."""
+    lo, hi = _setpoint_range(dev, point)
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise WriteRefused(f"{point} {value:g} outside {lo:g}..{hi:g} {SETPOINTS[DeviceKind(dev.kind)][point].unit}")
+    writes: list[tuple[int, str, float]]
+    if point == "power_w":  # +W discharge: DISCHARGE + OutWRte; -W charge: CHARGE + InWRte
+        if value > 0:
+            writes = [(124, "OutWRte", value / hi * 100), (124, "InWRte", 0), (124, "StorCtl_Mod", 2)]
+        elif value < 0:
+            writes = [(124, "OutWRte", 0), (124, "InWRte", value / lo * 100), (124, "StorCtl_Mod", 1)]
+        else:
+            writes = [(124, "StorCtl_Mod", 0), (124, "OutWRte", 0), (124, "InWRte", 0)]
+    elif point == "limit_pct":
+        writes = [(123, "WMaxLimPct", value), (123, "WMaxLim_Ena", 1)]
+    else:  # limit_enabled
+        if value not in (0.0, 1.0):
+            raise WriteRefused(f"limit_enabled must be 0 or 1, got {value:g}")
+        writes = [(123, "WMaxLim_Ena", value)]
+    for model_id, name, v in writes:
+        dev.write_point(model_id, name, v)
+
+
+class _DeviceView:
+    """One emulated device's variables: values decoded from its SunSpec map, as DataValues,
+    re-made only when the physics (or a write) changed it."""
+
+    def __init__(self, dev: EmulatedDevice) -> None:
+        self.dev = dev
+        self.kind = DeviceKind(dev.kind)
+        self.version = -1
+        self.values: dict[str, ua.DataValue] = {}
+        self.setpoints = tuple(SETPOINTS[self.kind])
+        self.measurements = MEASUREMENTS[self.kind]
+        self.status_keys = STATUS_KEYS[self.kind]
+
+    def refresh(self) -> None:
+        dev = self.dev
+        if self.version == dev.prosumer.version:
+            return
+        dev.refresh()
+        m = dev.map
+        models = {inst.id: ModelValues.from_registers(
+            inst.definition, m.registers[inst.address - m.base: inst.address - m.base + inst.length + 2])
+            for inst in m.models}
+        values, status = NEUTRAL[self.kind](models, models)
+        if self.kind is DeviceKind.BATTERY:
+            values["power_w"] = values["setpoint_w"]
+        now = dt.datetime.now(dt.UTC)
+        out: dict[str, ua.DataValue] = {}
+        for name in (*self.measurements, *self.setpoints):
+            v = values.get(name)
+            out[name] = _dv(None if v is None else float(v), ua.VariantType.Double, now)
+        for key in self.status_keys:
+            vt = STATUS_TYPES[key]
+            v = status.get(key)
+            if vt is ua.VariantType.String:
+                v = "" if v is None else str(v)
+            elif vt is ua.VariantType.Boolean:
+                v = bool(v)
+            elif v is not None:
+                v = int(v)
+            out[f"status/{key}"] = _dv(v, vt, now)
+        self.values = out
+        self.version = dev.prosumer.version
+
+    def read(self, name: str) -> ua.DataValue:
+        self.refresh()
+        return self.values[name]
+
+    def eu_range(self, point: str) -> ua.DataValue:
+        lo, hi = _setpoint_range(self.dev, point)
+        return ua.DataValue(ua.Variant(ua.Range(Low=lo, High=hi), ua.VariantType.ExtensionObject))
+
+    def write(self, point: str, dv: ua.DataValue) -> ua.StatusCode:
+        v = dv.Value.Value if dv.Value is not None else None
+        if isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, int | float):
+            return ua.StatusCode(ua.StatusCodes.BadTypeMismatch)
+        try:
+            apply_setpoint(self.dev, point, float(v))
+        except (WriteRefused, SunSpecError) as exc:
+            log.warning("%s: OPC UA write %s=%s refused: %s", self.dev.name, point, v, exc)
+            return ua.StatusCode(ua.StatusCodes.BadOutOfRange)
+        self.version = -1
+        return ua.StatusCode(ua.StatusCodes.Good)
+
+
+def _dv(value: Any, vt: ua.VariantType, now: dt.datetime) -> ua.DataValue:
+    if value is None:
+        return ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadNoData), SourceTimestamp=now,
+                            ServerTimestamp=now)
+    return ua.DataValue(ua.Variant(value, vt), SourceTimestamp=now, ServerTimestamp=now)
+
+
+_ADMIN = User(role=UserRole.Admin)
+
+
+class _DeviceAttributes(AttributeService):
+    """The server's attribute service, with setpoint writes answered by the devices."""
+
+    def __init__(self, aspace: Any, setpoints: dict[ua.NodeId, Callable[[ua.DataValue], ua.StatusCode]]) -> None:
+        super().__init__(aspace)
+        self.setpoints = setpoints
+
+    async def write(self, params: ua.WriteParameters, user: User = _ADMIN) -> list[ua.StatusCode]:
+        out: list[ua.StatusCode] = []
+        for wv in params.NodesToWrite:
+            handler = self.setpoints.get(wv.NodeId)
+            if handler is None:
+                out += await super().write(ua.WriteParameters(NodesToWrite=[wv]), user)
+            elif wv.AttributeId != ua.AttributeIds.Value:
+                out.append(ua.StatusCode(ua.StatusCodes.BadNotWritable))
+            else:
+                out.append(handler(wv.Value))
+        return out
+
+
+class _DenyAll(PermissionRuleset):
+    """For channels that must not be used: anything but discovery and session set-up fails."""
+
+    def check_validity(self, user: Any, action_type: Any, body: Any) -> bool:
+        return False
+
+
+class _TrustingFactory(sp.SecurityPolicyFactory):
+    """A secure policy whose channels are usable only with a trusted client certificate
+    (asyncua checks the certificate at CreateSession only, and only when one is sent)."""
+
+    def __init__(self, inner: sp.SecurityPolicyFactory, trusted: Callable[[x509.Certificate], bool]) -> None:
+        super().__init__(inner.cls, inner.mode, inner.certificate, inner.private_key,
+                         inner.permission_ruleset, inner.certificate_chain)
+        self.trusted = trusted
+
+    def create(self, peer_certificate: Any) -> sp.SecurityPolicy:
+        policy = super().create(peer_certificate)
+        try:
+            ok = peer_certificate is not None and self.trusted(x509.load_der_x509_certificate(peer_certificate))
+        except ValueError:
+            ok = False
+        if not ok:
+            policy.permissions = _DenyAll()
+        return policy
+
+
+class _Accounts:
+    """asyncua user manager: username/password sessions only."""
+
+    def __init__(self, accounts: Mapping[str, str]) -> None:
+        self.accounts = dict(accounts)
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> User | None:
+        expected = self.accounts.get(username or "")
+        if username is None or expected is None or not hmac.compare_digest(
+                expected.encode(), (password or "").encode()):
+            log.warning("OPC UA login refused for user %r", username)
+            return None
+        return User(role=UserRole.User, name=username)
+
+
+class OpcUaEmulatorServer:
+    """An OPC UA server on one (host, port) presenting emulated devices by name."""
+
+    def __init__(self, host: str, port: int, devices: Mapping[str, EmulatedDevice],
+                 security: OpcUaSecurity) -> None:
+        if not devices:
+            raise ValueError("a server needs at least one device")
+        self.host = host
+        self.requested_port = port
+        self.devices = dict(devices)
+        self.security = security
+        self.port: int | None = None
+        self.views: dict[str, _DeviceView] = {}
+        self._server: Server | None = None
+        self._trusted: dict[bytes, x509.Certificate] = {}
+
+    @property
+    def url(self) -> str:
+        return f"opc.tcp://{self.host}:{self.port if self.port is not None else self.requested_port}/"
+
+    def _is_trusted(self, cert: x509.Certificate) -> bool:
+        fp = cert.fingerprint(hashes.SHA256())
+        if fp not in self._trusted and self.security.certs is not None:  # added while running?
+            self._trusted = load_trusted(self.security.path("trusted_clients"))
+        return fp in self._trusted
+
+    async def _validate(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        await CertificateValidator(CertificateValidatorOptions.BASIC_VALIDATION)(cert, app)
+        if not self._is_trusted(cert):
+            log.warning("%s: client certificate %s of %s is not in %s", self.url, _describe(cert),
+                        app.ApplicationUri, self.security.path("trusted_clients"))
+            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+
+    async def start(self) -> int:
+        sec = self.security
+        if not sec.accounts:
+            raise ValueError("an OPC UA emulator needs at least one account (opcua.username/password)")
+        server = Server(user_manager=_Accounts(sec.accounts))
+        await server.init()
+        server.set_server_name("testbed device emulator")
+        await server.set_application_uri(SERVER_URI)
+        server.set_endpoint(f"opc.tcp://{self.host}:{self.requested_port}/")
+        policies: list[ua.SecurityPolicyType] = []
+        if sec.certs is not None:
+            cert, key = sec.require("server")
+            await server.load_certificate(str(cert))
+            await server.load_private_key(str(key))
+            self._trusted = load_trusted(sec.path("trusted_clients"))
+            policies.append(POLICIES[sec.policy][1])
+            server.set_certificate_validator(self._validate)
+        if sec.allow_insecure:
+            policies.append(ua.SecurityPolicyType.NoSecurity)
+        if not policies:
+            raise ValueError("no OPC UA endpoint: set opcua.certs (or opcua.allow_insecure)")
+        server.set_security_policy(policies)
+        server.set_identity_tokens([ua.UserNameIdentityToken])
+        idx = await server.register_namespace(NAMESPACE_URI)
+        await self._build(server, idx)
+        try:
+            await server.start()
+        except OSError as exc:
+            with contextlib.suppress(Exception):
+                await server.iserver.stop()
+            raise OSError(f"cannot listen on {self.host}:{self.requested_port}: "
+                          f"{exc.strerror or exc}") from None
+        # Channels whose policy no endpoint offers, or whose certificate is not trusted,
+        # may only discover (the factories list is shared with every new connection).
+        factories = server._policies  # asyncua keeps them here, shared by reference with connections
+        factories[:] = [_TrustingFactory(f, self._is_trusted) if f.cls is not sp.SecurityPolicyNone else f
+                        for f in factories]
+        if not sec.allow_insecure:
+            factories.append(sp.SecurityPolicyFactory(sp.SecurityPolicyNone, ua.MessageSecurityMode.None_,
+                                                      permission_ruleset=_DenyAll()))
+        assert server.bserver is not None
+        self.port = server.bserver.port
+        self._server = server
+        return self.port
+
+    async def _build(self, server: Server, idx: int) -> None:
+        """All device nodes in one add_nodes call; values come from callbacks."""
+        items: list[ua.AddNodesItem] = []
+        callbacks: list[tuple[ua.NodeId, Callable[..., ua.DataValue]]] = []
+        setpoints: dict[ua.NodeId, Callable[[ua.DataValue], ua.StatusCode]] = {}
+        folder = ua.NodeId(DEVICES_FOLDER, idx)
+        items.append(_object(folder, ua.NodeId(ua.ObjectIds.ObjectsFolder), idx, DEVICES_FOLDER,
+                             ua.ObjectIds.FolderType, ua.ObjectIds.Organizes))
+        for name, dev in self.devices.items():
+            view = self.views[name] = _DeviceView(dev)
+            view.refresh()
+            obj = ua.NodeId(name, idx)
+            items.append(_object(obj, folder, idx, name, ua.ObjectIds.BaseObjectType, ua.ObjectIds.Organizes,
+                                 f"{view.kind.value} {dev.model_name} {dev.serial}"))
+            items.append(_property(ua.NodeId(f"{name}/kind", idx), obj, idx, "kind",
+                                   ua.Variant(view.kind.value, ua.VariantType.String)))
+            items.append(_property(ua.NodeId(f"{name}/serial", idx), obj, idx, "serial",
+                                   ua.Variant(dev.serial, ua.VariantType.String)))
+            for point in dict.fromkeys((*view.measurements, *view.setpoints)):
+                nid = ua.NodeId(f"{name}/{point}", idx)
+                writable = point in view.setpoints
+                items.append(_variable(nid, obj, idx, point, ua.Variant(0.0, ua.VariantType.Double),
+                                       ua.ObjectIds.Double,
+                                       ua.ObjectIds.AnalogItemType if writable else ua.ObjectIds.BaseAnalogType,
+                                       writable))
+                items.append(_property(ua.NodeId(f"{name}/{point}/EngineeringUnits", idx), nid, 0,
+                                       "EngineeringUnits", ua.Variant(eu_information(unit_of(point)))))
+                callbacks.append((nid, lambda n, a, v=view, p=point: v.read(p)))
+                if writable:
+                    rid = ua.NodeId(f"{name}/{point}/EURange", idx)
+                    items.append(_property(rid, nid, 0, "EURange", view.eu_range(point).Value))
+                    callbacks.append((rid, lambda n, a, v=view, p=point: v.eu_range(p)))
+                    setpoints[nid] = lambda dv, v=view, p=point: v.write(p, dv)
+            status = ua.NodeId(f"{name}/status", idx)
+            items.append(_object(status, obj, idx, "status", ua.ObjectIds.BaseObjectType, ua.ObjectIds.HasComponent))
+            for key in view.status_keys:
+                nid = ua.NodeId(f"{name}/status/{key}", idx)
+                vt = STATUS_TYPES[key]
+                items.append(_variable(nid, status, idx, key, view.values[f"status/{key}"].Value
+                                       or ua.Variant(None, vt), _DATATYPES[vt],
+                                       ua.ObjectIds.BaseDataVariableType, False))
+                callbacks.append((nid, lambda n, a, v=view, k=key: v.read(f"status/{k}")))
+        results = await server.iserver.isession.add_nodes(items)
+        for item, res in zip(items, results, strict=True):
+            if not res.StatusCode.is_good():
+                raise RuntimeError(f"cannot add node {item.BrowseName}: {res.StatusCode.name}")
+        aspace = server.iserver.aspace
+        for nid, cb in callbacks:
+            aspace.set_attribute_value_callback(nid, ua.AttributeIds.Value, cb).check()
+        iserver = server.iserver
+        iserver.attribute_service = _DeviceAttributes(iserver.aspace, setpoints)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+
+    async def __aenter__(self) -> OpcUaEmulatorServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+_DATATYPES = {ua.VariantType.String: ua.ObjectIds.String, ua.VariantType.Boolean: ua.ObjectIds.Boolean,
+              ua.VariantType.UInt32: ua.ObjectIds.UInt32, ua.VariantType.Double: ua.ObjectIds.Double}
+
+
+def _object(nid: ua.NodeId, parent: ua.NodeId, idx: int, name: str, typedef: int, ref: int,
+            description: str = "") -> ua.AddNodesItem:
+    attrs = ua.ObjectAttributes(DisplayName=ua.LocalizedText(name),
+                                Description=ua.LocalizedText(description or name), EventNotifier=0)
+    return ua.AddNodesItem(ParentNodeId=parent, ReferenceTypeId=ua.NodeId(ref), RequestedNewNodeId=nid,
+                           BrowseName=ua.QualifiedName(name, idx), NodeClass=ua.NodeClass.Object,
+                           NodeAttributes=attrs, TypeDefinition=ua.NodeId(typedef))
+
+
+def _variable(nid: ua.NodeId, parent: ua.NodeId, idx: int, name: str, value: ua.Variant, datatype: int,
+              typedef: int, writable: bool, *, prop: bool = False) -> ua.AddNodesItem:
+    access = ua.AccessLevel.CurrentRead.mask | (ua.AccessLevel.CurrentWrite.mask if writable else 0)
+    attrs = ua.VariableAttributes(DisplayName=ua.LocalizedText(name), Description=ua.LocalizedText(name),
+                                  Value=value, DataType=ua.NodeId(datatype), ValueRank=ua.ValueRank.Scalar,
+                                  AccessLevel=access, UserAccessLevel=access)
+    return ua.AddNodesItem(ParentNodeId=parent,
+                           ReferenceTypeId=ua.NodeId(ua.ObjectIds.HasProperty if prop else ua.ObjectIds.HasComponent),
+                           RequestedNewNodeId=nid, BrowseName=ua.QualifiedName(name, idx),
+                           NodeClass=ua.NodeClass.Variable, NodeAttributes=attrs,
+                           TypeDefinition=ua.NodeId(typedef))
+
+
+def _property(nid: ua.NodeId, parent: ua.NodeId, idx: int, name: str, value: ua.Variant) -> ua.AddNodesItem:
+    datatype = {ua.VariantType.String: ua.ObjectIds.String}.get(value.VariantType)
+    if datatype is None:
+        datatype = ua.ObjectIds.EUInformation if isinstance(value.Value, ua.EUInformation) else ua.ObjectIds.Range
+    return _variable(nid, parent, idx, name, value, datatype, ua.ObjectIds.PropertyType, False, prop=True)
+
+
+# =========================================================================== client
+
+
+_ACCESS_ERRORS = {
+    "BadUserAccessDenied": "wrong username or password",
+    "BadIdentityTokenRejected": "the server does not accept this kind of login",
+    "BadIdentityTokenInvalid": "the server does not accept this kind of login",
+    "BadCertificateUntrusted": "the server does not trust our client certificate",
+    "BadCertificateUriInvalid": "our client certificate's application URI does not match",
+    "BadCertificateTimeInvalid": "a certificate is expired or not yet valid",
+    "BadSecurityChecksFailed": "security checks failed (certificate or key mismatch)",
+    "BadSecurityPolicyRejected": "the security policy was rejected",
+}
+
+
+def _policy_name(uri: str) -> str:
+    return uri.rsplit("#", 1)[-1]
+
+
+class OpcUaLink:
+    """One OPC UA session to an endpoint, shared by the devices behind it.
+
+    Like `ModbusLink`: a failed request drops the session; the next request reconnects
+    once the backoff (doubling from `backoff_s` to `backoff_max_s`) has passed and fails
+    fast before that. `generation` is bumped on every new session.
+    """
+
+    def __init__(self, host: str, port: int, security: OpcUaSecurity, *, timeout_s: float = 1.0,
+                 backoff_s: float = 0.5, backoff_max_s: float = 10.0) -> None:
+        self.host, self.port, self.security, self.timeout_s = host, port, security, timeout_s
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self._client: Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._delay = 0.0
+        self._retry_at = 0.0
+        self._connect_lock = asyncio.Lock()
+        self.generation = 0
+        self.last_error: str | None = None
+        self.namespace = 0
+
+    @property
+    def url(self) -> str:
+        return f"opc.tcp://{self.host}:{self.port}/"
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://{self.host}:{self.port}"
+
+    @property
+    def connected(self) -> bool:
+        c = self._client
+        return c is not None and c.uaclient.state is UaClientState.CONNECTED
+
+    def _usable(self) -> bool:
+        return self.connected and self._loop is asyncio.get_running_loop()
+
+    async def ensure(self) -> Client:
+        if self._usable():
+            return self._client  # type: ignore[return-value]
+        if self._client is not None and self._loop is not asyncio.get_running_loop():
+            with contextlib.suppress(Exception):
+                self._client.disconnect_socket()
+            self._client = None
+        async with self._connect_lock:
+            if self._usable():
+                return self._client  # type: ignore[return-value]
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise DeviceUnavailable(f"{self.endpoint}: not connected ({self.last_error}); "
+                                        f"next attempt in {self._retry_at - now:.1f} s")
+            client = Client(self.url, timeout=self.timeout_s, watchdog_intervall=max(1.0, self.timeout_s))
+            client.session_timeout = 60_000  # ms: a session we lost is dropped by the server after 1 min
+            try:
+                await asyncio.wait_for(self._connect(client), self.timeout_s * 4 + 1.0)
+            except AccessDenied as exc:
+                self._failed_connect(client, str(exc))
+                raise
+            except ua.UaStatusCodeError as exc:
+                name = ua.StatusCode(exc.code).name
+                why = _ACCESS_ERRORS.get(name)
+                self._failed_connect(client, name)
+                if why is None:
+                    raise DeviceUnavailable(f"{self.endpoint}: connection refused ({name})") from None
+                raise AccessDenied(self._access_message(name, why)) from None
+            except (TimeoutError, OSError, ua.UaError) as exc:
+                reason = str(exc) or type(exc).__name__
+                self._failed_connect(client, reason)
+                raise DeviceUnavailable(f"{self.endpoint}: cannot connect ({reason})") from None
+            self._client = client
+            self._loop = asyncio.get_running_loop()
+            self._delay = 0.0
+            self.last_error = None
+            self.generation += 1
+            return client
+
+    def _access_message(self, status: str, why: str) -> str:
+        sec = self.security
+        msg = f"{self.endpoint}: refused ({status}): {why}"
+        if status in ("BadUserAccessDenied", "BadIdentityTokenRejected"):
+            msg += f" (user {sec.username!r}; see opcua.username/password)" if sec.username \
+                else " (no username configured: set opcua.username/password)"
+        elif status == "BadCertificateUntrusted" and sec.certs is not None:
+            msg += f" {sec.path('client') / 'cert.der'}; put a copy in the server's trusted client folder"
+        return msg
+
+    async def _connect(self, client: Client) -> None:
+        sec = self.security
+        try:
+            endpoints = await client.connect_and_get_server_endpoints()
+        except (OSError, TimeoutError) as exc:
+            raise DeviceUnavailable(f"{self.endpoint}: cannot connect ({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc or type(exc).__name__})") from None
+        offered = sorted({f"{_policy_name(e.SecurityPolicyUri)} {e.SecurityMode.name.rstrip('_')}" for e in endpoints})
+        if sec.certs is not None:
+            policy_cls = POLICIES[sec.policy][0]
+            mode = ua.MessageSecurityMode.SignAndEncrypt
+            want = f"{sec.policy} SignAndEncrypt"
+        else:
+            policy_cls, mode, want = sp.SecurityPolicyNone, ua.MessageSecurityMode.None_, "None (insecure)"
+        match = [e for e in endpoints if e.SecurityPolicyUri == policy_cls.URI and e.SecurityMode == mode]
+        if not match:
+            hint = ("; the server does not allow insecure connections: set opcua.certs"
+                    if sec.certs is None else "; set opcua.policy to one it offers")
+            raise AccessDenied(f"{self.endpoint}: no {want} endpoint (the server offers: "
+                               f"{', '.join(offered) or 'nothing'}){hint}")
+        if sec.certs is not None:
+            cert, key = sec.require("client")
+            client.application_uri = _cert_uri(_load_cert(cert)) or CLIENT_URI
+            await client.set_security(policy_cls, str(cert), str(key),
+                                      server_certificate=match[0].ServerCertificate, mode=mode)
+            trusted = load_trusted(sec.path("trusted_servers"))
+            if trusted:
+                client.certificate_validator = self._server_validator(trusted)
+        client.name = client.description = "testbed driver"
+        if sec.username:
+            client.set_user(sec.username)
+            client.set_password(sec.password or "")
+        try:
+            await client.connect()
+        except BaseException:
+            client.disconnect_socket()
+            raise
+        self.namespace = await client.get_namespace_index(NAMESPACE_URI)
+
+    def _server_validator(self, trusted: Mapping[bytes, x509.Certificate]) -> Callable[..., Any]:
+        folder = self.security.path("trusted_servers")
+
+        async def validate(cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+            if cert.fingerprint(hashes.SHA256()) not in trusted:
+                raise AccessDenied(f"{self.endpoint}: the server's certificate {_describe(cert)} is not "
+                                   f"in {folder}; copy it there to trust this server")
+        return validate
+
+    def _failed_connect(self, client: Client, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            client.disconnect_socket()
+        self.last_error = reason
+        self._fail()
+
+    def _fail(self) -> None:
+        self._delay = min(self.backoff_max_s, max(self.backoff_s, self._delay * 2))
+        self._retry_at = time.monotonic() + self._delay
+
+    def drop(self, reason: str) -> None:
+        """Forget the session after a failure; the next request waits for the backoff."""
+        self.last_error = reason
+        if self._client is not None:
+            client, self._client = self._client, None
+            client.disconnect_socket()
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().create_task(_quiet_disconnect(client))
+        self._fail()
+
+    async def _call(self, what: str, request: Callable[[Client], Any]) -> Any:
+        client = self._client if self._usable() else await self.ensure()
+        try:
+            return await request(client)
+        except TimeoutError:
+            if self.connected:
+                raise DeviceUnavailable(f"{self.endpoint}: no response to {what} within {self.timeout_s:g} s") from None
+            self.drop("timeout")
+            raise DeviceUnavailable(f"{self.endpoint}: connection lost during {what}") from None
+        except ua.UaStatusCodeError as exc:
+            name = ua.StatusCode(exc.code).name
+            if name in ("BadSessionIdInvalid", "BadSessionClosed", "BadSecureChannelIdInvalid",
+                        "BadUserAccessDenied", "BadConnectionClosed", "BadServerHalted"):
+                self.drop(name)
+                raise DeviceUnavailable(f"{self.endpoint}: session lost during {what} ({name})") from None
+            raise DeviceError(f"{self.endpoint}: {what} failed ({name})") from None
+        except (ConnectionError, OSError, ua.UaError) as exc:
+            self.drop(str(exc) or type(exc).__name__)
+            raise DeviceUnavailable(f"{self.endpoint}: connection lost during {what} ({exc})") from None
+
+    async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
+        """One Read request."""
+        return await self._call("read", lambda c: c.uaclient.read(params))
+
+    async def write(self, params: ua.WriteParameters) -> list[ua.StatusCode]:
+        """One Write request (any number of values)."""
+        return await self._call("write", lambda c: c.uaclient.write(params))
+
+    async def browse_children(self, node: ua.NodeId) -> dict[str, ua.NodeId]:
+        """Browse name -> NodeId of a node's forward hierarchical children (one Browse)."""
+        desc = ua.BrowseDescription(NodeId=node, BrowseDirection=ua.BrowseDirection.Forward,
+                                    ReferenceTypeId=ua.NodeId(ua.ObjectIds.HierarchicalReferences),
+                                    IncludeSubtypes=True, ResultMask=ua.BrowseResultMask.BrowseName)
+        params = ua.BrowseParameters(NodesToBrowse=[desc])
+        results = await self._call("browse", lambda c: c.uaclient.browse(params))
+        res = results[0]
+        if not res.StatusCode.is_good():
+            raise DeviceError(f"{self.endpoint}: browse of {node.to_string()} failed ({res.StatusCode.name})")
+        return {r.BrowseName.Name: r.NodeId for r in res.References}
+
+    def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                client.disconnect_socket()
+                return
+            asyncio.get_running_loop().create_task(_quiet_disconnect(client))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await _quiet_disconnect(client)
+
+
+async def _quiet_disconnect(client: Client) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.disconnect(), 2.0)
+    client.disconnect_socket()
+
+
+class OpcUaDevice(Device):
+    """A device of the `urn:testbed:devices` information model over OPC UA.
+
+    `connect()` browses Objects/Devices/<name> (and its `status`) by browse name; `read()`
+    is one Read request for all of the device's variables; `write()` one Write request.
+    """
+
+    def __init__(self, name: str, link: OpcUaLink, kind: DeviceKind | str | None = None,
+                 browse_name: str | None = None) -> None:
+        self.name = name
+        self.link = link
+        self.browse_name = browse_name or name
+        self.kind = DeviceKind(kind) if kind else None  # type: ignore[assignment]
+        self.nodes: dict[str, ua.NodeId] = {}
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self._points: list[tuple[str, bool]] = []
+        self._params = ua.ReadParameters()
+        self._generation = -1
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.link.endpoint} {DEVICES_FOLDER}/{self.browse_name}"
+
+    def _err(self, msg: object) -> str:
+        return f"{self.name} ({self.endpoint}): {msg}"
+
+    def _named(self, exc: DeviceError) -> DeviceError:
+        if self.name in str(exc):
+            return exc
+        return type(exc)(self._err(str(exc).removeprefix(f"{self.link.endpoint}: ")))
+
+    async def connect(self) -> None:
+        try:
+            await self.link.ensure()
+            await self._discover()
+        except DeviceError as exc:
+            raise self._named(exc) from exc
+
+    async def _discover(self) -> None:
+        ns = self.link.namespace
+        objects = await self.link.browse_children(ua.NodeId(ua.ObjectIds.ObjectsFolder))
+        folder = objects.get(DEVICES_FOLDER)
+        if folder is None:
+            raise DeviceError(self._err(f"no {DEVICES_FOLDER} folder under Objects (not a "
+                                        f"{NAMESPACE_URI} server? namespace index {ns})"))
+        devices = await self.link.browse_children(folder)
+        node = devices.get(self.browse_name)
+        if node is None:
+            raise DeviceError(self._err(f"no device {self.browse_name!r} on this server "
+                                        f"(it has: {', '.join(sorted(devices)) or 'none'})"))
+        children = await self.link.browse_children(node)
+        status = await self.link.browse_children(children["status"]) if "status" in children else {}
+        kind_node = children.get("kind")
+        dvs = await self.link.read(ua.ReadParameters(NodesToRead=[
+            ua.ReadValueId(NodeId=kind_node, AttributeId=ua.AttributeIds.Value)])) if kind_node else []
+        served = dvs[0].Value.Value if dvs and dvs[0].Value is not None else None
+        if self.kind is None:
+            if served not in {k.value for k in DeviceKind}:
+                raise DeviceError(self._err(f"cannot tell the device kind (kind = {served!r})"))
+            self.kind = DeviceKind(served)
+        elif served is not None and served != self.kind.value:
+            raise DeviceError(self._err(f"configured as {self.kind.value} but the server says {served}"))
+        points: list[tuple[str, bool]] = [(n, False) for n in MEASUREMENTS[self.kind] if n in children]
+        points += [(k, True) for k in status]
+        missing = [n for n in MEASUREMENTS[self.kind] if n not in children]
+        if missing:
+            log.info("%s: server lacks %s", self.name, missing)
+        self.nodes = {n: children[n] for n in (*MEASUREMENTS[self.kind], *SETPOINTS[self.kind]) if n in children}
+        self._points = points
+        self._params = ua.ReadParameters(NodesToRead=[
+            ua.ReadValueId(NodeId=status[n] if is_status else children[n], AttributeId=ua.AttributeIds.Value)
+            for n, is_status in points])
+        await self._read_ranges()
+        self._generation = self.link.generation
+
+    async def _read_ranges(self) -> None:
+        """EURange of each setpoint (for messages; the server decides)."""
+        self.ranges = {}
+        found: list[tuple[str, ua.NodeId]] = []
+        for sp_name in SETPOINTS[self.kind]:
+            if sp_name in self.nodes:
+                props = await self.link.browse_children(self.nodes[sp_name])
+                if "EURange" in props:
+                    found.append((sp_name, props["EURange"]))
+        if found:
+            dvs = await self.link.read(ua.ReadParameters(NodesToRead=[
+                ua.ReadValueId(NodeId=n, AttributeId=ua.AttributeIds.Value) for _, n in found]))
+            for (sp_name, _), dv in zip(found, dvs, strict=True):
+                r = dv.Value.Value if dv.Value is not None else None
+                if isinstance(r, ua.Range):
+                    self.ranges[sp_name] = (r.Low, r.High)
+
+    async def _ready(self) -> None:
+        if not self.link._usable() or self._generation != self.link.generation:
+            await self.link.ensure()
+            if self._generation != self.link.generation:
+                await self._discover()
+
+    async def read(self) -> Reading:
+        try:
+            await self._ready()
+            dvs = await self.link.read(self._params)
+        except DeviceError as exc:
+            raise self._named(exc) from exc
+        values: dict[str, Any] = {}
+        status: dict[str, Any] = {}
+        for (name, is_status), dv in zip(self._points, dvs, strict=True):
+            v = dv.Value.Value if dv.Value is not None and (dv.StatusCode is None or dv.StatusCode.is_good()) else None
+            if is_status:
+                status[name] = (v or None) if name == "clamp" else v
+            else:
+                values[name] = v
+        assert self.kind is not None
+        return Reading(self.name, self.kind, time.time(), values, status)
+
+    async def write(self, point: str, value: float) -> None:
+        await self.write_many({point: value})
+
+    async def write_many(self, setpoints: Mapping[str, float]) -> None:
+        """Several setpoints of this device in one Write request."""
+        try:
+            await self._ready()
+        except DeviceError as exc:
+            raise self._named(exc) from exc
+        assert self.kind is not None
+        items = []
+        for point, value in setpoints.items():
+            if point not in SETPOINTS[self.kind] or point not in self.nodes:
+                known = sorted(SETPOINTS[self.kind])
+                raise SetpointRejected(self._err(f"{point!r} is not a setpoint of a {self.kind.value} "
+                                                 f"(setpoints: {', '.join(known) or 'none'})"))
+            items.append((point, value, ua.WriteValue(
+                NodeId=self.nodes[point], AttributeId=ua.AttributeIds.Value,
+                Value=ua.DataValue(ua.Variant(float(value), ua.VariantType.Double)))))
+        try:
+            results = await self.link.write(ua.WriteParameters(NodesToWrite=[w for _, _, w in items]))
+        except DeviceError as exc:
+            raise self._named(exc) from exc
+        refused = []
+        for (point, value, _), status in zip(items, results, strict=True):
+            if not status.is_good():
+                unit = SETPOINTS[self.kind][point].unit
+                rng = self.ranges.get(point)
+                allowed = f"; allowed {rng[0]:g}..{rng[1]:g} {unit}" if rng else ""
+                refused.append(f"{point}={float(value):g} {unit} refused ({status.name}{allowed})")
+        if refused:
+            raise SetpointRejected(self._err("; ".join(refused)))
+
+    async def close(self) -> None:
+        await self.link.aclose()
+

@@ -225,7 +225,9 @@ async def test_a_silent_proposer_is_replaced_by_the_next_in_cpf_order(tmp_path):
                     "meter": k.address, "start": int(t) - 120, "duration_s": 60,
                     "production_kwh": 0.5, "consumption_kwh": 0.5 + 0.3 * i}, at=t)
                 await client.publish(topics.ledger_tx("demo"), msg.raw)
-            await asyncio.sleep(0.5)
+            deadline = time.monotonic() + 20  # readings commit first (whoever proposes)
+            while time.monotonic() < deadline and not all(n.chain.height >= 1 for n in nodes):
+                await asyncio.sleep(0.05)
             pay = messages.sign(layout.key("aggregator"), T.PAYMENT, {
                 "to": layout.key(names[1]).address, "amount": 5, "award": None, "memo": ""},
                 at=time.time())

@@ -196,6 +196,8 @@ class LedgerNode:
             self.mempool.pop(msg.id, None)
             self._reject("proposal dropped a transaction", exc)
         self.stats.proposed += 1
+        log.debug("%s: proposes height %d round %d (%d txs)", self.name,
+                  proposal.block.height, round_, len(proposal.txs))
         self._proposals[(proposal.block.height, proposal.block.hash)] = (
             proposal.block, proposal.txs)
         payload = _wire_block(proposal.block, proposal.txs)
@@ -212,10 +214,24 @@ class LedgerNode:
             return
         if self._voted.get(height) not in (None, block.hash):
             return  # one vote per height
+        # A later round is only legitimate once this node, too, has waited for the earlier
+        # proposers (small tolerance for clock and delivery skew); else round 0 could be
+        # skipped by a validator that simply claims round 1.
+        timeout = self.chain.state.params.round_timeout_s
+        early = (self._height_started + self.block_interval_s + (block.round - 0.25) * timeout
+                 - _time.monotonic())
+        if block.round > 0 and early > 0:
+            log.debug("%s: round %d proposal for %d is %.2f s early", self.name, block.round,
+                      height, early)
+            await asyncio.sleep(early)
+            if self.chain.height + 1 != height or self._voted.get(height) not in (
+                    None, block.hash):
+                return
         self.chain.check_proposal(block, txs, now=self.clock())
         self._proposals[(height, block.hash)] = (block, txs)
         if self.validator and height not in self._voted:
             self._voted[height] = block.hash
+            log.debug("%s: votes for height %d round %d", self.name, height, block.round)
             vote = self.chain.vote(self.key, block)
             await self.bus.publish(topics.block_votes(self.site, height),
                                    canonical.encode(vote.as_dict()), qos=1)

@@ -19,7 +19,8 @@ What is measured
        result dict (parsing and validating every order, building the stored result).
        Reported for information: it is what a validator re-executes.
     3. Messaging round trip: signed messages per second through Mosquitto and the
-       embedded broker -- a placeholder for another engineer (see `messaging_roundtrip`).
+       embedded broker, signed by the sender and fully checked by the receiver, with the
+       same bytes unsigned over the same broker as the baseline (see `messaging_roundtrip`).
 
 Output: a table (rich) and, as the last line on stdout, one JSON object with all figures
 (also written to `--json PATH`). `--check` exits 1 when the target is missed.
@@ -28,6 +29,7 @@ Output: a table (rich) and, as the last line on stdout, one JSON object with all
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -125,17 +127,91 @@ def bench_size(n: int, reps: int, seed: int) -> SizeResult:
 
 
 # =========================================================================== messaging
-# ---- PLACEHOLDER for another engineer -------------------------------------------------
-# "signed messages per second through Mosquitto and the embedded broker": publish the
-# paper's signed bid/offer envelopes (testbed.ledger.messages) over testbed.bus, once
-# through a Mosquitto broker and once through the embedded amqtt broker, and report the
-# round-trip rate. Return a JSON-safe dict of figures (it lands under "messaging" in the
-# output) and add its rows to the table in `run`; return None to skip.
+# Signed bid/offer envelopes (testbed.ledger.messages, the paper's shape) go from a TCR
+# client to an aggregator client over QoS 1, through Mosquitto and through the embedded
+# amqtt broker. The sender signs each message; the receiver does what the aggregator's
+# Inbox does (strict parse, registered key, Ed25519 verify, freshness and replay) and
+# counts. Baseline in the same run: the same bytes, unsigned and unchecked, over the same
+# broker (bus only), so the ratio shows what the signatures cost.
+
+
+async def _roundtrip(url: str, n: int, signed: bool) -> float:
+    from testbed.bus.client import BusClient
+    from testbed.ledger import messages
+    from testbed.ledger import transactions as T
+    from testbed.ledger.identity import KeyPair
+    from testbed.ledger.messages import Freshness
+
+    key = KeyPair.from_seed(b"bench-tcr")
+    keys = {key.address: key.public}
+    auction = "ab" * 32
+    params = {"address": key.address, "cpf": 0.72, "auction": auction,
+              "bid": {"type": "sell", "energy": {"unit": "kWh", "value": 1.25},
+                      "price": {"unit": "EUR/kWh", "value": 0.21}}}
+    template = messages.sign(key, T.ORDER, params, at=time.time()).raw
+    topic = "testbed/bench/market/1/orders"
+    fresh = Freshness(600)
+    async with BusClient(url) as rx, BusClient(url) as tx:
+        sub = await rx.subscribe(topic, qos=1)
+        done = asyncio.get_running_loop().create_future()
+        got = 0
+
+        def on_message(payload: bytes) -> None:
+            nonlocal got
+            if signed:
+                m = messages.parse(payload)
+                fresh.accept(m, keys.get, time.time())
+            got += 1
+            if got == n and not done.done():
+                done.set_result(None)
+
+        async def consume() -> None:
+            async for m in sub:
+                on_message(m.payload)
+
+        consumer = asyncio.create_task(consume())
+        t0 = time.perf_counter()
+
+        def payloads():
+            for _ in range(n):
+                if signed:
+                    yield topic, messages.sign(key, T.ORDER, params, at=time.time()).raw
+                else:
+                    yield topic, template
+        await tx.publish_many(payloads(), qos=1)
+        await asyncio.wait_for(done, 120)
+        elapsed = time.perf_counter() - t0
+        consumer.cancel()
+    return n / elapsed
 
 
 def messaging_roundtrip(s: Settings) -> dict[str, Any] | None:
-    """Signed messages per second through Mosquitto and the embedded broker (TODO)."""
-    return None
+    """Signed messages per second through Mosquitto and the embedded broker."""
+    from testbed.bus.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
+
+    n = s.messages
+    out: dict[str, Any] = {"messages": n}
+
+    async def through(broker: Any) -> dict[str, float]:
+        async with broker:
+            signed = await _roundtrip(broker.url, n, True)
+            bare = await _roundtrip(broker.url, n, False)
+        return {"signed_per_s": round(signed), "unsigned_per_s": round(bare),
+                "ratio": round(signed / bare, 3)}
+
+    if find_mosquitto() is not None:
+        out["mosquitto"] = asyncio.run(through(MosquittoBroker()))
+    out["embedded"] = asyncio.run(through(EmbeddedBroker()))
+    t = Table(title=f"Signed bid/offer messages round-tripped (QoS 1, {n:,} messages)")
+    for col in ("broker", "signed + verified /s", "unsigned /s (bus only)", "ratio"):
+        t.add_column(col, justify="right")
+    for name in ("mosquitto", "embedded"):
+        if name in out:
+            r = out[name]
+            t.add_row(name, f"{r['signed_per_s']:,}", f"{r['unsigned_per_s']:,}",
+                      f"{r['ratio']:.2f}")
+    console.print(t)
+    return out
 
 
 # =========================================================================== main
@@ -146,11 +222,13 @@ class Settings:
     sizes: list[int]
     reps: int
     seed: int
+    messages: int = 20_000
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [1_000, 10_000, TARGET_N]
-    return Settings(sizes, args.reps or (3 if args.quick else 7), args.seed)
+    return Settings(sizes, args.reps or (3 if args.quick else 7), args.seed,
+                    args.messages or (2_000 if args.quick else 20_000))
 
 
 def table(results: list[SizeResult], reps: int) -> Table:
@@ -177,7 +255,7 @@ def run(s: Settings) -> dict[str, Any]:
                   f"orders, {s.reps} runs each (seed {s.seed})")
     results = [bench_size(n, s.reps, s.seed) for n in s.sizes]
     console.print(table(results, s.reps))
-    messaging = messaging_roundtrip(s)
+    messaging = messaging_roundtrip(s) if s.messages > 0 else None
     at_target = next((r for r in results if r.n == TARGET_N), None)
     figures = {
         "benchmark": "market",
@@ -207,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated order counts (default 1000,10000,100000)")
     ap.add_argument("--reps", type=int, default=None, help="runs per size (default 7; quick: 3)")
     ap.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    ap.add_argument("--messages", type=int, default=None,
+                    help="messages per messaging run (default 20000; quick: 2000; 0 skips)")
     ap.add_argument("--quick", action="store_true", help="fewer runs (< 10 s)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
     ap.add_argument("--check", action="store_true", help="exit 1 when the target is missed")

@@ -71,9 +71,10 @@ class NodeStats:
     synced: int = 0
     rejected: list[str] = field(default_factory=list)
     commit_latency_s: list[float] = field(default_factory=list)
-    last_proposal_at: float = 0.0
-    """perf_counter() when this node last published a proposal (bench: commit latency)."""
-    last_commit_at: float = 0.0
+    proposal_at: dict[int, float] = field(default_factory=dict)
+    """perf_counter() when this node published its (last) proposal per height."""
+    commit_at: dict[int, float] = field(default_factory=dict)
+    """perf_counter() when this node committed each height (bench: commit latency)."""
 
 
 class LedgerNode:
@@ -201,7 +202,7 @@ class LedgerNode:
         self._proposals[(proposal.block.height, proposal.block.hash)] = (
             proposal.block, proposal.txs)
         payload = _wire_block(proposal.block, proposal.txs)
-        self.stats.last_proposal_at = _time.perf_counter()
+        self.stats.proposal_at[proposal.block.height] = _time.perf_counter()
         await self.bus.publish(topics.block_proposal(self.site, proposal.block.height),
                                payload, qos=1)
 
@@ -269,7 +270,7 @@ class LedgerNode:
         for m in txs:
             self.mempool.pop(m.id, None)
         self.stats.committed += 1
-        self.stats.last_commit_at = _time.perf_counter()
+        self.stats.commit_at[block.height] = _time.perf_counter()
         self.stats.commit_latency_s.append(_time.monotonic() - self._height_started)
         self._height_started = _time.monotonic()
         for h in [h for h in self._votes if h <= block.height]:

@@ -69,6 +69,20 @@ def independent_election_check(db: Path, window: int = 4) -> int:
     return checked
 
 
+async def start_nodes(layout, names, url: str) -> list[LedgerNode]:
+    """One validator node per name, each with its own store and broker connection."""
+    g = layout.genesis()
+    nodes = []
+    for n in names:
+        bus = BusClient(url, client_id=f"test-{n}")
+        await bus.connect()
+        node = LedgerNode(n, layout.key(n), Chain.open(layout.db_path(n), genesis=g), bus,
+                          "demo", block_interval_s=0.2)
+        await node.start()
+        nodes.append(node)
+    return nodes
+
+
 async def submit_readings(bus: BusClient, layout, names, rounds: int, site: str) -> None:
     """Each validator's meter certifies one interval per round (different |P - C|)."""
     from testbed.bus import topics
@@ -90,14 +104,7 @@ async def test_nodes_over_embedded_broker_commit_poe_elected_blocks(tmp_path):
     names = layout.validators()
     g = layout.genesis()
     async with EmbeddedBroker() as broker:
-        nodes = []
-        for n in names:
-            bus = BusClient(broker.url, client_id=f"t-{n}")
-            await bus.connect()
-            node = LedgerNode(n, layout.key(n), Chain.open(layout.db_path(n), genesis=g), bus,
-                              "demo", block_interval_s=0.2)
-            await node.start()
-            nodes.append(node)
+        nodes = await start_nodes(layout, names, broker.url)
         async with BusClient(broker.url) as client:
             await submit_readings(client, layout, names, 5, "demo")
             # a forged transaction and a replay: refused, the rest goes on
@@ -205,16 +212,8 @@ async def test_a_silent_proposer_is_replaced_by_the_next_in_cpf_order(tmp_path):
     layout = init_ledger(site, tmp_path / "ledger", params=Params(round_timeout_s=1.0))
     names = layout.validators()
     silent = names[0]
-    g = layout.genesis()
     async with EmbeddedBroker() as broker:
-        nodes = []
-        for n in names[1:]:
-            bus = BusClient(broker.url, client_id=f"s-{n}")
-            await bus.connect()
-            node = LedgerNode(n, layout.key(n), Chain.open(layout.db_path(n), genesis=g), bus,
-                              "demo", block_interval_s=0.2)
-            await node.start()
-            nodes.append(node)
+        nodes = await start_nodes(layout, names[1:], broker.url)
         async with BusClient(broker.url) as client:
             # the silent validator is the most self-balanced: elected first each time
             from testbed.bus import topics

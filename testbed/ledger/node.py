@@ -182,13 +182,10 @@ class LedgerNode:
                 continue
             r = self._round_now()
             if (self.validator and self._proposed_round.get(height, -1) < r
-                    and self._proposer_for(r) == self.key.address):
+                    and election.proposer(self.chain.state, r).address == self.key.address):
                 self._proposed_round[height] = r
                 await self._propose(r)
             await asyncio.sleep(0.05)
-
-    def _proposer_for(self, round_: int) -> str:
-        return election.proposer(self.chain.state, round_).address
 
     async def _propose(self, round_: int) -> None:
         pending = list(self.mempool.values())

@@ -18,16 +18,13 @@ from testbed.ledger import transactions as T
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import address_of
 from testbed.ledger.messages import SignedMessage, verify
+from testbed.market.units import UEUR_PER_EUR, eur_to_ueur
 
 POOL = "tb" + "0" * 40
 """The incentive pool: funded in genesis, pays block rewards, has no key."""
 
-MICRO = 1_000_000
-
-
-def to_micro(eur: float) -> int:
-    """The one rounding rule from euros (float) to ledger money (integer micro-euros)."""
-    return int(round(eur * MICRO))
+MICRO = UEUR_PER_EUR
+"""Ledger money is integer micro-euros, the market's unit (`testbed.market.units`)."""
 
 
 @dataclass(frozen=True)
@@ -363,7 +360,7 @@ class LedgerState:
         result = contracts.check_result(auction.contract, auction.contract_inputs(),
                                         p["result"])
         for award in result.get("awards", []):
-            amount = to_micro(float(award["amount_eur"]))
+            amount = eur_to_ueur(float(award["amount_eur"]))
             if amount <= 0:
                 continue
             payer, payee = ((auction.opener, award["address"]) if auction.side == "buy"

@@ -49,6 +49,13 @@ def _bid(side: Side | str, energy_kwh: float, price: float) -> dict[str, Any]:
             "price": {"unit": "EUR/kWh", "value": price}}
 
 
+def order_of(msg: SignedMessage, interval: int) -> Order:
+    """The market order a shape-checked auction-open or bid-offer message carries."""
+    b = msg.parameters["bid"]
+    return Order(msg.id, msg.client_id, Side(b["type"]), float(b["energy"]["value"]),
+                 float(b["price"]["value"]), interval)
+
+
 @dataclass
 class Inbox:
     """Checks incoming market messages; keeps what it refused and why."""
@@ -113,9 +120,10 @@ class AggregatorAgent:
             "address": self.key.address, "interval": interval, "gate": math.ceil(now + gate_s),
             "pricing": PRICING_NAMES[pricing], "contract": CONTRACT,
             "bid": _bid(side, energy_kwh, price)}, at=now)
-        req_order = Order(request.id, self.key.address, side, energy_kwh, price, interval)
+        req_order = order_of(request, interval)
         validate_order(req_order, self.rules)
         received: list[SignedMessage] = []
+        orders: list[Order] = []
         seen: set[str] = set()
         async with await self.bus.subscribe(topics.market_orders(self.site, interval)) as sub:
             await self._record(request)
@@ -137,29 +145,24 @@ class AggregatorAgent:
                     self.inbox.refuse(m.topic, f"order {msg.id[:12]}: address must be the "
                                       "signer's, one order per participant")
                     continue
+                order = order_of(msg, interval)
                 try:
-                    validate_order(self._order(msg, interval), self.rules)
+                    validate_order(order, self.rules)
                 except MarketError as exc:
                     self.inbox.refuse(m.topic, f"order {msg.id[:12]} from {msg.client_id}: "
                                       f"{exc}")
                     continue
                 seen.add(msg.client_id)
                 received.append(msg)
+                orders.append(order)
                 await self._record(msg)
-        clearing = clear(req_order, [self._order(m, interval) for m in received], pricing,
-                         rules=self.rules)
+        clearing = clear(req_order, orders, pricing, rules=self.rules)
         award = messages.sign(self.key, T.AWARD, {
             "auction": request.id, "contract": CONTRACT, "orders": [m.id for m in received],
             "result": clearing.to_dict()}, at=self.clock())
         await self._record(award)
         await self.bus.publish(topics.market_awards(self.site, interval), award.raw)
         return Round(request, received, clearing, award)
-
-    @staticmethod
-    def _order(msg: SignedMessage, interval: int) -> Order:
-        b = msg.parameters["bid"]
-        return Order(msg.id, msg.client_id, Side(b["type"]), float(b["energy"]["value"]),
-                     float(b["price"]["value"]), interval)
 
 
 @dataclass
@@ -225,9 +228,7 @@ class TCRAgent:
             self.inbox.refuse(m.topic, f"request from {msg.client_id}, not the aggregator")
             return
         p = msg.parameters
-        b = p["bid"]
-        request = Order(msg.id, msg.client_id, Side(b["type"]), float(b["energy"]["value"]),
-                        float(b["price"]["value"]), p["interval"])
+        request = order_of(msg, p["interval"])
         mine = respond(request, self.params, self.battery_params, self.battery(), self.mode,
                        address=self.key.address, rules=self.rules)
         answer = Answer(msg, None)

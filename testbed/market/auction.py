@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -39,6 +38,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from operator import itemgetter
 from typing import Any, NamedTuple, TypeVar
+
+from testbed.ledger import canonical
 
 from .orders import (
     DEFAULT_RULES,
@@ -51,7 +52,7 @@ from .orders import (
     Side,
     validate_order,
 )
-from .units import MWH_PER_KWH, UEUR_PER_EUR, to_mwh
+from .units import MWH_PER_KWH, UEUR_PER_EUR, eur_to_ueur, to_mwh
 
 CONTRACT = "market/merit-order-v1"
 """Versioned name of this rule set: a change of rules is a new name, old blocks re-verify."""
@@ -87,7 +88,7 @@ class Award(NamedTuple):
 
     @property
     def amount_ueur(self) -> int:
-        return round(self.amount_eur * UEUR_PER_EUR)
+        return eur_to_ueur(self.amount_eur)
 
     def to_dict(self) -> dict[str, Any]:
         return {"order_id": self.order_id, "address": self.address, "side": str(self.side),
@@ -181,8 +182,7 @@ class Clearing:
 
 def canonical_json(obj: Any) -> str:
     """The ledger's encoding: sorted keys, no whitespace, UTF-8, NaN/Infinity refused."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return canonical.encode(obj).decode()
 
 
 # --------------------------------------------------------------------------- reasons

@@ -44,5 +44,10 @@ def amount_ueur(energy_kwh: float, price_eur_per_kwh: float) -> int:
     return round(to_mwh(energy_kwh) * price_eur_per_kwh)
 
 
+def eur_to_ueur(amount_eur: float) -> int:
+    """Back from a stored euro amount (an `amount_ueur` / 1e6) to its exact micro-euros."""
+    return round(amount_eur * UEUR_PER_EUR)
+
+
 def ueur_to_eur(amount: int) -> float:
     return amount / UEUR_PER_EUR

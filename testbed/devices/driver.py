@@ -108,6 +108,10 @@ class Device(abc.ABC):
     def endpoint(self) -> str:
         """Where the device is, for messages and tables."""
 
+    def _err(self, msg: object) -> str:
+        """An error message that names the device and where it is."""
+        return f"{self.name} ({self.endpoint}): {msg}"
+
     async def __aenter__(self) -> Device:
         await self.connect()
         return self

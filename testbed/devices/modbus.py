@@ -404,9 +404,6 @@ class SunSpecDevice(Device):
     def endpoint(self) -> str:
         return f"{self.link.endpoint} unit {self.unit}"
 
-    def _err(self, exc: Exception) -> str:
-        return f"{self.name} ({self.endpoint}): {exc}"
-
     def _named(self, exc: DeviceError) -> DeviceError:
         """The same kind of error, its message prefixed with this device's name and endpoint."""
         if self.name in str(exc):
@@ -426,13 +423,13 @@ class SunSpecDevice(Device):
         kind = infer_kind(ids)
         if self.kind is None:
             if kind is None:
-                raise NotSunSpec(self._err(Exception(f"models {ids} fit no known device kind")))
+                raise NotSunSpec(self._err(f"models {ids} fit no known device kind"))
             self.kind = kind
         wanted = set(KIND_MODELS[self.kind]) & set(ids)
         if not wanted:
-            raise NotSunSpec(self._err(Exception(
+            raise NotSunSpec(self._err(
                 f"configured as {self.kind.value} but offers models {ids} "
-                f"(needs one of {KIND_MODELS[self.kind]})")))
+                f"(needs one of {KIND_MODELS[self.kind]})"))
         static = {m.id for m in self.models if m.id in STATIC_MODELS}
         self.static = await self._read_models(plan_reads(self.models, static), static)
         self._wanted = wanted - static
@@ -460,7 +457,7 @@ class SunSpecDevice(Device):
                 first = pieces[0][0] if pieces else end
                 data = b"".join(c[2] for c in pieces)
                 if first > m.address or first + len(data) // 2 < end:
-                    raise NotSunSpec(self._err(Exception(f"model {m.id} at {m.address} is not covered by the reads")))
+                    raise NotSunSpec(self._err(f"model {m.id} at {m.address} is not covered by the reads"))
                 out[m.id] = ModelValues(m.definition, data, 2 * (m.address - first))
         return out
 
@@ -506,14 +503,14 @@ class SunSpecDevice(Device):
             mid = int(mid_s)
             model = next((m for m in self.models if m.id == mid), None)
             if model is None or model.definition is None or pname not in model.definition.points:
-                raise SetpointRejected(self._err(Exception(f"no point {point!r} on this device")))
+                raise SetpointRejected(self._err(f"no point {point!r} on this device"))
             return mid, pname
         hits = [(m.id, point) for m in self.models if m.definition and point in m.definition.points]
         if len(hits) != 1:
             known = sorted(SETPOINT_NAMES.get(self.kind, ())) if self.kind else []
             why = "no such point" if not hits else f"ambiguous, in models {[h[0] for h in hits]}"
-            raise SetpointRejected(self._err(Exception(
-                f"{point!r}: {why}; use a setpoint {known} or MODEL.POINT")))
+            raise SetpointRejected(self._err(
+                f"{point!r}: {why}; use a setpoint {known} or MODEL.POINT"))
         return hits[0]
 
     async def write_point(self, model_id: int, point: str, value: float | int | str) -> None:
@@ -522,7 +519,7 @@ class SunSpecDevice(Device):
         assert m.definition is not None
         p = m.definition.point(point)
         if not p.writable:
-            raise SetpointRejected(self._err(Exception(f"{model_id}.{point} is read-only")))
+            raise SetpointRejected(self._err(f"{model_id}.{point} is read-only"))
         raw: int | float | str = value
         if p.sf is not None and not isinstance(value, str):
             sf = p.sf if isinstance(p.sf, int) else (self.last.get(model_id) or self.static.get(model_id) or {}).get(p.sf)
@@ -604,13 +601,13 @@ NEUTRAL = {DeviceKind.PV: _pv_values, DeviceKind.BATTERY: _battery_values,
 
 def _pv_limit(dev: SunSpecDevice, value: float) -> list[tuple[int, str, float]]:
     if not 0.0 <= value <= 100.0:
-        raise SetpointRejected(dev._err(Exception(f"limit_pct {value:g} outside 0..100 %")))
+        raise SetpointRejected(dev._err(f"limit_pct {value:g} outside 0..100 %"))
     return [(123, "WMaxLimPct", value), (123, "WMaxLim_Ena", 1)]
 
 
 def _pv_enable(dev: SunSpecDevice, value: float) -> list[tuple[int, str, float]]:
     if value not in (0.0, 1.0):
-        raise SetpointRejected(dev._err(Exception(f"limit_enabled must be 0 or 1, got {value:g}")))
+        raise SetpointRejected(dev._err(f"limit_enabled must be 0 or 1, got {value:g}"))
     return [(123, "WMaxLim_Ena", value)]
 
 
@@ -621,10 +618,10 @@ def _battery_power(dev: SunSpecDevice, value: float) -> list[tuple[int, str, flo
     max_dis = b.get("WDisChaRteMax")
     max_ch = s.get("WChaMax") or b.get("WChaRteMax")
     if not max_dis or not max_ch:
-        raise SetpointRejected(dev._err(Exception("device does not state its charge/discharge ratings")))
+        raise SetpointRejected(dev._err("device does not state its charge/discharge ratings"))
     if not -max_ch <= value <= max_dis:
-        raise SetpointRejected(dev._err(Exception(
-            f"power_w {value:g} W outside -{max_ch:g} (charge) .. +{max_dis:g} (discharge) W")))
+        raise SetpointRejected(dev._err(
+            f"power_w {value:g} W outside -{max_ch:g} (charge) .. +{max_dis:g} (discharge) W"))
     if value > 0:
         return [(124, "OutWRte", value / max_dis * 100), (124, "InWRte", 0), (124, "StorCtl_Mod", 2)]
     if value < 0:

@@ -900,9 +900,6 @@ class OpcUaDevice(Device):
     def endpoint(self) -> str:
         return f"{self.link.endpoint} {DEVICES_FOLDER}/{self.browse_name}"
 
-    def _err(self, msg: object) -> str:
-        return f"{self.name} ({self.endpoint}): {msg}"
-
     def _named(self, exc: DeviceError) -> DeviceError:
         if self.name in str(exc):
             return exc

@@ -44,12 +44,16 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed.ledger import messages  # noqa: E402
+from testbed.bus import topics  # noqa: E402
+from testbed.bus.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto  # noqa: E402
+from testbed.bus.client import BusClient  # noqa: E402
+from testbed.ledger import election, messages  # noqa: E402
 from testbed.ledger import transactions as T  # noqa: E402
-from testbed.ledger.blocks import Vote, encode_certificate  # noqa: E402
+from testbed.ledger.blocks import Block, Vote, encode_certificate  # noqa: E402
 from testbed.ledger.chain import Chain, make_genesis  # noqa: E402
 from testbed.ledger.identity import KeyPair  # noqa: E402
 from testbed.ledger.messages import Freshness  # noqa: E402
+from testbed.ledger.node import LedgerNode  # noqa: E402
 from testbed.ledger.state import MICRO, Params  # noqa: E402
 
 console = Console(stderr=True)
@@ -124,7 +128,6 @@ def throughput(n_txs: int, block: int, tmp: Path, validators_inproc: int = 1) ->
                 msgs.append(m)
             if node == 0:
                 batch = msgs
-        from testbed.ledger import election
         proposer = by_addr[election.proposer(chain.state).address]
         p = chain.propose(proposer, batch, time=time.time())
         assert not p.dropped, p.dropped[:1]
@@ -142,9 +145,6 @@ def throughput(n_txs: int, block: int, tmp: Path, validators_inproc: int = 1) ->
 
 
 async def commit_latency(n_validators: int, blocks: int, broker_kind: str, tmp: Path) -> dict:
-    from testbed.bus.broker import EmbeddedBroker, MosquittoBroker, find_mosquitto
-    from testbed.bus.client import BusClient
-    from testbed.ledger.node import LedgerNode
 
     g, _, agg, vals = make_chain(n_validators, None)
     use_mosquitto = broker_kind == "mosquitto" and find_mosquitto() is not None
@@ -161,7 +161,6 @@ async def commit_latency(n_validators: int, blocks: int, broker_kind: str, tmp: 
             nodes.append(node)
         client = BusClient(broker.url)
         await client.connect()
-        from testbed.bus import topics
         for b in range(blocks):
             now = time.time()
             batch = [(topics.ledger_tx("bench"), messages.sign(
@@ -179,7 +178,6 @@ async def commit_latency(n_validators: int, blocks: int, broker_kind: str, tmp: 
         store = nodes[0].chain.store
         lat, sizes = [], []
         for h in range(1, nodes[0].chain.height + 1):
-            from testbed.ledger.blocks import Block
             blk = Block.parse(store.block(h).raw)
             proposed = by_key[blk.proposer].stats.proposal_at[h]
             lat.append(max(n.stats.commit_at[h] for n in nodes) - proposed)

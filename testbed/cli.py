@@ -321,6 +321,7 @@ def ledger_init(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing chain.")] = False,
 ) -> None:
     """Keys, registry (CSM-DB) and genesis for SITE's prosumers; one node DB each."""
+    from .ledger.identity import address_of
     from .ledger.setup import init_ledger
 
     cfg = _site(site)
@@ -334,8 +335,6 @@ def ledger_init(
     for col in ("name", "address", "roles", "mode", "node database"):
         table.add_column(col)
     for e in g.header["registry"]:
-        from .ledger.identity import address_of
-
         db = str(layout.db_path(e["name"])) if "validator" in e["roles"] else ""
         table.add_row(e["name"], address_of(bytes.fromhex(e["public_key"])),
                       ",".join(e["roles"]), e["mode"], db)
@@ -373,11 +372,10 @@ def ledger_show(
     """Blocks (proposer, CPF, round, transactions) or one block in detail."""
     from .ledger import messages
     from .ledger.blocks import Block
-    from .ledger.store import Store
 
     chain = _open_chain(db)
     names = {a: e.name for a, e in chain.state.identities.items()}
-    store = Store(db, readonly=True)
+    store = chain.store
     if height is None:
         table = Table(title=f"chain {chain.id[:16]}…, height {chain.height}")
         for col in ("height", "time (UTC)", "proposer", "round", "CPF", "txs", "hash"):
@@ -396,7 +394,7 @@ def ledger_show(
         err.print(f"[red]error:[/] {db} has no block {height} (height {chain.height})")
         raise typer.Exit(2)
     blk = Block.parse(b.raw, genesis=height == 0)
-    console.print_json(data=blk.header if height else {k: v for k, v in blk.header.items()})
+    console.print_json(data=blk.header)
     table = Table(title=f"block {height}: {len(b.txs)} transactions")
     for col in ("#", "operation", "from", "date", "parameters", "id"):
         table.add_column(col, overflow="fold")

@@ -9,6 +9,7 @@ from testbed.ledger import election, messages
 from testbed.ledger import transactions as T
 from testbed.ledger.blocks import Block, Vote, encode_certificate
 from testbed.ledger.chain import Chain, Proposal, make_genesis
+from testbed.ledger.contracts import execute
 from testbed.ledger.identity import KeyPair
 from testbed.ledger.messages import SignedMessage
 from testbed.ledger.state import MICRO, POOL, Params
@@ -50,6 +51,38 @@ class Net:
         return self.sign(payer, T.PAYMENT, {"to": payee, "amount": amount, "award": award,
                                             "memo": ""}, **kw)
 
+    def auction(self, contract: str, *, energy: float, price: float, interval: int,
+                gate: int, side: str = "buy") -> SignedMessage:
+        """The aggregator opens an auction (its bid or offer)."""
+        return self.sign(self.aggregator, T.AUCTION, {
+            "address": self.aggregator.address, "interval": interval, "gate": gate,
+            "pricing": "pay-as-bid", "contract": contract, "bid": _bid(side, energy, price)})
+
+    def order(self, key: KeyPair, auction: str, *, energy: float, price: float,
+              side: str = "sell", cpf: float = 0.5) -> SignedMessage:
+        """A prosumer's answer to an auction."""
+        return self.sign(key, T.ORDER, {"address": key.address, "cpf": cpf,
+                                        "auction": auction, "bid": _bid(side, energy, price)})
+
+    def award(self, auction: str, contract: str, orders: Sequence[str],
+              result: dict) -> SignedMessage:
+        return self.sign(self.aggregator, T.AWARD, {"auction": auction, "contract": contract,
+                                                    "orders": list(orders), "result": result})
+
+    def open_and_award(self, contract: str, *, seller: KeyPair, price: float = 0.2,
+                       energy: float = 5.0) -> tuple[SignedMessage, SignedMessage]:
+        """One auction with one order, committed and awarded with the contract's result."""
+        gate = int(self.time) + 10
+        req = self.auction(contract, energy=energy, price=0.3, interval=7, gate=gate)
+        self.commit([req])
+        order = self.order(seller, req.id, energy=energy, price=price)
+        self.commit([order])
+        self.time = gate + 1
+        result = execute(contract, self.chain.state.auctions[req.id].contract_inputs())
+        award = self.award(req.id, contract, [order.id], result)
+        self.commit([award])
+        return req, award
+
     def propose(self, txs: Sequence[SignedMessage], *, round_: int = 0,
                 dt: float = 1.0) -> Proposal:
         self.time += dt
@@ -70,6 +103,11 @@ class Net:
         for c in self.chains:
             c.commit(p.block, p.txs, cert)
         return p
+
+
+def _bid(side: str, energy: float, price: float) -> dict:
+    return {"type": side, "energy": {"unit": "kWh", "value": energy},
+            "price": {"unit": "EUR/kWh", "value": price}}
 
 
 def make_net(n: int = 4, *, nodes: int = 2, params: Params | None = None,

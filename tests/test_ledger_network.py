@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from testbed.bus import topics
 from testbed.bus.broker import EmbeddedBroker, MosquittoBroker
 from testbed.bus.client import BusClient
-from testbed.config import load_site
+from testbed.config import SiteConfig, load_site
 from testbed.ledger import canonical, messages
 from testbed.ledger import transactions as T
 from testbed.ledger.blocks import Block
 from testbed.ledger.chain import Chain, verify_store
+from testbed.ledger.identity import address_of
 from testbed.ledger.node import LedgerNode
 from testbed.ledger.setup import init_ledger
 from testbed.ledger.state import Params
@@ -37,7 +39,6 @@ def independent_election_check(db: Path, window: int = 4) -> int:
     validators = {}
     for e in g.header["registry"]:
         if "validator" in e["roles"]:
-            from testbed.ledger.identity import address_of
             validators[address_of(bytes.fromhex(e["public_key"]))] = e["name"]
     readings: dict[str, list[tuple[float, float]]] = {a: [] for a in validators}
     prev = g.hash
@@ -85,7 +86,6 @@ async def start_nodes(layout, names, url: str) -> list[LedgerNode]:
 
 async def submit_readings(bus: BusClient, layout, names, rounds: int, site: str) -> None:
     """Each validator's meter certifies one interval per round (different |P - C|)."""
-    from testbed.bus import topics
     t = time.time()
     for r in range(rounds):
         for i, n in enumerate(names):
@@ -112,7 +112,6 @@ async def test_nodes_over_embedded_broker_commit_poe_elected_blocks(tmp_path):
             good = messages.sign(layout.key("aggregator"), T.PAYMENT, {
                 "to": k.address, "amount": 1234, "award": None, "memo": "test"},
                 at=time.time())
-            from testbed.bus import topics
             forged = canonical.decode(good.raw)
             forged["parameters"]["amount"] = 999999
             await client.publish(topics.ledger_tx("demo"), canonical.encode(forged))
@@ -203,7 +202,6 @@ async def test_killed_node_restarts_and_catches_up_over_mosquitto(tmp_path):
 
 async def test_a_silent_proposer_is_replaced_by_the_next_in_cpf_order(tmp_path):
     """Four validators, one never starts: heights it would propose commit in round 1."""
-    from testbed.config import SiteConfig
     base = load_site("demo").model_dump()
     extra = {**base["prosumers"][0], "name": "house-4",
              "devices": [{**d, "name": f"{d['name']}-4", "port": 0}
@@ -216,7 +214,6 @@ async def test_a_silent_proposer_is_replaced_by_the_next_in_cpf_order(tmp_path):
         nodes = await start_nodes(layout, names[1:], broker.url)
         async with BusClient(broker.url) as client:
             # the silent validator is the most self-balanced: elected first each time
-            from testbed.bus import topics
             t = time.time()
             for i, n in enumerate(names):
                 k = layout.key(n)

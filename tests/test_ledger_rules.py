@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -162,7 +163,7 @@ def test_overdraw_and_double_settlement_are_refused():
     p = net.propose([net.pay(v0, net.validators[1].address, 1)])  # v0 holds nothing
     assert p.dropped[0][1].reason == Reason.OVERDRAW
     # an award obliges the aggregator to pay v0 once
-    auction, award = open_and_award(net, "test/first-come-v1", seller=v0)
+    auction, award = net.open_and_award("test/first-come-v1", seller=v0)
     line = [k for k in net.chain.state.lines if k[0] == award.id]
     assert line == [(award.id, net.aggregator.address, v0.address)]
     due = net.chain.state.lines[line[0]][0]
@@ -180,57 +181,25 @@ def test_overdraw_and_double_settlement_are_refused():
     assert p.txs == [a] and p.dropped[0][1].reason == Reason.OVERDRAW
 
 
-def open_and_award(net, contract, *, seller, price=0.2, energy=5.0, claimed=None):
-    agg = net.aggregator
-    gate = int(net.time) + 10
-    req = net.sign(agg, T.AUCTION, {
-        "address": agg.address, "interval": 7, "gate": gate, "pricing": "pay-as-bid",
-        "contract": contract, "bid": {"type": "buy", "energy": {"unit": "kWh", "value": energy},
-                                      "price": {"unit": "EUR/kWh", "value": 0.3}}})
-    net.commit([req])
-    order = net.sign(seller, T.ORDER, {
-        "address": seller.address, "cpf": 0.5, "auction": req.id,
-        "bid": {"type": "sell", "energy": {"unit": "kWh", "value": energy},
-                "price": {"unit": "EUR/kWh", "value": price}}})
-    net.commit([order])
-    net.time = gate + 1
-    inputs = net.chain.state.auctions[req.id].contract_inputs()
-    result = execute(contract, inputs) if claimed is None else claimed
-    award = net.sign(agg, T.AWARD, {"auction": req.id, "contract": contract,
-                                    "orders": [order.id], "result": result})
-    net.commit([award])
-    return req, award
-
-
 def test_contract_result_must_equal_re_execution():
     net = make_net()
     seller = net.validators[1]
-    agg = net.aggregator
-    req, _ = open_and_award(net, "test/first-come-v1", seller=seller)
+    req, _ = net.open_and_award("test/first-come-v1", seller=seller)
     # a second auction whose award claims more money than the contract computes
     gate = int(net.time) + 10
-    req2 = net.sign(agg, T.AUCTION, {
-        "address": agg.address, "interval": 8, "gate": gate, "pricing": "pay-as-bid",
-        "contract": "test/first-come-v1", "bid": {
-            "type": "buy", "energy": {"unit": "kWh", "value": 1.0},
-            "price": {"unit": "EUR/kWh", "value": 0.3}}})
-    order = net.sign(seller, T.ORDER, {
-        "address": seller.address, "cpf": 0.5, "auction": req2.id,
-        "bid": {"type": "sell", "energy": {"unit": "kWh", "value": 1.0},
-                "price": {"unit": "EUR/kWh", "value": 0.1}}})
+    req2 = net.auction("test/first-come-v1", energy=1.0, price=0.3, interval=8, gate=gate)
+    order = net.order(seller, req2.id, energy=1.0, price=0.1)
     net.commit([req2, order])
     net.time = gate + 1
     honest = execute("test/first-come-v1", net.chain.state.auctions[req2.id].contract_inputs())
     cheat = canonical.decode(canonical.encode(honest))
     cheat["awards"][0]["amount_eur"] = 10.0
-    bad = net.sign(agg, T.AWARD, {"auction": req2.id, "contract": "test/first-come-v1",
-                                  "orders": [order.id], "result": cheat})
+    bad = net.award(req2.id, "test/first-come-v1", [order.id], cheat)
     before = net.chain.state.digest()
     p = net.propose([bad])
     assert p.dropped[0][1].reason == Reason.CONTRACT_MISMATCH
     assert net.chain.state.digest() == before
-    censored = net.sign(agg, T.AWARD, {"auction": req2.id, "contract": "test/first-come-v1",
-                                       "orders": [], "result": {"awards": []}})
+    censored = net.award(req2.id, "test/first-come-v1", [], {"awards": []})
     p = net.propose([censored])
     assert p.dropped[0][1].reason == Reason.CONTRACT_MISMATCH  # every order must count
     with pytest.raises(Rejected) as info:
@@ -262,7 +231,6 @@ def test_ties_and_validators_without_readings_break_deterministically():
     net.commit([net.reading(k, 1.0, 1.5) for k in net.validators[:2]])
     a = [s.address for s in election.ranking(net.chain.state)]
     assert set(a[:2]) == {k.address for k in net.validators[:2]}  # readings rank first
-    import hashlib
     head = net.chain.state.head
     tie = sorted(a[:2], key=lambda x: hashlib.sha256(f"{head}|{x}".encode()).hexdigest())
     assert a[:2] == tie
@@ -308,16 +276,9 @@ def test_pseudonyms_are_certified_by_the_registry_and_auditable():
                                                                   pseudo.address),
         "valid_from": int(net.time), "valid_to": int(net.time) + 3600})
     net.commit([cert])
-    agg = net.aggregator
-    req = net.sign(agg, T.AUCTION, {
-        "address": agg.address, "interval": 1, "gate": int(net.time) + 60,
-        "pricing": "pay-as-bid", "contract": "test/first-come-v1",
-        "bid": {"type": "buy", "energy": {"unit": "kWh", "value": 1.0},
-                "price": {"unit": "EUR/kWh", "value": 0.3}}})
-    order = net.sign(pseudo, T.ORDER, {
-        "address": pseudo.address, "cpf": 0.9, "auction": req.id,
-        "bid": {"type": "sell", "energy": {"unit": "kWh", "value": 1.0},
-                "price": {"unit": "EUR/kWh", "value": 0.1}}})
+    req = net.auction("test/first-come-v1", energy=1.0, price=0.3, interval=1,
+                      gate=int(net.time) + 60)
+    order = net.order(pseudo, req.id, energy=1.0, price=0.1, cpf=0.9)
     p = net.commit([req, order])
     assert p.txs == [req, order]
     assert owner.address not in canonical.encode(order.as_dict()).decode()
@@ -369,19 +330,12 @@ def test_the_markets_merit_order_auction_runs_as_a_contract():
     award obliges the aggregator to pay each winner exactly the cleared amount once."""
     from testbed.market.auction import CONTRACT
     net = make_net(3)
-    agg = net.aggregator
     gate = int(net.time) + 10
-    req = net.sign(agg, T.AUCTION, {
-        "address": agg.address, "interval": 3, "gate": gate, "pricing": "pay-as-bid",
-        "contract": CONTRACT, "bid": {"type": "buy", "energy": {"unit": "kWh", "value": 3.0},
-                                      "price": {"unit": "EUR/kWh", "value": 0.25}}})
+    req = net.auction(CONTRACT, energy=3.0, price=0.25, interval=3, gate=gate)
     net.commit([req])
     offers = [(net.validators[0], 2.0, 0.20), (net.validators[1], 2.0, 0.10),
               (net.validators[2], 5.0, 0.30)]  # the last is above the aggregator's price
-    orders = [net.sign(k, T.ORDER, {
-        "address": k.address, "cpf": 0.5, "auction": req.id,
-        "bid": {"type": "sell", "energy": {"unit": "kWh", "value": e},
-                "price": {"unit": "EUR/kWh", "value": p}}}) for k, e, p in offers]
+    orders = [net.order(k, req.id, energy=e, price=p) for k, e, p in offers]
     assert not net.commit(orders).dropped
     net.time = gate + 1
     result = execute(CONTRACT, net.chain.state.auctions[req.id].contract_inputs())
@@ -390,8 +344,7 @@ def test_the_markets_merit_order_auction_runs_as_a_contract():
         (net.validators[1].address, 2.0), (net.validators[0].address, 1.0)]
     statuses = {n["address"]: n["status"] for n in result["notices"]}
     assert statuses[net.validators[2].address] == "rejected"
-    award = net.sign(agg, T.AWARD, {"auction": req.id, "contract": CONTRACT,
-                                    "orders": [o.id for o in orders], "result": result})
+    award = net.award(req.id, CONTRACT, [o.id for o in orders], result)
     assert not net.commit([award]).dropped
     lines = {k[2]: v for k, v in net.chain.state.lines.items() if k[0] == award.id}
     assert lines == {net.validators[1].address: (200_000, False),

@@ -24,8 +24,7 @@ def ledger_db(tmp_path_factory):
         txs = [net.reading(k, 0.5 + 0.1 * i, 0.7) for i, k in enumerate(net.validators)]
         txs.append(net.pay(net.aggregator, net.validators[h % 4].address, 1000 + h))
         assert not net.commit(txs).dropped
-    from test_ledger_rules import open_and_award
-    open_and_award(net, "test/first-come-v1", seller=net.validators[0])
+    net.open_and_award("test/first-come-v1", seller=net.validators[0])
     for c in net.chains:
         c.store.close()
     return d / "a.db", net

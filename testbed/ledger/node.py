@@ -40,6 +40,7 @@ from testbed.ledger.chain import Chain
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair
 from testbed.ledger.messages import Freshness, SignedMessage
+from testbed.ledger.setup import LedgerLayout
 
 log = logging.getLogger("testbed.ledger.node")
 SYNC_BATCH = 20
@@ -330,8 +331,6 @@ async def run_node(layout_root: str, name: str, *, bus_url: str, site: str,
                    block_interval_s: float = 0.5, stop: asyncio.Event | None = None,
                    on_start: Callable[[LedgerNode], None] | None = None) -> LedgerNode:
     """Run one validator from a `testbed ledger init` folder until `stop` is set."""
-    from testbed.ledger.setup import LedgerLayout
-
     layout = LedgerLayout(Path(layout_root))
     genesis = layout.genesis()
     chain = Chain.open(layout.db_path(name), genesis=genesis)

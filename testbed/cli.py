@@ -449,3 +449,81 @@ def ledger_node(
     except (BusError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
+
+
+# --------------------------------------------------------------------------- grid
+
+grid_app = typer.Typer(help="The DSO check on the site's pandapower feeder.", no_args_is_help=True)
+app.add_typer(grid_app, name="grid")
+LIGHT_STYLE = {"green": "green", "amber": "yellow", "red": "red"}
+
+
+@grid_app.command("feeders")
+def grid_feeders() -> None:
+    """List the bundled LV feeders a site's `grid.network` can name."""
+    from .grid.network import FEEDERS
+
+    t = Table("name", "feeder")
+    for name, (_, desc) in FEEDERS.items():
+        t.add_row(name, desc)
+    console.print(t)
+
+
+@grid_app.command("check")
+def grid_check(
+    site: SiteArg,
+    inject: Annotated[list[str], typer.Option(
+        "--inject", "-i", help="PROSUMER=W net injection (+ export, - import); repeatable.")] = [],  # noqa: B006
+    background: Annotated[float | None, typer.Option(
+        help="Scale of the network's own loads (default: the site's grid.background).")] = None,
+    detail: Annotated[bool, typer.Option(help="Print every bus voltage.")] = False,
+) -> None:
+    """Run one power flow with the given injections: connections, voltages, loadings, light."""
+    from .grid import GridError
+    from .grid.feeder import checker_for
+
+    s = _site(site)
+    base: dict[str, float] = {}
+    for item in inject:
+        name, sep, value = item.partition("=")
+        try:
+            base[name] = base.get(name, 0.0) + float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            err.print(f"[red]error:[/] --inject {item!r}: expected PROSUMER=WATTS, e.g. "
+                      "house-1=3500", highlight=False)
+            raise typer.Exit(2) from None
+    try:
+        checker = checker_for(s)
+        report = checker.check(base, background=s.grid.background if background is None
+                               else background)
+    except GridError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    conn = Table("prosumer", "bus", "mapping", "injection W", "voltage p.u.",
+                 title=f"{s.name} on {s.grid.network}")
+    volts = report.voltages()
+    for c in checker.connections:
+        conn.add_row(c.prosumer, c.label, "auto" if c.automatic else "site file",
+                     f"{base.get(c.prosumer, 0.0):,.0f}", f"{volts.get(c.label, float('nan')):.4f}")
+    console.print(conn)
+    style = LIGHT_STYLE[str(report.light)]
+    lim = checker.limits
+    console.print(f"[{style}]{str(report.light).upper()}[/]  V {report.vm_min_pu:.4f}-"
+                  f"{report.vm_max_pu:.4f} p.u. (hard {lim.vm_min_pu}-{lim.vm_max_pu}, "
+                  f"planning {lim.plan_vm_min_pu}-{lim.plan_vm_max_pu}); line max "
+                  f"{report.max_line_pct:.1f} %, transformer max {report.max_trafo_pct:.1f} %; "
+                  f"losses {report.losses_w:,.0f} W; import {report.import_w:,.0f} W"
+                  + ("" if report.converged else f"\n{report.reason}"), highlight=False)
+    if report.violations:
+        vt = Table("band", "kind", "element", "value", "limit")
+        for v in report.violations:
+            vt.add_row(v.band, str(v.kind), v.element, f"{v.value:.4f}", f"{v.limit:g}")
+        console.print(vt)
+    if detail:
+        bt = Table("bus", "V p.u.")
+        for bus, v in volts.items():
+            bt.add_row(bus, f"{v:.5f}")
+        console.print(bt)
+    raise typer.Exit(0 if report.light != "red" else 1)

@@ -16,10 +16,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .devices.driver import DeviceKind
 from .devices.models import BatteryParams, LoadParams, MeterParams, ProsumerParams, PVParams
+from .grid.limits import GridLimits
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -212,12 +221,35 @@ class OpcUaConfig(_Strict):
         return self
 
 
+class GridConfig(_Strict):
+    """The feeder the DSO check runs on (`testbed.grid`)."""
+
+    network: str = "cigre-lv"
+    """A bundled feeder (cigre-lv, kerber-landnetz, kerber-dorfnetz, kerber-vorstadtnetz)
+    or a pandapower JSON file (relative to the site file)."""
+    buses: dict[Annotated[str, Field(pattern=NAME)], str | int] = {}
+    """prosumer -> bus name or index; prosumers not listed are connected automatically
+    (the feeder's house connection points in order)."""
+    limits: GridLimits = GridLimits()
+    background: Annotated[float, Field(ge=0, le=10)] = 1.0
+    """Scale of the network's own loads and generators (0 = only our prosumers)."""
+    engine: Literal["auto", "fast", "pandapower"] = "auto"
+    enabled: bool = True
+
+
 class SiteConfig(_Strict):
     name: Annotated[str, Field(pattern=NAME)]
     description: str = ""
     emulation: EmulationConfig = EmulationConfig()
     opcua: OpcUaConfig = OpcUaConfig()
+    grid: GridConfig = GridConfig()
     prosumers: list[ProsumerConfig] = Field(min_length=1)
+    _source: str = PrivateAttr(default="")
+
+    @property
+    def source(self) -> str:
+        """The file this site was loaded from ('' if built in code): error messages name it."""
+        return self._source
 
     @model_validator(mode="after")
     def _unique(self) -> SiteConfig:
@@ -333,9 +365,29 @@ def format_validation_error(source: str, exc: ValidationError, text: str) -> str
     return "\n".join(msgs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: a prosumer listed twice would quietly lose its first entry)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {first})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -375,4 +427,9 @@ def load_site(ref: str | Path) -> SiteConfig:
     if certs is not None:  # relative to the site file
         certs = (path.parent / certs.expanduser()).resolve()
         site = site.model_copy(update={"opcua": site.opcua.model_copy(update={"certs": certs})})
+    network = site.grid.network
+    if network.endswith(".json") and not Path(network).is_absolute():
+        network = str((path.parent / Path(network).expanduser()).resolve())
+        site = site.model_copy(update={"grid": site.grid.model_copy(update={"network": network})})
+    site._source = str(path)
     return site

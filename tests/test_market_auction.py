@@ -329,3 +329,32 @@ def test_in_process_garbage_becomes_notices_and_gc_state_is_restored() -> None:
     assert any(n.reason == "invalid order_id: must be a string (got int)"
                for n in c.notices if n.order_id == "5")
     assert [a.order_id for a in c.awards] == ["g", "5"]
+
+
+# --------------------------------------------------------------------------- DSO caps
+
+
+def test_caps_limit_orders_and_pass_their_volume_down_the_merit_order() -> None:
+    orders = [o("a", S, 1.0, 0.10), o("b", S, 1.5, 0.20), o("c", S, 2.0, 0.25)]
+    c = clear(REQ_BUY, orders, caps={"a": 0.4, "b": 0.0})
+    assert [(a.order_id, a.energy_kwh) for a in c.awards] == [("a", 0.4), ("c", 2.0)]
+    assert c.cleared_energy_kwh == 2.4 and c.outcome is Outcome.PARTIAL
+    notes = {n.order_id: n for n in c.notices}
+    assert notes["a"].status is Status.PARTIAL and "grid check" in notes["a"].reason
+    assert notes["b"].status is Status.REJECTED and "grid check" in notes["b"].reason
+    assert notes["c"].status is Status.ACCEPTED
+    assert c.caps == {"a": 0.4, "b": 0.0}
+    # a cap above the order changes nothing; the result round-trips through the ledger form
+    assert clear(REQ_BUY, orders, caps={"c": 9.0}).awards == clear(REQ_BUY, orders).awards
+    again = Clearing.from_dict(json.loads(c.to_json()))
+    assert again == c and again.to_json() == c.to_json()
+
+
+def test_caps_go_through_the_contract_entry_point_and_bad_caps_are_named() -> None:
+    params = {"request": REQ_BUY.to_dict(), "orders": [o("a", S, 3.0, 0.1).to_dict()],
+              "caps": {"a": 1.25}}
+    assert clear_dict(params)["cleared_energy_kwh"] == 1.25
+    with pytest.raises(MarketError, match=r"caps\.a.*>= 0"):
+        clear_dict({**params, "caps": {"a": -1.0}})
+    with pytest.raises(MarketError, match=r"caps\.a.*finite"):
+        clear_dict({**params, "caps": {"a": "lots"}})

@@ -34,7 +34,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from operator import itemgetter
 from typing import Any, NamedTuple, TypeVar
@@ -124,6 +124,8 @@ class Clearing:
     """Price of the marginal (last) accepted order, whatever the pricing; None if no match."""
     notices: tuple[Notice, ...]
     """One per participant order, sorted by order_id."""
+    caps: Mapping[str, float] = field(default_factory=dict)
+    """Grid caps the clearing honoured (order_id -> most kWh the DSO allows), see `clear`."""
 
     @property
     def awarded(self) -> dict[str, Award]:
@@ -139,6 +141,7 @@ class Clearing:
             "clearing_price": self.clearing_price,
             "awards": [a.to_dict() for a in self.awards],
             "notices": [n.to_dict() for n in self.notices],
+            "caps": dict(self.caps),
         }
 
     def to_json(self) -> str:
@@ -150,7 +153,9 @@ class Clearing:
         """Parse a stored clearing; raises `MarketError` (naming the field) when malformed."""
         d = _mapping(data, "clearing")
         _keys(d, {"contract", "request", "pricing", "outcome", "cleared_energy_kwh",
-                  "clearing_price", "awards", "notices"}, "clearing")
+                  "clearing_price", "awards", "notices", "caps"}, "clearing",
+              required={"contract", "request", "pricing", "outcome", "cleared_energy_kwh",
+                        "clearing_price", "awards", "notices"})
         if d["contract"] != CONTRACT:
             raise MarketError(f"unknown contract {d['contract']!r} (expected {CONTRACT!r})",
                               "contract")
@@ -177,7 +182,7 @@ class Clearing:
                    cleared_energy_kwh=_num(d, "cleared_energy_kwh", "clearing"),
                    clearing_price=None if price is None else _num(d, "clearing_price",
                                                                   "clearing"),
-                   notices=tuple(notices))
+                   notices=tuple(notices), caps=_caps(d.get("caps"), "caps"))
 
 
 def canonical_json(obj: Any) -> str:
@@ -192,6 +197,7 @@ R_ACCEPTED = "accepted in merit order"
 R_OUTBID = "not needed: the request was covered by better-priced orders"
 R_DUPLICATE = "order_id is not unique in this auction (every copy is rejected)"
 R_OWN = "the requester's own address cannot take part in its auction"
+R_CAPPED_OUT = "curtailed to 0 kWh by the grid check (DSO cap)"
 
 
 def _invalid_reason(order: Order, rules: MarketRules) -> str:
@@ -223,21 +229,41 @@ def _gc_paused() -> Iterator[None]:
 
 
 def clear(request: Order, orders: Iterable[Order], pricing: Pricing = Pricing.PAY_AS_BID,
-          *, rules: MarketRules = DEFAULT_RULES) -> Clearing:
+          *, rules: MarketRules = DEFAULT_RULES,
+          caps: Mapping[str, float] | None = None) -> Clearing:
     """Clear `orders` against the aggregator's `request` (merit order, paper V.C).
 
     The request must be valid (`OrderRejected` otherwise: a malformed contract call);
     participant orders that are invalid, duplicated, on the wrong side, for another
     interval or priced out are rejected in their notice.
+
+    `caps` (order_id -> kWh >= 0) are the DSO's limits from the grid check
+    (`testbed.grid.reclear`): a capped order takes part with at most its cap, and the
+    volume it cannot take goes to the next orders in merit order, so a re-clear is this
+    same contract with caps, re-executable by every validator.
     """
     validate_order(request, rules)
     pricing = Pricing(pricing)
+    caps = _caps(caps, "caps")
     with _gc_paused():
-        return _clear(request, list(orders), pricing, rules)
+        return _clear(request, list(orders), pricing, rules, caps)
+
+
+def _caps(caps: Any, where: str) -> dict[str, float]:
+    if caps is None:
+        return {}
+    caps = _mapping(caps, where)
+    out: dict[str, float] = {}
+    for oid in sorted(caps):
+        v = _num(caps, oid, where)
+        if v < 0:
+            raise MarketError(f"must be >= 0 kWh (got {v!r})", f"{where}.{oid}")
+        out[str(oid)] = v
+    return out
 
 
 def _clear(request: Order, orders: list[Order], pricing: Pricing,
-           rules: MarketRules) -> Clearing:
+           rules: MarketRules, caps: dict[str, float]) -> Clearing:
     req_id, req_addr, req_iv, limit = (request.order_id, request.address, request.interval,
                                        request.price)
     buying = request.side == Side.BUY
@@ -295,9 +321,10 @@ def _clear(request: Order, orders: list[Order], pricing: Pricing,
     # are ordered by hash only in the levels the walk reaches: the rest lose anyway, and
     # their notices are sorted by id, so hashing them would change nothing.
     remaining = to_mwh(request.energy_kwh)
-    accepted: list[tuple[str, Order, int, int]] = []
+    accepted: list[tuple[str, Order, int, int, int]] = []
     accept = accepted.append
     outbid: list[tuple[float, str, Order]] = []
+    caps_mwh = {oid: to_mwh(v) for oid, v in caps.items()}
     i, n_eligible = 0, len(eligible)
     while i < n_eligible and remaining > 0:
         level = eligible[i][0]
@@ -313,8 +340,14 @@ def _clear(request: Order, orders: list[Order], pricing: Pricing,
                 outbid = group[k:]
                 break
             q = round(o.energy_kwh * MWH_PER_KWH)  # == units.to_mwh, inlined
-            take = q if q <= remaining else remaining
-            accept((oid, o, take, q))
+            cap = q
+            if caps_mwh and oid in caps_mwh:
+                cap = min(q, caps_mwh[oid])
+                if cap <= 0:
+                    rejected.append(Notice(oid, o.address, REJECTED, 0.0, R_CAPPED_OUT))
+                    continue
+            take = cap if cap <= remaining else remaining
+            accept((oid, o, take, q, cap))
             remaining -= take
         i = j
     n = len(accepted)
@@ -326,13 +359,17 @@ def _clear(request: Order, orders: list[Order], pricing: Pricing,
     add_award, add_notice = awards.append, notices.append
     uniform = pricing == Pricing.PAY_AS_CLEAR
     ACCEPTED, PARTIAL = Status.ACCEPTED, Status.PARTIAL
-    for oid, o, take, q in accepted:
+    for oid, o, take, q, cap in accepted:
         price = clearing_price if uniform else o.price
         kwh = take / MWH_PER_KWH
         add_award(Award(oid, o.address, want, kwh, price,
                         round(take * price) / UEUR_PER_EUR))  # == units.amount_ueur(kwh, price)
         if take == q:
             add_notice(Notice(oid, o.address, ACCEPTED, kwh, R_ACCEPTED))
+        elif take == cap:
+            add_notice(Notice(oid, o.address, PARTIAL, kwh,
+                              f"curtailed by the grid check (DSO cap): {kwh!r} of "
+                              f"{o.energy_kwh!r} kWh"))
         else:
             add_notice(Notice(oid, o.address, PARTIAL, kwh,
                               f"partially accepted: {kwh!r} of {o.energy_kwh!r} kWh covered the "
@@ -352,7 +389,7 @@ def _clear(request: Order, orders: list[Order], pricing: Pricing,
         outcome = Outcome.EXACT
     return Clearing(request=request, pricing=pricing, outcome=outcome, awards=tuple(awards),
                     cleared_energy_kwh=cleared / MWH_PER_KWH, clearing_price=clearing_price,
-                    notices=tuple(notices))
+                    notices=tuple(notices), caps=caps)
 
 
 def clear_dict(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -360,14 +397,15 @@ def clear_dict(params: Mapping[str, Any]) -> dict[str, Any]:
 
     ``params = {"request": <order>, "orders": [<order>, ...], "pricing": "pay_as_bid" |
     "pay_as_clear" (optional, default: the rules' pricing), "rules": <MarketRules dict>
-    (optional)}``. Returns `Clearing.to_dict()`. A malformed call (not an object, unknown
+    (optional), "caps": {order_id: kWh} (optional: the grid check's DSO caps)}``. Returns `Clearing.to_dict()`. A malformed call (not an object, unknown
     keys, a malformed request or order dict) raises `MarketError`/`OrderRejected` naming
     the field, e.g. ``orders[3].price``; orders that are well-formed but unacceptable
     (wrong side, priced out, duplicated, out of the market's bounds) are rejected in
     their notice instead, exactly as `clear` does.
     """
     p = _mapping(params, "params")
-    _keys(p, {"request", "orders", "pricing", "rules"}, "params", required={"request", "orders"})
+    _keys(p, {"request", "orders", "pricing", "rules", "caps"}, "params",
+          required={"request", "orders"})
     rules = MarketRules.from_dict(p["rules"]) if p.get("rules") is not None else DEFAULT_RULES
     pricing = _enum(Pricing, p, "pricing", "params") if p.get("pricing") is not None \
         else rules.pricing
@@ -375,7 +413,7 @@ def clear_dict(params: Mapping[str, Any]) -> dict[str, Any]:
     # shape only (rules=None): unacceptable values are the auction's business, in notices
     orders = [Order.from_dict(o, None, where=f"orders[{i}].")
               for i, o in enumerate(_list(p["orders"], "orders"))]
-    return clear(request, orders, pricing, rules=rules).to_dict()
+    return clear(request, orders, pricing, rules=rules, caps=p.get("caps")).to_dict()
 
 
 # --------------------------------------------------------------------------- dict parsing

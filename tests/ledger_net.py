@@ -65,9 +65,12 @@ class Net:
                                         "auction": auction, "bid": _bid(side, energy, price)})
 
     def award(self, auction: str, contract: str, orders: Sequence[str],
-              result: dict) -> SignedMessage:
-        return self.sign(self.aggregator, T.AWARD, {"auction": auction, "contract": contract,
-                                                    "orders": list(orders), "result": result})
+              result: dict, caps: dict | None = None) -> SignedMessage:
+        params = {"auction": auction, "contract": contract, "orders": list(orders),
+                  "result": result}
+        if caps is not None:
+            params["caps"] = caps
+        return self.sign(self.aggregator, T.AWARD, params)
 
     def open_and_award(self, contract: str, *, seller: KeyPair, price: float = 0.2,
                        energy: float = 5.0) -> tuple[SignedMessage, SignedMessage]:

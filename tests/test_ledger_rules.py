@@ -349,3 +349,28 @@ def test_the_markets_merit_order_auction_runs_as_a_contract():
     lines = {k[2]: v for k, v in net.chain.state.lines.items() if k[0] == award.id}
     assert lines == {net.validators[1].address: (200_000, False),
                      net.validators[0].address: (200_000, False)}
+
+
+def test_an_award_with_grid_caps_re_executes_with_them():
+    """The DSO's caps travel in the award and are contract inputs: validators re-execute
+    the capped clearing; the same result without its caps is a contract mismatch."""
+    from testbed.market.auction import CONTRACT
+    net = make_net(2)
+    gate = int(net.time) + 10
+    req = net.auction(CONTRACT, energy=3.0, price=0.25, interval=3, gate=gate)
+    net.commit([req])
+    orders = [net.order(net.validators[0], req.id, energy=2.0, price=0.10),
+              net.order(net.validators[1], req.id, energy=2.0, price=0.20)]
+    net.commit(orders)
+    net.time = gate + 1
+    first = orders[0].id  # order ids on the ledger are the bid-offer tx ids
+    inputs = {**net.chain.state.auctions[req.id].contract_inputs(), "caps": {first: 0.5}}
+    result = execute(CONTRACT, inputs)
+    assert [a["energy_kwh"] for a in result["awards"]] == [0.5, 2.0]
+    assert result["caps"] == {first: 0.5}
+    ids = [o.id for o in orders]
+    uncapped = net.propose([net.award(req.id, CONTRACT, ids, result)])
+    assert uncapped.dropped[0][1].reason == Reason.CONTRACT_MISMATCH
+    bad = net.propose([net.award(req.id, CONTRACT, ids, result, caps={first: -1})])
+    assert bad.dropped[0][1].reason == Reason.MALFORMED
+    assert not net.commit([net.award(req.id, CONTRACT, ids, result, caps={first: 0.5})]).dropped

@@ -1,8 +1,9 @@
 """The market's merit-order auction, registered as a ledger contract.
 
 The ledger hands the contract the auction request and every order committed for it (see
-`state.Auction.contract_inputs`); the market module does the clearing. Pricing names on
-the ledger are the paper-style `pay-as-bid` / `pay-as-clear`.
+`state.Auction.contract_inputs`), plus the grid check's DSO caps when the award carries
+them; the market module does the clearing. Pricing names on the ledger are the
+paper-style `pay-as-bid` / `pay-as-clear`.
 """
 
 from __future__ import annotations
@@ -16,4 +17,5 @@ from testbed.market.auction import CONTRACT, clear_dict
 @contract(CONTRACT)
 def merit_order(inputs: dict[str, Any]) -> dict[str, Any]:
     return clear_dict({"request": inputs["request"], "orders": inputs["orders"],
-                       "pricing": str(inputs["pricing"]).replace("-", "_")})
+                       "pricing": str(inputs["pricing"]).replace("-", "_"),
+                       "caps": inputs.get("caps")})

@@ -357,8 +357,10 @@ class LedgerState:
             raise Rejected(Reason.CONTRACT_MISMATCH, f"award lists {len(p['orders'])} orders; "
                            f"the chain holds {len(auction.orders)} for this auction (every "
                            "committed order must be considered)")
-        result = contracts.check_result(auction.contract, auction.contract_inputs(),
-                                        p["result"])
+        inputs = auction.contract_inputs()
+        if p.get("caps"):  # the DSO's grid caps are contract inputs, visible on-chain
+            inputs["caps"] = p["caps"]
+        result = contracts.check_result(auction.contract, inputs, p["result"])
         for award in result.get("awards", []):
             amount = eur_to_ueur(float(award["amount_eur"]))
             if amount <= 0:

@@ -146,7 +146,7 @@ def _order(c: _Check) -> None:
 
 
 def _award(c: _Check) -> None:
-    c.keys("", {"auction", "contract", "orders", "result"})
+    c.keys("", {"auction", "contract", "orders", "result", "caps"})
     c.tx_id("auction")
     c.text("contract", 64)
     orders = c._get("orders")
@@ -156,6 +156,12 @@ def _award(c: _Check) -> None:
         raise _fail(c.op, "orders", "a list of transaction ids (64 hex)", orders)
     if not isinstance(c._get("result"), dict):
         raise _fail(c.op, "result", "an object (the contract's output)", c._get("result"))
+    if "caps" in c.params:  # the grid check's DSO caps: order id -> kWh (testbed.grid)
+        caps = c._get("caps")
+        if not isinstance(caps, dict):
+            raise _fail(c.op, "caps", "an object {order id: kWh}", caps)
+        for oid in caps:
+            c.number(f"caps.{oid}", 0.0, 1e6)
 
 
 def _payment(c: _Check) -> None:

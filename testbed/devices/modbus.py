@@ -62,15 +62,18 @@ log = logging.getLogger(__name__)
 
 class _StrictSimCore(SimCore):
     """SimCore that answers an unknown unit id like a gateway (exception 0x0B), instead of
-    failing on a missing default device."""
+    failing on a missing default device. Units in `silent` answer the same way: a device
+    behind a gateway that stopped answering (a scenario's fault event)."""
+
+    silent: set[int] = set()
 
     async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):
-        if device_id not in self.devices:
+        if device_id not in self.devices or device_id in self.silent:
             raise NoSuchIdException(f"unit {device_id}")
         return await super().async_getValues(device_id, func_code, address, count)
 
     async def async_setValues(self, device_id: int, func_code: int, address: int, values):
-        if device_id not in self.devices:
+        if device_id not in self.devices or device_id in self.silent:
             raise NoSuchIdException(f"unit {device_id}")
         return await super().async_setValues(device_id, func_code, address, values)
 
@@ -122,11 +125,14 @@ class ModbusEmulatorServer:
         self.devices = dict(devices)
         self.port: int | None = None
         self._server: ModbusTcpServer | None = None
+        self.silent: set[int] = set()
+        """Unit ids that stop answering (gateway exception 0x0B) until removed."""
 
     async def start(self) -> int:
         sims = [sim_device(unit, dev) for unit, dev in sorted(self.devices.items())]
         server = ModbusTcpServer(sims, address=(self.host, self.requested_port))
         server.context.__class__ = _StrictSimCore
+        server.context.silent = self.silent
         try:
             await server.serve_forever(background=True)
         except RuntimeError:  # pymodbus hides the OS error: find it by binding ourselves

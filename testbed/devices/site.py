@@ -116,6 +116,35 @@ class SiteEmulators:
             self._clock = asyncio.create_task(self.physics.run(em.tick_s, em.speed, self._stop))
         return dict(self.endpoints)
 
+    def _server_of(self, device: str) -> ModbusEmulatorServer | OpcUaEmulatorServer:
+        ep = self.endpoints.get(device)
+        if ep is None or not ep.emulated:
+            raise ValueError(f"{device!r} is not an emulated device of this site")
+        for server in self.servers:
+            if getattr(server, "port", None) == ep.port and getattr(server, "host", ep.host) \
+                    == ep.host:
+                return server
+        raise ValueError(f"no running server for {device!r}")
+
+    def silence(self, device: str, silent: bool = True) -> None:
+        """Make an emulated Modbus device stop answering (or answer again), as a unit
+        behind a gateway does when it fails: its gateway replies exception 0x0B."""
+        server = self._server_of(device)
+        unit = self.endpoints[device].unit
+        if not isinstance(server, ModbusEmulatorServer) or unit is None:
+            raise ValueError(f"{device!r}: only Modbus devices can be silenced")
+        (server.silent.add if silent else server.silent.discard)(unit)
+
+    async def offline(self, device: str) -> None:
+        """Take the server hosting `device` off the network (connections refused)."""
+        await self._server_of(device).stop()
+
+    async def online(self, device: str) -> None:
+        """Serve `device` again on the same port after `offline`."""
+        server = self._server_of(device)
+        server.requested_port = self.endpoints[device].port
+        await server.start()
+
     def resolved_site(self) -> SiteConfig:
         """The site file with the ports actually in use (for drivers and `devices read`)."""
         prosumers = []

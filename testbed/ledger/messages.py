@@ -13,7 +13,6 @@ known, signature good: a pure function of the message and the key table) and `Fr
 from __future__ import annotations
 
 import math
-import secrets
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,9 +77,17 @@ class SignedMessage:
 
 def sign(key: KeyPair, operation: str, parameters: Mapping[str, Any], *, at: float,
          req_id: str | None = None, client_id: str | None = None) -> SignedMessage:
-    """A new signed message. `at` is the signer's clock (scenario time in a run)."""
-    unsigned = SignedMessage(client_id or key.address, req_id or secrets.token_hex(12),
-                             format_date(at), operation, dict(parameters), "")
+    """A new signed message. `at` is the signer's clock (scenario time in a run).
+
+    The default reqId is derived from the content (signer, date, operation, parameters):
+    a replayed run signs byte-identical messages, and re-sending the same request is
+    recognisably the same request (the replay rules refuse the copy)."""
+    client = client_id or key.address
+    date = format_date(at)
+    if req_id is None:
+        req_id = canonical.sha256_hex(canonical.encode(
+            [client, date, operation, dict(parameters)]))[:24]
+    unsigned = SignedMessage(client, req_id, date, operation, dict(parameters), "")
     signature = key.sign(unsigned.signed_bytes()).hex()
     return SignedMessage(unsigned.client_id, unsigned.req_id, unsigned.date, operation,
                          unsigned.parameters, signature)

@@ -81,7 +81,7 @@ class NodeStats:
 class LedgerNode:
     def __init__(self, name: str, key: KeyPair, chain: Chain, bus: BusClient, site: str, *,
                  block_interval_s: float = 0.5, clock: Callable[[], float] = _time.time,
-                 max_pending_log: int = 1000) -> None:
+                 max_pending_log: int = 1000, autoproduce: bool = True) -> None:
         self.name, self.key, self.chain, self.bus, self.site = name, key, chain, bus, site
         self.block_interval_s = block_interval_s
         self.clock = clock
@@ -98,6 +98,9 @@ class LedgerNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._syncing_since = 0.0
         self.committed_event = asyncio.Event()
+        self.autoproduce = autoproduce
+        """False: blocks are proposed only when `produce()` is called (a scenario's step
+        decides when a block is due, on its own clock, so replays commit the same blocks)."""
 
     @property
     def validator(self) -> bool:
@@ -123,7 +126,9 @@ class LedgerNode:
         for flt, fn in handlers:
             sub = await self.bus.subscribe(flt, qos=1)
             self._tasks.append(asyncio.create_task(self._pump(sub, fn), name=f"{self.name}:{flt}"))
-        self._tasks.append(asyncio.create_task(self._producer(), name=f"{self.name}:producer"))
+        if self.autoproduce:
+            self._tasks.append(asyncio.create_task(self._producer(),
+                                                   name=f"{self.name}:producer"))
         await self.request_sync()
 
     async def stop(self) -> None:
@@ -187,6 +192,20 @@ class LedgerNode:
                 self._proposed_round[height] = r
                 await self._propose(r)
             await asyncio.sleep(0.05)
+
+    async def produce(self) -> bool:
+        """Propose the next block now if this node is the round-0 proposer elected by PoE
+        and has transactions; True if it proposed."""
+        if not (self.mempool and self.validator):
+            return False
+        if election.proposer(self.chain.state, 0).address != self.key.address:
+            return False
+        height = self.chain.height + 1
+        if self._proposed_round.get(height, -1) >= 0:
+            return False
+        self._proposed_round[height] = 0
+        await self._propose(0)
+        return True
 
     async def _propose(self, round_: int) -> None:
         pending = list(self.mempool.values())

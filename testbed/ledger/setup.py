@@ -57,34 +57,50 @@ class LedgerLayout:
 
 def init_ledger(site: SiteConfig, root: Path, *, params: Params | None = None,
                 aggregator_funds_eur: float = 10_000.0, pool_eur: float = 100.0,
+                prosumer_funds_eur: float = 0.0, validators: int | None = None,
                 modes: dict[str, str] | None = None, time: float | None = None,
-                force: bool = False) -> LedgerLayout:
-    """Generate keys and a genesis registering every prosumer's meter/HEM as validator."""
+                seed: int | None = None, force: bool = False) -> LedgerLayout:
+    """Generate keys and a genesis registering every prosumer's meter/HEM; the first
+    `validators` prosumers (default: all) also validate. With `seed`, keys are derived
+    from it (reproducible scenario runs; never for a real deployment)."""
     layout = LedgerLayout(Path(root))
     if layout.genesis_path.exists() and not force:
         raise FileExistsError(f"{layout.genesis_path} exists; pass force to start a new chain")
-    admin, aggregator = KeyPair.generate(), KeyPair.generate()
+
+    def new_key(name: str) -> KeyPair:
+        if seed is None:
+            return KeyPair.generate()
+        return KeyPair.from_seed(f"testbed-scenario/{seed}/{site.name}/{name}".encode())
+
+    admin, aggregator = new_key("admin"), new_key("aggregator")
     admin.save(layout.key_path("admin"))
     aggregator.save(layout.key_path("aggregator"))
     audit = layout.key_path("audit")
     fd = os.open(audit, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32) + "\n")
+        fh.write((secrets.token_hex(32) if seed is None else new_key("audit").public.hex())
+                 + "\n")
     registry = [T.entry_dict("aggregator", aggregator.public, meter_type="none",
                              roles=["aggregator"])]
-    for p in site.prosumers:
-        key = KeyPair.generate()
+    n_validators = len(site.prosumers) if validators is None else validators
+    funds = {}
+    for i, p in enumerate(site.prosumers):
+        key = new_key(p.name)
         key.save(layout.key_path(p.name))
+        if prosumer_funds_eur:
+            funds[key.address] = int(prosumer_funds_eur * MICRO)
         meter = next((d for d in p.devices if d.kind.value == "meter"), None)
         serial = f"{site.name}/{meter.name}" if meter else f"{site.name}/{p.name}"
         registry.append(T.entry_dict(p.name, key.public, meter_type="SunSpec 203 (emulated)",
-                                     serial=serial, roles=["validator", "meter"],
+                                     serial=serial,
+                                     roles=["validator", "meter"] if i < n_validators
+                                     else ["meter"],
                                      mode=(modes or {}).get(p.name, "RE+TE")))
     genesis = make_genesis(admin, registry, params=params, time=time, name=site.name,
                            allocations={aggregator.address: int(aggregator_funds_eur * MICRO),
-                                        POOL: int(pool_eur * MICRO)})
+                                        POOL: int(pool_eur * MICRO), **funds})
     layout.genesis_path.write_bytes(genesis.raw + b"\n")
-    for p in site.prosumers:
+    for p in site.prosumers[:n_validators]:
         db = layout.db_path(p.name)
         if db.exists():
             for suffix in ("", "-wal", "-shm"):

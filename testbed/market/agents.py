@@ -112,8 +112,19 @@ class AggregatorAgent:
                 await result
 
     async def auction(self, side: Side, energy_kwh: float, price: float, interval: int, *,
-                      gate_s: float = 1.0, pricing: Pricing | None = None) -> Round:
-        """Publish a request, collect answers until the gate closes, clear and publish."""
+                      gate_s: float = 1.0, pricing: Pricing | None = None,
+                      expect: Callable[[str], int | None] | None = None,
+                      dispatch: Callable[[Order, list[Order]], Clearing] | None = None
+                      ) -> Round:
+        """Publish a request, collect answers until the gate closes, clear and publish.
+
+        `expect(request_id)` may tell how many answers are coming (None: not yet known):
+        the gate then closes as soon as they are in, which is how a fast-mode scenario
+        runs hundreds of auctions without waiting out wall-clock gates; `gate_s` stays the
+        deadline. `dispatch(request, orders)` replaces the plain clearing, e.g. with the
+        grid check's re-clear (its DSO caps go into the award). Orders are recorded to the
+        ledger after the gate, sorted by id, so a replayed run commits the same blocks.
+        """
         pricing = pricing or self.rules.pricing
         now = self.clock()
         request = messages.sign(self.key, T.AUCTION, {
@@ -128,12 +139,16 @@ class AggregatorAgent:
         async with await self.bus.subscribe(topics.market_orders(self.site, interval)) as sub:
             await self._record(request)
             await self.bus.publish(topics.market_request(self.site, interval), request.raw)
-            deadline = asyncio.get_running_loop().time() + gate_s
+            gate = request.parameters["gate"]  # whole seconds: answers are taken until then
+            deadline = asyncio.get_running_loop().time() + max(gate_s, gate - self.clock())
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
-                try:
-                    m = await sub.get(timeout=left)
-                except TimeoutError:
+                want = expect(request.id) if expect is not None else None
+                if want is not None and len(received) >= want:
                     break
+                try:
+                    m = await sub.get(timeout=min(left, 0.002) if expect else left)
+                except TimeoutError:
+                    continue
                 msg = self.inbox.accept(m, T.ORDER)
                 if msg is None:
                     continue
@@ -155,11 +170,18 @@ class AggregatorAgent:
                 seen.add(msg.client_id)
                 received.append(msg)
                 orders.append(order)
-                await self._record(msg)
-        clearing = clear(req_order, orders, pricing, rules=self.rules)
-        award = messages.sign(self.key, T.AWARD, {
-            "auction": request.id, "contract": CONTRACT, "orders": [m.id for m in received],
-            "result": clearing.to_dict()}, at=self.clock())
+        received.sort(key=lambda m: m.id)
+        orders.sort(key=lambda o: o.order_id)
+        for msg in received:
+            await self._record(msg)
+        clearing = (dispatch(req_order, orders) if dispatch is not None
+                    else clear(req_order, orders, pricing, rules=self.rules))
+        params: dict[str, Any] = {"auction": request.id, "contract": CONTRACT,
+                                  "orders": [m.id for m in received],
+                                  "result": clearing.to_dict()}
+        if clearing.caps:
+            params["caps"] = dict(clearing.caps)
+        award = messages.sign(self.key, T.AWARD, params, at=self.clock())
         await self._record(award)
         await self.bus.publish(topics.market_awards(self.site, interval), award.raw)
         return Round(request, received, clearing, award)
@@ -171,6 +193,8 @@ class Answer:
     order: SignedMessage | None
     notice: dict[str, Any] | None = None
     award: dict[str, Any] | None = None
+    lost: bool = False
+    """The order was signed but never reached the bus (a scenario's message-loss event)."""
 
 
 class TCRAgent:
@@ -197,6 +221,10 @@ class TCRAgent:
         self.answers: dict[str, Answer] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.awarded = asyncio.Event()
+        self.enabled = True
+        """False: answer no request (its battery is faulted or offline)."""
+        self.lose: Callable[[SignedMessage], bool] | None = None
+        """Fault injection: True drops the signed order instead of publishing it."""
 
     def observe(self, production_kwh: float, consumption_kwh: float) -> None:
         self.cpf = math.exp(-abs(production_kwh - consumption_kwh))
@@ -228,18 +256,24 @@ class TCRAgent:
             self.inbox.refuse(m.topic, f"request from {msg.client_id}, not the aggregator")
             return
         p = msg.parameters
+        if not self.enabled:
+            self.answers[msg.id] = Answer(msg, None)
+            return
         request = order_of(msg, p["interval"])
         mine = respond(request, self.params, self.battery_params, self.battery(), self.mode,
                        address=self.key.address, rules=self.rules)
         answer = Answer(msg, None)
-        self.answers[msg.id] = answer
         if mine is None:
+            self.answers[msg.id] = answer
             return
         order = messages.sign(self.key, T.ORDER, {
             "address": self.key.address, "cpf": round(self.cpf, 6), "auction": msg.id,
             "bid": _bid(mine.side, mine.energy_kwh, mine.price)}, at=self.clock())
         answer.order = order
-        await self.bus.publish(topics.market_orders(self.site, p["interval"]), order.raw)
+        answer.lost = self.lose is not None and self.lose(order)
+        if not answer.lost:
+            await self.bus.publish(topics.market_orders(self.site, p["interval"]), order.raw)
+        self.answers[msg.id] = answer  # after publishing: an answer in here is on its way
 
     async def _on_award(self, m: BusMessage) -> None:
         msg = self.inbox.accept(m, T.AWARD)

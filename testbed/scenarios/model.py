@@ -1,0 +1,262 @@
+"""Scenario files: what to play, on which site, and what must come true.
+
+YAML validated with pydantic; errors name the file, the line and the field, like site
+files (`testbed.config`). Times of day are "HH:MM[:SS]" of simulated day 0; durations
+are seconds or "90s", "15m", "6h", "1d".
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from testbed.config import NAME, ConfigError, load_model
+
+_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TOD = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$")
+
+
+def seconds(value: Any) -> float:
+    """A duration: a number of seconds or '90s' / '15m' / '6h' / '1d'."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 900, '15m' or '6h', got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DUR.match(str(value))
+    if not m:
+        raise ValueError(f"expected a duration like 900, '15m' or '6h', got {value!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def time_of_day(value: Any) -> float:
+    """Seconds since midnight from 'HH:MM[:SS]' (or a number of seconds)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    m = _TOD.match(str(value))
+    if not m:
+        raise ValueError(f"expected a time of day like '13:30', got {value!r}")
+    return int(m.group(1)) * 3600.0 + int(m.group(2)) * 60.0 + int(m.group(3) or 0)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Duration = Annotated[float, Field(gt=0)]
+
+
+class _Timed(_Strict):
+    at: float
+    """Start: a time of day of day 0 ('14:00'), or a duration since its midnight ('30h')."""
+    duration: float | None = None
+    """How long; none = until the end of the run."""
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _at(cls, v: Any) -> float:
+        return time_of_day(v) if isinstance(v, str) and ":" in v else seconds(v)
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _dur(cls, v: Any) -> float | None:
+        return None if v is None else seconds(v)
+
+    def active(self, t_s: float) -> bool:
+        return self.at <= t_s < (self.at + self.duration if self.duration else float("inf"))
+
+
+class CloudEvent(_Timed):
+    kind: Literal["cloud"]
+    depth: Annotated[float, Field(ge=0, le=1)] = 0.7
+    """Share of irradiance the cloud takes away at its core (edges ramp over 10 %)."""
+
+
+class LoadSpikeEvent(_Timed):
+    kind: Literal["load-spike"]
+    prosumer: str | None = None
+    """None: every prosumer."""
+    extra_w: Annotated[float, Field(gt=0, le=1e6)]
+
+
+class DeviceEvent(_Timed):
+    kind: Literal["device-offline", "device-silent"]
+    device: str
+    """device-offline: the device's gateway (its host:port) goes off the network;
+    device-silent: the device stops answering behind a live gateway (exception 0x0B)."""
+
+
+class MessageLossEvent(_Timed):
+    kind: Literal["message-loss"]
+    prosumer: str | None = None
+    share: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Share of the prosumer's market orders lost (seeded draw per order)."""
+
+
+Event = Annotated[CloudEvent | LoadSpikeEvent | DeviceEvent | MessageLossEvent,
+                  Field(discriminator="kind")]
+
+
+class ClockConfig(_Strict):
+    mode: Literal["fast", "realtime"] = "fast"
+    """fast: as fast as the work allows; realtime: on the wall clock (x speed)."""
+    speed: Annotated[float, Field(gt=0, le=3600)] = 1.0
+
+
+class CsvProfile(_Strict):
+    file: Path
+    """CSV with a `time` column (seconds or HH:MM) and value columns; linear in between."""
+    column: str | None = None
+    """Irradiance: the column (default the second). Load: none = one column per prosumer."""
+    scale: Annotated[float, Field(gt=0)] = 1.0
+
+
+class ProfilesConfig(_Strict):
+    irradiance: Literal["clear-sky"] | CsvProfile = "clear-sky"
+    load: Literal["synthetic"] | CsvProfile = "synthetic"
+    load_noise: Annotated[float, Field(ge=0, le=1)] = 0.08
+    """Relative noise of the synthetic household load (seeded)."""
+
+
+class ForecastConfig(_Strict):
+    """How the day-ahead schedule misses reality: biases and seeded noise per interval."""
+
+    pv_bias_pct: Annotated[float, Field(ge=-100, le=100)] = 0.0
+    """+ = the forecast expects this much more PV than the clear sky delivers."""
+    load_bias_pct: Annotated[float, Field(ge=-100, le=100)] = 0.0
+    noise_pct: Annotated[float, Field(ge=0, le=100)] = 0.0
+
+
+class MarketConfig(_Strict):
+    pricing: Literal["pay_as_bid", "pay_as_clear"] = "pay_as_bid"
+    interval_s: Annotated[int, Field(ge=60, le=3600)] = 900
+    threshold_kwh: Annotated[float, Field(gt=0)] = 0.2
+    buy_price: Annotated[float, Field(ge=0, le=10)] = 0.30
+    sell_price: Annotated[float, Field(ge=0, le=10)] = 0.05
+    gate_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    """Wall-clock deadline for answers (fast mode closes earlier, once all are in)."""
+    mode: Literal["TE", "RE+TE"] = "RE+TE"
+
+
+class GridRunConfig(_Strict):
+    enabled: bool = True
+    background: Annotated[float, Field(ge=0, le=10)] | None = None
+    """Override of the site's grid.background."""
+
+
+class LedgerRunConfig(_Strict):
+    enabled: bool = True
+    validators: Annotated[int, Field(ge=1, le=64)] = 4
+    """The first N prosumers validate (every prosumer meters)."""
+    prosumer_funds_eur: Annotated[float, Field(ge=0)] = 50.0
+
+
+class Expectations(_Strict):
+    """What decides the exit code; unset ones are not checked."""
+
+    covered_share_min: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Share of the measured deviation the market's deliveries covered."""
+    deviation_reduced: bool | None = None
+    auctions_cleared_min: Annotated[int, Field(ge=0)] | None = None
+    voltage_in_band: bool | None = None
+    """Every dispatch the grid check accepted, and no bus outside the hard band after it."""
+    ledger_verifies: bool | None = None
+    blocks_min: Annotated[int, Field(ge=0)] | None = None
+    no_lost_messages: bool | None = None
+    """Every signed message sent was received (injected losses excepted) and committed."""
+    faults_excluded: bool | None = None
+    """A faulted battery takes part in no auction after its fault."""
+    lateness_p99_ms_max: Annotated[float, Field(gt=0)] | None = None
+
+
+class Scenario(_Strict):
+    name: Annotated[str, Field(pattern=NAME)]
+    description: str = ""
+    site: str = "demo"
+    """A site file (relative to this file) or a bundled site name."""
+    start: float = 10 * 3600.0
+    duration: Duration = 6 * 3600.0
+    step: Duration = 60.0
+    seed: int = 0
+    clock: ClockConfig = ClockConfig()
+    profiles: ProfilesConfig = ProfilesConfig()
+    forecast: ForecastConfig = ForecastConfig()
+    events: list[Event] = []
+    market: MarketConfig = MarketConfig()
+    grid: GridRunConfig = GridRunConfig()
+    ledger: LedgerRunConfig = LedgerRunConfig()
+    expect: Expectations = Expectations()
+    _source: str = PrivateAttr(default="")
+
+    @field_validator("start", mode="before")
+    @classmethod
+    def _start(cls, v: Any) -> float:
+        return time_of_day(v)
+
+    @field_validator("duration", "step", mode="before")
+    @classmethod
+    def _durations(cls, v: Any) -> float:
+        return seconds(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        if self.step > self.market.interval_s or self.market.interval_s % self.step:
+            raise ValueError(f"step ({self.step:g} s) must divide the market interval "
+                             f"({self.market.interval_s} s)")
+        if self.duration < self.market.interval_s:
+            raise ValueError(f"duration ({self.duration:g} s) is shorter than one market "
+                             f"interval ({self.market.interval_s} s)")
+        if self.start % self.market.interval_s:
+            raise ValueError(f"start must fall on a market interval boundary "
+                             f"({self.market.interval_s} s)")
+        return self
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def steps(self) -> int:
+        return int(round(self.duration / self.step))
+
+
+BUNDLED = {"demo": "demo.yaml", "cloudy-afternoon": "cloudy-afternoon.yaml",
+           "evening-surplus": "evening-surplus.yaml", "device-fault": "device-fault.yaml"}
+
+
+def bundled_scenario_path(name: str) -> Path:
+    return Path(str(resources.files("testbed.scenarios.library").joinpath(BUNDLED[name])))
+
+
+def load_scenario(ref: str | Path) -> Scenario:
+    """A scenario file, or a bundled scenario by name (demo, cloudy-afternoon, ...)."""
+    path = Path(ref)
+    if not path.exists() and str(ref) in BUNDLED:
+        path = bundled_scenario_path(str(ref))
+    if not path.exists():
+        raise ConfigError(f"{ref}: no such scenario file (bundled: {', '.join(BUNDLED)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    sc: Scenario = load_model(Scenario, text, str(path))
+    updates: dict[str, Any] = {}
+    site = Path(sc.site)
+    if not site.is_absolute() and (path.parent / site).exists():
+        updates["site"] = str((path.parent / site).resolve())
+    prof = sc.profiles
+    for field in ("irradiance", "load"):
+        p = getattr(prof, field)
+        if isinstance(p, CsvProfile) and not p.file.is_absolute():
+            prof = prof.model_copy(update={field: p.model_copy(
+                update={"file": (path.parent / p.file).resolve()})})
+    if prof is not sc.profiles:
+        updates["profiles"] = prof
+    if updates:
+        sc = sc.model_copy(update=updates)
+    sc._source = str(path)
+    return sc

@@ -1,0 +1,188 @@
+"""Profiles and events as pure functions of simulated time (seconds since day-0 midnight):
+irradiance with cloud passages, household load with spikes, the day-ahead forecast with
+its error model. Seeded, so a run replays exactly."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from testbed.config import ConfigError, SiteConfig
+from testbed.devices.models import (
+    LoadParams,
+    PVState,
+    clear_sky_irradiance,
+    household_load_w,
+    pv_step,
+)
+from testbed.market.aggregator import Schedule
+
+from .model import CloudEvent, CsvProfile, LoadSpikeEvent, Scenario
+
+
+class Series:
+    """A time series from CSV, linearly interpolated, held flat outside its range."""
+
+    def __init__(self, times: Sequence[float], values: Sequence[float]) -> None:
+        self.t, self.v = list(times), list(values)
+
+    def __call__(self, t_s: float) -> float:
+        i = bisect_right(self.t, t_s)
+        if i == 0:
+            return self.v[0]
+        if i == len(self.t):
+            return self.v[-1]
+        t0, t1, v0, v1 = self.t[i - 1], self.t[i], self.v[i - 1], self.v[i]
+        return v0 + (v1 - v0) * (t_s - t0) / (t1 - t0)
+
+
+def read_csv(profile: CsvProfile, what: str) -> dict[str, Series]:
+    """Columns of a profile CSV by name; errors name the file, the line and the cell."""
+    from .model import seconds, time_of_day
+
+    path = profile.file
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the {what} profile: {exc}") from None
+    if len(rows) < 3 or rows[0][0].strip().lower() != "time":
+        raise ConfigError(f"{path}:1: a {what} profile needs a header starting with 'time' "
+                          "and at least two rows")
+    header = [h.strip() for h in rows[0]]
+    times: list[float] = []
+    cols: dict[str, list[float]] = {h: [] for h in header[1:]}
+    for n, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ConfigError(f"{path}:{n}: expected {len(header)} cells, got {len(row)}")
+        try:
+            t = time_of_day(row[0].strip()) if ":" in row[0] else seconds(row[0].strip())
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{n}: time: {exc}") from None
+        if times and t <= times[-1]:
+            raise ConfigError(f"{path}:{n}: time {row[0]!r} does not increase")
+        times.append(t)
+        for h, cell in zip(header[1:], row[1:], strict=True):
+            try:
+                v = float(cell) * profile.scale
+            except ValueError:
+                raise ConfigError(f"{path}:{n}: {h}: expected a number, got {cell!r}") from None
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{path}:{n}: {h}: expected a finite number >= 0, got {cell!r}")
+            cols[h].append(v)
+    return {h: Series(times, v) for h, v in cols.items()}
+
+
+def cloud_factor(events: Sequence[CloudEvent], t_s: float) -> float:
+    """Share of irradiance left by the cloud passages at t (edges ramp over 10 % each)."""
+    f = 1.0
+    for e in events:
+        if not e.active(t_s):
+            continue
+        length = e.duration or 3600.0
+        x = (t_s - e.at) / length
+        edge = min(1.0, x / 0.1, (1.0 - x) / 0.1) if e.duration else min(1.0, x / 0.1)
+        f *= 1.0 - e.depth * max(0.0, edge)
+    return f
+
+
+def irradiance_fn(sc: Scenario) -> Callable[[float], float]:
+    clouds = [e for e in sc.events if isinstance(e, CloudEvent)]
+    prof = sc.profiles.irradiance
+    if isinstance(prof, CsvProfile):
+        cols = read_csv(prof, "irradiance")
+        base = cols[prof.column] if prof.column else next(iter(cols.values()))
+        if prof.column and prof.column not in cols:
+            raise ConfigError(f"{prof.file}: no column {prof.column!r} (columns: "
+                              f"{', '.join(cols)})")
+    else:
+        base = clear_sky_irradiance
+    return lambda t: base(t) * cloud_factor(clouds, t)
+
+
+def load_fn(sc: Scenario, site: SiteConfig) -> Callable[[str, LoadParams, float], float]:
+    """(prosumer, its load params, t) -> W, spikes included."""
+    spikes = [e for e in sc.events if isinstance(e, LoadSpikeEvent)]
+    names = {p.name for p in site.prosumers}
+    for e in spikes:
+        if e.prosumer is not None and e.prosumer not in names:
+            raise ConfigError(f"{sc.source}: events: load-spike for unknown prosumer "
+                              f"{e.prosumer!r} (prosumers: {', '.join(sorted(names))})")
+    prof = sc.profiles.load
+    csv_cols = read_csv(prof, "load") if isinstance(prof, CsvProfile) else None
+    if csv_cols is not None and isinstance(prof, CsvProfile) and prof.column is None:
+        missing = sorted(names - set(csv_cols))
+        if missing:
+            raise ConfigError(f"{prof.file}: no column for prosumer(s) {', '.join(missing)}")
+    noise = sc.profiles.load_noise
+
+    def load(name: str, p: LoadParams, t: float) -> float:
+        if csv_cols is not None:
+            col = prof.column if isinstance(prof, CsvProfile) and prof.column else name
+            w = csv_cols[col](t)
+        else:
+            w = household_load_w(replace(p, noise=noise, seed=p.seed), t, key=name)
+        for e in spikes:
+            if e.active(t) and (e.prosumer is None or e.prosumer == name):
+                w += e.extra_w
+        return w
+
+    return load
+
+
+def _noise(seed: int, *key: object) -> float:
+    """A seeded standard-normal-ish draw (sum of 4 uniforms), stable across platforms."""
+    h = hashlib.sha256(repr((seed, *key)).encode()).digest()
+    return sum(int.from_bytes(h[i:i + 4], "big") / 2**32 for i in range(0, 16, 4)) * \
+        math.sqrt(3.0) - 2 * math.sqrt(3.0)
+
+
+def forecast_schedule(sc: Scenario, site: SiteConfig, sample_s: float = 60.0) -> Schedule:
+    """The aggregator's day-ahead schedule for the run: expected net import per interval
+    from noise-free clear-sky PV and household load, with the scenario's forecast errors
+    (pv/load bias, seeded noise per interval). Covers the run's intervals."""
+    iv = sc.market.interval_s
+    first = int(sc.start // iv)
+    n = math.ceil(sc.duration / iv) + 2
+    fc = sc.forecast
+    per = max(1, round(iv / sample_s))
+    dt = iv / per
+    physics = [p.physics(seed=0) for p in site.prosumers]
+    fresh = PVState()
+    energy = []
+    for k in range(first, first + n):
+        pv_wh = load_wh = 0.0
+        for s in range(per):
+            t = k * iv + (s + 0.5) * dt
+            irr = clear_sky_irradiance(t)
+            for ph in physics:
+                load_wh += household_load_w(replace(ph.load, noise=0.0), t) * dt / 3600
+                if ph.pv is not None:
+                    pv_wh += pv_step(ph.pv, fresh, irr, 1.0).ac_w * dt / 3600
+        pv_wh *= 1 + fc.pv_bias_pct / 100
+        load_wh *= 1 + fc.load_bias_pct / 100
+        net = (load_wh - pv_wh) / 1000
+        if fc.noise_pct:
+            net += (load_wh + pv_wh) / 1000 * fc.noise_pct / 100 * _noise(sc.seed, "fc", k)
+        energy.append(net)
+    return Schedule(first_interval=first, interval_s=iv, energy_kwh=tuple(energy))
+
+
+def loses(sc: Scenario, prosumer: str, t_s: float, order_id: str) -> bool:
+    """Whether a message-loss event drops this prosumer's order (seeded per order)."""
+    from .model import MessageLossEvent
+
+    for e in sc.events:
+        if isinstance(e, MessageLossEvent) and e.active(t_s) and e.prosumer in (None, prosumer):
+            u = int.from_bytes(hashlib.sha256(f"{sc.seed}/{order_id}".encode()).digest()[:8],
+                               "big") / 2**64
+            if u < e.share:
+                return True
+    return False
+
+

@@ -1,0 +1,130 @@
+"""The run store: one SQLite file per run (`runs/<run-id>/run.db`), the source of truth.
+
+Written in WAL mode and committed after every step, so a run killed mid-way leaves
+everything recorded up to its last step readable. Simulated time (`t`, seconds since
+day-0 midnight) keys every row; wall-clock values live only in the columns listed in
+`WALL_CLOCK_COLUMNS`, so two runs of a scenario with the same seed in fast mode have
+identical stores apart from those.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS steps (step INTEGER PRIMARY KEY, t REAL NOT NULL,
+    late_ms REAL, wall REAL);
+CREATE TABLE IF NOT EXISTS measurements (t REAL NOT NULL, device TEXT NOT NULL,
+    prosumer TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS measurements_by_device ON measurements (device, name, t);
+CREATE TABLE IF NOT EXISTS events (t REAL NOT NULL, kind TEXT NOT NULL, subject TEXT,
+    detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS intervals (interval INTEGER PRIMARY KEY, start REAL NOT NULL,
+    schedule_kwh REAL NOT NULL, metered_kwh REAL NOT NULL, market_kwh REAL NOT NULL,
+    raw_deviation_kwh REAL NOT NULL, requested_kwh REAL NOT NULL, covered_kwh REAL NOT NULL,
+    residual_kwh REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS auctions (interval INTEGER NOT NULL, delivery INTEGER NOT NULL,
+    request_id TEXT PRIMARY KEY, side TEXT NOT NULL, requested_kwh REAL NOT NULL,
+    price REAL NOT NULL, orders INTEGER NOT NULL, outcome TEXT NOT NULL,
+    market_kwh REAL NOT NULL, cleared_kwh REAL NOT NULL, clearing_price REAL,
+    grid_rounds INTEGER NOT NULL, grid_passed INTEGER NOT NULL, award_id TEXT NOT NULL,
+    reclear TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS awards (request_id TEXT NOT NULL, order_id TEXT NOT NULL,
+    prosumer TEXT NOT NULL, side TEXT NOT NULL, energy_kwh REAL NOT NULL, price REAL NOT NULL,
+    amount_eur REAL NOT NULL, delivery INTEGER NOT NULL, delivered_kwh REAL,
+    PRIMARY KEY (request_id, order_id));
+CREATE TABLE IF NOT EXISTS orders (request_id TEXT NOT NULL, prosumer TEXT NOT NULL,
+    order_id TEXT NOT NULL, side TEXT NOT NULL, energy_kwh REAL NOT NULL,
+    price REAL NOT NULL, lost INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS grid_checks (t REAL NOT NULL, request_id TEXT NOT NULL,
+    round INTEGER NOT NULL, light TEXT NOT NULL, acceptable INTEGER NOT NULL,
+    vm_min_pu REAL, vm_max_pu REAL, max_line_pct REAL, max_trafo_pct REAL, losses_w REAL,
+    violations INTEGER NOT NULL, report TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS feeder (t REAL PRIMARY KEY, light TEXT NOT NULL,
+    vm_min_pu REAL, vm_max_pu REAL, max_line_pct REAL, max_trafo_pct REAL, losses_w REAL,
+    import_w REAL);
+CREATE TABLE IF NOT EXISTS settlements (request_id TEXT NOT NULL, order_id TEXT NOT NULL,
+    prosumer TEXT NOT NULL, awarded_kwh REAL NOT NULL, delivered_kwh REAL NOT NULL,
+    paid_kwh REAL NOT NULL, shortfall_kwh REAL NOT NULL, transfers TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (t REAL NOT NULL, msg_id TEXT NOT NULL,
+    operation TEXT NOT NULL, sender TEXT NOT NULL, status TEXT NOT NULL, detail TEXT);
+CREATE TABLE IF NOT EXISTS blocks (height INTEGER PRIMARY KEY, t REAL NOT NULL,
+    hash TEXT NOT NULL, proposer TEXT NOT NULL, proposer_name TEXT NOT NULL,
+    round INTEGER NOT NULL, txs INTEGER NOT NULL, cpf TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cpf (t REAL NOT NULL, prosumer TEXT NOT NULL,
+    production_kwh REAL NOT NULL, consumption_kwh REAL NOT NULL, cpf REAL NOT NULL);
+"""
+
+WALL_CLOCK_COLUMNS = {("steps", "late_ms"), ("steps", "wall"), ("meta", "started_at"),
+                      ("meta", "finished_at"), ("meta", "wall_s"), ("meta", "run_id"),
+                      ("meta", "out"), ("meta", "broker")}
+"""(table, column) pairs - or (meta, key) - that depend on the wall clock or the machine."""
+
+
+class RunStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.db.execute("BEGIN")
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def put_meta(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        (key, value if isinstance(value, str) else json.dumps(value)))
+
+    def insert(self, table: str, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.db.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})",
+                        [json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
+                         for v in row.values()])
+
+    def insert_many(self, table: str, cols: Iterable[str], rows: Iterable[tuple[Any, ...]]
+                    ) -> None:
+        cols = list(cols)
+        self.db.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
+                            f"({', '.join('?' for _ in cols)})", rows)
+
+    def event(self, t: float, kind: str, subject: str | None, detail: str) -> None:
+        self.db.execute("INSERT INTO events VALUES (?, ?, ?, ?)", (t, kind, subject, detail))
+
+    def commit(self) -> None:
+        """Make everything so far durable (called once per step)."""
+        self.db.execute("COMMIT")
+        self.db.execute("BEGIN")
+
+    def close(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.close()
+
+
+def dump(path: Path, *, skip_wall_clock: bool = True) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """Every row of a store, table by table in a fixed order (for comparing runs)."""
+    db = RunStore.open_readonly(path)
+    try:
+        tables = [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        for table in tables:
+            cols = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+            keep = [c for c in cols if not (skip_wall_clock and (table, c) in WALL_CLOCK_COLUMNS)]
+            for row in db.execute(f"SELECT {', '.join(keep)} FROM {table} ORDER BY "
+                                  f"{', '.join(keep)}"):
+                if table == "meta" and skip_wall_clock and ("meta", row[0]) in WALL_CLOCK_COLUMNS:
+                    continue
+                yield table, tuple(row)
+    finally:
+        db.close()

@@ -527,3 +527,123 @@ def grid_check(
             bt.add_row(bus, f"{v:.5f}")
         console.print(bt)
     raise typer.Exit(0 if report.light != "red" else 1)
+
+
+# --------------------------------------------------------------------------- run
+
+
+@app.command("run")
+def run(
+    scenario: Annotated[str, typer.Argument(help="Scenario file, or a bundled scenario name "
+                                            "(demo, cloudy-afternoon, evening-surplus, "
+                                            "device-fault).")],
+    broker: Annotated[str | None, typer.Option(
+        help="External MQTT broker URL (default: an embedded broker for the run).")] = None,
+    speed: Annotated[float | None, typer.Option(
+        help="Real-time mode at this multiple of the wall clock (default: the scenario's).")
+    ] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="As fast as possible (overrides the "
+                                       "scenario's clock).")] = False,
+    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for run stores.")] = Path("runs"),
+    junit: Annotated[Path | None, typer.Option(help="Write the expectations as JUnit XML.")
+                     ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Play a deviation scenario end to end; exit 1 if an expectation is not met."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .grid import GridError
+    from .scenarios.engine import Run, junit_xml
+    from .scenarios.model import load_scenario
+
+    try:
+        sc = load_scenario(scenario)
+        runner_args: dict[str, Any] = {"out": out, "broker": broker, "seed": seed,
+                                       "speed": speed, "fast": fast}
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeElapsedColumn(), console=console, disable=quiet)
+        with progress:
+            task = progress.add_task(sc.name, total=sc.steps, info="")
+
+            def tick(k: int, n: int, info: dict[str, Any]) -> None:
+                t = info["t"]
+                progress.update(task, completed=k, info=(
+                    f"{int(t // 3600) % 24:02d}:{int(t % 3600 // 60):02d}  auctions "
+                    f"{info['auctions']}  blocks {info['blocks']}"))
+
+            result = _run(Run(sc, progress=tick, **runner_args).execute())
+    except (ConfigError, GridError) as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(_summary_table(result.summary))
+    for v in result.verdicts:
+        mark = "[green]PASS[/]" if v.ok else "[red]FAIL[/]"
+        console.print(f"{mark} {v.name}: {v.message}", highlight=False)
+    console.print(f"run store: {result.run_dir}")
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(result))
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def _summary_table(s: dict[str, Any]) -> Table:
+    def num(x: Any, fmt: str = ".3f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    t = Table(title=f"{s['scenario']} (seed {s['seed']}, {s['steps']} steps, "
+                    f"{s['clock']['mode']}, {s['clock']['wall_s']:.1f} s)", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    d, m, led, g = s["deviation"], s["market"], s["ledger"], s["grid"]
+    t.add_row("deviation before -> after market",
+              f"{num(d['before_kwh'])} -> {num(d['after_kwh'])} kWh "
+              f"(covered {num(d['covered_share'], '.1%')})")
+    t.add_row("auctions (cleared)", f"{m['auctions']} ({m['cleared']}); traded "
+              f"{num(m['energy_traded_kwh'])} kWh for {num(m['value_eur'], '.2f')} EUR; price "
+              f"{num(m['price_min'])}-{num(m['price_max'])} EUR/kWh")
+    if g["enabled"]:
+        t.add_row("grid", f"V {num(g['vm_min_pu'], '.4f')}-{num(g['vm_max_pu'], '.4f')} p.u., "
+                  f"in band {num(g['in_band_share'], '.1%')} of steps, lights {g['lights']}, "
+                  f"re-cleared {g['auctions_re_cleared']}, curtailed "
+                  f"{num(m['grid_curtailed_kwh'])} kWh, losses {num(g['losses_kwh'])} kWh")
+    if led["enabled"]:
+        t.add_row("ledger", f"{led['blocks']} blocks, proposers {led['proposers']}, "
+                  f"{led['submitted']} txs, verifies: {led['verifies']}")
+    msg = s["messages"]
+    t.add_row("messages", f"orders {msg['orders_received']}/{msg['orders_published']} received "
+              f"({msg['orders_lost_injected']} lost by design), refused {msg['refused_by_agents']}"
+              f" + {msg['refused_by_ledger']} (ledger), read errors {msg['read_errors']}")
+    for f in s["faults"]:
+        t.add_row("[red]fault[/]", f"{f['device']} at {int(f['t'] // 3600):02d}:"
+                  f"{int(f['t'] % 3600 // 60):02d}: {f['prosumer']} left the market "
+                  f"({f['orders_after_fault']} orders after): {f['reason'][:80]}")
+    for name, p in s["prosumers"].items():
+        t.add_row(name, f"self-consumption {num(p['self_consumption'], '.0%')}, "
+                  f"self-sufficiency {num(p['self_sufficiency'], '.0%')}, CPF "
+                  f"{num(p['cpf'])}, traded {num(p['traded_kwh'])} kWh")
+    lat = s["clock"]["lateness"]
+    if lat:
+        t.add_row("clock lateness", f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms, "
+                  f"max {lat['max_ms']:.2f} ms")
+    return t
+
+
+@app.command("init")
+def init(folder: Annotated[Path, typer.Argument(help="Folder to write site.yaml and "
+                                                "scenario.yaml into.")]) -> None:
+    """Write an editable example site and scenario (copies of the bundled demo)."""
+    from .config import bundled_path
+    from .scenarios.model import bundled_scenario_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    site, scen = folder / "site.yaml", folder / "scenario.yaml"
+    for p in (site, scen):
+        if p.exists():
+            err.print(f"[red]error:[/] {p} exists; not overwriting it", highlight=False)
+            raise typer.Exit(2)
+    site.write_text(bundled_path("demo").read_text())
+    text = bundled_scenario_path("demo").read_text().replace("site: demo", "site: site.yaml")
+    scen.write_text(text)
+    console.print(f"wrote {site} and {scen}; run it with: testbed run {scen}")

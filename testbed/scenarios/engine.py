@@ -85,7 +85,8 @@ class ProsumerBook:
     interval: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("pv_wh", "import_wh", "export_wh", "dis_wh", "ch_wh"), 0.0))
     totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("pv_wh", "import_wh", "export_wh", "dis_wh", "ch_wh", "load_wh"), 0.0))
+        ("pv_wh", "import_wh", "export_wh", "dis_wh", "ch_wh", "load_wh", "pv_local_wh",
+         "load_local_wh"), 0.0))
     setpoint_w: float = 0.0
     faulted_at: float | None = None
     cpf: float = 0.0
@@ -449,7 +450,11 @@ class Run:
             for key, v in parts.items():
                 acc[key] += v
                 tot[key] += v
-            tot["load_wh"] += max(0.0, pv + imp + bat) * wh
+            load = max(0.0, pv + imp + bat)  # what the house drew: every flow balanced
+            charge, discharge = max(0.0, -bat), max(0.0, bat)
+            tot["load_wh"] += load * wh
+            tot["pv_local_wh"] += min(max(0.0, pv), load + charge) * wh
+            tot["load_local_wh"] += min(load, max(0.0, pv) + discharge) * wh
             net_import += imp
         self.aggregator.observe(t - dt, net_import, dt)
 
@@ -821,8 +826,10 @@ class Run:
             prosumers[name] = {
                 "pv_kwh": pv / 1000, "load_kwh": load / 1000, "import_kwh": imp / 1000,
                 "export_kwh": exp / 1000,
-                "self_consumption": None if pv <= 0 else max(0.0, 1 - exp / pv),
-                "self_sufficiency": None if load <= 0 else max(0.0, 1 - imp / load),
+                # PV used on site (by the house or its battery) / PV; load met on site
+                # (by PV or the battery) / load
+                "self_consumption": None if pv <= 0 else tot["pv_local_wh"] / pv,
+                "self_sufficiency": None if load <= 0 else tot["load_local_wh"] / load,
                 "cpf": cpfs.get(name), "traded_kwh": row[0], "revenue_eur": row[1],
                 "faulted_at": b.faulted_at}
         blocks = st.execute("SELECT proposer_name, COUNT(*) FROM blocks GROUP BY "
@@ -921,7 +928,7 @@ def evaluate(sc: Scenario, s: dict[str, Any]) -> list[Verdict]:
         ok = g["enabled"] and g["dispatch_accepted"] and (g["in_band_share"] or 0) == 1.0
         out.append(Verdict("voltage_in_band", ok == e.voltage_in_band, g["in_band_share"], 1.0,
                            f"{_pctx(g['in_band_share'])} of steps inside the hard band "
-                           f"(V {g['vm_min_pu']}-{g['vm_max_pu']} p.u.); every dispatch "
+                           f"(V {_fmt(g['vm_min_pu'])}-{_fmt(g['vm_max_pu'])} p.u.); every dispatch "
                            f"{'accepted' if g['dispatch_accepted'] else 'NOT accepted'} by "
                            "the grid check"))
     if e.ledger_verifies is not None:
@@ -934,7 +941,9 @@ def evaluate(sc: Scenario, s: dict[str, Any]) -> list[Verdict]:
     if e.blocks_min is not None:
         n = s["ledger"]["blocks"]
         out.append(Verdict("blocks_min", n >= e.blocks_min, n, e.blocks_min,
-                           f"{n} blocks committed (>= {e.blocks_min} required)"))
+                           f"{n} blocks committed (>= {e.blocks_min} required"
+                           + ("" if n >= e.blocks_min else f", {e.blocks_min - n} short")
+                           + ")"))
     if e.no_lost_messages is not None:
         m = s["messages"]
         lost = (m["orders_published"] - m["orders_received"]) + m["ledger_uncommitted"]
@@ -959,6 +968,10 @@ def evaluate(sc: Scenario, s: dict[str, Any]) -> list[Verdict]:
                            f"tick lateness p99 {p99 if p99 is not None else 'n/a'} ms "
                            f"(<= {e.lateness_p99_ms_max} ms required; realtime mode only)"))
     return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _pctx(x: float | None) -> str:

@@ -239,6 +239,7 @@ class Run:
         self._outbox: list[messages.SignedMessage] = []
         self._rejected_seen = 0
         self._recorded_height = 0
+        self._round: asyncio.Future[None] | None = None
         self._fail_count: dict[str, int] = {}
 
     def _site(self) -> SiteConfig:
@@ -402,6 +403,10 @@ class Run:
             if self.progress:
                 self.progress(k, sc.steps, {"t": t1, "auctions": self.counters["auctions"],
                                             "blocks": self.counters["blocks"]})
+        if self._round is not None:
+            await self._round
+            self._round = None
+            self.store.commit()
 
     async def _device_event(self, e: DeviceEvent, on: bool, t: float) -> None:
         what = {"device-offline": "gateway off the network", "device-silent": "stops answering"}
@@ -510,9 +515,22 @@ class Run:
     # ------------------------------------------------------------------ intervals
 
     async def _interval_end(self, interval: int, t: float) -> None:
-        await self._settle(interval, t)
+        """Close the interval's books now; run its market round (auction, setpoints,
+        block) inline in fast mode, and beside the step loop in realtime mode, so a
+        market gate never holds up the clock (the previous round is awaited first)."""
+        if self._round is not None:
+            await self._round
+            self._round = None
+        self._settle(interval, t)
         self._certify(interval, t)
         self._account(interval, t)
+        work = self._market_round(interval, t)
+        if self.sc.clock.mode == "realtime":
+            self._round = asyncio.ensure_future(work)
+        else:
+            await work
+
+    async def _market_round(self, interval: int, t: float) -> None:
         request = self.aggregator.request_for(interval)
         setpoints = {n: 0.0 for n in self.books}
         if request is not None:
@@ -573,7 +591,7 @@ class Run:
                     "consumption_kwh": round(cons, 6)}, at=self.clock.now())
                 self._queue(msg)
 
-    async def _settle(self, interval: int, t: float) -> None:
+    def _settle(self, interval: int, t: float) -> None:
         """Pay what was delivered in `interval` for the awards that asked for it."""
         due = self.pending_settle.pop(interval, [])
         for clearing, award_id, request_id in due:

@@ -1,0 +1,148 @@
+"""Scenario benchmark: the whole run loop, fast and in real time.
+
+Run:  python bench/scenario.py [--prosumers 50] [--hours 24] [--devices 200]
+                               [--realtime-s 120] [--quick] [--json PATH] [--check]
+
+What is measured
+    1. fast: a synthetic site of N prosumers (PV + battery + meter each, Modbus/SunSpec
+       emulators on loopback, one port per prosumer) on the Kerber village feeder (57
+       houses), `--hours` of simulated time at 1-minute steps as fast as possible, with
+       the grid check, the market over the embedded MQTT broker and 4 PoE validators
+       committing a block every 15-minute interval. Target (DESIGN.md): 24 h, 50
+       prosumers, < 60 s wall. Reported with the per-step cost and the work done.
+    2. realtime: ~`--devices` emulated devices (devices / 3 prosumers) at a 1 s step in
+       real time (speed 1) for `--realtime-s` seconds, market interval 60 s, grid and
+       ledger on. Tick lateness p50/p99/max (target p99 < 10 ms) and drift (the last
+       tick's wall time against its deadline: the clock uses absolute deadlines).
+
+Output: tables (rich) and, as the last line on stdout, one JSON object with all figures
+(also written to `--json PATH`). `--check` exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from testbed.scenarios.engine import Run
+from testbed.scenarios.model import Scenario
+
+console = Console(width=None if sys.stdout.isatty() else 120)
+TARGET_FAST_S, TARGET_P99_MS = 60.0, 10.0
+
+
+def site_file(folder: Path, prosumers: int, network: str) -> Path:
+    ps = []
+    for i in range(prosumers):
+        port = 20000 + i
+        ps.append({"name": f"p{i:03d}", "load": {"base_w": 250 + 10 * (i % 7),
+                                                  "peak_w": 2200 + 100 * (i % 9)},
+                   "devices": [
+                       {"name": f"p{i:03d}-pv", "kind": "pv", "port": port, "unit": 1,
+                        "params": {"rating_w": 3000 + 500 * (i % 5)}},
+                       {"name": f"p{i:03d}-battery", "kind": "battery", "port": port,
+                        "unit": 2, "params": {"capacity_wh": 8000 + 1000 * (i % 6),
+                                              "soc_init": 0.4 + 0.1 * (i % 5)}},
+                       {"name": f"p{i:03d}-meter", "kind": "meter", "port": port,
+                        "unit": 3}]})
+    path = folder / f"site-{prosumers}.yaml"
+    path.write_text(yaml.safe_dump({"name": f"bench{prosumers}", "prosumers": ps,
+                                    "grid": {"network": network, "background": 0.5}}))
+    return path
+
+
+def scenario(site: Path, **kw: Any) -> Scenario:
+    base: dict[str, Any] = {"name": "bench", "site": str(site), "seed": 1,
+                            "forecast": {"pv_bias_pct": 15, "noise_pct": 3},
+                            "events": [{"kind": "cloud", "at": "13:00", "duration": "1h",
+                                        "depth": 0.6}],
+                            "market": {"buy_price": 0.4}, "ledger": {"validators": 4}}
+    base.update(kw)
+    return Scenario.model_validate(base)
+
+
+def run(sc: Scenario, out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    res = asyncio.run(Run(sc, out=out).execute())
+    wall = time.perf_counter() - t0
+    s = res.summary
+    return {"wall_s": wall, "steps": s["steps"], "ms_per_step": wall / s["steps"] * 1e3,
+            "auctions": s["market"]["auctions"], "cleared": s["market"]["cleared"],
+            "blocks": s["ledger"]["blocks"], "txs": s["ledger"]["submitted"],
+            "ledger_verifies": s["ledger"]["verifies"],
+            "grid_steps": s["grid"]["steps"], "lateness": s["clock"]["lateness"],
+            "covered_share": s["deviation"]["covered_share"], "run_dir": str(res.run_dir)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Times whole scenario runs.")
+    ap.add_argument("--prosumers", type=int, default=50)
+    ap.add_argument("--hours", type=float, default=None, help="fast run (default 24; quick 2)")
+    ap.add_argument("--devices", type=int, default=200)
+    ap.add_argument("--realtime-s", type=int, default=None,
+                    help="real-time run length (default 120; quick 60)")
+    ap.add_argument("--quick", action="store_true", help="shorter runs (~1.5 min)")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    args = ap.parse_args()
+    hours = args.hours or (2.0 if args.quick else 24.0)
+    rt_s = args.realtime_s or (60 if args.quick else 120)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        big = site_file(folder, args.prosumers, "kerber-dorfnetz")
+        start = "00:00" if hours >= 24 else "11:00"
+        fast = run(scenario(big, start=start, duration=hours * 3600, step=60), folder / "fast")
+        n_rt = max(1, args.devices // 3)
+        rt_site = site_file(folder, n_rt, "kerber-vorstadtnetz")
+        rt = run(scenario(rt_site, start="12:00", duration=rt_s, step=1,
+                          clock={"mode": "realtime", "speed": 1.0},
+                          market={"buy_price": 0.4, "interval_s": 60}), folder / "rt")
+    lat = rt["lateness"] or {}
+    t = Table(title="Scenario runs")
+    for col in ("run", "prosumers", "steps", "wall s", "ms/step", "auctions (cleared)",
+                "blocks", "ledger txs", "lateness p50/p99/max ms"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    t.add_row(f"fast {hours:g} h @ 60 s", str(args.prosumers), str(fast["steps"]),
+              f"{fast['wall_s']:.1f}", f"{fast['ms_per_step']:.1f}",
+              f"{fast['auctions']} ({fast['cleared']})", str(fast["blocks"]), str(fast["txs"]),
+              "-")
+    t.add_row(f"realtime {rt_s} s @ 1 s", f"{n_rt} ({3 * n_rt} devices)", str(rt["steps"]),
+              f"{rt['wall_s']:.1f}", f"{rt['ms_per_step']:.1f}",
+              f"{rt['auctions']} ({rt['cleared']})", str(rt["blocks"]), str(rt["txs"]),
+              f"{lat.get('p50_ms', 0):.2f} / {lat.get('p99_ms', 0):.2f} / "
+              f"{lat.get('max_ms', 0):.2f}")
+    console.print(t)
+    projected = fast["wall_s"] * 24 / hours
+    ok_fast = projected < TARGET_FAST_S
+    ok_rt = bool(lat) and lat["p99_ms"] < TARGET_P99_MS
+    console.print(f"fast: {fast['wall_s']:.1f} s for {hours:g} h"
+                  + (f" (x{24 / hours:g} -> {projected:.0f} s for 24 h)" if hours < 24 else "")
+                  + f", target < {TARGET_FAST_S:.0f} s: {'met' if ok_fast else 'MISSED'}; "
+                  f"realtime p99 {lat.get('p99_ms', float('nan')):.2f} ms, target < "
+                  f"{TARGET_P99_MS:.0f} ms: {'met' if ok_rt else 'MISSED'}")
+    figures = {"bench": "scenario", "python": platform.python_version(), "cpus": os.cpu_count(),
+               "fast": {**fast, "hours": hours, "prosumers": args.prosumers,
+                        "projected_24h_s": projected},
+               "realtime": {**rt, "devices": 3 * n_rt, "seconds": rt_s},
+               "targets": {"fast_24h_s": TARGET_FAST_S, "p99_ms": TARGET_P99_MS},
+               "targets_met": {"fast": ok_fast, "realtime": ok_rt}}
+    print(json.dumps(figures, separators=(",", ":"), default=str), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    return 1 if args.check and not (ok_fast and ok_rt) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

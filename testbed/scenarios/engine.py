@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import statistics
 import time as _time
 from collections.abc import Callable
@@ -221,7 +220,8 @@ class Run:
         self.counters: dict[str, int] = dict.fromkeys(
             ("submitted", "orders_published", "orders_lost", "orders_received", "read_errors",
              "setpoint_errors", "auctions", "cleared", "blocks"), 0)
-        self.auctions: list[dict[str, Any]] = []
+        self.delivering: set[int] = set()
+        """Intervals whose auction awarded energy, delivered in the following one."""
         self.pending_settle: dict[int, list[tuple[Clearing, str, str]]] = {}
         self.interval_stats: dict[int, dict[str, float]] = {}
         self.covered: dict[int, float] = {}
@@ -567,11 +567,6 @@ class Run:
         for book in self.books.values():
             book.interval = dict.fromkeys(book.interval, 0.0)
 
-    @property
-    def delivering(self) -> set[int]:
-        """Intervals whose auction awarded energy delivered in the following one."""
-        return {a["interval"] for a in self.auctions if a["cleared_kwh"] > 0}
-
     def _certify(self, interval: int, t: float) -> None:
         """Each meter signs its interval's production and consumption (PoE evidence)."""
         iv = self.sc.market.interval_s
@@ -654,33 +649,20 @@ class Run:
             if self.checker is None:
                 return clear(req, orders, self.rules.pricing, rules=self.rules)
             from testbed.grid.reclear import reclear
-            res = reclear(req, orders, checker=self.checker,
-                          locate=lambda oid: self.by_address[by_id[oid]],
+            owner = {o.order_id: self.by_address[o.address] for o in orders}
+            res = reclear(req, orders, checker=self.checker, locate=owner,
                           base_w={n: b.injection_w for n, b in self.books.items()},
                           pricing=self.rules.pricing, rules=self.rules,
                           background=self.site.grid.background)
             rounds.append(res)
             return res.clearing
 
-        by_id: dict[str, str] = {}
-        orig = self.agg_agent.inbox.accept
-
-        def accept(m: Any, op: str) -> Any:
-            msg = orig(m, op)
-            if msg is not None and op == T.ORDER:
-                by_id[msg.id] = msg.client_id
-            return msg
-
-        self.agg_agent.inbox.accept = accept  # type: ignore[method-assign]
-        try:
-            rnd = await self.agg_agent.auction(
-                request.side, request.energy_kwh, request.price, interval + 1,
-                gate_s=sc.market.gate_s if sc.clock.mode == "realtime" else GATE_S,
-                pricing=self.rules.pricing,
-                expect=self._expected_answers if sc.clock.mode == "fast" else None,
-                dispatch=dispatch)
-        finally:
-            self.agg_agent.inbox.accept = orig  # type: ignore[method-assign]
+        rnd = await self.agg_agent.auction(
+            request.side, request.energy_kwh, request.price, interval + 1,
+            gate_s=sc.market.gate_s if sc.clock.mode == "realtime" else GATE_S,
+            pricing=self.rules.pricing,
+            expect=self._expected_answers if sc.clock.mode == "fast" else None,
+            dispatch=dispatch)
         c = rnd.clearing
         self.counters["orders_received"] += len(rnd.orders)
         self.aggregator.commit(c)
@@ -688,9 +670,9 @@ class Run:
         cleared = c.cleared_energy_kwh
         if cleared > 0:
             self.counters["cleared"] += 1
+            self.delivering.add(interval)
         if res is not None and not res.passed:
             self.dispatch_ok = False
-        self.auctions.append({"interval": interval, "cleared_kwh": cleared})
         rid = rnd.request.id
         self.store.insert("auctions", {
             "interval": interval, "delivery": interval + 1, "request_id": rid,
@@ -1017,7 +999,3 @@ def junit_xml(result: RunResult) -> str:
 
 async def run_scenario(scenario: Scenario, **kw: Any) -> RunResult:
     return await Run(scenario, **kw).execute()
-
-
-def remove_run(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -102,7 +102,7 @@ def presign(agg: KeyPair, vals: list[KeyPair], n: int) -> list[bytes]:
         else:
             msg = messages.sign(agg, T.PAYMENT, {"to": vals[i % len(vals)].address,
                                                  "amount": 1 + i % 1000, "award": None,
-                                                 "memo": "bench"}, at=now)
+                                                 "memo": f"bench {i}"}, at=now)
         out.append(msg.raw)
     return out
 

@@ -173,9 +173,10 @@ async def _roundtrip(url: str, n: int, signed: bool) -> float:
         t0 = time.perf_counter()
 
         def payloads():
-            for _ in range(n):
+            for i in range(n):  # one reqId each: the content (and the ms) may repeat
                 if signed:
-                    yield topic, messages.sign(key, T.ORDER, params, at=time.time()).raw
+                    yield topic, messages.sign(key, T.ORDER, params, at=time.time(),
+                                               req_id=f"{i:024x}").raw
                 else:
                     yield topic, template
         await tx.publish_many(payloads(), qos=1)

@@ -10,7 +10,7 @@ the field path and what was expected, e.g.::
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -404,25 +404,38 @@ def load_model(model: type[BaseModel], text: str, source: str) -> Any:
         raise ConfigError(format_validation_error(source, exc, text)) from None
 
 
+LIBRARY = "testbed.scenarios.library"
 BUNDLED_SITES = {"demo": "demo-site.yaml"}
 
 
+def library_file(file: str) -> Path:
+    """A file of the bundled library (sites and scenarios)."""
+    return Path(str(resources.files(LIBRARY).joinpath(file)))
+
+
 def bundled_path(name: str) -> Path:
-    return Path(str(resources.files("testbed.scenarios.library").joinpath(BUNDLED_SITES[name])))
+    return library_file(BUNDLED_SITES[name])
 
 
-def load_site(ref: str | Path) -> SiteConfig:
-    """Load a site file, or a bundled site by name (`demo`)."""
+def load_model_file(model: type[BaseModel], ref: str | Path, bundled: Mapping[str, str],
+                    kind: str) -> tuple[Any, Path]:
+    """Parse and validate a YAML file, or a bundled one by name; errors name the file."""
     path = Path(ref)
-    if not path.exists() and str(ref) in BUNDLED_SITES:
-        path = bundled_path(str(ref))
+    if not path.exists() and str(ref) in bundled:
+        path = library_file(bundled[str(ref)])
     if not path.exists():
-        raise ConfigError(f"{ref}: no such site file (bundled sites: {', '.join(BUNDLED_SITES)})")
+        raise ConfigError(f"{ref}: no such {kind} file (bundled {kind}s: {', '.join(bundled)})")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    site: SiteConfig = load_model(SiteConfig, text, str(path))
+    return load_model(model, text, str(path)), path
+
+
+def load_site(ref: str | Path) -> SiteConfig:
+    """Load a site file, or a bundled site by name (`demo`)."""
+    site: SiteConfig
+    site, path = load_model_file(SiteConfig, ref, BUNDLED_SITES, "site")
     certs = site.opcua.certs
     if certs is not None:  # relative to the site file
         certs = (path.parent / certs.expanduser()).resolve()

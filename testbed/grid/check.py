@@ -70,6 +70,8 @@ class Violation:
     base_value: float | None = None
     """The same quantity with no award (None when not computed)."""
     causes: tuple[Cause, ...] = ()
+    index: int = -1
+    """Row of the element in its table (names need not be unique in a user's network)."""
 
     @property
     def enforced(self) -> bool:
@@ -247,10 +249,10 @@ class GridChecker:
                 v = float(values[i])
                 if _beyond(kind, v, hard):
                     out.append(Violation(kind, names[i], v, hard, "hard",
-                                         target=plan if planning else hard))
+                                         target=plan if planning else hard, index=int(i)))
                 elif _beyond(kind, v, plan):
                     out.append(Violation(kind, names[i], v, plan, "planning",
-                                         target=plan if planning else None))
+                                         target=plan if planning else None, index=int(i)))
 
         scan(Kind.VOLTAGE_HIGH, flow.vm_pu, self._bus_names, lim.vm_max_pu, lim.plan_vm_max_pu)
         scan(Kind.VOLTAGE_LOW, flow.vm_pu, self._bus_names, lim.vm_min_pu, lim.plan_vm_min_pu)
@@ -260,14 +262,15 @@ class GridChecker:
              min(lim.plan_loading_pct, lim.trafo_max_pct))
         return out
 
-    def _quantity(self, kind: Kind, element: str, flow: FlowResult) -> float:
+    @staticmethod
+    def _quantity(v: Violation, flow: FlowResult) -> float:
         if not flow.converged:
             return math.nan
-        if kind in (Kind.VOLTAGE_HIGH, Kind.VOLTAGE_LOW):
-            return float(flow.vm_pu[self._bus_names.index(element)])
-        if kind == Kind.LINE_LOADING:
-            return float(flow.line_loading_pct[self._line_names.index(element)])
-        return float(flow.trafo_loading_pct[self._trafo_names.index(element)])
+        if v.kind in (Kind.VOLTAGE_HIGH, Kind.VOLTAGE_LOW):
+            return float(flow.vm_pu[v.index])
+        if v.kind == Kind.LINE_LOADING:
+            return float(flow.line_loading_pct[v.index])
+        return float(flow.trafo_loading_pct[v.index])
 
     def _attribute(self, v: Violation, base: FlowResult, trials: Mapping[str, FlowResult],
                    awards: Awards) -> Violation:
@@ -278,19 +281,18 @@ class GridChecker:
                       for k, f in trials.items() if f.converged] or \
                      [Cause(k, p, abs(w)) for k, (p, w) in awards.items()]
             causes.sort(key=lambda c: (-c.contribution, c.award))
-            return Violation(v.kind, v.element, v.value, v.limit, v.band, v.target,
-                             None, tuple(causes))
+            return replace(v, causes=tuple(causes))
         sign = -1.0 if v.kind == Kind.VOLTAGE_LOW else 1.0
-        base_value = self._quantity(v.kind, v.element, base)
+        base_value = self._quantity(v, base)
         causes = []
         for k, f in trials.items():
-            without = self._quantity(v.kind, v.element, f)
+            without = self._quantity(v, f)
             c = sign * (v.value - without) if math.isfinite(without) else math.inf
             if c > TOL[v.kind]:
                 causes.append(Cause(k, awards[k][0], c))
         causes.sort(key=lambda c: (-c.contribution, c.award))
-        return Violation(v.kind, v.element, v.value, v.limit, v.band, v.target,
-                         base_value if math.isfinite(base_value) else None, tuple(causes))
+        return replace(v, base_value=base_value if math.isfinite(base_value) else None,
+                       causes=tuple(causes))
 
 
 def _names(df: Any, what: str) -> list[str]:

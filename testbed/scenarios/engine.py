@@ -44,6 +44,7 @@ from testbed.bus.broker import open_bus
 from testbed.config import ConfigError, SiteConfig, load_site
 from testbed.devices.driver import Device, DeviceError, Reading
 from testbed.devices.site import SiteEmulators, open_devices
+from testbed.grid.reclear import award_power_w, reclear
 from testbed.ledger import messages
 from testbed.ledger import transactions as T
 from testbed.ledger.blocks import Block
@@ -198,8 +199,7 @@ class Run:
                                                                  "speed": speed})
         if fast:
             updates["clock"] = scenario.clock.model_copy(update={"mode": "fast"})
-        sc = scenario.model_copy(update=updates) if updates else scenario
-        sc._source = scenario.source
+        sc = scenario.model_copy(update=updates) if updates else scenario  # keeps .source
         self.sc = sc
         self.site = self._site()
         self.broker = broker
@@ -216,6 +216,8 @@ class Run:
                                  pricing=Pricing(sc.market.pricing))
         self.clock = Clock(sc.start, sc.step, sc.clock.mode, sc.clock.speed)
         self.books: dict[str, ProsumerBook] = {}
+        self.owners = {d.name: (p.name, d.kind.value) for p, d in self.site.devices()}
+        """device -> (prosumer, kind), looked up on every read."""
         self.by_address: dict[str, str] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             ("submitted", "orders_published", "orders_lost", "orders_received", "read_errors",
@@ -252,9 +254,7 @@ class Run:
             update={"seed": sc.seed})}
         if sc.grid.background is not None:
             updates["grid"] = site.grid.model_copy(update={"background": sc.grid.background})
-        source = site.source
-        site = site.model_copy(update=updates)
-        site._source = source
+        site = site.model_copy(update=updates)  # keeps .source
         names = {d.name for _, d in site.devices()}
         for e in sc.events:
             if isinstance(e, DeviceEvent) and e.device not in names:
@@ -425,9 +425,8 @@ class Run:
                                        return_exceptions=True)
         rows = []
         for name, r in zip(names, results, strict=True):
-            prosumer, cfg = self.site.find(name)
-            book = self.books[prosumer.name]
-            kind = cfg.kind.value
+            owner, kind = self.owners[name]
+            book = self.books[owner]
             if isinstance(r, BaseException):
                 if not isinstance(r, DeviceError):
                     raise r
@@ -544,11 +543,12 @@ class Run:
         delivery that answers it has been metered."""
         iv = self.sc.market.interval_s
         metered = market = 0.0
+        delivered = interval - 1 in self.delivering
         for book in self.books.values():
             a = book.interval
             metered += (a["import_wh"] - a["export_wh"]) / 1000.0
-            market += -(a["dis_wh"] - a["ch_wh"]) / 1000.0 if interval - 1 in self.delivering \
-                else 0.0
+            if delivered:
+                market -= (a["dis_wh"] - a["ch_wh"]) / 1000.0
         schedule = self.schedule[interval] if interval in self.schedule.intervals() else 0.0
         raw = metered - market - schedule
         self.interval_stats[interval] = {"start": interval * iv, "schedule": schedule,
@@ -599,8 +599,7 @@ class Run:
                 self.store.db.execute("UPDATE awards SET delivered_kwh = ? WHERE request_id = ? "
                                       "AND order_id = ?", (kwh, request_id, a.order_id))
             for s in settle_clearing(clearing, delivered, rules=self.rules):
-                prosumer = self.by_address.get(next(
-                    a.address for a in clearing.awards if a.order_id == s.order_id), "?")
+                prosumer = self.by_address[clearing.awarded[s.order_id].address]
                 self.store.insert("settlements", {
                     "request_id": request_id, "order_id": s.order_id, "prosumer": prosumer,
                     "awarded_kwh": s.awarded_kwh, "delivered_kwh": s.delivered_kwh,
@@ -648,7 +647,6 @@ class Run:
                 self.clock.sim_s = t + GATE_S
             if self.checker is None:
                 return clear(req, orders, self.rules.pricing, rules=self.rules)
-            from testbed.grid.reclear import reclear
             owner = {o.order_id: self.by_address[o.address] for o in orders}
             res = reclear(req, orders, checker=self.checker, locate=owner,
                           base_w={n: b.injection_w for n, b in self.books.items()},
@@ -704,8 +702,8 @@ class Run:
         setpoints: dict[str, float] = {}
         for a in c.awards:
             name = self.by_address[a.address]
-            w = a.energy_kwh * 3.6e6 / sc.market.interval_s
-            setpoints[name] = setpoints.get(name, 0.0) + (w if a.side == Side.SELL else -w)
+            setpoints[name] = setpoints.get(name, 0.0) + award_power_w(
+                a.side, a.energy_kwh, sc.market.interval_s)
             self.store.insert("awards", {
                 "request_id": rid, "order_id": a.order_id, "prosumer": name,
                 "side": str(a.side), "energy_kwh": a.energy_kwh, "price": a.price,

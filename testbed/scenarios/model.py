@@ -8,13 +8,12 @@ are seconds or "90s", "15m", "6h", "1d".
 from __future__ import annotations
 
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from testbed.config import NAME, ConfigError, load_model
+from testbed.config import NAME, library_file, load_model_file
 
 _DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -229,21 +228,13 @@ BUNDLED = {"demo": "demo.yaml", "cloudy-afternoon": "cloudy-afternoon.yaml",
 
 
 def bundled_scenario_path(name: str) -> Path:
-    return Path(str(resources.files("testbed.scenarios.library").joinpath(BUNDLED[name])))
+    return library_file(BUNDLED[name])
 
 
 def load_scenario(ref: str | Path) -> Scenario:
     """A scenario file, or a bundled scenario by name (demo, cloudy-afternoon, ...)."""
-    path = Path(ref)
-    if not path.exists() and str(ref) in BUNDLED:
-        path = bundled_scenario_path(str(ref))
-    if not path.exists():
-        raise ConfigError(f"{ref}: no such scenario file (bundled: {', '.join(BUNDLED)})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    sc: Scenario = load_model(Scenario, text, str(path))
+    sc: Scenario
+    sc, path = load_model_file(Scenario, ref, BUNDLED, "scenario")
     updates: dict[str, Any] = {}
     site = Path(sc.site)
     if not site.is_absolute() and (path.parent / site).exists():

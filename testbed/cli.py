@@ -532,6 +532,12 @@ def grid_check(
 # --------------------------------------------------------------------------- run
 
 
+# --- report (issue 8): `testbed report RUN` -----------------------------------------
+
+# --- dashboards (issue 8): `testbed dashboards export|push` ---------------------------
+
+# --- telemetry (issue 8): `testbed telemetry backfill RUN` ----------------------------
+
 @app.command("run")
 def run(
     scenario: Annotated[str, typer.Argument(help="Scenario file, or a bundled scenario name "

@@ -61,7 +61,7 @@ from testbed.market.settlement import TransferKind, settle_clearing
 from testbed.market.tcr import Mode, TCRParams
 from testbed.telemetry.store import RunStore
 
-from .model import DeviceEvent, Scenario
+from .model import EPOCH, DeviceEvent, Scenario
 from .profiles import forecast_schedule, irradiance_fn, load_fn, loses
 
 log = logging.getLogger(__name__)
@@ -172,10 +172,6 @@ class Clock:
                 "ticks": len(xs)}
 
 
-EPOCH = datetime(2026, 6, 21, tzinfo=UTC).timestamp()
-"""Day 0 of every scenario: a midsummer Sunday (simulated time is seconds since its
-midnight; signed messages carry EPOCH + simulated time)."""
-
 
 def _pct(xs: list[float], p: float) -> float:
     if not xs:
@@ -277,6 +273,8 @@ class Run:
         st.put_meta("scenario", sc.name)
         st.put_meta("seed", str(sc.seed))
         st.put_meta("started_at", datetime.now(UTC).isoformat())
+        st.put_meta("sim_start_s", str(sc.start))
+        st.put_meta("time_origin_ms", str(int(_time.time()) * 1000))
         wall0 = _time.perf_counter()
         self.layout = init_ledger(
             site, self.dir / "ledger", seed=sc.seed, time=EPOCH + sc.start - 1,
@@ -601,7 +599,7 @@ class Run:
             for s in settle_clearing(clearing, delivered, rules=self.rules):
                 prosumer = self.by_address[clearing.awarded[s.order_id].address]
                 self.store.insert("settlements", {
-                    "request_id": request_id, "order_id": s.order_id, "prosumer": prosumer,
+                    "t": t, "request_id": request_id, "order_id": s.order_id, "prosumer": prosumer,
                     "awarded_kwh": s.awarded_kwh, "delivered_kwh": s.delivered_kwh,
                     "paid_kwh": s.paid_kwh, "shortfall_kwh": s.shortfall_kwh,
                     "transfers": [x.to_dict() for x in s.transfers]})
@@ -673,7 +671,7 @@ class Run:
             self.dispatch_ok = False
         rid = rnd.request.id
         self.store.insert("auctions", {
-            "interval": interval, "delivery": interval + 1, "request_id": rid,
+            "t": t, "interval": interval, "delivery": interval + 1, "request_id": rid,
             "side": str(request.side), "requested_kwh": request.energy_kwh,
             "price": request.price, "orders": len(rnd.orders), "outcome": str(c.outcome),
             "market_kwh": res.market_kwh if res else cleared, "cleared_kwh": cleared,
@@ -682,7 +680,7 @@ class Run:
             "reclear": res.to_dict() if res else {}})
         for m in rnd.orders:
             b = m.parameters["bid"]
-            self.store.insert("orders", {"request_id": rid, "prosumer": self.by_address.get(
+            self.store.insert("orders", {"t": t, "request_id": rid, "prosumer": self.by_address.get(
                 m.client_id, "?"), "order_id": m.id, "side": b["type"],
                 "energy_kwh": b["energy"]["value"], "price": b["price"]["value"], "lost": 0})
             book = self.books.get(self.by_address.get(m.client_id, ""))
@@ -705,7 +703,7 @@ class Run:
             setpoints[name] = setpoints.get(name, 0.0) + award_power_w(
                 a.side, a.energy_kwh, sc.market.interval_s)
             self.store.insert("awards", {
-                "request_id": rid, "order_id": a.order_id, "prosumer": name,
+                "t": t, "request_id": rid, "order_id": a.order_id, "prosumer": name,
                 "side": str(a.side), "energy_kwh": a.energy_kwh, "price": a.price,
                 "amount_eur": a.amount_eur, "delivery": interval + 1, "delivered_kwh": None})
         if c.awards:

@@ -28,17 +28,17 @@ CREATE TABLE IF NOT EXISTS intervals (interval INTEGER PRIMARY KEY, start REAL N
     schedule_kwh REAL NOT NULL, metered_kwh REAL NOT NULL, market_kwh REAL NOT NULL,
     raw_deviation_kwh REAL NOT NULL, requested_kwh REAL NOT NULL, covered_kwh REAL NOT NULL,
     residual_kwh REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS auctions (interval INTEGER NOT NULL, delivery INTEGER NOT NULL,
+CREATE TABLE IF NOT EXISTS auctions (t REAL NOT NULL, interval INTEGER NOT NULL, delivery INTEGER NOT NULL,
     request_id TEXT PRIMARY KEY, side TEXT NOT NULL, requested_kwh REAL NOT NULL,
     price REAL NOT NULL, orders INTEGER NOT NULL, outcome TEXT NOT NULL,
     market_kwh REAL NOT NULL, cleared_kwh REAL NOT NULL, clearing_price REAL,
     grid_rounds INTEGER NOT NULL, grid_passed INTEGER NOT NULL, award_id TEXT NOT NULL,
     reclear TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS awards (request_id TEXT NOT NULL, order_id TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS awards (t REAL NOT NULL, request_id TEXT NOT NULL, order_id TEXT NOT NULL,
     prosumer TEXT NOT NULL, side TEXT NOT NULL, energy_kwh REAL NOT NULL, price REAL NOT NULL,
     amount_eur REAL NOT NULL, delivery INTEGER NOT NULL, delivered_kwh REAL,
     PRIMARY KEY (request_id, order_id));
-CREATE TABLE IF NOT EXISTS orders (request_id TEXT NOT NULL, prosumer TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS orders (t REAL NOT NULL, request_id TEXT NOT NULL, prosumer TEXT NOT NULL,
     order_id TEXT NOT NULL, side TEXT NOT NULL, energy_kwh REAL NOT NULL,
     price REAL NOT NULL, lost INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS grid_checks (t REAL NOT NULL, request_id TEXT NOT NULL,
@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS grid_checks (t REAL NOT NULL, request_id TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS feeder (t REAL PRIMARY KEY, light TEXT NOT NULL,
     vm_min_pu REAL, vm_max_pu REAL, max_line_pct REAL, max_trafo_pct REAL, losses_w REAL,
     import_w REAL);
-CREATE TABLE IF NOT EXISTS settlements (request_id TEXT NOT NULL, order_id TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS settlements (t REAL NOT NULL, request_id TEXT NOT NULL, order_id TEXT NOT NULL,
     prosumer TEXT NOT NULL, awarded_kwh REAL NOT NULL, delivered_kwh REAL NOT NULL,
     paid_kwh REAL NOT NULL, shortfall_kwh REAL NOT NULL, transfers TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (t REAL NOT NULL, msg_id TEXT NOT NULL,
@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS cpf (t REAL NOT NULL, prosumer TEXT NOT NULL,
 
 WALL_CLOCK_COLUMNS = {("steps", "late_ms"), ("steps", "wall"), ("meta", "started_at"),
                       ("meta", "finished_at"), ("meta", "wall_s"), ("meta", "run_id"),
-                      ("meta", "out"), ("meta", "broker")}
+                      ("meta", "out"), ("meta", "broker"),
+                      ("meta", "time_origin_ms")}
 """(table, column) pairs - or (meta, key) - that depend on the wall clock or the machine."""
 
 

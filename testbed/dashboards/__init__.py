@@ -1,0 +1,1 @@
+"""What people look at: Grafana dashboards over the InfluxDB schema, and the HTML run report."""

@@ -27,6 +27,10 @@ from typing import Any
 from testbed.devices.driver import MEASUREMENTS as DEVICE_MEASUREMENTS
 from testbed.scenarios.model import EPOCH
 
+DEFAULT_ORG = "testbed"
+DEFAULT_BUCKET = "testbed"
+"""Organisation and bucket the sink, the lab stack and the dashboards agree on."""
+
 LIGHTS = {"green": 0.0, "amber": 1.0, "red": 2.0}
 """Traffic light as a number (a field), so a panel can draw it on a value axis."""
 
@@ -191,6 +195,8 @@ def points(db: sqlite3.Connection, table: str, lo: int, hi: int, ctx: Context
         elif m.name == "block":
             fields["cpf"] = json.loads(row["cpf"]).get("cpf")
         tags = {"run": ctx.run, **{k: row.get(k) for k in m.tags}}
+        if m.name == "block":
+            tags["proposer"] = row["proposer_name"]
         ts = ctx.ts(row[m.time]) + row.get("dup", 0)
         p = line(m.name, tags, fields, ts)
         if p is not None:

@@ -538,6 +538,86 @@ def grid_check(
 
 # --- telemetry (issue 8): `testbed telemetry backfill RUN` ----------------------------
 
+telemetry_app = typer.Typer(help="Time series of runs in InfluxDB (or anything serving "
+                            "/api/v2/write).", no_args_is_help=True)
+app.add_typer(telemetry_app, name="telemetry")
+
+InfluxUrl = Annotated[str | None, typer.Option(
+    "--influx-url", help="InfluxDB URL, e.g. http://localhost:8086 (default: the run's or "
+    "the site file's telemetry.influx).")]
+InfluxToken = Annotated[str | None, typer.Option(
+    "--influx-token", envvar="INFLUX_TOKEN", help="API token (or env INFLUX_TOKEN).")]
+InfluxOrg = Annotated[str | None, typer.Option("--influx-org", help="Organisation "
+                                               "(default testbed).")]
+InfluxBucket = Annotated[str | None, typer.Option("--influx-bucket", help="Bucket "
+                                                  "(default testbed).")]
+
+
+def _influx(url: str | None, org: str | None, bucket: str | None,
+            base: Any = None) -> Any:
+    """InfluxConfig from flags over `base` (a site's or a run's); None if neither names a URL."""
+    from .config import InfluxConfig
+
+    if url is None and base is None:
+        return None
+    update = {k: v for k, v in (("url", url), ("org", org), ("bucket", bucket)) if v is not None}
+    try:
+        return InfluxConfig(**{**(base.model_dump() if base is not None else {}), **update})
+    except ValueError as exc:
+        raise ConfigError(f"--influx-*: {exc}") from None
+
+
+@telemetry_app.command("backfill")
+def telemetry_backfill(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<run-id>).")],
+    influx_url: InfluxUrl = None,
+    influx_token: InfluxToken = None,
+    influx_org: InfluxOrg = None,
+    influx_bucket: InfluxBucket = None,
+    rewrite: Annotated[bool, typer.Option("--all", help="Write every point again, not only "
+                                          "the unacknowledged ones (e.g. after the bucket "
+                                          "was wiped).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what is missing.")
+                       ] = False,
+) -> None:
+    """Write the points of a run the server has not acknowledged (idempotent)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .config import InfluxConfig
+    from .telemetry.influx import TelemetryError, backfill, open_run
+
+    try:
+        db, _ = open_run(run_dir)
+        row = db.execute("SELECT value FROM meta WHERE key = 'influx'").fetchone()
+        db.close()
+        base = InfluxConfig.model_validate_json(row[0]) if row else None
+        cfg = _influx(influx_url, influx_org, influx_bucket, base)
+        if cfg is None:
+            raise ConfigError(f"{run_dir}: the run had no InfluxDB target; give --influx-url")
+        with Progress(TextColumn("[bold]backfill"), BarColumn(), MofNCompleteColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("points", total=None)
+            res = backfill(run_dir, cfg, token=influx_token, rewrite=rewrite, dry_run=dry_run,
+                           progress=lambda done, total: bar.update(task, completed=done,
+                                                                    total=total))
+    except (ConfigError, TelemetryError) as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    t = Table(title=f"{'missing at' if dry_run else 'backfill to'} {cfg.url} "
+                    f"(org {cfg.org}, bucket {cfg.bucket})")
+    t.add_column("measurement")
+    t.add_column("points", justify="right")
+    from .telemetry.schema import TABLES
+    for table, n in res.tables.items():
+        t.add_row(TABLES[table].name, str(n))
+    console.print(t)
+    if dry_run:
+        console.print(f"{sum(res.tables.values())} points not acknowledged by {cfg.url}")
+    else:
+        console.print(f"wrote {res.points} points in {res.batches} batches"
+                      + ("" if res.points else ": nothing was missing"))
+
+
 @app.command("run")
 def run(
     scenario: Annotated[str, typer.Argument(help="Scenario file, or a bundled scenario name "
@@ -555,8 +635,18 @@ def run(
     junit: Annotated[Path | None, typer.Option(help="Write the expectations as JUnit XML.")
                      ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    influx_url: InfluxUrl = None,
+    influx_token: InfluxToken = None,
+    influx_org: InfluxOrg = None,
+    influx_bucket: InfluxBucket = None,
+    report: Annotated[bool, typer.Option(help="Write report.html into the run directory.")
+                      ] = True,
 ) -> None:
-    """Play a deviation scenario end to end; exit 1 if an expectation is not met."""
+    """Play a deviation scenario end to end; exit 1 if an expectation is not met.
+
+    With --influx-url (or `telemetry.influx` in the site file) the run's time series go
+    to InfluxDB as they are recorded; a server that is down does not stop the run
+    (`testbed telemetry backfill` writes what it missed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .grid import GridError
@@ -566,7 +656,10 @@ def run(
     try:
         sc = load_scenario(scenario)
         runner_args: dict[str, Any] = {"out": out, "broker": broker, "seed": seed,
-                                       "speed": speed, "fast": fast}
+                                       "speed": speed, "fast": fast, "report": report,
+                                       "influx_token": influx_token}
+        if influx_url is not None:
+            runner_args["influx"] = _influx(influx_url, influx_org, influx_bucket)
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                             MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                             TimeElapsedColumn(), console=console, disable=quiet)
@@ -587,7 +680,16 @@ def run(
     for v in result.verdicts:
         mark = "[green]PASS[/]" if v.ok else "[red]FAIL[/]"
         console.print(f"{mark} {v.name}: {v.message}", highlight=False)
+    tel = result.summary.get("telemetry")
+    if tel:
+        pend = tel["pending_points"]
+        console.print(f"telemetry: {tel['points']} points to {tel['target']}"
+                      + (f"; [yellow]{pend} not acknowledged[/] ({'; '.join(tel['errors'])}): "
+                         f"testbed telemetry backfill {result.run_dir}" if pend else ""),
+                      highlight=False)
     console.print(f"run store: {result.run_dir}")
+    if report:
+        console.print(f"report: {result.run_dir / 'report.html'}")
     if junit is not None:
         junit.parent.mkdir(parents=True, exist_ok=True)
         junit.write_text(junit_xml(result))

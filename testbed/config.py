@@ -221,6 +221,31 @@ class OpcUaConfig(_Strict):
         return self
 
 
+class InfluxConfig(_Strict):
+    """Where a run's time series go (`testbed.telemetry.influx`): any server with
+    InfluxDB's `/api/v2/write` (InfluxDB 2.x/3.x, 1.8+, VictoriaMetrics)."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^\s/]+")]
+    org: Annotated[str, Field(min_length=1)] = "testbed"
+    bucket: Annotated[str, Field(min_length=1)] = "testbed"
+    token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "INFLUX_TOKEN"
+    """Environment variable holding the API token (a token does not belong in a site file)."""
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    flush_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """How often new rows of the run store are sent."""
+    timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    retries: Annotated[int, Field(ge=0, le=20)] = 3
+    retry_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    """First retry delay; each further retry doubles it (with jitter), up to max_retry_delay_s."""
+    max_retry_delay_s: Annotated[float, Field(gt=0, le=600)] = 8.0
+    probe_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """After a batch fails all its retries: how long the sink leaves the server alone."""
+
+
+class TelemetryConfig(_Strict):
+    influx: InfluxConfig | None = None
+
+
 class GridConfig(_Strict):
     """The feeder the DSO check runs on (`testbed.grid`)."""
 
@@ -243,6 +268,7 @@ class SiteConfig(_Strict):
     emulation: EmulationConfig = EmulationConfig()
     opcua: OpcUaConfig = OpcUaConfig()
     grid: GridConfig = GridConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     prosumers: list[ProsumerConfig] = Field(min_length=1)
     _source: str = PrivateAttr(default="")
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from testbed.bus import topics
 from testbed.bus.broker import open_bus
-from testbed.config import ConfigError, SiteConfig, load_site
+from testbed.config import ConfigError, InfluxConfig, SiteConfig, load_site
 from testbed.devices.driver import Device, DeviceError, Reading
 from testbed.devices.site import SiteEmulators, open_devices
 from testbed.grid.reclear import award_power_w, reclear
@@ -59,6 +59,7 @@ from testbed.market.auction import Clearing, clear
 from testbed.market.orders import MarketRules, Order, Pricing, Side
 from testbed.market.settlement import TransferKind, settle_clearing
 from testbed.market.tcr import Mode, TCRParams
+from testbed.telemetry.influx import InfluxSink
 from testbed.telemetry.store import RunStore
 
 from .model import EPOCH, DeviceEvent, Scenario
@@ -186,6 +187,8 @@ class Run:
     def __init__(self, scenario: Scenario, *, out: Path = Path("runs"),
                  broker: str | None = None, seed: int | None = None,
                  speed: float | None = None, fast: bool = False,
+                 influx: InfluxConfig | None = None, influx_token: str | None = None,
+                 report: bool = True,
                  progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> None:
         updates: dict[str, Any] = {}
         if seed is not None:
@@ -200,6 +203,10 @@ class Run:
         self.site = self._site()
         self.broker = broker
         self.progress = progress
+        self.influx = influx or self.site.telemetry.influx
+        """Where the run's time series go (flags over the site file's `telemetry.influx`)."""
+        self.influx_token = influx_token
+        self.report = report
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         self.run_id = f"{sc.name}-s{sc.seed}-{stamp}"
         self.dir = Path(out) / self.run_id
@@ -275,6 +282,12 @@ class Run:
         st.put_meta("started_at", datetime.now(UTC).isoformat())
         st.put_meta("sim_start_s", str(sc.start))
         st.put_meta("time_origin_ms", str(int(_time.time()) * 1000))
+        sink = None
+        if self.influx is not None:
+            st.put_meta("influx", self.influx.model_dump())
+            st.commit()  # the sink reads the run's meta first
+            sink = InfluxSink(self.influx, self.dir, token=self.influx_token)
+            sink.start()
         wall0 = _time.perf_counter()
         self.layout = init_ledger(
             site, self.dir / "ledger", seed=sc.seed, time=EPOCH + sc.start - 1,
@@ -314,8 +327,13 @@ class Run:
         summary["passed"] = all(v.ok for v in verdicts)
         st.put_meta("passed", json.dumps(summary["passed"]))
         st.close()
+        if sink is not None:
+            summary["telemetry"] = sink.close().to_dict()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True)
                                                + "\n")
+        if self.report:
+            from testbed.dashboards.report import write_report
+            write_report(self.dir)
         return RunResult(self.dir, summary, verdicts)
 
     async def _with_bus(self) -> None:

@@ -1,0 +1,229 @@
+"""The InfluxDB sink against a real server: VictoriaMetrics (Debian `victoria-metrics`),
+which serves InfluxDB's `/api/v2/write`, started on a loopback port by the tests.
+
+Points are read back through VictoriaMetrics' export API (`<measurement>_<field>` series)
+and compared with the run store, row by row."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from testbed.cli import app
+from testbed.config import InfluxConfig
+from testbed.scenarios.engine import Run
+from testbed.scenarios.model import load_scenario
+from testbed.telemetry.influx import AckLog, backfill, gaps, missing, target_key
+from testbed.telemetry.schema import MEASUREMENTS, line
+from testbed.telemetry.victoria import VictoriaMetrics, find_victoria_metrics
+
+pytestmark = pytest.mark.skipif(
+    find_victoria_metrics() is None,
+    reason="victoria-metrics not installed (apt-get install victoria-metrics); .ci/run "
+           "installs it")
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def vm(tmp_path: Path):
+    with VictoriaMetrics(tmp_path / "vm") as server:
+        yield server
+
+
+def quick(url: str) -> InfluxConfig:
+    """A sink that gives up on a dead server quickly (the defaults are for real labs)."""
+    return InfluxConfig(url=url, flush_s=0.2, retries=1, retry_interval_s=0.05,
+                        max_retry_delay_s=0.1, probe_s=0.5, timeout_s=2.0)
+
+
+def run_demo(out: Path, influx: InfluxConfig | None, **kw) -> tuple[Path, dict]:
+    import asyncio
+    res = asyncio.run(Run(load_scenario("demo"), out=out, influx=influx, report=False,
+                          **kw).execute())
+    return res.run_dir, res.summary
+
+
+def series(server: VictoriaMetrics, run: str) -> dict[tuple[str, frozenset], dict[int, float]]:
+    """(metric, labels other than run) -> {timestamp ms: value} for one run."""
+    out: dict[tuple[str, frozenset], dict[int, float]] = {}
+    for s in server.export(f'{{run="{run}"}}'):
+        labels = dict(s["metric"])
+        name = labels.pop("__name__")
+        labels.pop("run")
+        ts = dict(zip(s["timestamps"], s["values"], strict=True))
+        assert len(ts) == len(s["timestamps"]), f"{name} has two samples at one time"
+        out[(name, frozenset(labels.items()))] = ts
+    return out
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)  # VictoriaMetrics keeps 12 digits
+
+
+def assert_server_equals_store(server: VictoriaMetrics, run_dir: Path) -> int:
+    """Every row of the store is on the server with its values and time, and the server
+    holds nothing else for the run. Returns the number of samples compared."""
+    db = sqlite3.connect(run_dir / "run.db")
+    db.row_factory = sqlite3.Row
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    run, origin, start = meta["run_id"], int(meta["time_origin_ms"]), float(meta["sim_start_s"])
+
+    def ts(t: float) -> int:
+        return origin + round((t - start) * 1000)
+
+    want: dict[tuple[str, frozenset], dict[int, float]] = defaultdict(dict)
+    for r in db.execute("SELECT * FROM measurements"):
+        key = (f"reading_{r['name']}", frozenset({"prosumer": r["prosumer"], "device": r["device"],
+                                                  "kind": r["kind"]}.items()))
+        want[key][ts(r["t"])] = r["value"]
+    for r in db.execute("SELECT * FROM feeder"):
+        for f in ("vm_min_pu", "vm_max_pu", "max_line_pct", "max_trafo_pct", "losses_w",
+                  "import_w"):
+            want[(f"feeder_{f}", frozenset())][ts(r["t"])] = r[f]
+        want[("feeder_light", frozenset())][ts(r["t"])] = {"green": 0, "amber": 1, "red": 2}[
+            r["light"]]
+        want[("feeder_limit_vm_max_pu", frozenset())][ts(r["t"])] = 1.10
+    for r in db.execute("SELECT * FROM intervals"):
+        for f in MEASUREMENTS["interval"].fields:
+            want[(f"interval_{f}", frozenset())][ts(r["start"])] = r[f]
+    for r in db.execute("SELECT * FROM auctions"):
+        tags = frozenset({"side": r["side"], "outcome": r["outcome"]}.items())
+        for f in ("requested_kwh", "cleared_kwh", "orders", "grid_passed"):
+            want[(f"auction_{f}", tags)][ts(r["t"])] = r[f]
+    for r in db.execute("SELECT * FROM cpf"):
+        want[("cpf_cpf", frozenset({"prosumer": r["prosumer"]}.items()))][ts(r["t"])] = r["cpf"]
+    for r in db.execute("SELECT * FROM blocks"):
+        tags = frozenset({"proposer": r["proposer_name"]}.items())
+        want[("block_txs", tags)][ts(r["t"])] = r["txs"]
+        want[("block_cpf", tags)][ts(r["t"])] = json.loads(r["cpf"])["cpf"]
+    for r in db.execute("SELECT * FROM awards"):
+        tags = frozenset({"prosumer": r["prosumer"], "side": r["side"]}.items())
+        want[("award_energy_kwh", tags)][ts(r["t"])] = r["energy_kwh"]
+    for r in db.execute("SELECT * FROM steps"):
+        want[("clock_step", frozenset())][ts(r["t"])] = r["step"]
+    counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+              for t in ("orders", "settlements", "grid_checks", "events")}
+    db.close()
+
+    got = series(server, run)
+    n = 0
+    for key, points in want.items():
+        assert key in got, f"{key} not on the server"
+        assert set(got[key]) == set(points), f"{key}: timestamps differ"
+        bad = [t for t, v in points.items() if not close(got[key][t], v)]
+        assert not bad, f"{key}: values differ at {bad[:3]}"
+        n += len(points)
+    # Whole tables: one sample per row for a field every row has.
+    for metric, table in (("order_energy_kwh", "orders"), ("settlement_awarded_kwh",
+                          "settlements"), ("grid_check_violations", "grid_checks"),
+                          ("event_count", "events")):
+        on_server = sum(len(v) for (name, _), v in got.items() if name == metric)
+        assert on_server == counts[table], f"{metric}: {on_server} samples, {counts[table]} rows"
+    # Nothing on the server that the schema does not define.
+    fields = {f"{m.name}_{f}" for m in MEASUREMENTS.values() for f in m.fields}
+    assert {name for name, _ in got} <= fields
+    return n
+
+
+def test_a_run_mirrored_live_equals_its_run_store(vm: VictoriaMetrics, tmp_path: Path) -> None:
+    run_dir, summary = run_demo(tmp_path / "runs", quick(vm.url))
+    tel = summary["telemetry"]
+    assert tel["pending_points"] == 0 and tel["failed_batches"] == 0 and not tel["errors"]
+    assert tel["points"] > 2500  # 9 devices x 240 steps, feeder, clock, market, ledger
+    n = assert_server_equals_store(vm, run_dir)
+    assert n > 10_000
+    # Everything was acknowledged: a backfill has nothing to do.
+    again = backfill(run_dir, quick(vm.url))
+    assert again.points == 0 and again.tables == {}
+
+
+def test_server_stopped_mid_run_then_backfill_makes_it_whole(vm: VictoriaMetrics,
+                                                            tmp_path: Path) -> None:
+    stopped: list[int] = []
+
+    def kill_at(k: int, n: int, info: dict) -> None:
+        if k == 80 and not stopped:
+            vm.stop()
+            stopped.append(k)
+
+    run_dir, summary = run_demo(tmp_path / "runs", quick(vm.url), progress=kill_at)
+    assert stopped and summary["steps"] == 240  # the run went on to its end
+    tel = summary["telemetry"]
+    assert tel["points"] > 0, "some points were written before the server stopped"
+    assert tel["pending_points"] > 0 and tel["failed_batches"] >= 1
+    assert vm.url in tel["errors"][0] and "refused" in tel["errors"][0].lower()
+
+    vm.start()
+    before = sum(len(v) for v in series(vm, summary_run(run_dir)).values())
+    res = runner.invoke(app, ["telemetry", "backfill", str(run_dir)])  # target from the run
+    assert res.exit_code == 0, res.output
+    assert f"wrote {tel['pending_points']} points" in res.output
+    assert_server_equals_store(vm, run_dir)
+    after = sum(len(v) for v in series(vm, summary_run(run_dir)).values())
+    assert after > before
+
+    res = runner.invoke(app, ["telemetry", "backfill", str(run_dir)])
+    assert res.exit_code == 0 and "wrote 0 points" in res.output and "nothing was missing" \
+        in res.output
+    assert sum(len(v) for v in series(vm, summary_run(run_dir)).values()) == after
+
+    # --all writes every point again; the server still holds each once.
+    res = runner.invoke(app, ["telemetry", "backfill", str(run_dir), "--all"])
+    assert res.exit_code == 0, res.output
+    assert sum(len(v) for v in series(vm, summary_run(run_dir)).values()) == after
+
+
+def summary_run(run_dir: Path) -> str:
+    return json.loads((run_dir / "summary.json").read_text())["run_id"]
+
+
+def test_a_dead_server_never_stops_a_run_and_backfill_names_it(tmp_path: Path) -> None:
+    dead = quick("http://127.0.0.1:9")  # discard port: nothing listens
+    run_dir, summary = run_demo(tmp_path / "runs", dead)
+    assert summary["passed"] and summary["steps"] == 240
+    tel = summary["telemetry"]
+    assert tel["points"] == 0 and tel["pending_points"] > 2500
+    # Every point is still owed: the dry run counts them per measurement.
+    res = runner.invoke(app, ["telemetry", "backfill", str(run_dir), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert f"{tel['pending_points']} points not acknowledged by http://127.0.0.1:9" in res.output
+    res = runner.invoke(app, ["telemetry", "backfill", str(run_dir)])
+    assert res.exit_code == 2 and "http://127.0.0.1:9" in res.output
+    # Not a run directory: says which path and what is missing.
+    res = runner.invoke(app, ["telemetry", "backfill", str(tmp_path)])
+    assert res.exit_code == 2 and "no run store (run.db)" in res.output
+
+
+def test_run_store_carries_summary_run_id_and_cli_flags(vm: VictoriaMetrics,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    res = runner.invoke(app, ["run", "demo", "--out", str(out), "-q", "--no-report",
+                              "--influx-url", vm.url, "--influx-bucket", "lab"])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = out.iterdir()
+    assert "telemetry:" in res.output and vm.url in res.output
+    db = sqlite3.connect(run_dir / "run.db")
+    (cfg,) = db.execute("SELECT value FROM meta WHERE key = 'influx'").fetchone()
+    assert json.loads(cfg)["bucket"] == "lab" and "token" not in json.loads(cfg)  # only its env
+    acks = AckLog(run_dir / "telemetry.db")
+    assert missing(db, acks, target_key(InfluxConfig(url=vm.url, bucket="lab"))) == {}
+    # Another bucket has acknowledged nothing: all of it is missing there.
+    assert len(missing(db, acks, target_key(InfluxConfig(url=vm.url)))) == len(MEASUREMENTS)
+
+
+def test_gaps_and_line_protocol() -> None:
+    assert gaps([], 10) == [(0, 10)]
+    assert gaps([(0, 4), (6, 10)], 10) == [(4, 6)]
+    assert gaps([(0, 12)], 10) == []
+    assert gaps([(2, 3)], 5) == [(0, 2), (3, 5)]
+    # Tag values are escaped; NaN and None fields are left out; no field, no point.
+    assert line("reading", {"run": "a b", "device": "pv,1"}, {"p_w": 1, "x": None,
+                "y": float("nan")}, 5) == r"reading,device=pv\,1,run=a\ b p_w=1.0 5"
+    assert line("reading", {"run": "r"}, {"x": None}, 5) is None

@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,31 +180,50 @@ def sync(store: sqlite3.Connection, ctx: Context, acks: AckLog, target: str,
          progress: Callable[[int], None] | None = None) -> SyncStats:
     """Write every unacknowledged row of the store; acknowledge each batch once written.
 
-    Raises TelemetryError at the first batch the server does not take; what was
-    acknowledged before it stays acknowledged."""
+    One batch is written (in a worker thread: the HTTP wait releases the GIL) while the
+    next is mapped. Acknowledgements are made in order. Raises TelemetryError at the
+    first batch the server does not take; what was acknowledged before stays so."""
     stats = SyncStats()
-    for table, ranges in missing(store, acks, target).items():
-        for lo, hi in ranges:
-            first, batch = lo, []
-            for last, line in points(store, table, lo, hi, ctx):
-                batch.append(line)
-                if len(batch) >= batch_size:
-                    _send(write, batch, stats, progress)
-                    acks.add(target, table, first, last)
-                    first, batch = last, []
-            if batch:
-                _send(write, batch, stats, progress)
-            acks.add(target, table, first, hi)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="influx-write")
+    inflight: list[tuple[Future[None], str, int, int, int]] = []
+
+    def settle() -> None:
+        fut, table, a, b, n = inflight.pop()
+        fut.result()
+        acks.add(target, table, a, b)
+        if n:
+            stats.points += n
+            stats.batches += 1
+            if progress:
+                progress(n)
+
+    def submit(table: str, a: int, b: int, batch: list[str]) -> None:
+        fut: Future[None] = pool.submit(write, batch) if batch else _done()
+        if inflight:
+            settle()
+        inflight.append((fut, table, a, b, len(batch)))
+
+    try:
+        for table, ranges in missing(store, acks, target).items():
+            for lo, hi in ranges:
+                first, batch = lo, []
+                for last, line in points(store, table, lo, hi, ctx):
+                    batch.append(line)
+                    if len(batch) >= batch_size:
+                        submit(table, first, last, batch)
+                        first, batch = last, []
+                submit(table, first, hi, batch)
+        while inflight:
+            settle()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return stats
 
 
-def _send(write: Callable[[list[str]], None], batch: list[str], stats: SyncStats,
-          progress: Callable[[int], None] | None) -> None:
-    write(batch)
-    stats.points += len(batch)
-    stats.batches += 1
-    if progress:
-        progress(len(batch))
+def _done() -> Future[None]:
+    f: Future[None] = Future()
+    f.set_result(None)
+    return f
 
 
 def open_run(run_dir: Path) -> tuple[sqlite3.Connection, Context]:

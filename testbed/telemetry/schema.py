@@ -160,10 +160,11 @@ def _select(m: Measurement) -> str:
     `measurements` rows are grouped per device and step (they are consecutive rows of
     one insert); an event gets `dup`, the number of earlier events with its time, kind
     and subject, which spreads their timestamps."""
-    if m.table == "measurements":
+    if m.table == "measurements":  # the field set is made in SQL: the hot path
         return ("SELECT max(rowid) AS last, t, prosumer, device, kind, "
-                "json_group_object(name, value) AS f FROM measurements "
-                "WHERE rowid > ? AND rowid <= ? GROUP BY t, device ORDER BY min(rowid)")
+                "group_concat(name || '=' || printf('%!.17g', value), ',') AS f "
+                "FROM measurements WHERE rowid > ? AND rowid <= ? "
+                "AND value BETWEEN -1e308 AND 1e308 GROUP BY t, device ORDER BY min(rowid)")
     if m.table == "events":
         return ("SELECT rowid AS last, *, (SELECT count(*) FROM events e WHERE e.t = events.t "
                 "AND e.kind = events.kind AND e.subject IS events.subject "
@@ -179,13 +180,13 @@ def points(db: sqlite3.Connection, table: str, lo: int, hi: int, ctx: Context
     The engine commits whole steps, so ranges taken between commits never cut through
     a device's readings of one step."""
     m = TABLES[table]
+    if m.table == "measurements":
+        yield from _readings(db, lo, hi, ctx)
+        return
     db.row_factory = sqlite3.Row
     for r in db.execute(_select(m), (lo, hi)):
         row = dict(r)
-        if m.table == "measurements":
-            fields: dict[str, Any] = json.loads(row["f"])
-        else:
-            fields = {f: row.get(f) for f in m.fields}
+        fields: dict[str, Any] = {f: row.get(f) for f in m.fields}
         if "light" in fields:
             fields["light"] = LIGHTS.get(str(fields["light"]))
         if m.name == "feeder":
@@ -201,6 +202,23 @@ def points(db: sqlite3.Connection, table: str, lo: int, hi: int, ctx: Context
         p = line(m.name, tags, fields, ts)
         if p is not None:
             yield row["last"], p
+
+
+def _readings(db: sqlite3.Connection, lo: int, hi: int, ctx: Context
+              ) -> Iterator[tuple[int, str]]:
+    """`reading` points: one per device and step, tags escaped once per device. Field
+    names are the drivers' identifiers; values are printed with 17 digits (exact)."""
+    db.row_factory = None
+    heads: dict[tuple[str, str, str], str] = {}
+    for last, t, prosumer, device, kind, fields in db.execute(
+            _select(TABLES["measurements"]), (lo, hi)):
+        head = heads.get((prosumer, device, kind))
+        if head is None:
+            tags = {"run": ctx.run, "prosumer": prosumer, "device": device, "kind": kind}
+            head = heads[(prosumer, device, kind)] = "reading," + ",".join(
+                f"{_key(k)}={_key(str(v))}" for k, v in sorted(tags.items()) if v)
+        if fields:
+            yield last, f"{head} {fields} {ctx.ts(t)}"
 
 
 def last_rowid(db: sqlite3.Connection, table: str) -> int:

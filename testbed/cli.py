@@ -534,7 +534,98 @@ def grid_check(
 
 # --- report (issue 8): `testbed report RUN` -----------------------------------------
 
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<run-id>).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the HTML "
+                                             "(default: RUN/report.html).")] = None,
+) -> None:
+    """Write a run's self-contained HTML report (plots, KPIs, verdicts; works offline)."""
+    from .dashboards.report import ReportError, write_report
+
+    try:
+        path = write_report(run_dir, out)
+    except ReportError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False)
+
 # --- dashboards (issue 8): `testbed dashboards export|push` ---------------------------
+dashboards_app = typer.Typer(help="Grafana dashboards over the runs' InfluxDB time series.",
+                             no_args_is_help=True)
+app.add_typer(dashboards_app, name="dashboards")
+InfluxUrlOpt = Annotated[str, typer.Option("--influx-url", help="InfluxDB as Grafana reaches "
+                                           "it (the lab's compose service by default).")]
+InfluxOrgOpt = Annotated[str, typer.Option("--influx-org", help="InfluxDB organisation.")]
+InfluxBucketOpt = Annotated[str, typer.Option("--influx-bucket", help="InfluxDB bucket.")]
+
+
+@dashboards_app.command("export")
+def dashboards_export(
+    folder: Annotated[Path, typer.Argument(help="Folder for dashboards/ and provisioning/ "
+                                           "(the lab stack mounts lab/grafana).")],
+    influx_url: InfluxUrlOpt = "http://influxdb:8086",
+    influx_org: InfluxOrgOpt = "testbed",
+    influx_bucket: InfluxBucketOpt = "testbed",
+) -> None:
+    """Write the dashboards' JSON and Grafana provisioning files (data source, file provider)."""
+    from .dashboards.grafana import DashboardError, export
+
+    try:
+        files = export(folder, influx_url=influx_url, org=influx_org, bucket=influx_bucket)
+    except DashboardError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    for f in files:
+        console.print(f"wrote {f}", highlight=False)
+
+
+@dashboards_app.command("push")
+def dashboards_push(
+    grafana_url: Annotated[str, typer.Option("--grafana-url", envvar="GRAFANA_URL",
+                                             help="Grafana base URL, e.g. http://localhost:3000.")],
+    grafana_token: Annotated[str | None, typer.Option(
+        "--grafana-token", envvar="GRAFANA_TOKEN", help="Service account token.")] = None,
+    grafana_user: Annotated[str | None, typer.Option(
+        "--grafana-user", help="Admin user (instead of a token).")] = None,
+    grafana_password: Annotated[str | None, typer.Option(
+        "--grafana-password", envvar="GRAFANA_PASSWORD", help="Password of --grafana-user.")
+    ] = None,
+    folder: Annotated[str, typer.Option("--folder", help="Grafana folder title.")] = "testbed",
+    influx_url: InfluxUrlOpt = "http://influxdb:8086",
+    influx_token: Annotated[str | None, typer.Option(
+        "--influx-token", envvar="INFLUX_TOKEN", help="InfluxDB token for the data source "
+        "(kept as is when omitted and the data source exists).")] = None,
+    influx_org: InfluxOrgOpt = "testbed",
+    influx_bucket: InfluxBucketOpt = "testbed",
+) -> None:
+    """Create or update the InfluxDB data source, the folder and the dashboards in a Grafana."""
+    from .dashboards.grafana import DashboardError, GrafanaError, push
+
+    try:
+        r = push(grafana_url, token=grafana_token, user=grafana_user, password=grafana_password,
+                 folder=folder, influx_url=influx_url, influx_token=influx_token,
+                 org=influx_org, bucket=influx_bucket)
+    except GrafanaError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except DashboardError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"Grafana {r.version or '(version unknown)'} at {r.grafana_url}: data source "
+                  f"{r.datasource}, folder {r.folder_uid!r}"
+                  f"{' (created)' if r.folder_created else ''}", highlight=False)
+    t = Table("dashboard", "url")
+    for title, url in r.dashboards:
+        t.add_row(title, url)
+    console.print(t)
+
 
 # --- telemetry (issue 8): `testbed telemetry backfill RUN` ----------------------------
 

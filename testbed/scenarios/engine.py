@@ -333,7 +333,11 @@ class Run:
                                                + "\n")
         if self.report:
             from testbed.dashboards.report import write_report
-            write_report(self.dir)
+            try:
+                write_report(self.dir)
+            except Exception as exc:  # the run is recorded; a report can be made again
+                log.error("report not written (%s); the run store is complete: "
+                          "`testbed report %s` makes it again", exc, self.dir)
         return RunResult(self.dir, summary, verdicts)
 
     async def _with_bus(self) -> None:

@@ -227,3 +227,28 @@ def test_gaps_and_line_protocol() -> None:
     assert line("reading", {"run": "a b", "device": "pv,1"}, {"p_w": 1, "x": None,
                 "y": float("nan")}, 5) == r"reading,device=pv\,1,run=a\ b p_w=1.0 5"
     assert line("reading", {"run": "r"}, {"x": None}, 5) is None
+
+
+def test_site_file_names_the_target_and_bad_ones_say_where(tmp_path: Path) -> None:
+    from testbed.config import ConfigError, bundled_path, load_site
+
+    text = bundled_path("demo").read_text()
+    good = tmp_path / "site.yaml"
+    good.write_text(text + "telemetry:\n  influx: {url: 'http://influx.lab:8086', "
+                    "bucket: runs, token_env: LAB_TOKEN}\n")
+    cfg = load_site(good).telemetry.influx
+    assert (cfg.url, cfg.org, cfg.bucket, cfg.token_env) == ("http://influx.lab:8086",
+                                                             "testbed", "runs", "LAB_TOKEN")
+    # A run of a scenario on that site mirrors to it unless flags say otherwise.
+    sc = load_scenario("demo").model_copy(update={"site": str(good)})
+    assert Run(sc, out=tmp_path).influx == cfg
+    other = InfluxConfig(url="http://127.0.0.1:1")
+    assert Run(sc, out=tmp_path, influx=other).influx == other
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text + "telemetry:\n  influx:\n    url: influx.lab\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: telemetry.influx.url: String should "
+                                          r"match pattern"):
+        load_site(bad)
+    bad.write_text(text + "telemetry:\n  influx:\n    url: http://x\n    token: s3cret\n")
+    with pytest.raises(ConfigError, match=r"telemetry.influx.token: Extra inputs"):
+        load_site(bad)  # a token does not belong in a site file: token_env names it

@@ -374,3 +374,28 @@ def test_an_award_with_grid_caps_re_executes_with_them():
     bad = net.propose([net.award(req.id, CONTRACT, ids, result, caps={first: -1})])
     assert bad.dropped[0][1].reason == Reason.MALFORMED
     assert not net.commit([net.award(req.id, CONTRACT, ids, result, caps={first: 0.5})]).dropped
+
+
+def test_a_proposal_puts_orders_before_their_award_whatever_the_arrival_order():
+    """Orders and the award reach a proposer over the bus from different senders; when
+    the award arrives first the block still takes both (dependencies go first)."""
+    from testbed.market.auction import CONTRACT
+    net = make_net(2)
+    gate = int(net.time) + 10
+    req = net.auction(CONTRACT, energy=3.0, price=0.25, interval=3, gate=gate)
+    net.commit([req])
+    orders = [net.order(net.validators[0], req.id, energy=2.0, price=0.10),
+              net.order(net.validators[1], req.id, energy=2.0, price=0.20)]
+    state = net.chain.state
+    with state.trial():  # what the contract will see once the orders are committed
+        state.advance(state.height + 1, state.head, net.time + 1)
+        for i, o in enumerate(orders):
+            state.apply(o, block_time=net.time + 1, height=state.height, proposer="",
+                        index=i, verified=set())
+        inputs = state.auctions[req.id].contract_inputs()
+    net.time = gate + 1
+    award = net.award(req.id, CONTRACT, [o.id for o in orders], execute(CONTRACT, inputs))
+    p = net.commit([award, *orders])  # award first, as it may arrive
+    assert not p.dropped
+    assert [m.operation for m in p.txs][-1] == "award"
+    assert len({k for k in net.chain.state.lines if k[0] == award.id}) == 2

@@ -33,6 +33,10 @@ from testbed.ledger.store import Store
 MAX_ROUNDS = 1000
 
 
+_PRECEDENCE = {T.REGISTRY: -1, T.PSEUDONYM: -1, T.AWARD: 1, T.PAYMENT: 2}
+"""Order of operations within a proposal (stable otherwise: arrival order)."""
+
+
 def make_genesis(admin: KeyPair, registry: Sequence[dict[str, Any]], *,
                  allocations: dict[str, int] | None = None, params: Params | None = None,
                  time: float | None = None, name: str = "testbed") -> Block:
@@ -144,7 +148,10 @@ class Chain:
                            f"{key.address}", height=state.height + 1)
         time = round(max(time, state.head_time + 0.001), 3)
         height = state.height + 1
-        candidates = list(txs)
+        # Dependencies first: an award re-executes over the auction's committed orders
+        # and a payment settles an award line, so arrival order (messages from different
+        # senders race on the bus) must not decide whether they fit in this block.
+        candidates = sorted(txs, key=lambda m: _PRECEDENCE.get(m.operation, 0))
         entry = state.identities[key.address]
         if (state.params.block_reward > 0 and entry.mode in ("RE", "RE+TE")
                 and state.balance(POOL) >= state.params.block_reward):

@@ -9,7 +9,7 @@ import logging
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -36,27 +36,29 @@ T = TypeVar("T")
 SiteArg = Annotated[str, typer.Argument(help="Site file, or a bundled site name (demo).")]
 
 
+def _fail(exc: BaseException, code: int) -> NoReturn:
+    """Print an error the way every command does and exit with `code` (2: bad input)."""
+    err.print(f"[red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code) from None
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine; turn the package's errors into a message and an exit code."""
     try:
         return asyncio.run(coro)
     except ConfigError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     except DeviceError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
     except OSError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
 
 
 def _site(ref: str) -> SiteConfig:
     try:
         return load_site(ref)
     except ConfigError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
 
 
 @app.callback(invoke_without_command=True)
@@ -328,8 +330,7 @@ def ledger_init(
     try:
         layout = init_ledger(cfg, out, force=force)
     except FileExistsError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     g = layout.genesis()
     table = Table(title=f"chain {g.hash[:16]}… ({cfg.name})")
     for col in ("name", "address", "roles", "mode", "node database"):
@@ -447,8 +448,7 @@ def ledger_node(
     try:
         _run(go())
     except (BusError, ValueError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
 
 
 # --------------------------------------------------------------------------- grid
@@ -499,8 +499,7 @@ def grid_check(
         report = checker.check(base, background=s.grid.background if background is None
                                else background)
     except GridError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     conn = Table("prosumer", "bus", "mapping", "injection W", "voltage p.u.",
                  title=f"{s.name} on {s.grid.network}")
     volts = report.voltages()
@@ -546,11 +545,9 @@ def report(
     try:
         path = write_report(run_dir, out)
     except ReportError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     except OSError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
     console.print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False)
 
 # --- dashboards (issue 8): `testbed dashboards export|push` ---------------------------
@@ -577,11 +574,9 @@ def dashboards_export(
     try:
         files = export(folder, influx_url=influx_url, org=influx_org, bucket=influx_bucket)
     except DashboardError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     except OSError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
     for f in files:
         console.print(f"wrote {f}", highlight=False)
 
@@ -613,11 +608,9 @@ def dashboards_push(
                  folder=folder, influx_url=influx_url, influx_token=influx_token,
                  org=influx_org, bucket=influx_bucket)
     except GrafanaError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
     except DashboardError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     console.print(f"Grafana {r.version or '(version unknown)'} at {r.grafana_url}: data source "
                   f"{r.datasource}, folder {r.folder_uid!r}"
                   f"{' (created)' if r.folder_created else ''}", highlight=False)
@@ -692,8 +685,7 @@ def telemetry_backfill(
                            progress=lambda done, total: bar.update(task, completed=done,
                                                                     total=total))
     except (ConfigError, TelemetryError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     t = Table(title=f"{'missing at' if dry_run else 'backfill to'} {cfg.url} "
                     f"(org {cfg.org}, bucket {cfg.bucket})")
     t.add_column("measurement")
@@ -765,8 +757,7 @@ def run(
 
             result = _run(Run(sc, progress=tick, **runner_args).execute())
     except (ConfigError, GridError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(exc, 2)
     console.print(_summary_table(result.summary))
     for v in result.verdicts:
         mark = "[green]PASS[/]" if v.ok else "[red]FAIL[/]"

@@ -116,13 +116,13 @@ class Context:
         run = meta.get("run_id", "run")
         start = float(meta.get("sim_start_s", 0.0))
         origin = int(meta.get("time_origin_ms", round((EPOCH + start) * 1000)))
-        lim = ((site or {}).get("grid") or {}).get("limits") or {}
-        limits = {"limit_vm_min_pu": lim.get("vm_min_pu", 0.90),
-                  "limit_vm_max_pu": lim.get("vm_max_pu", 1.10),
-                  "limit_plan_vm_min_pu": lim.get("plan_vm_min_pu", 0.95),
-                  "limit_plan_vm_max_pu": lim.get("plan_vm_max_pu", 1.05),
-                  "limit_line_pct": lim.get("line_max_pct", 100.0),
-                  "limit_trafo_pct": lim.get("trafo_max_pct", 100.0)}
+        from testbed.grid.limits import GridLimits  # the model's defaults, not copies
+
+        lim = GridLimits(**(((site or {}).get("grid") or {}).get("limits") or {}))
+        limits = {"limit_vm_min_pu": lim.vm_min_pu, "limit_vm_max_pu": lim.vm_max_pu,
+                  "limit_plan_vm_min_pu": lim.plan_vm_min_pu,
+                  "limit_plan_vm_max_pu": lim.plan_vm_max_pu,
+                  "limit_line_pct": lim.line_max_pct, "limit_trafo_pct": lim.trafo_max_pct}
         return cls(run, origin, start, limits)
 
 

@@ -15,6 +15,10 @@ What is measured (a VictoriaMetrics started on a loopback port; Debian `victoria
     4. mapping only: store rows to line protocol, no network (where the sink's time goes).
     5. a whole run: `testbed run demo` (fast) with and without the live sink, wall time
        (alternated, best of two).
+    6. real time: `--rt-prosumers` prosumers (3 devices each, bench/scenario.py's site) at
+       a 1 s step, speed 1, for `--realtime-s` seconds, with and without the live sink
+       (flush every 0.5 s): tick lateness p50/p99/max, i.e. whether the sink's thread
+       holds up the run's clock.
 
 Output: a table (rich) and, as the last line on stdout, one JSON object with all figures
 (also written to `--json PATH`). Figures are printed, never asserted.
@@ -42,6 +46,9 @@ from testbed.scenarios.model import load_scenario
 from testbed.telemetry.influx import backfill, lines
 from testbed.telemetry.store import RunStore
 from testbed.telemetry.victoria import VictoriaMetrics, find_victoria_metrics
+
+sys.path.insert(0, str(Path(__file__).parent))
+from scenario import scenario, site_file  # noqa: E402  (the scenario bench's site, shared)
 
 console = Console(stderr=True)
 
@@ -89,11 +96,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Times the InfluxDB sink against VictoriaMetrics.")
     ap.add_argument("--devices", type=int, default=150)
     ap.add_argument("--steps", type=int, default=1440)
-    ap.add_argument("--quick", action="store_true", help="30 devices x 240 steps")
+    ap.add_argument("--rt-prosumers", type=int, default=30)
+    ap.add_argument("--realtime-s", type=int, default=None, help="default 60; quick 20")
+    ap.add_argument("--quick", action="store_true", help="30 devices x 240 steps, 20 s real time")
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
     args = ap.parse_args()
     if args.quick:
         args.devices, args.steps = 30, 240
+    rt_s = args.realtime_s or (20 if args.quick else 60)
     if find_victoria_metrics() is None:
         console.print("victoria-metrics not installed (apt-get install victoria-metrics): "
                       "nothing to measure")
@@ -142,6 +152,20 @@ def main() -> int:
         figures["demo_wall_s_with_sink"] = walls["with"]
         figures["demo_wall_ratio"] = walls["with"] / walls["without"]
 
+        rt_site = site_file(Path(tmp), args.rt_prosumers, "kerber-vorstadtnetz")
+        rt_sc = scenario(rt_site, start="12:00", duration=rt_s, step=1,
+                         clock={"mode": "realtime", "speed": 1.0},
+                         market={"buy_price": 0.4, "interval_s": 60})
+        lateness: dict[str, Any] = {}
+        for label, influx in (("without", None), ("with", InfluxConfig(url=vm.url,
+                                                                       flush_s=0.5))):
+            out = asyncio.run(Run(rt_sc, out=Path(tmp) / f"rt-{label}", influx=influx,
+                                  report=False).execute())
+            lateness[label] = out.summary["clock"]["lateness"]
+            if influx is not None:
+                lateness["points"] = out.summary["telemetry"]["points"]
+        figures["realtime"] = {"prosumers": args.rt_prosumers, "seconds": rt_s, **lateness}
+
     t = Table(title=f"telemetry: {n:,} points ({args.devices} devices x {args.steps} steps "
                     f"+ feeder + clock) into VictoriaMetrics")
     t.add_column("path")
@@ -154,6 +178,14 @@ def main() -> int:
     t.add_row("mapping only (store -> line protocol, no network)", f"{map_s:.2f}",
               f"{n / map_s:,.0f}")
     console.print(t)
+    r = Table(title=f"real time: {3 * args.rt_prosumers} devices at a 1 s step for {rt_s} s "
+                    f"({lateness['points']:,} points live)")
+    for c in ("live sink", "lateness p50 ms", "p99 ms", "max ms"):
+        r.add_column(c, justify="right" if c != "live sink" else "left")
+    for label in ("without", "with"):
+        lat = lateness[label]
+        r.add_row(label, f"{lat['p50_ms']:.2f}", f"{lat['p99_ms']:.2f}", f"{lat['max_ms']:.2f}")
+    console.print(r)
     console.print(f"sink / bare throughput: {figures['sink_vs_bare']:.2f}x; "
                   f"`testbed run demo` fast: {walls['without']:.2f} s without the sink, "
                   f"{walls['with']:.2f} s with it ({figures['demo_points']} points live), "

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
@@ -620,6 +621,23 @@ def dashboards_push(
     console.print(t)
 
 
+@dashboards_app.command("link")
+def dashboards_link(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<run-id>).")],
+    grafana_url: Annotated[str | None, typer.Option(
+        "--grafana-url", envvar="GRAFANA_URL",
+        help="Grafana base URL (default: the lab stack's, http://localhost:3000).")] = None,
+) -> None:
+    """Print the run dashboard's URL for one run: the run picked, its points' time range."""
+    from .dashboards.grafana import DEFAULT_GRAFANA_URL, DashboardError, run_link
+    from .telemetry.influx import TelemetryError
+
+    try:
+        print(run_link(grafana_url or DEFAULT_GRAFANA_URL, run_dir))
+    except (DashboardError, TelemetryError) as exc:
+        _fail(exc, 2)
+
+
 # --- telemetry (issue 8): `testbed telemetry backfill RUN` ----------------------------
 
 telemetry_app = typer.Typer(help="Time series of runs in InfluxDB (or anything serving "
@@ -769,6 +787,11 @@ def run(
                       + (f"; [yellow]{pend} not acknowledged[/] ({'; '.join(tel['errors'])}): "
                          f"testbed telemetry backfill {result.run_dir}" if pend else ""),
                       highlight=False)
+        from .dashboards.grafana import DEFAULT_GRAFANA_URL, run_link
+
+        grafana = os.environ.get("GRAFANA_URL") or DEFAULT_GRAFANA_URL
+        console.print(f"dashboard: {run_link(grafana, result.run_dir)}", highlight=False,
+                      soft_wrap=True)
     console.print(f"run store: {result.run_dir}")
     if report:
         console.print(f"report: {result.run_dir / 'report.html'}")

@@ -1,9 +1,10 @@
 """Grafana dashboards: queries checked against the sink's schema, export, push, lab stack.
 
 No Grafana or InfluxDB runs here. The queries are checked by reading their Flux text
-(independently of the generator, so a hand edit or a generator bug is caught too); the
-push goes through grafana-client to a stand-in HTTP server that implements the few
-endpoints it calls and records every request.
+(independently of the generator, so a hand edit or a generator bug is caught too) and
+compiled by InfluxData's own Flux analyser (libflux in the flux-lsp WebAssembly build,
+run by Node); the push goes through grafana-client to a stand-in HTTP server that
+implements the few endpoints it calls and records every request.
 """
 
 from __future__ import annotations
@@ -140,6 +141,64 @@ def test_checker_rejects_doctored_queries(dash: dict[str, Any]) -> None:
     assert panel_errors(blocks) == []
     assert panel_errors({**blocks, "options": {**blocks["options"], "xField": "propser"}})
     assert panel_errors({**blocks, "targets": []})
+
+
+# ---------------------------------------------------------------- InfluxData's Flux analyser
+
+FLUX_CHECK = Path(__file__).resolve().parent / "flux"
+"""tests/flux: a Node script around the pinned flux-lsp WebAssembly build (`npm ci --prefix
+tests/flux`; .ci/run does it)."""
+
+
+def grafana_interpolated(query: str) -> str:
+    """The text Grafana's InfluxDB (Flux) back end sends: its macros replaced by literals
+    (RFC 3339 times, a duration), the dashboard variable by the selected run."""
+    return (query.replace("v.timeRangeStart", "2026-06-21T11:00:00Z")
+            .replace("v.timeRangeStop", "2026-06-21T15:00:00Z")
+            .replace("v.windowPeriod", "60000ms")
+            .replace("${run}", "demo-s1-20261201T120000"))
+
+
+def flux_analysed(queries: dict[str, str]) -> dict[str, dict[str, Any]]:
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None or not (FLUX_CHECK / "node_modules" / "@influxdata").is_dir():
+        pytest.skip("Node.js or tests/flux/node_modules missing (npm ci --prefix tests/flux; "
+                    ".ci/run installs it)")
+    out = subprocess.run([node, str(FLUX_CHECK / "check.mjs")], check=True, timeout=120,
+                         input=json.dumps([{"id": k, "flux": v} for k, v in queries.items()]),
+                         capture_output=True, text=True)
+    return {r["id"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def test_every_query_compiles_in_influxdatas_flux_analyser(dash: dict[str, Any]) -> None:
+    """No InfluxDB runs here, so the queries are compiled (parsed, type-checked against
+    the standard library's signatures) by libflux, InfluxData's own analyser, as a
+    stand-in for executing them; a doctored copy of each kind must fail, so the check
+    can fail."""
+    queries = {f"{p['title']} {t['refId']}": grafana_interpolated(t["query"])
+               for p in panels(dash) for t in p["targets"]}
+    queries["variable run"] = dash["templating"]["list"][0]["query"]
+    assert len(queries) > 20
+    soc = queries["Battery state of charge A"]
+    doctored = {
+        "fn typo": soc.replace("fn: last", "fn: lats").replace("fn: mean", "fn: maen"),
+        "argument typo": soc.replace("createEmpty:", "createEmtpy:"),
+        "wrong type": soc.replace('from(bucket: "testbed")', "from(bucket: 7)"),
+        "syntax": soc.replace("|> filter(fn: (r) =>", "|> filter(fn: (r) =", 1),
+        "raw macro": queries["Battery state of charge A"].replace(
+            "2026-06-21T11:00:00Z", "v.timeRangeStart"),
+    }
+    for name, q in doctored.items():
+        assert q != soc, name
+    res = flux_analysed({**queries, **{f"doctored {k}": v for k, v in doctored.items()}})
+    bad = {k: r["diagnostics"] for k, r in res.items()
+           if not k.startswith("doctored") and (not r["valid"] or r["diagnostics"])}
+    assert bad == {}
+    assert [k for k in doctored if res[f"doctored {k}"]["valid"]] == []
+    assert any("undefined identifier" in d for d in res["doctored fn typo"]["diagnostics"])
 
 
 def test_limits_are_dashed_lines(dash: dict[str, Any]) -> None:

@@ -11,12 +11,14 @@ import math
 import sqlite3
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from typer.testing import CliRunner
 
 from testbed.cli import app
 from testbed.config import InfluxConfig
+from testbed.dashboards.grafana import run_link
 from testbed.scenarios.engine import Run
 from testbed.scenarios.model import load_scenario
 from testbed.telemetry.influx import AckLog, backfill, gaps, missing, target_key
@@ -142,6 +144,16 @@ def test_a_run_mirrored_live_equals_its_run_store(vm: VictoriaMetrics, tmp_path:
     # Everything was acknowledged: a backfill has nothing to do.
     again = backfill(run_dir, quick(vm.url))
     assert again.points == 0 and again.tables == {}
+    # The dashboard link picks the run and spans exactly its points (plus the margin).
+    link = urlsplit(run_link("http://grafana.lab:3000/", run_dir))
+    assert (link.scheme, link.netloc, link.path) == ("http", "grafana.lab:3000",
+                                                     "/d/testbed-run/testbed-run")
+    q = {k: v for k, (v,) in parse_qs(link.query).items()}
+    assert q["var-run"] == summary["run_id"]
+    stamps = [t for s in vm.export(f'{{run="{summary["run_id"]}"}}') for t in s["timestamps"]]
+    assert int(q["from"]) == min(stamps) - 60_000
+    events = sqlite3.connect(run_dir / "run.db").execute("SELECT count(*) FROM events")
+    assert 0 <= int(q["to"]) - 60_000 - max(stamps) <= events.fetchone()[0]  # 1 ms spreads
 
 
 def test_server_stopped_mid_run_then_backfill_makes_it_whole(vm: VictoriaMetrics,
@@ -201,14 +213,22 @@ def test_a_dead_server_never_stops_a_run_and_backfill_names_it(tmp_path: Path) -
     assert res.exit_code == 2 and "no run store (run.db)" in res.output
 
 
-def test_run_store_carries_summary_run_id_and_cli_flags(vm: VictoriaMetrics,
-                                                       tmp_path: Path) -> None:
+def test_run_store_carries_summary_run_id_and_cli_flags(vm: VictoriaMetrics, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRAFANA_URL", raising=False)
     out = tmp_path / "runs"
     res = runner.invoke(app, ["run", "demo", "--out", str(out), "-q", "--no-report",
                               "--influx-url", vm.url, "--influx-bucket", "lab"])
     assert res.exit_code == 0, res.output
     (run_dir,) = out.iterdir()
     assert "telemetry:" in res.output and vm.url in res.output
+    assert "dashboard: http://localhost:3000/d/testbed-run/testbed-run?var-run=" in res.output
+    res = runner.invoke(app, ["dashboards", "link", str(run_dir)],
+                        env={"GRAFANA_URL": "https://grafana.example:3443"})
+    assert res.exit_code == 0 and res.output.startswith(
+        f"https://grafana.example:3443/d/testbed-run/testbed-run?var-run={run_dir.name}&from=")
+    res = runner.invoke(app, ["dashboards", "link", str(run_dir), "--grafana-url", "grafana"])
+    assert res.exit_code == 2 and "expected http(s)://host[:port]" in res.output
     db = sqlite3.connect(run_dir / "run.db")
     (cfg,) = db.execute("SELECT value FROM meta WHERE key = 'influx'").fetchone()
     assert json.loads(cfg)["bucket"] == "lab" and "token" not in json.loads(cfg)  # only its env

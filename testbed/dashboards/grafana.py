@@ -21,7 +21,7 @@ from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
 import yaml
 from grafana_client import GrafanaApi
@@ -41,16 +41,20 @@ from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models.piechart import PieChartLabels, PieChartType
 
-from testbed.telemetry.schema import DEFAULT_BUCKET, DEFAULT_ORG
+from testbed.telemetry.schema import DEFAULT_BUCKET, DEFAULT_ORG, MEASUREMENTS
 
 from .flux import RUN_VAR, DashboardError, FluxQuery, flux, run_values
 
-__all__ = ["DashboardError", "GrafanaError", "PushResult", "dashboards", "export", "push"]
+__all__ = ["DashboardError", "GrafanaError", "PushResult", "dashboards", "export", "push",
+           "run_link"]
 
 DATASOURCE_UID = "testbed-influxdb"
 """Fixed uid: the provisioned or pushed data source is the one every panel names."""
 DATASOURCE_NAME = "testbed InfluxDB"
 DATASOURCE = dm.DataSourceRef(type_val="influxdb", uid=DATASOURCE_UID)
+RUN_DASHBOARD_UID = "testbed-run"
+DEFAULT_GRAFANA_URL = "http://localhost:3000"
+"""Grafana of the lab stack (lab/docker-compose.yml), where run links point by default."""
 DEFAULT_INFLUX_URL = "http://influxdb:8086"
 """InfluxDB as Grafana reaches it in the lab stack (compose service name)."""
 DASHBOARDS_MOUNT = "/var/lib/grafana/dashboards/testbed"
@@ -282,7 +286,7 @@ def _rows(bucket: str) -> list[tuple[str, list[cogbuilder.Builder[Any]]]]:
 def dashboards(bucket: str = DEFAULT_BUCKET) -> list[dashboard.Dashboard]:
     """The dashboards, as SDK builders (one: the run dashboard, rows per subsystem)."""
     ids = count(1)
-    d = (dashboard.Dashboard("testbed run").uid("testbed-run").tags(["testbed"])
+    d = (dashboard.Dashboard("testbed run").uid(RUN_DASHBOARD_UID).tags(["testbed"])
          .description("One testbed run from InfluxDB: pick it in the run variable. A fast "
                       "run's points are stamped from its start onwards in simulated time, "
                       "so the default range reaches 6 h into the future.")
@@ -459,3 +463,34 @@ def push(grafana_url: str, *, token: str | None = None, user: str | None = None,
                                                 "message": "testbed dashboards push"})
             urls.append((body["title"], urljoin(base, str(r.get("url", "")))))
     return PushResult(grafana_url, info.get("version"), ds, folder_uid, created, tuple(urls))
+
+
+# ---------------------------------------------------------------- a run's link
+
+def run_link(grafana_url: str, run_dir: Path, *, margin_s: float = 60.0) -> str:
+    """The run dashboard with the run picked and the time range of its points.
+
+    A fast run's points are stamped from its wall-clock start onwards in simulated time,
+    so a 24 h run spreads over the next day and Grafana's default range shows a part of
+    it; the link's range is the first to the last point the sink writes (plus a margin),
+    computed from the run store with the sink's own timestamps."""
+    from testbed.telemetry.influx import open_run
+
+    if not re.match(r"^https?://[^\s/]+", grafana_url):
+        raise DashboardError(f"Grafana URL {grafana_url!r}: expected http(s)://host[:port]")
+    db, ctx = open_run(run_dir)
+    try:
+        spans = [db.execute(f"SELECT min({m.time}), max({m.time}) FROM {m.table}").fetchone()
+                 for m in MEASUREMENTS.values()]
+        events = db.execute("SELECT count(*) FROM events").fetchone()[0]
+    finally:
+        db.close()
+    lows = [lo for lo, _ in spans if lo is not None]
+    highs = [hi for _, hi in spans if hi is not None]
+    if not lows:
+        raise DashboardError(f"{run_dir}: the run store holds no points yet")
+    # events sharing a time are spread by 1 ms each (schema); at most `events` ms
+    start = ctx.ts(min(lows)) - round(margin_s * 1000)
+    stop = ctx.ts(max(highs)) + events + round(margin_s * 1000)
+    query = urlencode({f"var-{RUN_VAR}": ctx.run, "from": start, "to": stop})
+    return f"{grafana_url.rstrip('/')}/d/{RUN_DASHBOARD_UID}/testbed-run?{query}"

@@ -120,3 +120,44 @@ async def test_aggregator_and_tcrs_complete_a_round_and_refuse_bad_input(broker_
                    "outside the market's bounds", "stale", "replay"):
         assert reason in refused, (reason, refused)
     assert len(agg.inbox.refused) == 7
+
+
+async def test_an_order_dated_after_the_gate_is_refused_as_the_ledger_would():
+    """A clock faster than real time (a realtime scenario at speed x) passes the gate
+    while the aggregator still waits in wall-clock time: an order dated after the gate
+    must be refused here, not awarded and then dropped by the ledger (which refuses it)."""
+    aggregator = KeyPair.from_seed(b"agg")
+    early, late = KeyPair.from_seed(b"early"), KeyPair.from_seed(b"late")
+    keys = {k.address: k.public for k in (aggregator, early, late)}
+    t0, m0 = 1_782_043_200.0, time.monotonic()
+
+    def clock() -> float:  # 300 simulated seconds per wall-clock second
+        return t0 + (time.monotonic() - m0) * 300
+
+    async with EmbeddedBroker() as broker:
+        buses = [BusClient(broker.url) for _ in range(2)]
+        for b in buses:
+            await b.connect()
+        agg = AggregatorAgent(aggregator, buses[0], "lab", resolve=keys.get, clock=clock)
+
+        async def answer() -> None:
+            async with await buses[1].subscribe(topics.market_filter("lab", "request")) as s:
+                req = messages.parse((await s.get(timeout=5)).payload)
+            gate = req.parameters["gate"]
+            for key, at in ((early, req.time + 1), (late, gate + 5)):
+                await buses[1].publish(topics.market_orders("lab", 3), messages.sign(
+                    key, T.ORDER, {"address": key.address, "cpf": 0.5, "auction": req.id,
+                                   "bid": {"type": "sell",
+                                           "energy": {"unit": "kWh", "value": 1.0},
+                                           "price": {"unit": "EUR/kWh", "value": 0.2}}},
+                    at=at).raw)
+
+        task = asyncio.create_task(answer())
+        rnd = await agg.auction(Side.BUY, 2.0, 0.35, 3, gate_s=60, wait_s=0.5)
+        await task
+        for b in buses:
+            await b.close()
+    assert [m.client_id for m in rnd.orders] == [early.address]
+    assert rnd.request.parameters["gate"] - rnd.request.time <= 61  # simulated seconds
+    (refusal,) = agg.inbox.refused
+    assert "after the gate" in refusal and late.address in refusal

@@ -112,17 +112,23 @@ class AggregatorAgent:
                 await result
 
     async def auction(self, side: Side, energy_kwh: float, price: float, interval: int, *,
-                      gate_s: float = 1.0, pricing: Pricing | None = None,
+                      gate_s: float = 1.0, wait_s: float | None = None,
+                      pricing: Pricing | None = None,
                       expect: Callable[[str], int | None] | None = None,
                       dispatch: Callable[[Order, list[Order]], Clearing] | None = None
                       ) -> Round:
         """Publish a request, collect answers until the gate closes, clear and publish.
 
-        `expect(request_id)` may tell how many answers are coming (None: not yet known):
-        the gate then closes as soon as they are in, which is how a fast-mode scenario
-        runs hundreds of auctions without waiting out wall-clock gates; `gate_s` stays the
-        deadline. `dispatch(request, orders)` replaces the plain clearing, e.g. with the
-        grid check's re-clear (its DSO caps go into the award). Orders are recorded to the
+        The gate is `gate_s` after now on the agent's clock, the time the ledger checks
+        orders against; `wait_s` is how long to wait for answers in wall-clock seconds
+        (default `gate_s`: a clock at real time). A clock running faster than real time
+        (a realtime scenario at speed x) passes the gate sooner, so an order dated after
+        it is refused here, as the ledger would refuse it, rather than awarded and then
+        dropped from the chain. `expect(request_id)` may tell how many answers are coming
+        (None: not yet known): the wait then ends as soon as they are in, which is how a
+        fast-mode scenario runs hundreds of auctions without waiting out wall-clock gates.
+        `dispatch(request, orders)` replaces the plain clearing, e.g. with the grid
+        check's re-clear (its DSO caps go into the award). Orders are recorded to the
         ledger after the gate, sorted by id, so a replayed run commits the same blocks.
         """
         pricing = pricing or self.rules.pricing
@@ -140,7 +146,8 @@ class AggregatorAgent:
             await self._record(request)
             await self.bus.publish(topics.market_request(self.site, interval), request.raw)
             gate = request.parameters["gate"]  # whole seconds: answers are taken until then
-            deadline = asyncio.get_running_loop().time() + max(gate_s, gate - self.clock())
+            deadline = asyncio.get_running_loop().time() + (gate_s if wait_s is None
+                                                             else wait_s)
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
                 want = expect(request.id) if expect is not None else None
                 if want is not None and len(received) >= want:
@@ -155,6 +162,10 @@ class AggregatorAgent:
                 p = msg.parameters
                 if p["auction"] != request.id:
                     self.inbox.refuse(m.topic, f"order {msg.id[:12]} answers another auction")
+                    continue
+                if msg.time > gate:
+                    self.inbox.refuse(m.topic, f"order {msg.id[:12]} from {msg.client_id}: "
+                                      f"dated {msg.date}, after the gate ({gate})")
                     continue
                 if p["address"] != msg.client_id or msg.client_id in seen:
                     self.inbox.refuse(m.topic, f"order {msg.id[:12]}: address must be the "

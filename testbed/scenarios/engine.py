@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 GATE_S = 1.0
 """Fast mode: the auction gate, in simulated seconds (answers are awaited by count)."""
+FAST_WAIT_S = 2.0
+"""Fast mode: wall-clock bound on waiting for the answers the aggregator expects."""
 FAULT_AFTER = 2
 """Consecutive failed reads before a device counts as faulted."""
 
@@ -677,7 +679,10 @@ class Run:
 
         rnd = await self.agg_agent.auction(
             request.side, request.energy_kwh, request.price, interval + 1,
-            gate_s=sc.market.gate_s if sc.clock.mode == "realtime" else GATE_S,
+            # realtime: market.gate_s is wall-clock time, so the gate on the simulated
+            # clock (what the ledger checks orders against) is that times the speed
+            gate_s=sc.market.gate_s * sc.clock.speed if sc.clock.mode == "realtime" else GATE_S,
+            wait_s=sc.market.gate_s if sc.clock.mode == "realtime" else FAST_WAIT_S,
             pricing=self.rules.pricing,
             expect=self._expected_answers if sc.clock.mode == "fast" else None,
             dispatch=dispatch)

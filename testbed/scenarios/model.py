@@ -142,7 +142,9 @@ class MarketConfig(_Strict):
     buy_price: Annotated[float, Field(ge=0, le=10)] = 0.30
     sell_price: Annotated[float, Field(ge=0, le=10)] = 0.05
     gate_s: Annotated[float, Field(gt=0, le=60)] = 2.0
-    """Wall-clock deadline for answers (fast mode closes earlier, once all are in)."""
+    """Wall-clock deadline for answers (fast mode closes earlier, once all are in). On
+    the simulated clock, which dates orders and which the ledger checks them against,
+    the gate is this times the realtime speed."""
     mode: Literal["TE", "RE+TE"] = "RE+TE"
 
 

@@ -101,6 +101,8 @@ async def test_aggregator_and_tcrs_complete_a_round_and_refuse_bad_input(broker_
         for b in buses:
             await b.close()
 
+    # the ledger takes an award only in a block dated at or after the gate
+    assert rnd.award.time >= rnd.request.parameters["gate"]
     senders = sorted(m.client_id for m in rnd.orders)
     assert senders == sorted(k.address for k in tcr_keys[1:]), "SOC_min offers nothing"
     c = rnd.clearing
@@ -155,9 +157,15 @@ async def test_an_order_dated_after_the_gate_is_refused_as_the_ledger_would():
         task = asyncio.create_task(answer())
         rnd = await agg.auction(Side.BUY, 2.0, 0.35, 3, gate_s=60, wait_s=0.5)
         await task
+        # a wall-clock agent whose wait ends before its (whole-second) gate: the award
+        # still waits for the gate
+        agg.clock = time.time
+        empty = await agg.auction(Side.BUY, 2.0, 0.35, 4, gate_s=1.0, wait_s=0.05)
         for b in buses:
             await b.close()
     assert [m.client_id for m in rnd.orders] == [early.address]
     assert rnd.request.parameters["gate"] - rnd.request.time <= 61  # simulated seconds
+    assert rnd.award.time >= rnd.request.parameters["gate"]
+    assert empty.orders == [] and empty.award.time >= empty.request.parameters["gate"]
     (refusal,) = agg.inbox.refused
     assert "after the gate" in refusal and late.address in refusal

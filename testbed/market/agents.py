@@ -111,6 +111,18 @@ class AggregatorAgent:
             if asyncio.iscoroutine(result):
                 await result
 
+    async def _until(self, t: float) -> None:
+        """Wait until the agent's clock reads `t` (it may run faster or slower than the
+        wall clock); a clock that stands still for a wall-clock second is an error."""
+        loop = asyncio.get_running_loop()
+        last, since = self.clock(), loop.time()
+        while (now := self.clock()) < t:
+            if now != last:
+                last, since = now, loop.time()
+            elif loop.time() - since > 1.0:
+                raise MarketError(f"the clock stands at {now:.3f}, before the gate {t}")
+            await asyncio.sleep(min(0.02, t - now))
+
     async def auction(self, side: Side, energy_kwh: float, price: float, interval: int, *,
                       gate_s: float = 1.0, wait_s: float | None = None,
                       pricing: Pricing | None = None,
@@ -187,6 +199,7 @@ class AggregatorAgent:
             await self._record(msg)
         clearing = (dispatch(req_order, orders) if dispatch is not None
                     else clear(req_order, orders, pricing, rules=self.rules))
+        await self._until(gate)  # the ledger takes an award only in a block after the gate
         params: dict[str, Any] = {"auction": request.id, "contract": CONTRACT,
                                   "orders": [m.id for m in received],
                                   "result": clearing.to_dict()}

@@ -665,8 +665,8 @@ class Run:
         rounds: list[Any] = []
 
         def dispatch(req: Order, orders: list[Order]) -> Clearing:
-            if sc.clock.mode == "fast":  # the gate has closed: simulated time is past it
-                self.clock.sim_s = t + GATE_S
+            if sc.clock.mode == "fast":  # the gate (whole seconds) has closed: move past it
+                self.clock.sim_s = math.ceil(EPOCH + t + GATE_S) - EPOCH
             if self.checker is None:
                 return clear(req, orders, self.rules.pricing, rules=self.rules)
             owner = {o.order_id: self.by_address[o.address] for o in orders}

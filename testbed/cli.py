@@ -696,9 +696,9 @@ def telemetry_backfill(
         cfg = _influx(influx_url, influx_org, influx_bucket, base)
         if cfg is None:
             raise ConfigError(f"{run_dir}: the run had no InfluxDB target; give --influx-url")
-        with Progress(TextColumn("[bold]backfill"), BarColumn(), MofNCompleteColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("points", total=None)
+        with Progress(TextColumn("[bold]backfill[/] run-store rows"), BarColumn(),
+                      MofNCompleteColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("rows", total=None)
             res = backfill(run_dir, cfg, token=influx_token, rewrite=rewrite, dry_run=dry_run,
                            progress=lambda done, total: bar.update(task, completed=done,
                                                                     total=total))

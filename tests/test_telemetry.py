@@ -190,6 +190,17 @@ def test_server_stopped_mid_run_then_backfill_makes_it_whole(vm: VictoriaMetrics
     res = runner.invoke(app, ["telemetry", "backfill", str(run_dir), "--all"])
     assert res.exit_code == 0, res.output
     assert sum(len(v) for v in series(vm, summary_run(run_dir)).values()) == after
+    # The API: every point again, progress counted in run-store rowids up to the last
+    # (an interval row is replaced, with a new rowid, when its cover is known).
+    every = backfill(run_dir, quick(vm.url), rewrite=True, dry_run=True)
+    seen: list[tuple[int, int]] = []
+    again = backfill(run_dir, quick(vm.url), rewrite=True,
+                     progress=lambda done, total: seen.append((done, total)))
+    db = sqlite3.connect(run_dir / "run.db")
+    rows = sum(db.execute(f"SELECT max(rowid) FROM {t}").fetchone()[0] or 0 for t in
+               {m.table for m in MEASUREMENTS.values()})
+    assert again.tables == every.tables and again.points == sum(every.tables.values())
+    assert seen[-1] == (rows, rows) and [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
 def summary_run(run_dir: Path) -> str:

@@ -173,16 +173,19 @@ class Writer:
 class SyncStats:
     points: int = 0
     batches: int = 0
+    tables: dict[str, int] = field(default_factory=dict)
+    """Points written per run-store table."""
 
 
 def sync(store: sqlite3.Connection, ctx: Context, acks: AckLog, target: str,
          write: Callable[[list[str]], None], *, batch_size: int,
-         progress: Callable[[int], None] | None = None) -> SyncStats:
+         progress: Callable[[int, int], None] | None = None) -> SyncStats:
     """Write every unacknowledged row of the store; acknowledge each batch once written.
 
     One batch is written (in a worker thread: the HTTP wait releases the GIL) while the
-    next is mapped. Acknowledgements are made in order. Raises TelemetryError at the
-    first batch the server does not take; what was acknowledged before stays so."""
+    next is mapped. Acknowledgements are made in order, each reported to
+    `progress(points, rows)`. Raises TelemetryError at the first batch the server does
+    not take; what was acknowledged before stays so."""
     stats = SyncStats()
     pool = ThreadPoolExecutor(1, thread_name_prefix="influx-write")
     inflight: list[tuple[Future[None], str, int, int, int]] = []
@@ -194,8 +197,9 @@ def sync(store: sqlite3.Connection, ctx: Context, acks: AckLog, target: str,
         if n:
             stats.points += n
             stats.batches += 1
-            if progress:
-                progress(n)
+            stats.tables[table] = stats.tables.get(table, 0) + n
+        if progress and (n or b > a):
+            progress(n, b - a)
 
     def submit(table: str, a: int, b: int, batch: list[str]) -> None:
         fut: Future[None] = pool.submit(write, batch) if batch else _done()
@@ -314,9 +318,10 @@ class InfluxSink:
             return
         stats = SyncStats()
 
-        def counted(n: int) -> None:
-            stats.points += n
-            stats.batches += 1
+        def counted(n: int, rows: int) -> None:
+            if n:
+                stats.points += n
+                stats.batches += 1
 
         try:
             sync(store, ctx, acks, self.target, writer.write, batch_size=self.cfg.batch_size,
@@ -342,31 +347,36 @@ class BackfillResult:
     points: int
     batches: int
     tables: dict[str, int]
-    """Points missing per table before the backfill (what it wrote, unless a dry run)."""
+    """Points per table: missing (a dry run) or written."""
 
 
 def backfill(run_dir: Path, cfg: InfluxConfig, *, token: str | None = None,
              rewrite: bool = False, dry_run: bool = False,
              progress: Callable[[int, int], None] | None = None) -> BackfillResult:
     """Write every row of a run the target has not acknowledged (all of them with
-    `rewrite`, e.g. after the bucket was wiped). Idempotent: a second call writes nothing."""
+    `rewrite`, e.g. after the bucket was wiped). Idempotent: a second call writes nothing.
+
+    `progress(rows done, rows in all)`: rows, not points, so nothing is counted twice
+    (a device's readings of one step are several rows and one point)."""
     store, ctx = open_run(run_dir)
     acks = AckLog(Path(run_dir) / "telemetry.db")
     key = target_key(cfg)
     try:
-        if rewrite and not dry_run:
+        if dry_run:
+            tables = {t: count_points(store, t, [(0, last_rowid(store, t))]) for t in TABLES} \
+                if rewrite else pending(store, acks, key)
+            return BackfillResult(key, 0, 0, {t: n for t, n in tables.items() if n})
+        if rewrite:
             acks.forget(key)
-        tables = {t: count_points(store, t, [(0, last_rowid(store, t))]) for t in TABLES} \
-            if rewrite and dry_run else pending(store, acks, key)
-        total = sum(tables.values())
-        if dry_run or total == 0:
-            return BackfillResult(key, 0, 0, tables)
+        total = sum(b - a for ranges in missing(store, acks, key).values() for a, b in ranges)
+        if total == 0:
+            return BackfillResult(key, 0, 0, {})
         writer = Writer(cfg, token_for(cfg, token))
         done = 0
 
-        def step(n: int) -> None:
+        def step(points: int, rows: int) -> None:
             nonlocal done
-            done += n
+            done += rows
             if progress:
                 progress(done, total)
 
@@ -375,7 +385,7 @@ def backfill(run_dir: Path, cfg: InfluxConfig, *, token: str | None = None,
                          progress=step)
         finally:
             writer.close()
-        return BackfillResult(key, stats.points, stats.batches, tables)
+        return BackfillResult(key, stats.points, stats.batches, stats.tables)
     finally:
         acks.close()
         store.close()

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
@@ -629,11 +628,11 @@ def dashboards_link(
         help="Grafana base URL (default: the lab stack's, http://localhost:3000).")] = None,
 ) -> None:
     """Print the run dashboard's URL for one run: the run picked, its points' time range."""
-    from .dashboards.grafana import DEFAULT_GRAFANA_URL, DashboardError, run_link
+    from .dashboards.grafana import DashboardError, run_link
     from .telemetry.influx import TelemetryError
 
     try:
-        print(run_link(grafana_url or DEFAULT_GRAFANA_URL, run_dir))
+        print(run_link(run_dir, grafana_url))
     except (DashboardError, TelemetryError) as exc:
         _fail(exc, 2)
 
@@ -787,10 +786,9 @@ def run(
                       + (f"; [yellow]{pend} not acknowledged[/] ({'; '.join(tel['errors'])}): "
                          f"testbed telemetry backfill {result.run_dir}" if pend else ""),
                       highlight=False)
-        from .dashboards.grafana import DEFAULT_GRAFANA_URL, run_link
+        from .dashboards.grafana import run_link
 
-        grafana = os.environ.get("GRAFANA_URL") or DEFAULT_GRAFANA_URL
-        console.print(f"dashboard: {run_link(grafana, result.run_dir)}", highlight=False,
+        console.print(f"dashboard: {run_link(result.run_dir)}", highlight=False,
                       soft_wrap=True)
     console.print(f"run store: {result.run_dir}")
     if report:

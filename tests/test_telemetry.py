@@ -145,7 +145,7 @@ def test_a_run_mirrored_live_equals_its_run_store(vm: VictoriaMetrics, tmp_path:
     again = backfill(run_dir, quick(vm.url))
     assert again.points == 0 and again.tables == {}
     # The dashboard link picks the run and spans exactly its points (plus the margin).
-    link = urlsplit(run_link("http://grafana.lab:3000/", run_dir))
+    link = urlsplit(run_link(run_dir, "http://grafana.lab:3000/"))
     assert (link.scheme, link.netloc, link.path) == ("http", "grafana.lab:3000",
                                                      "/d/testbed-run/testbed-run")
     q = {k: v for k, (v,) in parse_qs(link.query).items()}

@@ -13,6 +13,7 @@ measurement, field and tag against the sink's schema. Two ways to a Grafana:
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -313,9 +314,13 @@ def _dump_json(data: Any) -> str:
 
 # ---------------------------------------------------------------- export
 
-def _checked(url: str, org: str, bucket: str) -> None:
+def _http_url(url: str, what: str) -> None:
     if not re.match(r"^https?://[^\s/]+", url):
-        raise DashboardError(f"InfluxDB URL {url!r}: expected http(s)://host[:port]")
+        raise DashboardError(f"{what} URL {url!r}: expected http(s)://host[:port]")
+
+
+def _checked(url: str, org: str, bucket: str) -> None:
+    _http_url(url, "InfluxDB")
     for what, name in (("org", org), ("bucket", bucket)):
         if not name.strip() or "${" in name or any(c < " " for c in name):
             raise DashboardError(f"InfluxDB {what} {name!r}: expected a plain name")
@@ -437,8 +442,7 @@ def push(grafana_url: str, *, token: str | None = None, user: str | None = None,
     `influx_url` is InfluxDB as *Grafana* reaches it. Without `influx_token` an existing
     data source keeps its token (Grafana keeps secure fields not sent).
     """
-    if not re.match(r"^https?://[^\s/]+", grafana_url):
-        raise DashboardError(f"Grafana URL {grafana_url!r}: expected http(s)://host[:port]")
+    _http_url(grafana_url, "Grafana")
     _checked(influx_url, org, bucket)
     if token and (user or password):
         raise DashboardError("give a Grafana token or a user and password, not both "
@@ -467,8 +471,10 @@ def push(grafana_url: str, *, token: str | None = None, user: str | None = None,
 
 # ---------------------------------------------------------------- a run's link
 
-def run_link(grafana_url: str, run_dir: Path, *, margin_s: float = 60.0) -> str:
-    """The run dashboard with the run picked and the time range of its points.
+def run_link(run_dir: Path, grafana_url: str | None = None, *, margin_s: float = 60.0
+             ) -> str:
+    """The run dashboard with the run picked and the time range of its points, on
+    `grafana_url` (default: env GRAFANA_URL, else the lab stack's Grafana).
 
     A fast run's points are stamped from its wall-clock start onwards in simulated time,
     so a 24 h run spreads over the next day and Grafana's default range shows a part of
@@ -476,8 +482,8 @@ def run_link(grafana_url: str, run_dir: Path, *, margin_s: float = 60.0) -> str:
     computed from the run store with the sink's own timestamps."""
     from testbed.telemetry.influx import open_run
 
-    if not re.match(r"^https?://[^\s/]+", grafana_url):
-        raise DashboardError(f"Grafana URL {grafana_url!r}: expected http(s)://host[:port]")
+    grafana_url = grafana_url or os.environ.get("GRAFANA_URL") or DEFAULT_GRAFANA_URL
+    _http_url(grafana_url, "Grafana")
     db, ctx = open_run(run_dir)
     try:
         spans = [db.execute(f"SELECT min({m.time}), max({m.time}) FROM {m.table}").fetchone()

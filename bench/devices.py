@@ -83,7 +83,6 @@ from rich.table import Table
 from testbed.devices.driver import MEASUREMENTS, DeviceError
 from testbed.devices.emulator import EmulatedDevice, EmulatedSite, prosumer_params
 from testbed.devices.modbus import ModbusEmulatorServer, ModbusLink, SunSpecDevice
-from testbed.devices.models import BatteryParams, LoadParams, MeterParams, PVParams
 from testbed.devices.opcua import POLICIES as OPCUA_POLICIES
 from testbed.devices.opcua import (
     OpcUaDevice,
@@ -92,6 +91,7 @@ from testbed.devices.opcua import (
     OpcUaSecurity,
     make_certificates,
 )
+from testbed.physics.models import BatteryParams, LoadParams, MeterParams, PVParams
 
 HOST = "127.0.0.1"
 UNITS_PER_PORT = 240

@@ -27,8 +27,8 @@ from pydantic import (
 )
 
 from .devices.driver import DeviceKind
-from .devices.models import BatteryParams, LoadParams, MeterParams, ProsumerParams, PVParams
 from .grid.limits import GridLimits
+from .physics.models import BatteryParams, LoadParams, MeterParams, ProsumerParams, PVParams
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from testbed.devices.emulator import EmulatedSite, WriteRefused, prosumer_params
-from testbed.devices.models import BatteryParams, PVParams
+from testbed.physics.models import BatteryParams, PVParams
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ import pytest
 from testbed.bus import topics
 from testbed.bus.broker import EmbeddedBroker, MosquittoBroker
 from testbed.bus.client import BusClient
-from testbed.devices.models import BatteryParams
 from testbed.ledger import canonical, messages
 from testbed.ledger import transactions as T
 from testbed.ledger.identity import KeyPair
 from testbed.market.agents import AggregatorAgent, TCRAgent
 from testbed.market.orders import MarketRules, Pricing, Side
 from testbed.market.tcr import Mode, TCRParams
+from testbed.physics.models import BatteryParams
 
 HAVE_MOSQUITTO = shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
 BROKERS = ["embedded", pytest.param("mosquitto", marks=pytest.mark.skipif(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from testbed.devices.models import BatteryParams, BatteryState, battery_command, battery_step
 from testbed.market.orders import MarketRules, Order, Side, validate_order
 from testbed.market.tcr import Mode, TCRParams, quote, respond
+from testbed.physics.models import BatteryParams, BatteryState, battery_command, battery_step
 
 BAT = BatteryParams(capacity_wh=10000, soc_min=0.1, soc_max=0.95, max_charge_w=4000,
                     max_discharge_w=5000, eta_ch=0.95, eta_dis=0.9)

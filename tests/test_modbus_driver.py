@@ -46,7 +46,7 @@ async def test_reads_every_kind_through_one_shared_connection(running):
 async def test_each_poll_is_one_request():
     site = EmulatedSite()
     from testbed.devices.emulator import prosumer_params
-    from testbed.devices.models import BatteryParams, PVParams
+    from testbed.physics.models import BatteryParams, PVParams
     site.add_prosumer("x", prosumer_params(PVParams(), BatteryParams()))
     devs = {k: site.add_device(f"x-{k}", k, "x") for k in ("pv", "battery", "meter")}
     for kind, expected in (("pv", [(40070, 106)]), ("battery", [(40070, 90)]), ("meter", [(40070, 107)])):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from testbed.devices.models import (
+from testbed.physics.models import (
     BatteryParams,
     BatteryState,
     ChargeStatus,

@@ -19,7 +19,6 @@ from testbed.config import ConfigError, SiteConfig, load_site
 from testbed.devices.driver import DeviceKind, DeviceUnavailable, SetpointRejected
 from testbed.devices.emulator import EmulatedSite, prosumer_params
 from testbed.devices.modbus import ModbusEmulatorServer, ModbusLink, SunSpecDevice
-from testbed.devices.models import BatteryParams, PVParams
 from testbed.devices.opcua import (
     CLIENT_URI,
     NAMESPACE_URI,
@@ -33,6 +32,7 @@ from testbed.devices.opcua import (
     make_certificates,
 )
 from testbed.devices.site import BackgroundEmulators, open_devices
+from testbed.physics.models import BatteryParams, PVParams
 
 BIN = Path(sys.executable).parent
 TOOLS_URI = "urn:example.org:FreeOpcUa:opcua-asyncio"  # what asyncua's command-line tools send

@@ -20,10 +20,11 @@ import pytest
 from typer.testing import CliRunner
 
 from testbed.cli import app
+from testbed.clock import EPOCH
 from testbed.dashboards import report as rep
 from testbed.dashboards.report import ReportError, build_report, figures, open_run, write_report
 from testbed.scenarios.engine import Run
-from testbed.scenarios.model import EPOCH, load_scenario
+from testbed.scenarios.model import load_scenario
 
 CHROMIUM = shutil.which("chromium")
 PAGE_BG = {(245, 247, 250), (255, 255, 255)}

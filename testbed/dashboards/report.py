@@ -28,8 +28,8 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from testbed import __version__
+from testbed.clock import EPOCH
 from testbed.grid.limits import GridLimits
-from testbed.scenarios.model import EPOCH
 from testbed.telemetry.store import RunStore
 
 MAX_POINTS = 1500

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from .models import (
+from testbed.physics.models import (
     BatteryParams,
     ClampReason,
     LoadParams,
@@ -41,6 +41,7 @@ from .models import (
     prosumer_step,
     pv_command,
 )
+
 from .sunspec import PointDef, RegisterMap, SunSpecError, scale_factor_for
 
 MANUFACTURER = "testbed"

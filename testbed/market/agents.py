@@ -29,12 +29,12 @@ from typing import Any
 
 from testbed.bus import topics
 from testbed.bus.client import BusClient, BusMessage
-from testbed.devices.models import BatteryParams, BatteryState
 from testbed.ledger import messages
 from testbed.ledger import transactions as T
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair
 from testbed.ledger.messages import Freshness, KeyResolver, SignedMessage
+from testbed.physics.models import BatteryParams, BatteryState
 
 from .auction import CONTRACT, Clearing, clear
 from .orders import DEFAULT_RULES, MarketError, MarketRules, Order, Pricing, Side, validate_order

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from testbed.config import ProsumerConfig, SiteConfig
-from testbed.devices.models import PVState, clear_sky_irradiance, household_load_w, pv_step
+from testbed.physics.models import PVState, clear_sky_irradiance, household_load_w, pv_step
 
 from .auction import Clearing
 from .orders import DEFAULT_RULES, MarketRules, Order, Side, validate_order
@@ -68,7 +68,7 @@ def day_ahead_schedule(site: SiteConfig, day: int = 0, *,
 
     Each interval's energy is the midpoint-rule integral of the expected power sampled
     every `sample_s` (60 s: the clear-sky and load curves are smooth at that scale).
-    Time is seconds since midnight of day 0, as in `devices.models`.
+    Time is seconds since midnight of day 0, as in `physics.models`.
     """
     if interval_s <= 0 or DAY_S % interval_s:
         raise ValueError(f"interval_s must divide a day (86400 s), got {interval_s}")

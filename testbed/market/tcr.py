@@ -2,7 +2,7 @@
 
 Quantities (Figs. 4-5, eqs. 1-6): the offer is the AC energy the battery can deliver in
 the interval without leaving [SOC_min, SOC_max] or exceeding its rate limits, the bid the
-AC energy it can absorb; both come from `devices.models.battery_power_limits`, which
+AC energy it can absorb; both come from `physics.models.battery_power_limits`, which
 applies eq. (6) with the efficiencies:
 
     deliverable = min(r_dis_max * dt, (SOC - SOC_min) * Cap * eta_dis)
@@ -28,7 +28,7 @@ from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from testbed.devices.models import BatteryParams, BatteryState, battery_power_limits
+from testbed.physics.models import BatteryParams, BatteryState, battery_power_limits
 
 from .orders import DEFAULT_RULES, MarketRules, Order, Side
 from .units import floor_mwh, to_kwh

@@ -41,6 +41,7 @@ from typing import Any
 
 from testbed.bus import topics
 from testbed.bus.broker import open_bus
+from testbed.clock import EPOCH
 from testbed.config import ConfigError, InfluxConfig, SiteConfig, load_site
 from testbed.devices.driver import Device, DeviceError, Reading
 from testbed.devices.site import SiteEmulators, open_devices
@@ -62,7 +63,7 @@ from testbed.market.tcr import Mode, TCRParams
 from testbed.telemetry.influx import InfluxSink
 from testbed.telemetry.store import RunStore
 
-from .model import EPOCH, DeviceEvent, Scenario
+from .model import DeviceEvent, Scenario
 from .profiles import forecast_schedule, irradiance_fn, load_fn, loses
 
 log = logging.getLogger(__name__)

@@ -8,21 +8,18 @@ are seconds or "90s", "15m", "6h", "1d".
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from testbed.clock import EPOCH  # noqa: F401 - re-exported for scenario users
 from testbed.config import NAME, library_file, load_model_file
 
 _DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TOD = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$")
 
-EPOCH = datetime(2026, 6, 21, tzinfo=UTC).timestamp()
-"""Day 0 of every scenario: a midsummer Sunday (simulated time is seconds since its
-midnight; signed messages carry EPOCH + simulated time)."""
 
 
 def seconds(value: Any) -> float:

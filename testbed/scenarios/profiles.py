@@ -12,14 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from testbed.config import ConfigError, SiteConfig
-from testbed.devices.models import (
+from testbed.market.aggregator import Schedule
+from testbed.physics.models import (
     LoadParams,
     PVState,
     clear_sky_irradiance,
     household_load_w,
     pv_step,
 )
-from testbed.market.aggregator import Schedule
 
 from .model import CloudEvent, CsvProfile, LoadSpikeEvent, Scenario
 

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.clock import EPOCH
 from testbed.devices.driver import MEASUREMENTS as DEVICE_MEASUREMENTS
-from testbed.scenarios.model import EPOCH
 
 DEFAULT_ORG = "testbed"
 DEFAULT_BUCKET = "testbed"

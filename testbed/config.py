@@ -94,6 +94,18 @@ class LoadConfig(_Strict):
 PROTOCOL_PORTS = {"modbus": 502, "opcua": 4840}
 
 
+class SerialConfig(_Strict):
+    """An RS-485 port for Modbus RTU (the driver opens it; `devices serve` serves on it)."""
+
+    port: Annotated[str, Field(min_length=1)]
+    """/dev/ttyUSB0, COM3, or a pyserial URL."""
+    baudrate: Annotated[int, Field(ge=300, le=921600)] = 19200
+    parity: Literal["N", "E", "O"] = "E"
+    """Modbus RTU's default is even parity (the specification's 8E1)."""
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+
+
 class _DeviceBase(_Strict):
     name: Annotated[str, Field(pattern=NAME)]
     protocol: Literal["modbus", "opcua"] = "modbus"
@@ -105,6 +117,21 @@ class _DeviceBase(_Strict):
     emulated: bool = True
     """False: real hardware (or an emulator someone else runs) at host:port."""
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """Per request: how long to wait for an answer before calling it a timeout."""
+    retries: Annotated[int, Field(ge=0, le=10)] = 1
+    """Modbus: a poll or write that got no answer (timeout, dropped link) is repeated this
+    often before it fails; a Modbus exception is never repeated."""
+    min_gap_s: Annotated[float, Field(ge=0, le=10)] = 0.0
+    """Modbus: least time between two requests on this device's link (slow gateways, RS-485
+    buses); devices sharing a link use the largest of their gaps."""
+    transport: Literal["tcp", "rtu-over-tcp", "rtu"] = "tcp"
+    """Modbus framing: Modbus TCP; RTU frames over TCP (serial-to-Ethernet gateway at
+    host:port); or RTU on a serial port (`serial`)."""
+    serial: SerialConfig | None = None
+    """RS-485 port settings when transport is rtu."""
+    sunspec_models: Literal["ieee1547", "legacy"] = "ieee1547"
+    """A device offering both IEEE 1547 (701-713) and legacy (101-103, 111-113, 120-124)
+    models is read and commanded through the IEEE 1547 ones unless this says legacy."""
 
     @model_validator(mode="before")
     @classmethod
@@ -125,6 +152,11 @@ class _DeviceBase(_Strict):
     def _port(self) -> _DeviceBase:
         if self.port == 0 and not self.emulated:
             raise ValueError("port 0 (any free port) is only meaningful for emulated devices")
+        if self.protocol != "modbus" and (self.transport != "tcp" or self.serial is not None):
+            raise ValueError("transport and serial are Modbus settings (protocol: modbus)")
+        if (self.transport == "rtu") != (self.serial is not None):
+            raise ValueError("transport: rtu needs serial: {port: /dev/ttyUSB0, baudrate: ...}, "
+                             "and serial needs transport: rtu")
         return self
 
     @property
@@ -132,7 +164,10 @@ class _DeviceBase(_Strict):
         """host:port and unit (Modbus) or opc.tcp URL and device name (OPC UA)."""
         if self.protocol == "opcua":
             return f"opc.tcp://{self.host}:{self.port} {self.name}"
-        return f"{self.host}:{self.port} unit {self.unit}"
+        if self.serial is not None:
+            return f"{self.serial.port} unit {self.unit}"
+        rtu = "/rtu" if self.transport == "rtu-over-tcp" else ""
+        return f"{self.host}:{self.port}{rtu} unit {self.unit}"
 
 
 class PVDevice(_DeviceBase):

@@ -20,13 +20,20 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.client.base import ModbusBaseClient
 from pymodbus.constants import ExcCodes
-from pymodbus.exceptions import ModbusException, ModbusIOException, NoSuchIdException
+from pymodbus.exceptions import (
+    ConnectionException,
+    ModbusException,
+    ModbusIOException,
+    NoSuchIdException,
+)
+from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -56,6 +63,7 @@ from .sunspec import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # =========================================================================== server
 
@@ -164,31 +172,61 @@ class ModbusEmulatorServer:
 
 # =========================================================================== client
 
+_pymodbus_log = logging.getLogger("pymodbus")
+_pymodbus_log.propagate = False  # its errors carry raw frames; never on the user's console
+_pymodbus_log.addHandler(logging.NullHandler())
+
+
+@dataclass(frozen=True)
+class SerialSettings:
+    """An RS-485 port as pyserial opens it (Modbus RTU)."""
+
+    port: str
+    baudrate: int = 19200
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: int = 1
+
 
 class ModbusLink:
-    """One TCP connection to host:port, shared by the unit ids behind it.
+    """One connection to an endpoint (TCP host:port, RTU over TCP, or a serial port), shared
+    by the unit ids behind it, as with a gateway or an RS-485 bus.
 
-    A failed request closes the connection; the next request reconnects once the backoff
-    (doubling from `backoff_s` to `backoff_max_s`) has passed, and fails fast before that
-    so a dead device never stalls a poll loop.
+    Requests are paced: one in flight at a time (pymodbus serializes a client's requests,
+    and real gateways want no more), at least `min_gap_s` between the end of one and the
+    start of the next. Each request carries its own timeout and retry count (a device's
+    site-file fields). A lost connection fails only the request in flight; the next request
+    reconnects at once, and only a failed connect starts the backoff (doubling from
+    `backoff_s` to `backoff_max_s`) during which requests fail fast, so a dead endpoint
+    never stalls a poll loop.
     """
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 1.0,
+    def __init__(self, host: str, port: int, *, timeout_s: float = 1.0, min_gap_s: float = 0.0,
+                 framer: str = "socket", serial: SerialSettings | None = None,
                  backoff_s: float = 0.5, backoff_max_s: float = 10.0) -> None:
-        self.host, self.port, self.timeout_s = host, port, timeout_s
+        if framer not in ("socket", "rtu"):
+            raise ValueError(f"framer must be 'socket' (Modbus TCP) or 'rtu', not {framer!r}")
+        self.host, self.port, self.timeout_s, self.min_gap_s = host, port, timeout_s, min_gap_s
+        self.framer = "rtu" if serial is not None else framer
+        self.serial = serial
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
-        self._client: AsyncModbusTcpClient | None = None
+        self._client: ModbusBaseClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._delay = 0.0
         self._retry_at = 0.0
-        self._connect_lock = asyncio.Lock()
+        self._lock: asyncio.Lock | None = None
+        self._last_done = 0.0
         self.generation = 0
-        """Bumped on every new connection so devices know to re-discover."""
+        """Bumped on every new connection, so devices re-check their map."""
         self.last_error: str | None = None
+        self.requests = 0
+        self.failures = 0
 
     @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
+        if self.serial is not None:
+            return self.serial.port
+        return f"{self.host}:{self.port}" + ("/rtu" if self.framer == "rtu" else "")
 
     @property
     def connected(self) -> bool:
@@ -199,75 +237,133 @@ class ModbusLink:
         client = self._client
         return client is not None and client.connected and self._loop is asyncio.get_running_loop()
 
-    async def ensure(self) -> AsyncModbusTcpClient:
+    def _new_client(self) -> ModbusBaseClient:
+        kw: dict[str, Any] = {"timeout": self.timeout_s, "retries": 0, "reconnect_delay": 0}
+        if self.serial is not None:
+            s = self.serial
+            client: ModbusBaseClient = AsyncModbusSerialClient(
+                s.port, framer=FramerType.RTU, baudrate=s.baudrate, bytesize=s.bytesize,
+                parity=s.parity, stopbits=s.stopbits, **kw)
+        else:
+            framer = FramerType.RTU if self.framer == "rtu" else FramerType.SOCKET
+            client = AsyncModbusTcpClient(self.host, port=self.port, framer=framer, **kw)
+        ctx = client.ctx
+        lost = ctx.callback_disconnected
+
+        def on_lost(exc: Exception | None) -> None:
+            """pymodbus lets the request in flight wait for its timeout when the connection
+            drops; fail it now so the retry reconnects at once."""
+            lost(exc)
+            future = ctx.response_future
+            if not future.done():
+                future.set_exception(ConnectionException(f"connection lost ({exc or 'closed'})"))
+
+        ctx.callback_disconnected = on_lost  # type: ignore[method-assign]
+        return client
+
+    async def ensure(self) -> ModbusBaseClient:
         if self._usable():
             return self._client  # type: ignore[return-value]
         if self._client is not None and self._loop is not asyncio.get_running_loop():
             with contextlib.suppress(RuntimeError):  # its loop may be closed already
                 self._client.close()
             self._client = None
-        async with self._connect_lock:
-            if self._client is not None and self._client.connected:
-                return self._client
-            now = time.monotonic()
-            if now < self._retry_at:
-                raise DeviceUnavailable(
-                    f"{self.endpoint}: not connected ({self.last_error}); "
-                    f"next attempt in {self._retry_at - now:.1f} s")
-            client = AsyncModbusTcpClient(self.host, port=self.port, timeout=self.timeout_s,
-                                          retries=0, reconnect_delay=0)
-            try:
-                ok = await asyncio.wait_for(client.connect(), self.timeout_s + 0.5)
-            except (TimeoutError, OSError) as exc:
-                ok, self.last_error = False, str(exc) or type(exc).__name__
-            if not ok:
-                client.close()
-                self.last_error = self.last_error or "connection refused"
-                self._fail()
-                raise DeviceUnavailable(f"{self.endpoint}: cannot connect ({self.last_error})")
-            self._client = client
-            self._loop = asyncio.get_running_loop()
-            self._delay = 0.0
-            self.last_error = None
-            self.generation += 1
-            return client
+        if self._client is not None and self._client.connected:
+            return self._client
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise DeviceUnavailable(
+                f"{self.endpoint}: not connected ({self.last_error}); "
+                f"next attempt in {self._retry_at - now:.1f} s")
+        client = self._new_client()
+        try:
+            ok = await asyncio.wait_for(client.connect(), self.timeout_s + 0.5)
+        except (TimeoutError, OSError) as exc:
+            ok, self.last_error = False, str(exc) or type(exc).__name__
+        if not ok:
+            client.close()
+            self.last_error = self.last_error or (
+                "cannot open the serial port" if self.serial else "connection refused")
+            self._fail()
+            raise DeviceUnavailable(f"{self.endpoint}: cannot connect ({self.last_error})")
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+        self._delay = 0.0
+        self.last_error = None
+        self.generation += 1
+        return client
 
     def _fail(self) -> None:
         self._delay = min(self.backoff_max_s, max(self.backoff_s, self._delay * 2))
         self._retry_at = time.monotonic() + self._delay
 
     def drop(self, reason: str) -> None:
-        """Close after a failure; the next request waits for the backoff."""
+        """Close after a failure; the next request reconnects."""
         self.last_error = reason
         if self._client is not None:
             self._client.close()
             self._client = None
-        self._fail()
 
-    async def read(self, address: int, count: int, unit: int) -> list[int]:
-        client = self._client if self._usable() else await self.ensure()
-        try:
-            rr = await client.read_holding_registers(address, count=count, device_id=unit)
-        except ModbusException as exc:
-            raise self._failed(client, unit, exc) from exc
-        if rr.isError():
-            raise ModbusExceptionReply(address, count, unit, _exc_code(rr))
-        return rr.registers
+    def _pacer(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._loop_of_lock is not loop:
+            self._lock, self._loop_of_lock = asyncio.Lock(), loop
+        return self._lock
 
-    async def write(self, address: int, values: Sequence[int], unit: int) -> None:
-        client = await self.ensure()
-        try:
-            rr = await client.write_registers(address, list(values), device_id=unit)
-        except ModbusException as exc:
-            raise self._failed(client, unit, exc) from exc
-        if rr.isError():
-            raise ModbusExceptionReply(address, len(values), unit, _exc_code(rr))
+    _loop_of_lock: asyncio.AbstractEventLoop | None = None
 
-    def _failed(self, client: AsyncModbusTcpClient, unit: int, exc: ModbusException) -> DeviceUnavailable:
+    async def _request(self, fn: str, address: int, arg: Any, unit: int,
+                       timeout_s: float | None, retries: int, hint: str) -> Any:
+        """One request, paced, with its own timeout; retried on no answer."""
+        timeout = timeout_s or self.timeout_s
+        count = arg if isinstance(arg, int) else len(arg)
+        for attempt in range(retries + 1):
+            async with self._pacer():
+                client = await self.ensure()
+                wait = self._last_done + self.min_gap_s - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                client.comm_params.timeout_connect = timeout
+                self.requests += 1
+                try:
+                    if fn == "read":
+                        rr = await client.read_holding_registers(address, count=arg, device_id=unit)
+                    else:
+                        rr = await client.write_registers(address, list(arg), device_id=unit)
+                except ModbusException as exc:
+                    self.failures += 1
+                    error = self._failed(client, unit, exc, timeout, hint)
+                    if attempt < retries:
+                        continue
+                    raise error from exc
+                finally:
+                    self._last_done = time.monotonic()
+            if rr.isError():
+                code = _exc_code(rr)
+                if code in GATEWAY_SILENT and attempt < retries:
+                    continue
+                cls = GatewayTargetSilent if code in GATEWAY_SILENT else ModbusExceptionReply
+                raise cls(address, count, unit, code)
+            return rr.registers if fn == "read" else None
+        raise AssertionError("unreachable")
+
+    async def read(self, address: int, count: int, unit: int, *, timeout_s: float | None = None,
+                   retries: int = 0, hint: str = "") -> list[int]:
+        """Holding registers; `hint` says which site-file field raises the timeout."""
+        return await self._request("read", address, count, unit, timeout_s, retries, hint)
+
+    async def write(self, address: int, values: Sequence[int], unit: int, *,
+                    timeout_s: float | None = None, retries: int = 0, hint: str = "") -> None:
+        await self._request("write", address, values, unit, timeout_s, retries, hint)
+
+    def _failed(self, client: ModbusBaseClient, unit: int, exc: ModbusException,
+                timeout: float, hint: str) -> DeviceUnavailable:
         """A request without an answer: a timeout on a live connection leaves it open (one
-        unit or address may be silent while others answer); a lost connection is dropped."""
+        unit may be silent while others answer); a lost connection is dropped."""
         if isinstance(exc, ModbusIOException) and client.connected:
-            return DeviceUnavailable(f"{self.endpoint} unit {unit}: no response within {self.timeout_s:g} s")
+            return RequestTimeout(
+                f"{self.endpoint} unit {unit}: timeout, no response within {timeout:g} s"
+                f" ({hint or 'raise timeout_s in the site file'})")
         self.drop(str(exc))
         return DeviceUnavailable(f"{self.endpoint} unit {unit}: connection lost ({exc})")
 
@@ -275,6 +371,10 @@ class ModbusLink:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+class RequestTimeout(DeviceUnavailable):
+    """No answer within the request's timeout on a live connection."""
 
 
 EXCEPTION_NAMES = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
@@ -296,6 +396,14 @@ class ModbusExceptionReply(DeviceError):
                          f"for registers {address}..{address + count - 1}")
 
 
+GATEWAY_SILENT = (10, 11)
+"""Gateway exceptions: the unit behind it did not answer (or has no path): unavailable."""
+
+
+class GatewayTargetSilent(ModbusExceptionReply, DeviceUnavailable):
+    """The gateway answered for a unit that did not: retried, and counted as unavailable."""
+
+
 @dataclass(frozen=True)
 class DiscoveredModel:
     id: int
@@ -308,23 +416,29 @@ class DiscoveredModel:
         return self.definition.name if self.definition else "(unknown model)"
 
 
-async def discover(link: ModbusLink, unit: int,
-                   bases: Iterable[int] = BASE_ADDRESSES) -> tuple[int, list[DiscoveredModel]]:
+async def discover(link: ModbusLink, unit: int, bases: Iterable[int] = BASE_ADDRESSES, *,
+                   timeout_s: float | None = None, retries: int = 0,
+                   hint: str = "") -> tuple[int, list[DiscoveredModel]]:
     """Find the `SunS` marker and walk the model list up to the end model.
 
-    A timeout or exception at one base address is not a failure: the next is tried.
-    Raises NotSunSpec naming what each base answered.
+    A timeout or exception at one base address is not a failure: the next is tried. An end
+    model without its length register (some devices stop at the ID) ends the walk, as in
+    pysunspec2's scan. Raises NotSunSpec naming what each base answered, or RequestTimeout
+    when no base answered in time.
     """
+    kw: dict[str, Any] = {"timeout_s": timeout_s, "retries": retries, "hint": hint}
     tried: list[str] = []
+    timeout: RequestTimeout | None = None
     for base in bases:
         try:
-            regs = await link.read(base, 2, unit)
+            regs = await link.read(base, 2, unit, **kw)
         except ModbusExceptionReply as exc:
             tried.append(f"{base}: exception {exc.code:02d}")
             continue
-        except DeviceUnavailable:
+        except RequestTimeout as exc:
             if not link.connected:
                 raise
+            timeout = timeout or exc
             tried.append(f"{base}: no answer")
             continue
         if tuple(regs) != SUNS_MARKER:
@@ -333,16 +447,24 @@ async def discover(link: ModbusLink, unit: int,
         models: list[DiscoveredModel] = []
         addr = base + 2
         for _ in range(256):
-            mid, length = await link.read(addr, 2, unit)
+            try:
+                mid, length = await link.read(addr, 2, unit, **kw)
+            except ModbusExceptionReply:  # the end model may stop at its ID register
+                (mid,) = await link.read(addr, 1, unit, **kw)
+                if mid != END_MODEL_ID:
+                    raise
+                length = 0
             if mid == END_MODEL_ID:
                 return base, models
             try:
                 md: ModelDef | None = model_def(mid)
             except SunSpecError:
-                md = None
+                md = None  # vendor (64xxx) or unknown: skipped by its length
             models.append(DiscoveredModel(mid, addr, length, md))
             addr += length + 2
         raise NotSunSpec(f"{link.endpoint} unit {unit}: no end model after 256 models at base {base}")
+    if timeout is not None:
+        raise timeout
     raise NotSunSpec(f"{link.endpoint} unit {unit}: no SunSpec device "
                      f"(no 'SunS' marker; {'; '.join(tried)})")
 
@@ -368,21 +490,54 @@ def plan_reads(models: Sequence[DiscoveredModel], wanted: set[int],
 
 
 INVERTER_MODELS = (103, 102, 101, 113, 112, 111)  # integer+SF and float variants
+IEEE1547_MODELS = tuple(range(701, 714))
+"""IEEE 1547-2018 information model: 701 measurements, 702 ratings, 704 controls, 713 storage."""
 METER_MODELS = (203, 204, 202, 201, 213, 214, 212, 211)
+STORAGE_MODELS = (802, 124, 713)
+LEGACY_DER = (*INVERTER_MODELS, 120, 121, 123)
 KIND_MODELS: dict[DeviceKind, tuple[int, ...]] = {
-    DeviceKind.PV: (*INVERTER_MODELS, 120, 123),
-    DeviceKind.BATTERY: (802, 124),
+    DeviceKind.PV: (*LEGACY_DER, 701, 702, 704),
+    DeviceKind.BATTERY: (*STORAGE_MODELS, *LEGACY_DER, 701, 702, 704),
     DeviceKind.METER: METER_MODELS,
 }
-STATIC_MODELS = (1, 120)
-"""Read once at discovery: identity and nameplate do not change while connected."""
+KIND_NEEDS = {
+    DeviceKind.PV: "an inverter model: 101-103, 111-113 or 701",
+    DeviceKind.BATTERY: "802, or 124 or 713 beside an inverter model 101-103, 111-113 or 701",
+    DeviceKind.METER: "a meter model: 201-204 or 211-214",
+}
+STATIC_MODELS = (1, 120, 121, 702)
+"""Read once at discovery: identity and ratings do not change while connected."""
+MODEL_PREFERENCES = ("ieee1547", "legacy")
+
+
+def kind_models(kind: DeviceKind, ids: Iterable[int], prefer: str = "ieee1547") -> set[int]:
+    """The models a device of `kind` is read through; empty when it has none that fit.
+
+    A device offering both the legacy (1xx) and the IEEE 1547 (70x) models is read through
+    the 70x ones unless `prefer` is "legacy"; a battery needs a storage model (802, 124
+    or 713), a PV inverter an inverter model (101-103, 111-113 or 701).
+    """
+    have = set(ids)
+    wanted = set(KIND_MODELS[kind]) & have
+    if kind is DeviceKind.METER:
+        return wanted
+    inverter = have & {*INVERTER_MODELS, 701}
+    if kind is DeviceKind.BATTERY and 802 in have:
+        pass  # a battery model of its own (802) needs no inverter model beside it
+    elif not inverter or (kind is DeviceKind.BATTERY and not have & set(STORAGE_MODELS)):
+        return set()
+    legacy, ieee = have & set(INVERTER_MODELS), 701 in have
+    if legacy and ieee:
+        drop = set(LEGACY_DER) - {120, 121} if prefer != "legacy" else {701, 704}
+        wanted -= drop
+    return wanted
 
 
 def infer_kind(model_ids: Iterable[int]) -> DeviceKind | None:
     ids = set(model_ids)
-    if ids & {802, 124}:
+    if ids & set(STORAGE_MODELS):
         return DeviceKind.BATTERY
-    if ids & set(INVERTER_MODELS):
+    if ids & {*INVERTER_MODELS, 701}:
         return DeviceKind.PV
     if ids & set(METER_MODELS):
         return DeviceKind.METER
@@ -390,14 +545,18 @@ def infer_kind(model_ids: Iterable[int]) -> DeviceKind | None:
 
 
 class SunSpecDevice(Device):
-    """A SunSpec device over Modbus TCP, real or emulated."""
+    """A SunSpec device over Modbus (TCP, RTU over TCP, or RTU on a serial port)."""
 
     def __init__(self, name: str, link: ModbusLink, unit: int = 1,
-                 kind: DeviceKind | str | None = None) -> None:
+                 kind: DeviceKind | str | None = None, *, timeout_s: float | None = None,
+                 retries: int = 1, prefer: str = "ieee1547") -> None:
         self.name = name
         self.link = link
         self.unit = unit
         self.kind = DeviceKind(kind) if kind else None  # type: ignore[assignment]
+        self.timeout_s = timeout_s or link.timeout_s
+        self.retries = retries
+        self.prefer = prefer
         self.base: int | None = None
         self.models: list[DiscoveredModel] = []
         self.static: dict[int, ModelValues] = {}
@@ -405,48 +564,87 @@ class SunSpecDevice(Device):
         self._reads: list[tuple[int, int]] = []
         self._wanted: set[int] = set()
         self._generation = -1
+        self._head: list[int] = []
+        """The marker and first model header as discovered: re-checked after a reconnect."""
 
     @property
     def endpoint(self) -> str:
         return f"{self.link.endpoint} unit {self.unit}"
 
+    @property
+    def _kw(self) -> dict[str, Any]:
+        """Per-request settings of this device, and where to change them."""
+        return {"timeout_s": self.timeout_s, "retries": 0,
+                "hint": f"raise timeout_s of device {self.name!r} in the site file"}
+
     def _named(self, exc: DeviceError) -> DeviceError:
         """The same kind of error, its message prefixed with this device's name and endpoint."""
-        if self.name in str(exc):
+        if str(exc).startswith(f"{self.name} ("):
             return exc
+        if isinstance(exc, GatewayTargetSilent):
+            return DeviceUnavailable(self._err(exc))
         cls = DeviceError if isinstance(exc, ModbusExceptionReply) else type(exc)
         return cls(self._err(exc))
 
     async def connect(self) -> None:
-        await self._discover()
+        await self._retrying(self._discover)
+
+    async def _retrying(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run fn, again up to `retries` times when the device did not answer (a timeout
+        or a dropped connection); anything else fails at once."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await fn()
+            except DeviceUnavailable as exc:
+                if attempt == self.retries or (not self.link.connected
+                                                and time.monotonic() < self.link._retry_at):
+                    raise self._named(exc) from exc
+            except DeviceError as exc:
+                raise self._named(exc) from exc
+        raise AssertionError("unreachable")
 
     async def _discover(self) -> None:
-        try:
-            self.base, self.models = await discover(self.link, self.unit)
-        except DeviceError as exc:
-            raise self._named(exc) from exc
+        self.base, self.models = await discover(self.link, self.unit, **self._kw)
         ids = [m.id for m in self.models]
         kind = infer_kind(ids)
         if self.kind is None:
             if kind is None:
                 raise NotSunSpec(self._err(f"models {ids} fit no known device kind"))
             self.kind = kind
-        wanted = set(KIND_MODELS[self.kind]) & set(ids)
+        wanted = kind_models(self.kind, ids, self.prefer)
         if not wanted:
             raise NotSunSpec(self._err(
                 f"configured as {self.kind.value} but offers models {ids} "
-                f"(needs one of {KIND_MODELS[self.kind]})"))
+                f"(needs {KIND_NEEDS[self.kind]})"))
         static = {m.id for m in self.models if m.id in STATIC_MODELS}
         self.static = await self._read_models(plan_reads(self.models, static), static)
         self._wanted = wanted - static
         self._reads = plan_reads(self.models, self._wanted)
+        self._head = await self.link.read(self.base, 4, self.unit, **self._kw)
         self._generation = self.link.generation
+
+    async def _recheck(self) -> None:
+        """After a reconnect: the same marker and first model header means the same map
+        (one short read); anything else means a different device, discovered again."""
+        await self.link.ensure()
+        if self._generation == self.link.generation:
+            return
+        if self.base is not None and self._head:
+            try:
+                head = await self.link.read(self.base, 4, self.unit, **self._kw)
+            except ModbusExceptionReply:
+                head = []
+            if head == self._head:
+                self._generation = self.link.generation
+                return
+        log.info("%s: map changed after reconnect; discovering again", self.name)
+        await self._discover()
 
     async def _read_models(self, reads: list[tuple[int, int]], ids: set[int]) -> dict[int, ModelValues]:
         """Read the planned spans and view each wanted model's registers (decoded lazily)."""
         chunks = []
         for address, count in reads:
-            regs = await self.link.read(address, count, self.unit)
+            regs = await self.link.read(address, count, self.unit, **self._kw)
             chunks.append((address, len(regs), struct.pack(f">{len(regs)}H", *regs)))
         out: dict[int, ModelValues] = {}
         for m in self.models:
@@ -469,14 +667,14 @@ class SunSpecDevice(Device):
 
     async def read_models(self) -> dict[int, ModelValues]:
         """Every dynamic model this device's kind uses, decoded with scale factors."""
-        try:
-            if self._generation != self.link.generation or not self.link.connected:
-                await self.link.ensure()
-                if self._generation != self.link.generation:
-                    await self._discover()
-            self.last = await self._read_models(self._reads, self._wanted)
-        except DeviceError as exc:
-            raise self._named(exc) from exc
+        async def once() -> dict[int, ModelValues]:
+            if not self.models:
+                await self._discover()
+            elif self._generation != self.link.generation or not self.link.connected:
+                await self._recheck()
+            return await self._read_models(self._reads, self._wanted)
+
+        self.last = await self._retrying(once)
         return self.last
 
     async def read(self) -> Reading:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from ..config import SiteConfig
 from .driver import Device, DeviceKind
 from .emulator import EmulatedDevice, EmulatedSite
-from .modbus import ModbusEmulatorServer, ModbusLink, SunSpecDevice
+from .modbus import ModbusEmulatorServer, ModbusLink, SerialSettings, SunSpecDevice
 from .opcua import OpcUaDevice, OpcUaEmulatorServer, OpcUaLink, OpcUaSecurity
 
 T = TypeVar("T")
@@ -173,10 +173,18 @@ class SiteEmulators:
         await self.stop()
 
 
+def modbus_link_key(d: Any) -> tuple[Any, ...]:
+    """Devices with the same key share one Modbus link (a gateway, a serial bus)."""
+    if d.serial is not None:
+        return ("rtu", d.serial.port)
+    return (d.transport, d.host, d.port)
+
+
 def open_devices(site: SiteConfig, names: list[str] | None = None) -> dict[str, Device]:
     """A driver per device (all, or `names`), one shared connection (Modbus) or session
-    (OPC UA) per host:port."""
-    links: dict[tuple[str, int], ModbusLink] = {}
+    (OPC UA) per endpoint. A Modbus link is paced by the largest `min_gap_s` of the
+    devices on it; timeouts and retries stay each device's own."""
+    links: dict[tuple[Any, ...], ModbusLink] = {}
     sessions: dict[tuple[str, int], OpcUaLink] = {}
     security = OpcUaSecurity.from_config(site.opcua)
     out: dict[str, Device] = {}
@@ -189,10 +197,17 @@ def open_devices(site: SiteConfig, names: list[str] | None = None) -> dict[str, 
                 session = sessions[(d.host, d.port)] = OpcUaLink(d.host, d.port, security, timeout_s=d.timeout_s)
             out[d.name] = OpcUaDevice(d.name, session, d.kind)
             continue
-        link = links.get((d.host, d.port))
+        key = modbus_link_key(d)
+        link = links.get(key)
         if link is None:
-            link = links[(d.host, d.port)] = ModbusLink(d.host, d.port, timeout_s=d.timeout_s)
-        out[d.name] = SunSpecDevice(d.name, link, d.unit or 1, d.kind)
+            serial = None if d.serial is None else SerialSettings(
+                d.serial.port, d.serial.baudrate, d.serial.bytesize, d.serial.parity, d.serial.stopbits)
+            link = links[key] = ModbusLink(d.host, d.port, timeout_s=d.timeout_s,
+                                           framer="rtu" if d.transport != "tcp" else "socket",
+                                           serial=serial)
+        link.min_gap_s = max(link.min_gap_s, d.min_gap_s)
+        out[d.name] = SunSpecDevice(d.name, link, d.unit or 1, d.kind, timeout_s=d.timeout_s,
+                                    retries=d.retries, prefer=d.sunspec_models)
     return out
 
 

@@ -1,0 +1,184 @@
+"""Links that survive real gateways: dropped connections, slow answers, pacing, quiet logs.
+
+The emulators sit behind `FaultProxy` (a real TCP proxy on loopback), so the driver meets
+the same socket-level faults a flaky serial-to-Ethernet gateway produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import pytest
+
+from testbed.devices.driver import DeviceUnavailable
+from testbed.devices.faults import FaultProxy
+from testbed.devices.modbus import ModbusLink, SunSpecDevice
+from testbed.devices.site import SiteEmulators, open_devices
+from testbed.scenarios.engine import FAULT_AFTER
+
+
+@pytest.fixture
+async def served(site):
+    em = SiteEmulators(site, free_ports=True)
+    await em.start(clock=False)
+    em.physics.step(1.0)
+    yield em
+    await em.stop()
+
+
+def _behind(em: SiteEmulators, proxy_port: int, **fields: object):
+    """The served site with every device reached through the proxy (and extra fields)."""
+    site = em.resolved_site()
+    prosumers = [p.model_copy(update={"devices": [
+        d.model_copy(update={"port": proxy_port, **fields}) for d in p.devices]})
+        for p in site.prosumers]
+    return site.model_copy(update={"prosumers": prosumers})
+
+
+async def _poll(devs, rounds: int, cadence_s: float) -> dict[str, list[bool]]:
+    """Poll every device once per round, concurrently as the engine does."""
+    out: dict[str, list[bool]] = {n: [] for n in devs}
+
+    async def one(name: str) -> None:
+        try:
+            await devs[name].read()
+            out[name].append(True)
+        except DeviceUnavailable:
+            out[name].append(False)
+
+    for _ in range(rounds):
+        await asyncio.gather(*(one(n) for n in devs))
+        await asyncio.sleep(cadence_s)
+    return out
+
+
+def _longest_failure_run(oks: list[bool]) -> int:
+    run = best = 0
+    for ok in oks:
+        run = 0 if ok else run + 1
+        best = max(best, run)
+    return best
+
+
+async def test_a_link_dropping_every_10th_request_keeps_every_unit_polled(served, capfd):
+    port = served.endpoints["pv"].port
+    async with FaultProxy("127.0.0.1", port, drop_every=10) as proxy:
+        devs = open_devices(_behind(served, proxy.port))
+        link = devs["pv"].link
+        assert all(d.link is link for d in devs.values())  # three units, one link
+        for d in devs.values():
+            await d.connect()
+        discoveries = proxy.requests
+        results = await _poll(devs, rounds=40, cadence_s=0.02)
+        for d in devs.values():
+            await d.close()
+    assert proxy.drops >= 10  # the link really was dropped, repeatedly
+    for name, oks in results.items():
+        share = sum(oks) / len(oks)
+        assert share >= 0.9, (name, share, oks)
+        assert _longest_failure_run(oks) < FAULT_AFTER, (name, oks)  # never declared faulted
+    # a reconnect re-checks each unit's map with one short read instead of discovering
+    # again (~11 requests per unit): one read per poll, plus a check per unit and the
+    # retried read per drop, one drop per 10 requests
+    per_poll = (proxy.requests - discoveries) / (3 * 40)
+    assert per_poll < 2.0, per_poll
+    out, err = capfd.readouterr()
+    assert "pymodbus" not in out + err and "0x" not in out + err
+
+
+async def test_reconnect_rediscovers_when_the_map_changed(served):
+    """The cheap check is a real check: another device on the same port is discovered."""
+    site = served.resolved_site()
+    dev = open_devices(site, ["pv"])["pv"]
+    await dev.connect()
+    assert dev.kind.value == "pv"
+    dev.link.drop("test")
+    dev._head = [0, 0, 0, 0]  # as if the map at the base differed from the one discovered
+    await dev.read()
+    assert dev._head[:2] == [0x5375, 0x6E53] and dev._head[2] == 1  # discovered again
+    await dev.close()
+
+
+async def test_a_slow_device_is_reported_as_a_timeout_with_the_field_to_raise(served):
+    port = served.endpoints["meter"].port
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        devs = open_devices(_behind(served, proxy.port, timeout_s=1.0, retries=0), ["meter"])
+        meter = devs["meter"]
+        await meter.connect()
+        proxy.latency_s = 1.2
+        with pytest.raises(DeviceUnavailable, match=r"meter \(.*unit 3\): .*timeout, no response "
+                                                     r"within 1 s .*raise timeout_s of device "
+                                                     r"'meter' in the site file"):
+            await meter.read()
+        await meter.close()
+
+
+async def test_discovery_of_a_slow_device_says_timeout_not_missing_sunspec(served):
+    port = served.endpoints["meter"].port
+    async with FaultProxy("127.0.0.1", port, latency_s=1.2) as proxy:
+        link = ModbusLink("127.0.0.1", proxy.port, timeout_s=1.0)
+        meter = SunSpecDevice("meter", link, 3, "meter", retries=0)
+        with pytest.raises(DeviceUnavailable, match=r"timeout, no response within 1 s"):
+            await meter.connect()
+        link.close()
+
+
+async def test_a_failed_request_fails_only_its_own_unit(served):
+    """One unit silent behind the gateway: the others on the same link keep answering."""
+    devs = open_devices(_behind(served, served.endpoints["pv"].port, retries=0))
+    for d in devs.values():
+        await d.connect()
+    served.silence("bat")
+    results = await _poll(devs, rounds=5, cadence_s=0.0)
+    assert results["bat"] == [False] * 5
+    assert results["pv"] == [True] * 5 and results["meter"] == [True] * 5
+    served.silence("bat", False)
+    assert (await devs["bat"].read()).values["soc_pct"] is not None
+    await devs["pv"].close()
+
+
+async def test_min_gap_paces_requests_on_a_link(served):
+    """Requests on one link never overlap and keep the configured gap between them."""
+    devs = open_devices(_behind(served, served.endpoints["pv"].port, min_gap_s=0.05))
+    link = devs["pv"].link
+    assert link.min_gap_s == 0.05
+    stamps: list[tuple[float, float]] = []
+    real = link._request
+
+    async def spy(*args, **kwargs):
+        result = await real(*args, **kwargs)
+        stamps.append((link._last_done,))
+        return result
+
+    for d in devs.values():
+        await d.connect()
+    link._request = spy  # type: ignore[method-assign]
+    await asyncio.gather(*(d.read() for d in devs.values()))
+    done = sorted(s[0] for s in stamps)
+    assert len(done) == 3
+    assert all(b - a >= 0.05 for a, b in zip(done, done[1:], strict=False))  # paced, in order
+    await devs["pv"].close()
+
+
+async def test_pymodbus_logs_never_reach_the_console(served, capsys):
+    """Even with pymodbus logging at DEBUG and a console handler on the root logger."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stdout)
+    root.addHandler(handler)
+    logging.getLogger("pymodbus").setLevel(logging.DEBUG)
+    try:
+        port = served.endpoints["pv"].port
+        async with FaultProxy("127.0.0.1", port) as proxy:
+            dev = open_devices(_behind(served, proxy.port), ["pv"])["pv"]
+            await dev.connect()
+            proxy.drop_every = 3
+            oks = await _poll({"pv": dev}, rounds=6, cadence_s=0.0)
+            await dev.close()
+    finally:
+        root.removeHandler(handler)
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    assert proxy.drops >= 2 and sum(oks["pv"]) >= 3
+    out = capsys.readouterr().out
+    assert "send:" not in out and "recv:" not in out and "0x" not in out, out

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
@@ -59,6 +60,7 @@ from .sunspec import (
     SunSpecError,
     decode_model,
     encode_raw,
+    fit,
     model_def,
 )
 
@@ -647,13 +649,13 @@ class SunSpecDevice(Device):
             regs = await self.link.read(address, count, self.unit, **self._kw)
             chunks.append((address, len(regs), struct.pack(f">{len(regs)}H", *regs)))
         out: dict[int, ModelValues] = {}
-        for m in self.models:
-            if m.id not in ids or m.definition is None:
+        for i, m in enumerate(self.models):
+            if m.id not in ids or m.definition is None or m.id in out:
                 continue
             for start, n, data in chunks:
-                i = m.address - start
-                if i >= 0 and i + m.length + 2 <= n:
-                    out[m.id] = ModelValues(m.definition, data, 2 * i)
+                k = m.address - start
+                if k >= 0 and k + m.length + 2 <= n:
+                    data, offset = data, 2 * k
                     break
             else:  # a model longer than one read: join the consecutive pieces that cover it
                 end = m.address + m.length + 2
@@ -662,7 +664,12 @@ class SunSpecDevice(Device):
                 data = b"".join(c[2] for c in pieces)
                 if first > m.address or first + len(data) // 2 < end:
                     raise NotSunSpec(self._err(f"model {m.id} at {m.address} is not covered by the reads"))
-                out[m.id] = ModelValues(m.definition, data, 2 * (m.address - first))
+                offset = 2 * (m.address - first)
+            md = m.definition
+            if md.repeating or md.length != m.length:
+                md = fit(md, m.length, ModelValues(fit(md, m.length, {}), data, offset))
+                self.models[i] = m = replace(m, definition=md)
+            out[m.id] = ModelValues(md, data, offset)
         return out
 
     async def read_models(self) -> dict[int, ModelValues]:
@@ -677,6 +684,33 @@ class SunSpecDevice(Device):
         self.last = await self._retrying(once)
         return self.last
 
+    async def read_model(self, model_id: int) -> ModelValues:
+        """One whole model, any of the device's, its repeating groups laid out."""
+        if not self.models:
+            await self.connect()
+        m = self._model(model_id)
+        if m.definition is None:
+            raise SunSpecError(self._err(f"model {model_id} has no SunSpec definition (vendor model)"))
+
+        async def once() -> ModelValues:
+            return (await self._read_models(plan_reads([m], {model_id}), {model_id}))[model_id]
+        return await self._retrying(once)
+
+    def _model(self, model_id: int) -> DiscoveredModel:
+        m = next((m for m in self.models if m.id == model_id), None)
+        if m is None:
+            raise SetpointRejected(self._err(
+                f"no model {model_id} on this device (has {[m.id for m in self.models]})"))
+        return m
+
+    def _values(self, model_id: int) -> Mapping[str, Any]:
+        return self.last.get(model_id) or self.static.get(model_id) or {}
+
+    @property
+    def layout(self) -> set[int]:
+        """The models this device is read and commanded through."""
+        return self._wanted | set(self.static)
+
     async def read(self) -> Reading:
         models = await self.read_models()
         assert self.kind is not None
@@ -684,6 +718,8 @@ class SunSpecDevice(Device):
         return Reading(self.name, self.kind, time.time(), values, status)
 
     async def write(self, point: str, value: float) -> None:
+        """A neutral setpoint (`power_w`, `limit_pct`, ...) or a SunSpec point:
+        `MODEL.POINT`, `MODEL.GROUP.POINT`, `MODEL.GROUP[i].SUB[j].POINT` (1-based)."""
         if not self.models:
             await self.connect()
         assert self.kind is not None
@@ -695,20 +731,26 @@ class SunSpecDevice(Device):
                 for model_id, pname, v in writes(self, float(value)):
                     await self.write_point(model_id, pname, v)
             else:
-                model_id, pname = self.resolve_point(point)
+                model_id, pname = await self.resolve_point(point)
                 await self.write_point(model_id, pname, value)
         except ModbusExceptionReply as exc:
             raise SetpointRejected(self._err(exc)) from exc
 
-    def resolve_point(self, point: str) -> tuple[int, str]:
-        """`123.WMaxLimPct` or a point name unique among the device's models."""
-        if "." in point:
-            mid_s, pname = point.split(".", 1)
-            mid = int(mid_s)
-            model = next((m for m in self.models if m.id == mid), None)
-            if model is None or model.definition is None or pname not in model.definition.points:
+    async def resolve_point(self, point: str) -> tuple[int, str]:
+        """`123.WMaxLimPct`, `705.Crv[1].Pt[2].V`, or a point name unique on the device."""
+        head, _, rest = point.partition(".")
+        if head.isdigit() and rest:
+            mid = int(head)
+            m = self._model(mid)
+            if m.definition is None:
+                raise SetpointRejected(self._err(f"model {mid} is a vendor model: no definition"))
+            if rest not in m.definition.points and m.definition.repeating:
+                await self.read_model(mid)  # lays out its repeating groups
+                m = self._model(mid)
+            assert m.definition is not None
+            if rest not in m.definition.points:
                 raise SetpointRejected(self._err(f"no point {point!r} on this device"))
-            return mid, pname
+            return mid, rest
         hits = [(m.id, point) for m in self.models if m.definition and point in m.definition.points]
         if len(hits) != 1:
             known = sorted(SETPOINT_NAMES.get(self.kind, ())) if self.kind else []
@@ -719,22 +761,44 @@ class SunSpecDevice(Device):
 
     async def write_point(self, model_id: int, point: str, value: float | int | str) -> None:
         """Write one SunSpec point in engineering units, scaled with the device's own SF."""
-        m = next(m for m in self.models if m.id == model_id)
-        assert m.definition is not None
+        m = self._model(model_id)
+        if m.definition is None or point not in m.definition.points:
+            raise SetpointRejected(self._err(f"no point {model_id}.{point} on this device"))
         p = m.definition.point(point)
         if not p.writable:
             raise SetpointRejected(self._err(f"{model_id}.{point} is read-only"))
         raw: int | float | str = value
-        if p.sf is not None and not isinstance(value, str):
-            sf = p.sf if isinstance(p.sf, int) else (self.last.get(model_id) or self.static.get(model_id) or {}).get(p.sf)
-            raw = round(float(value) / 10.0 ** int(sf or 0))
+        if isinstance(value, str) and not p.is_string:
+            raw = p.symbols.get(value, value)  # an enum's symbol, e.g. ENABLED
+        if p.sf is not None and not isinstance(raw, str):
+            if isinstance(p.sf, int):
+                sf: Any = p.sf
+            else:
+                values = self._values(model_id)
+                if p.sf not in values:
+                    values = await self.read_model(model_id)
+                sf = values.get(p.sf)
+            raw = round(float(raw) / 10.0 ** int(sf or 0))
         elif not p.is_string and p.type not in ("float32", "float64"):
-            raw = round(float(value))
+            try:
+                raw = round(float(raw))
+            except ValueError:
+                raise SetpointRejected(self._err(
+                    f"{model_id}.{point}: {value!r} is not a number"
+                    + (f" or one of {sorted(p.symbols)}" if p.symbols else ""))) from None
         try:
             regs = encode_raw(p, raw)
         except SunSpecError as exc:
             raise SetpointRejected(self._err(exc)) from exc
-        await self.link.write(m.address + p.offset, regs, self.unit)
+        try:
+            await self.link.write(m.address + p.offset, regs, self.unit,
+                                  **{**self._kw, "retries": self.retries})
+        except GatewayTargetSilent as exc:
+            raise self._named(exc) from exc
+        except ModbusExceptionReply as exc:
+            raise SetpointRejected(self._err(exc)) from exc
+        except DeviceError as exc:
+            raise self._named(exc) from exc
 
     async def close(self) -> None:
         self.link.close()
@@ -750,31 +814,74 @@ def _first(models: Mapping[int, Mapping[str, Any]], ids: Iterable[int]) -> Mappi
     return {}
 
 
-def _pv_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> tuple[dict, dict]:
+def _pick(*values: Any) -> Any:
+    """The first implemented value."""
+    return next((v for v in values if v is not None), None)
+
+
+INV_STATES = {1: "OFF", 2: "SLEEPING", 3: "STARTING", 4: "MPPT", 5: "THROTTLED",
+              6: "SHUTTING_DOWN", 7: "FAULT", 8: "STANDBY"}
+DER_STATES = {0: "OFF", 1: "SLEEPING", 2: "STARTING", 3: "MPPT", 4: "THROTTLED",
+              5: "SHUTTING_DOWN", 6: "FAULT", 7: "STANDBY"}
+"""701 InvSt, named as the legacy states (701 RUNNING is the legacy MPPT)."""
+
+
+def _ac(models: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """AC measurements from 701 when read, else from the legacy inverter model."""
+    d = models.get(701)
+    if d is not None:
+        return {"p_w": d.get("W"), "q_var": d.get("Var"), "voltage_v": _pick(d.get("LNV"), d.get("VL1")),
+                "frequency_hz": d.get("Hz"), "energy_wh": d.get("TotWhInj"),
+                "temperature_c": d.get("TmpCab"), "current_a": d.get("A"),
+                "state": DER_STATES.get(d.get("InvSt"), d.get("InvSt")), "events": d.get("Alrm")}
     inv = _first(models, INVERTER_MODELS)
-    ctl = models.get(123, {})
-    plate = static.get(120, {})
-    st = inv.get("St")
+    return {"p_w": inv.get("W"), "q_var": inv.get("VAr"), "voltage_v": inv.get("PhVphA"),
+            "frequency_hz": inv.get("Hz"), "energy_wh": inv.get("WH"),
+            "temperature_c": inv.get("TmpCab"), "current_a": inv.get("A"), "dc_w": inv.get("DCW"),
+            "state": INV_STATES.get(inv.get("St"), inv.get("St")), "events": inv.get("Evt1")}
+
+
+def _pv_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> tuple[dict, dict]:
+    ac = _ac(models)
+    ctl, der = models.get(123, {}), models.get(704, {})
+    if 704 in models:
+        limit, enabled = der.get("WMaxLimPct"), der.get("WMaxLimPctEna")
+    else:
+        limit, enabled = ctl.get("WMaxLimPct"), ctl.get("WMaxLim_Ena")
     values = {
-        "p_w": inv.get("W"), "q_var": inv.get("VAr"), "dc_w": inv.get("DCW"),
-        "energy_wh": inv.get("WH"), "voltage_v": inv.get("PhVphA"), "frequency_hz": inv.get("Hz"),
-        "limit_pct": ctl.get("WMaxLimPct"), "limit_enabled": ctl.get("WMaxLim_Ena"),
-        "rating_w": plate.get("WRtg"), "temperature_c": inv.get("TmpCab"),
+        "p_w": ac["p_w"], "q_var": ac["q_var"], "dc_w": ac.get("dc_w"),
+        "energy_wh": ac["energy_wh"], "voltage_v": ac["voltage_v"],
+        "frequency_hz": ac["frequency_hz"], "limit_pct": limit, "limit_enabled": enabled,
+        "rating_w": _pick(static.get(702, {}).get("WMaxRtg"), static.get(120, {}).get("WRtg")),
+        "temperature_c": ac["temperature_c"],
     }
-    names = {1: "OFF", 2: "SLEEPING", 3: "STARTING", 4: "MPPT", 5: "THROTTLED",
-             6: "SHUTTING_DOWN", 7: "FAULT", 8: "STANDBY"}
-    return values, {"state": names.get(st, st), "events": inv.get("Evt1")}
+    return values, {"state": ac["state"], "events": ac["events"]}
+
+
+def _ratings(models: Mapping[int, Mapping[str, Any]],
+             static: Mapping[int, Mapping[str, Any]]) -> tuple[Any, Any]:
+    """(max charge W, max discharge W) from 802, 124, 702, 120 or 121, first stated wins."""
+    b, s = models.get(802, {}), models.get(124, {})
+    r702, r120, r121 = static.get(702, {}), static.get(120, {}), static.get(121, {})
+    ch = _pick(s.get("WChaMax"), b.get("WChaRteMax"), r702.get("WChaRteMax"),
+               r702.get("WChaRteMaxRtg"), r120.get("MaxChaRte"))
+    dis = _pick(b.get("WDisChaRteMax"), r702.get("WDisChaRteMax"), r702.get("WDisChaRteMaxRtg"),
+                r120.get("MaxDisChaRte"), r121.get("WMax"), r702.get("WMaxRtg"), r120.get("WRtg"))
+    return ch, dis
 
 
 def _battery_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> tuple[dict, dict]:
-    b = models.get(802, {})
-    s = models.get(124, {})
-    soc = b.get("SoC") if b.get("SoC") is not None else s.get("ChaState")
+    b, s, st = models.get(802, {}), models.get(124, {}), models.get(713, {})
+    ac = _ac(models) if not b else {}
+    max_ch, max_dis = _ratings(models, static)
     values = {
-        "p_w": b.get("W"), "setpoint_w": b.get("ReqW"), "soc_pct": soc,
-        "capacity_wh": b.get("WHRtg"), "max_charge_w": s.get("WChaMax", b.get("WChaRteMax")),
-        "max_discharge_w": b.get("WDisChaRteMax"), "soc_min_pct": b.get("SoCMin"),
-        "soc_max_pct": b.get("SoCMax"), "voltage_v": b.get("V"), "current_a": b.get("A"),
+        "p_w": _pick(b.get("W"), ac.get("p_w")), "setpoint_w": _setpoint(models, max_ch, max_dis),
+        "soc_pct": _pick(b.get("SoC"), st.get("SoC"), s.get("ChaState")),
+        "capacity_wh": _pick(b.get("WHRtg"), st.get("WHRtg"), static.get(120, {}).get("WHRtg")),
+        "max_charge_w": max_ch, "max_discharge_w": max_dis,
+        "soc_min_pct": _pick(b.get("SoCMin"), s.get("MinRsvPct")), "soc_max_pct": b.get("SoCMax"),
+        "voltage_v": _pick(b.get("V"), ac.get("voltage_v")),
+        "current_a": _pick(b.get("A"), ac.get("current_a")),
     }
     evt = int(b.get("Evt1") or 0)
     clamps = [name for name, bit in (("charge_rate", 6), ("discharge_rate", 8),
@@ -782,12 +889,30 @@ def _battery_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> t
     states = {1: "DISCONNECTED", 2: "INITIALIZING", 3: "CONNECTED", 4: "STANDBY",
               5: "SOC PROTECTION", 6: "SUSPENDING", 99: "FAULT"}
     cha = {1: "OFF", 2: "EMPTY", 3: "DISCHARGING", 4: "CHARGING", 5: "FULL", 6: "HOLDING", 7: "TESTING"}
+    cha_st = _pick(b.get("ChaSt"), s.get("ChaSt"))
     return values, {
-        "state": states.get(b.get("State"), b.get("State")),
-        "charge_status": cha.get(b.get("ChaSt") or s.get("ChaSt"), b.get("ChaSt")),
+        "state": states.get(b.get("State"), b.get("State")) if b else ac.get("state"),
+        "charge_status": cha.get(cha_st, cha_st),
         "clamped": bool(clamps), "clamp": clamps[0] if clamps else None,
         "storctl_mod": s.get("StorCtl_Mod"),
     }
+
+
+def _setpoint(models: Mapping[int, Mapping[str, Any]], max_ch: Any, max_dis: Any) -> Any:
+    """The commanded power, + discharge: 802 ReqW, else 704 WSet, else 124's rates."""
+    b, der, s = models.get(802, {}), models.get(704, {}), models.get(124, {})
+    if b.get("ReqW") is not None:
+        return b["ReqW"]
+    if 704 in models and der.get("WSetEna") == 1:
+        return der.get("WSet")
+    mode = s.get("StorCtl_Mod")
+    if mode is None:
+        return None
+    if mode & 2 and s.get("OutWRte") is not None and max_dis:
+        return s["OutWRte"] / 100 * max_dis
+    if mode & 1 and s.get("InWRte") is not None and max_ch:
+        return -s["InWRte"] / 100 * max_ch
+    return 0.0
 
 
 def _meter_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> tuple[dict, dict]:
@@ -803,26 +928,48 @@ NEUTRAL = {DeviceKind.PV: _pv_values, DeviceKind.BATTERY: _battery_values,
            DeviceKind.METER: _meter_values}
 
 
+def _cannot(dev: SunSpecDevice, what: str, needs: str) -> SetpointRejected:
+    return SetpointRejected(dev._err(
+        f"{what}: this device's models {sorted(m.id for m in dev.models)} cannot carry it "
+        f"(needs {needs})"))
+
+
 def _pv_limit(dev: SunSpecDevice, value: float) -> list[tuple[int, str, float]]:
     if not 0.0 <= value <= 100.0:
         raise SetpointRejected(dev._err(f"limit_pct {value:g} outside 0..100 %"))
-    return [(123, "WMaxLimPct", value), (123, "WMaxLim_Ena", 1)]
+    if 704 in dev.layout:
+        return [(704, "WMaxLimPct", value), (704, "WMaxLimPctEna", 1)]
+    if 123 in dev.layout:
+        return [(123, "WMaxLimPct", value), (123, "WMaxLim_Ena", 1)]
+    raise _cannot(dev, "limit_pct", "123 or 704")
 
 
 def _pv_enable(dev: SunSpecDevice, value: float) -> list[tuple[int, str, float]]:
     if value not in (0.0, 1.0):
         raise SetpointRejected(dev._err(f"limit_enabled must be 0 or 1, got {value:g}"))
-    return [(123, "WMaxLim_Ena", value)]
+    if 704 in dev.layout:
+        return [(704, "WMaxLimPctEna", value)]
+    if 123 in dev.layout:
+        return [(123, "WMaxLim_Ena", value)]
+    raise _cannot(dev, "limit_enabled", "123 or 704")
 
 
 def _battery_power(dev: SunSpecDevice, value: float) -> list[tuple[int, str, float]]:
-    """+W discharge -> StorCtl_Mod=DISCHARGE, OutWRte; -W charge -> CHARGE, InWRte."""
-    b = dev.last.get(802, {})
-    s = dev.last.get(124, {})
-    max_dis = b.get("WDisChaRteMax")
-    max_ch = s.get("WChaMax") or b.get("WChaRteMax")
+    """+W discharge / -W charge: on a 1547 device 704 WSet (watts, enabled); else 124:
+    StorCtl_Mod=DISCHARGE with OutWRte (% of the discharge rating) or CHARGE with InWRte."""
+    max_ch, max_dis = _ratings(dev.last, dev.static)
+    if 704 in dev.layout:
+        lo = -max_ch if max_ch else -math.inf
+        hi = max_dis if max_dis else math.inf
+        if not lo <= value <= hi:
+            raise SetpointRejected(dev._err(
+                f"power_w {value:g} W outside {lo:g} (charge) .. +{hi:g} (discharge) W"))
+        return [(704, "WSetMod", 1), (704, "WSet", value), (704, "WSetEna", 1)]
+    if 124 not in dev.layout:
+        raise _cannot(dev, "power_w", "124 or 704")
     if not max_dis or not max_ch:
-        raise SetpointRejected(dev._err("device does not state its charge/discharge ratings"))
+        raise SetpointRejected(dev._err(
+            "device does not state its charge/discharge ratings (124 WChaMax, 802, 702 or 120)"))
     if not -max_ch <= value <= max_dis:
         raise SetpointRejected(dev._err(
             f"power_w {value:g} W outside -{max_ch:g} (charge) .. +{max_dis:g} (discharge) W"))

@@ -27,28 +27,30 @@ BASE_ADDRESSES = (40000, 0, 50000)
 MAX_READ = 125
 """Largest holding-register read a Modbus request may carry."""
 
-# type -> (struct format, unimplemented raw value)
+# type -> (struct format, unimplemented raw value), as pysunspec2's `sunspec2.mb` has them
 _FORMATS: dict[str, tuple[str, int | float | None]] = {
     "int16": (">h", ss_mb.SUNS_UNIMPL_INT16),
     "uint16": (">H", ss_mb.SUNS_UNIMPL_UINT16),
     "count": (">H", ss_mb.SUNS_UNIMPL_UINT16),
-    "acc16": (">H", None),  # accumulators have no "not implemented" value: 0 is a reading
+    "acc16": (">H", ss_mb.SUNS_UNIMPL_ACC16),  # an accumulator of 0 is "not implemented"
     "enum16": (">H", ss_mb.SUNS_UNIMPL_ENUM16),
     "bitfield16": (">H", ss_mb.SUNS_UNIMPL_BITFIELD16),
-    "pad": (">H", None),
+    "pad": (">H", ss_mb.SUNS_UNIMPL_PAD),
     "sunssf": (">h", ss_mb.SUNS_UNIMPL_SUNSSF),
     "int32": (">i", ss_mb.SUNS_UNIMPL_INT32),
     "uint32": (">I", ss_mb.SUNS_UNIMPL_UINT32),
-    "acc32": (">I", None),
+    "acc32": (">I", ss_mb.SUNS_UNIMPL_ACC32),
     "enum32": (">I", ss_mb.SUNS_UNIMPL_ENUM32),
     "bitfield32": (">I", ss_mb.SUNS_UNIMPL_BITFIELD32),
-    "ipaddr": (">I", None),
+    "ipaddr": (">I", ss_mb.SUNS_UNIMPL_IPADDR),
     "int64": (">q", ss_mb.SUNS_UNIMPL_INT64),
     "uint64": (">Q", ss_mb.SUNS_UNIMPL_UINT64),
-    "acc64": (">Q", None),
-    "float32": (">f", None),
+    "acc64": (">Q", ss_mb.SUNS_UNIMPL_ACC64),
+    "float32": (">f", None),  # any NaN (pysunspec2: the 0x7fc00000 pattern)
     "float64": (">d", None),
 }
+_FULL_RANGE = {"acc16", "acc32", "acc64", "pad", "ipaddr"}
+"""Types whose "not implemented" value is 0 but whose every bit pattern may be written."""
 _RAW_RANGE = {
     ">h": (-32767, 32767),  # -32768 is "not implemented"
     ">H": (0, 65534),  # 65535 is "not implemented" for most 16-bit types
@@ -116,7 +118,7 @@ class _Codec:
         fmt, unimpl = _FORMATS[p.type]
         if fmt in _RAW_RANGE:
             lo, hi = _RAW_RANGE[fmt]
-            if unimpl is None:  # accumulators, pads: every unsigned value is a reading
+            if p.type in _FULL_RANGE:
                 lo, hi = 0, 2 ** (8 * struct.calcsize(fmt)) - 1
             return cls(struct.Struct(fmt), regs, "int", unimpl, lo, hi)
         return cls(struct.Struct(fmt), regs, "float", None, -math.inf, math.inf)
@@ -124,16 +126,20 @@ class _Codec:
 
 @dataclass(frozen=True)
 class ModelDef:
-    """A SunSpec model's fixed block: its length `L` and its points in register order.
+    """A SunSpec model's points in register order, located relative to its `ID` register.
 
-    Repeating groups (e.g. model 160's modules) are not expanded; their registers count in
-    `length` so the walk over a device's models stays correct.
+    Points of groups that occur once (704's `PFWInj`) are named `GROUP.POINT`. Repeating
+    groups (160's modules, 705's curves and their points) depend on counts the device
+    reports, so `model_def` leaves them out (`length` is the fixed part) and `expand`
+    lays them out for one device as `GROUP[i].POINT`, `GROUP[i].SUB[j].POINT` (1-based).
     """
 
     id: int
     name: str
     length: int
     points: Mapping[str, PointDef]
+    repeating: tuple[Mapping[str, Any], ...] = field(default=(), compare=False)
+    """Definitions of the repeating groups not yet laid out (pysunspec2's JSON)."""
 
     @cached_property
     def slots(self) -> dict[str, tuple[int, struct.Struct, str, int | float | None, str | int | None]]:
@@ -152,6 +158,62 @@ class ModelDef:
                 f"points are: {', '.join(self.points)}") from None
 
 
+def _count(g: Mapping[str, Any]) -> int | str | None:
+    c = g.get(ss_mdef.COUNT)
+    return None if c is None or c == 1 else c
+
+
+def _place(model_id: int, g: Mapping[str, Any], prefix: str, offset: int,
+           points: dict[str, PointDef], counts: Mapping[str, int] | None,
+           room: int) -> tuple[int, list[Mapping[str, Any]]]:
+    """Lay out a group's points from `offset`: once-only subgroups inline, repeating ones
+    with `counts` (None: left out and returned). Returns the end offset."""
+    for p in g.get(ss_mdef.POINTS, []):
+        size = int(p.get(ss_mdef.SIZE, 1))
+        name = prefix + p[ss_mdef.NAME]
+        points[name] = PointDef(
+            model_id=model_id, name=name, type=p[ss_mdef.TYPE], size=size, offset=offset,
+            sf=p.get(ss_mdef.SF), access=p.get(ss_mdef.ACCESS, "R"), units=p.get(ss_mdef.UNITS),
+            label=p.get(ss_mdef.LABEL), mandatory=p.get(ss_mdef.MANDATORY) == "M",
+            static=p.get(ss_mdef.STATIC) == "S",
+            symbols={s[ss_mdef.NAME]: int(s[ss_mdef.VALUE]) for s in p.get(ss_mdef.SYMBOLS, [])})
+        offset += size
+    left: list[Mapping[str, Any]] = []
+    for sub in g.get(ss_mdef.GROUPS, []):
+        count = _count(sub)
+        if count is None:
+            offset, more = _place(model_id, sub, f"{prefix}{sub[ss_mdef.NAME]}.", offset, points,
+                                  counts, room)
+            left += more
+            continue
+        if counts is None:
+            left.append(sub)
+            continue
+        if isinstance(count, str):
+            n = counts.get(count)
+            if n is None:
+                raise SunSpecError(f"model {model_id}: group {sub[ss_mdef.NAME]} counts by "
+                                   f"{count}, which the device does not implement")
+        elif count == 0:  # as many as the model's length holds (pysunspec2 does the same)
+            one = _group_len(model_id, sub)
+            n = max(0, (room - offset) // one) if one else 0
+        else:
+            n = int(count)
+        for i in range(1, n + 1):
+            offset, _ = _place(model_id, sub, f"{prefix}{sub[ss_mdef.NAME]}[{i}].", offset, points,
+                               counts, room)
+    return offset, left
+
+
+def _group_len(model_id: int, g: Mapping[str, Any]) -> int:
+    scratch: dict[str, PointDef] = {}
+    end, left = _place(model_id, g, "", 0, scratch, None, 0)
+    if left:
+        raise SunSpecError(f"model {model_id}: group {g[ss_mdef.NAME]} repeats inside a group "
+                           "counted by the model's length")
+    return end
+
+
 @cache
 def model_def(model_id: int) -> ModelDef:
     """Load a model definition from pysunspec2's bundled JSON files."""
@@ -163,26 +225,39 @@ def model_def(model_id: int) -> ModelDef:
         raise SunSpecError(f"no SunSpec model definition for model {model_id}")
     group = raw[ss_mdef.GROUP]
     points: dict[str, PointDef] = {}
-    offset = 0
-    for p in group.get(ss_mdef.POINTS, []):
-        size = int(p.get(ss_mdef.SIZE, 1))
-        points[p[ss_mdef.NAME]] = PointDef(
-            model_id=model_id,
-            name=p[ss_mdef.NAME],
-            type=p[ss_mdef.TYPE],
-            size=size,
-            offset=offset,
-            sf=p.get(ss_mdef.SF),
-            access=p.get(ss_mdef.ACCESS, "R"),
-            units=p.get(ss_mdef.UNITS),
-            label=p.get(ss_mdef.LABEL),
-            mandatory=p.get(ss_mdef.MANDATORY) == "M",
-            static=p.get(ss_mdef.STATIC) == "S",
-            symbols={s[ss_mdef.NAME]: int(s[ss_mdef.VALUE]) for s in p.get(ss_mdef.SYMBOLS, [])},
-        )
-        offset += size
-    # Fixed block length = points after ID and L; repeating groups are not counted here.
-    return ModelDef(id=model_id, name=group[ss_mdef.NAME], length=offset - 2, points=points)
+    end, left = _place(model_id, group, "", 0, points, None, 0)
+    # Fixed length = points after ID and L; repeating groups are laid out per device.
+    return ModelDef(id=model_id, name=group[ss_mdef.NAME], length=end - 2, points=points,
+                    repeating=tuple(left))
+
+
+def expand(md: ModelDef, length: int, fixed: Mapping[str, Any]) -> ModelDef:
+    """`md` with its repeating groups laid out for a device whose model is `length`
+    registers long (its `L`) and whose fixed points read `fixed` (the counts)."""
+    if not md.repeating:
+        return md
+    counts = {k: int(v) for k, v in fixed.items()
+              if isinstance(v, int) and md.points.get(k) is not None
+              and md.points[k].type in ("count", "uint16")}
+    points = dict(md.points)
+    group = {ss_mdef.NAME: md.name, ss_mdef.GROUPS: list(md.repeating)}
+    end, _ = _place(md.id, group, "", md.length + 2, points, counts, length + 2)
+    if end > length + 2:
+        raise SunSpecError(f"model {md.id}: its groups need {end - 2} registers, "
+                           f"the device says L={length}")
+    return ModelDef(md.id, md.name, end - 2, points)
+
+
+def fit(md: ModelDef, length: int, fixed: Mapping[str, Any] | None) -> ModelDef:
+    """`md` as one device has it: cut to a shorter `L` (an older revision, model 1 with
+    L=65 as pysunspec2 allows), or with its repeating groups laid out from the counts in
+    `fixed` (None: the fixed part only)."""
+    if md.length > length:
+        points = {n: p for n, p in md.points.items() if p.offset + p.size <= length + 2}
+        return ModelDef(md.id, md.name, length, points)
+    if not md.repeating or fixed is None:
+        return md
+    return expand(md, length, fixed)
 
 
 # --------------------------------------------------------------------------- point codec
@@ -218,8 +293,9 @@ def _finish(how: str, unimpl: int | float | None, value: Any) -> int | float | s
     """Unpacked value -> raw value, None where SunSpec means "not implemented"."""
     if how == "int":
         return None if value == unimpl else value
-    if how == "str":
-        return value.split(b"\0", 1)[0].decode("utf-8", errors="replace") or None
+    if how == "str":  # as pysunspec2: a leading NUL is "not implemented"; trailing NULs go
+        return None if not value or value[0] == 0 else \
+            value.decode("utf-8", errors="replace").rstrip("\0")
     if how == "float":
         return None if value != value else value  # NaN
     return None

@@ -118,7 +118,7 @@ def test_decode_model_agrees_with_pysunspec2(mid, data):
             regs += data.draw(st.lists(st.integers(0, 0xFFFF), min_size=p.size, max_size=p.size))
     ours = decode_model(md, regs)
     theirs = ss_device.Model(model_id=mid, data=b"".join(r.to_bytes(2, "big") for r in regs))
-    for name, p in md.points.items():
+    for name in md.points:
         group, _, leaf = name.rpartition(".")
         expected = (theirs.groups[group].points[leaf] if group else theirs.points[name]).cvalue
         if isinstance(expected, float):

@@ -398,6 +398,8 @@ class ModbusExceptionReply(DeviceError):
                          f"for registers {address}..{address + count - 1}")
 
 
+VENDOR_MODELS = 64000
+"""Model ids from here on are vendor-specific: walked over, never decoded."""
 GATEWAY_SILENT = (10, 11)
 """Gateway exceptions: the unit behind it did not answer (or has no path): unavailable."""
 
@@ -458,10 +460,10 @@ async def discover(link: ModbusLink, unit: int, bases: Iterable[int] = BASE_ADDR
                 length = 0
             if mid == END_MODEL_ID:
                 return base, models
-            try:
-                md: ModelDef | None = model_def(mid)
+            try:  # vendor models (64xxx) are skipped by their length, defined or not
+                md: ModelDef | None = model_def(mid) if mid < VENDOR_MODELS else None
             except SunSpecError:
-                md = None  # vendor (64xxx) or unknown: skipped by its length
+                md = None  # unknown: skipped the same way
             models.append(DiscoveredModel(mid, addr, length, md))
             addr += length + 2
         raise NotSunSpec(f"{link.endpoint} unit {unit}: no end model after 256 models at base {base}")
@@ -667,7 +669,7 @@ class SunSpecDevice(Device):
                 offset = 2 * (m.address - first)
             md = m.definition
             if md.repeating or md.length != m.length:
-                md = fit(md, m.length, ModelValues(fit(md, m.length, {}), data, offset))
+                md = fit(md, m.length, ModelValues(fit(md, m.length, None), data, offset))
                 self.models[i] = m = replace(m, definition=md)
             out[m.id] = ModelValues(md, data, offset)
         return out

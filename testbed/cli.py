@@ -104,14 +104,18 @@ def serve(
                 models = ", ".join(str(m) for m in dev.models) if dev else "(not emulated)"
                 opcua = ep.protocol == "opcua"
                 table.add_row(name, ep.kind.value, ep.prosumer, ep.protocol,
-                              f"opc.tcp://{ep.host}:{ep.port}/" if opcua else f"{ep.host}:{ep.port}",
+                              f"opc.tcp://{ep.host}:{ep.port}/" if opcua else ep.where,
                               f"Devices/{name}" if opcua else str(ep.unit), models)
             console.print(table)
-            if endpoints_json:
-                endpoints_json.write_text(json.dumps(
+            if endpoints_json:  # written whole, then renamed: a reader never sees half a file
+                partial = endpoints_json.with_name(endpoints_json.name + ".partial")
+                partial.write_text(json.dumps(
                     {n: {"kind": e.kind.value, "prosumer": e.prosumer, "host": e.host, "port": e.port,
-                         "unit": e.unit, "protocol": e.protocol, "emulated": e.emulated}
+                         "unit": e.unit, "protocol": e.protocol, "emulated": e.emulated,
+                         **({"transport": e.transport, "serial_port": e.serial_port}
+                            if e.protocol == "modbus" else {})}
                      for n, e in endpoints.items()}, indent=2))
+                partial.replace(endpoints_json)
             console.print(f"serving {len(emulators.devices)} devices; simulated clock x{cfg.emulation.speed:g} "
                           "from " + cfg.emulation.start + "; Ctrl-C to stop", highlight=False)
             if live:

@@ -36,7 +36,7 @@ from pymodbus.exceptions import (
 )
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
 
@@ -68,6 +68,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # =========================================================================== server
+
+
+@dataclass(frozen=True)
+class SerialSettings:
+    """An RS-485 port as pyserial opens it (Modbus RTU)."""
+
+    port: str
+    baudrate: int = 19200
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: int = 1
 
 
 class _StrictSimCore(SimCore):
@@ -125,24 +136,49 @@ def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
 
 
 class ModbusEmulatorServer:
-    """A Modbus TCP server on one (host, port) with emulated devices by unit id."""
+    """A Modbus server with emulated devices by unit id: Modbus TCP on (host, port), RTU
+    frames over TCP (`framer="rtu"`, as behind a serial-to-Ethernet gateway), or RTU on a
+    serial port (`serial`), so a user's CI can test an RS-485 controller."""
 
-    def __init__(self, host: str, port: int, devices: Mapping[int, EmulatedDevice]) -> None:
+    def __init__(self, host: str, port: int, devices: Mapping[int, EmulatedDevice], *,
+                 framer: str = "socket", serial: SerialSettings | None = None) -> None:
         if not devices:
             raise ValueError("a server needs at least one device")
+        if framer not in ("socket", "rtu"):
+            raise ValueError(f"framer must be 'socket' (Modbus TCP) or 'rtu', not {framer!r}")
         self.host = host
         self.requested_port = port
         self.devices = dict(devices)
+        self.framer = "rtu" if serial is not None else framer
+        self.serial = serial
         self.port: int | None = None
-        self._server: ModbusTcpServer | None = None
+        self._server: ModbusTcpServer | ModbusSerialServer | None = None
         self.silent: set[int] = set()
         """Unit ids that stop answering (gateway exception 0x0B) until removed."""
 
     async def start(self) -> int:
+        """Listen; returns the TCP port (0 on a serial port)."""
         sims = [sim_device(unit, dev) for unit, dev in sorted(self.devices.items())]
-        server = ModbusTcpServer(sims, address=(self.host, self.requested_port))
+        server: ModbusTcpServer | ModbusSerialServer
+        if self.serial is not None:
+            s = self.serial
+            server = ModbusSerialServer(sims, framer=FramerType.RTU, port=s.port, baudrate=s.baudrate,
+                                        bytesize=s.bytesize, parity=s.parity, stopbits=s.stopbits)
+        else:
+            framer = FramerType.RTU if self.framer == "rtu" else FramerType.SOCKET
+            server = ModbusTcpServer(sims, framer=framer, address=(self.host, self.requested_port))
         server.context.__class__ = _StrictSimCore
         server.context.silent = self.silent
+        if self.serial is not None:
+            try:
+                await server.serve_forever(background=True)
+            except RuntimeError as exc:
+                raise OSError(f"cannot open serial port {self.serial.port}: {exc}") from None
+            if server.transport is None:
+                raise OSError(f"cannot open serial port {self.serial.port}")
+            self.port = 0
+            self._server = server
+            return 0
         try:
             await server.serve_forever(background=True)
         except RuntimeError:  # pymodbus hides the OS error: find it by binding ourselves
@@ -177,17 +213,6 @@ class ModbusEmulatorServer:
 _pymodbus_log = logging.getLogger("pymodbus")
 _pymodbus_log.propagate = False  # its errors carry raw frames; never on the user's console
 _pymodbus_log.addHandler(logging.NullHandler())
-
-
-@dataclass(frozen=True)
-class SerialSettings:
-    """An RS-485 port as pyserial opens it (Modbus RTU)."""
-
-    port: str
-    baudrate: int = 19200
-    bytesize: int = 8
-    parity: str = "N"
-    stopbits: int = 1
 
 
 class ModbusLink:

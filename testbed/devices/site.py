@@ -36,12 +36,25 @@ class Endpoint:
     unit: int | None
     """Modbus unit id; None for OPC UA (the device is Objects/Devices/<name>)."""
     emulated: bool
+    transport: str = "tcp"
+    """Modbus: tcp, rtu-over-tcp, or rtu (on `serial_port`)."""
+    serial_port: str | None = None
 
     @property
     def address(self) -> str:
         if self.protocol == "opcua":
             return f"opc.tcp://{self.host}:{self.port}/ Devices/{self.name}"
-        return f"{self.protocol}://{self.host}:{self.port}/{self.unit}"
+        if self.serial_port is not None:
+            return f"rtu://{self.serial_port}/{self.unit}"
+        scheme = "rtu+tcp" if self.transport == "rtu-over-tcp" else self.protocol
+        return f"{scheme}://{self.host}:{self.port}/{self.unit}"
+
+    @property
+    def where(self) -> str:
+        """host:port, with the framing when it is not plain Modbus TCP; or the serial port."""
+        if self.serial_port is not None:
+            return f"{self.serial_port} (RTU)"
+        return f"{self.host}:{self.port}" + (" (RTU over TCP)" if self.transport == "rtu-over-tcp" else "")
 
 
 class SiteEmulators:
@@ -73,16 +86,18 @@ class SiteEmulators:
     async def start(self, *, clock: bool = True) -> dict[str, Endpoint]:
         """Start the servers (and the real-time physics clock unless `clock=False`)."""
         # One server per (protocol, host, port); Modbus devices by unit id, OPC UA by name.
-        groups: dict[tuple[str, str, str | int], dict[int | str, tuple[str, EmulatedDevice]]] = {}
+        groups: dict[tuple[str, str, str, str | int], dict[int | str, tuple[str, EmulatedDevice]]] = {}
         configs = {}
         for p, d in self.site.devices():
+            serial_port = d.serial.port if d.serial is not None else None
             if not d.emulated:
                 self.endpoints[d.name] = Endpoint(d.name, d.kind, p.name, d.protocol, d.host,
-                                                  d.port, d.unit, False)
+                                                  d.port, d.unit, False, d.transport, serial_port)
                 continue
             dev = self.physics.add_device(d.name, d.kind.value, p.name)
             host = self.host_override or d.host
-            key = (d.protocol, host, d.port if d.port else f"auto:{p.name}")
+            where: str | int = serial_port or (d.port if d.port else f"auto:{p.name}")
+            key = (d.protocol, d.transport, host, where)
             members = groups.setdefault(key, {})
             slot: int | str = d.name if d.protocol == "opcua" else (d.unit or 1)
             if slot in members:
@@ -92,13 +107,16 @@ class SiteEmulators:
         self.physics.step(0.0)  # settle: readings are meaningful from the first request
         security = OpcUaSecurity.from_config(self.site.opcua)
         try:
-            for (protocol, host, port), members in groups.items():
+            for (protocol, transport, host, port), members in groups.items():
                 want = 0 if self.free_ports or isinstance(port, str) else int(port)
                 server: ModbusEmulatorServer | OpcUaEmulatorServer
+                d0 = configs[next(iter(members.values()))[0]][1]
                 if protocol == "opcua":
                     server = OpcUaEmulatorServer(host, want, {n: dev for n, dev in members.values()}, security)
                 else:
-                    server = ModbusEmulatorServer(host, want, {u: dev for u, (_, dev) in members.items()})  # type: ignore[misc]
+                    server = ModbusEmulatorServer(
+                        host, want, {u: dev for u, (_, dev) in members.items()},  # type: ignore[misc]
+                        framer="socket" if transport == "tcp" else "rtu", serial=serial_settings(d0))
                 try:
                     actual = await server.start()
                 except OSError as exc:
@@ -106,8 +124,10 @@ class SiteEmulators:
                 self.servers.append(server)
                 for slot, (name, _) in members.items():
                     p, d = configs[name]
-                    self.endpoints[name] = Endpoint(name, d.kind, p.name, d.protocol, host, actual,
-                                                    slot if isinstance(slot, int) else None, True)
+                    self.endpoints[name] = Endpoint(
+                        name, d.kind, p.name, d.protocol, host, actual if d.serial is None else d.port,
+                        slot if isinstance(slot, int) else None, True, d.transport,
+                        d.serial.port if d.serial is not None else None)
         except BaseException:
             await self.stop()
             raise
@@ -173,6 +193,14 @@ class SiteEmulators:
         await self.stop()
 
 
+def serial_settings(d: Any) -> SerialSettings | None:
+    """A site-file device's serial port settings, for the driver and the emulator."""
+    if d.serial is None:
+        return None
+    s = d.serial
+    return SerialSettings(s.port, s.baudrate, s.bytesize, s.parity, s.stopbits)
+
+
 def modbus_link_key(d: Any) -> tuple[Any, ...]:
     """Devices with the same key share one Modbus link (a gateway, a serial bus)."""
     if d.serial is not None:
@@ -200,11 +228,9 @@ def open_devices(site: SiteConfig, names: list[str] | None = None) -> dict[str, 
         key = modbus_link_key(d)
         link = links.get(key)
         if link is None:
-            serial = None if d.serial is None else SerialSettings(
-                d.serial.port, d.serial.baudrate, d.serial.bytesize, d.serial.parity, d.serial.stopbits)
             link = links[key] = ModbusLink(d.host, d.port, timeout_s=d.timeout_s,
                                            framer="rtu" if d.transport != "tcp" else "socket",
-                                           serial=serial)
+                                           serial=serial_settings(d))
         link.min_gap_s = max(link.min_gap_s, d.min_gap_s)
         out[d.name] = SunSpecDevice(d.name, link, d.unit or 1, d.kind, timeout_s=d.timeout_s,
                                     retries=d.retries, prefer=d.sunspec_models)

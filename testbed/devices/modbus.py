@@ -35,7 +35,7 @@ from pymodbus.exceptions import (
     NoSuchIdException,
 )
 from pymodbus.framer import FramerType
-from pymodbus.pdu import ExceptionResponse
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
@@ -97,6 +97,44 @@ class _StrictSimCore(SimCore):
         if device_id not in self.devices or device_id in self.silent:
             raise NoSuchIdException(f"unit {device_id}")
         return await super().async_setValues(device_id, func_code, address, values)
+
+
+class _Refusal(ModbusPDU):
+    """A request the server answers with an exception without touching the data store."""
+
+    def __init__(self, function_code: int, code: ExcCodes) -> None:
+        super().__init__()
+        self.function_code, self.code = function_code, code
+
+    def encode(self) -> bytes:
+        return b""
+
+    def decode(self, data: bytes) -> None:
+        pass
+
+    async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
+        return ExceptionResponse(self.function_code, self.code)
+
+
+_MAX_QUANTITY = {3: 125, 4: 125, 16: 123, 23: 125}
+"""Registers per request as the Modbus specification allows (FC23: the read part)."""
+
+
+class _StrictDecoder(DecodePDU):
+    """Request decoding as the Modbus specification says, where pymodbus 3.16 answers a
+    malformed request with a wrong function code or not at all: an unknown function code
+    is exception 01, a quantity of 0 or above the maximum exception 03."""
+
+    def decode(self, frame: bytes) -> ModbusPDU | None:
+        fc = frame[0] if frame else 0
+        if fc < 0x80:
+            if fc not in self.pdu_table:
+                return _Refusal(fc, ExcCodes.ILLEGAL_FUNCTION)
+            if fc in _MAX_QUANTITY and len(frame) >= 5:
+                (count,) = struct.unpack_from(">H", frame, 3)
+                if not 1 <= count <= _MAX_QUANTITY[fc]:
+                    return _Refusal(fc, ExcCodes.ILLEGAL_VALUE)
+        return super().decode(frame)
 
 
 def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
@@ -169,6 +207,7 @@ class ModbusEmulatorServer:
             server = ModbusTcpServer(sims, framer=framer, address=(self.host, self.requested_port))
         server.context.__class__ = _StrictSimCore
         server.context.silent = self.silent
+        server.decoder.__class__ = _StrictDecoder
         if self.serial is not None:
             try:
                 await server.serve_forever(background=True)

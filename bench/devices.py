@@ -45,6 +45,15 @@ What is measured (all in one run, against the same server)
        Reported: the largest N with every round on time (target >= 1000). Round duration
        is measured from the tick to the last read's completion.
 
+    3. A fleet behind a faulty link (Modbus only). `--fault-devices` devices are reached
+       through one `FaultProxy` per port (testbed.devices.faults, in the poller process),
+       which drops the connection on every `--drop-every`-th request (default 10), and
+       polled at 1 Hz for `--fault-rounds` rounds with the driver's defaults (retries=1).
+       Reported: the share of polls that succeeded (overall and the worst device), how many
+       devices would be declared faulted (FAULT_AFTER consecutive failed reads, as the run
+       engine does), requests per poll, drops, late rounds. Target: >= 90 % per device,
+       none faulted.
+
 Output: tables (rich) and, as the last line on stdout, one JSON object with all figures
 (also written to `--json PATH`). `--check` exits 1 when a target is missed.
 """
@@ -82,6 +91,7 @@ from rich.table import Table
 
 from testbed.devices.driver import MEASUREMENTS, DeviceError
 from testbed.devices.emulator import EmulatedDevice, EmulatedSite, prosumer_params
+from testbed.devices.faults import FaultProxy
 from testbed.devices.modbus import ModbusEmulatorServer, ModbusLink, SunSpecDevice
 from testbed.devices.opcua import POLICIES as OPCUA_POLICIES
 from testbed.devices.opcua import (
@@ -92,6 +102,7 @@ from testbed.devices.opcua import (
     make_certificates,
 )
 from testbed.physics.models import BatteryParams, LoadParams, MeterParams, PVParams
+from testbed.scenarios.engine import FAULT_AFTER
 
 HOST = "127.0.0.1"
 UNITS_PER_PORT = 240
@@ -100,6 +111,8 @@ KINDS = ("pv", "battery", "meter")
 """Device kinds in hosting order, so every port and every subset carries an even mix."""
 TARGET_DEVICES = 1000
 TARGET_RATIO = 0.8
+TARGET_FAULTY_SHARE = 0.9
+"""Share of 1 Hz polls that must succeed for each device behind a link dropping every 10th request."""
 PERIOD_S = 1.0
 
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -636,6 +649,71 @@ async def saturation(groups: list[list[Any]], seconds: float, reps: int,
                 c.close()
 
 
+# --------------------------------------------------------------------------- faulty link
+
+
+async def faulty_fleet(server: ServerInfo, n: int, rounds: int, drop_every: int) -> dict[str, Any]:
+    """N devices polled at 1 Hz through proxies that drop every `drop_every`-th request."""
+    selection = select(server.hosted, n)
+    proxies = [FaultProxy(HOST, group[0].port, drop_every=drop_every) for group in selection]
+    for proxy in proxies:
+        await proxy.start()
+    poller = Poller()
+    groups: list[list[SunSpecDevice]] = []
+    try:
+        for proxy, group in zip(proxies, selection, strict=True):
+            assert proxy.port is not None
+            link = poller.links.setdefault(proxy.port, ModbusLink(HOST, proxy.port, timeout_s=1.0))
+            groups.append([SunSpecDevice(f"{h.kind}-{h.port}-{h.unit}", link, h.unit) for h in group])
+        t0 = time.perf_counter()
+        for g in groups:  # discovery through the faults too; a failed one retries on poll
+            for dev in g:
+                with contextlib.suppress(DeviceError):
+                    await dev.connect()
+        discovery_s = time.perf_counter() - t0
+        outcomes: dict[str, list[bool]] = {d.name: [] for g in groups for d in g}
+
+        async def sweep(devices: list[SunSpecDevice]) -> None:
+            for dev in devices:
+                try:
+                    await dev.read()
+                    outcomes[dev.name].append(True)
+                except DeviceError:
+                    outcomes[dev.name].append(False)
+
+        loop = asyncio.get_running_loop()
+        requests0 = sum(p.requests for p in proxies)
+        start, late = loop.time() + 0.05, 0
+        for k in range(rounds):
+            tick = start + k * PERIOD_S
+            if (delay := tick - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            await asyncio.gather(*(sweep(g) for g in groups))
+            late += loop.time() > tick + PERIOD_S
+        requests = sum(p.requests for p in proxies) - requests0
+    finally:
+        await poller.close()
+        for proxy in proxies:
+            await proxy.stop()
+
+    def longest_failure_run(oks: list[bool]) -> int:
+        run = best = 0
+        for ok in oks:
+            run = 0 if ok else run + 1
+            best = max(best, run)
+        return best
+
+    shares = [sum(o) / len(o) for o in outcomes.values()]
+    polls = sum(len(o) for o in outcomes.values())
+    faulted = sum(longest_failure_run(o) >= FAULT_AFTER for o in outcomes.values())
+    return {"devices": n, "links": len(groups), "rounds": rounds, "drop_every": drop_every,
+            "success_share": round(sum(sum(o) for o in outcomes.values()) / polls, 4),
+            "worst_device_share": round(min(shares), 4), "faulted_devices": faulted,
+            "late_rounds": late, "requests_per_poll": round(requests / polls, 3),
+            "drops": sum(p.drops for p in proxies), "discovery_s": round(discovery_s, 2),
+            "meets_target": min(shares) >= TARGET_FAULTY_SHARE and faulted == 0}
+
+
 # =========================================================================== main
 
 
@@ -649,6 +727,9 @@ class Settings:
     sat_seconds: float
     sat_reps: int
     protocol: str = "modbus"
+    fault_devices: int = 0
+    fault_rounds: int = 0
+    drop_every: int = 10
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -657,13 +738,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_devices = args.max_devices or (60 if opcua else 120)
         steps = sorted({n for n in (30, 60) if n < max_devices} | {max_devices})
         return Settings(max_devices, args.rounds or 3, steps, 0, min(60, max_devices),
-                        args.sat_seconds or 0.5, args.sat_reps or 1, args.protocol)
+                        args.sat_seconds or 0.5, args.sat_reps or 1, args.protocol,
+                        min(args.fault_devices or 60, max_devices), args.fault_rounds or 10,
+                        args.drop_every)
     max_devices = args.max_devices or (2000 if opcua else 8000)
     steps = (sorted({n for n in (100, 250, 500, 750, 1000, 1500) if n < max_devices} | {max_devices})
              if opcua else capacity_steps(max_devices))
     return Settings(max_devices, args.rounds or 8, steps, args.refine,
                     min(args.sat_devices, max_devices), args.sat_seconds or 2.0,
-                    args.sat_reps or 3, args.protocol)
+                    args.sat_reps or 3, args.protocol,
+                    min(args.fault_devices or 1000, max_devices), args.fault_rounds or 30,
+                    args.drop_every)
 
 
 def poll_table(results: list[PollResult], rounds: int) -> Table:
@@ -747,6 +832,18 @@ async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
             results = await capacity_search(poller, server, s.steps, s.rounds, s.refine, report)
         finally:
             await poller.close()
+        faulty = None
+        if s.protocol == "modbus" and s.fault_devices and s.drop_every:
+            console.print(f"1 Hz polls of {s.fault_devices} devices through links dropping every "
+                          f"{s.drop_every}th request, {s.fault_rounds} rounds:")
+            faulty = await faulty_fleet(server, s.fault_devices, s.fault_rounds, s.drop_every)
+            mark = "[green]meets[/]" if faulty["meets_target"] else "[red]misses[/]"
+            console.print(
+                f"  {faulty['success_share']:.1%} of polls succeeded (worst device "
+                f"{faulty['worst_device_share']:.1%}), {faulty['faulted_devices']} devices faulted, "
+                f"{faulty['drops']} drops, {faulty['requests_per_poll']:.2f} requests per poll, "
+                f"{faulty['late_rounds']} late rounds -> {mark} >= {TARGET_FAULTY_SHARE:.0%} per "
+                "device, none faulted")
     console.print(poll_table(results, s.rounds))
 
     largest = max((r.n for r in results if r.on_time), default=0)
@@ -770,6 +867,7 @@ async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
                        "ours": sat.ours.summary(), "bare": sat.bare.summary()},
         "poll": [r.summary() for r in sorted(results, key=lambda r: r.n)],
         "requests_per_device_read": round(reqs_per_dev, 3),
+        "faulty_link": faulty,
         **({"values_per_read": round(values_per_req, 2),
             "ours_values_per_s": round(sat.ours.median_rps * values_per_req, 1),
             "bare_values_per_s": round(sat.bare.median_rps * values_per_req, 1)}
@@ -812,7 +910,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds per saturation measurement (default 2; quick: 0.5)")
     ap.add_argument("--sat-reps", type=int, default=None,
                     help="saturation measurements per side (default 3; quick: 1)")
-    ap.add_argument("--quick", action="store_true", help="small smoke run (< 30 s)")
+    ap.add_argument("--fault-devices", type=int, default=None,
+                    help="devices polled behind the fault-injecting proxy (default 1000; quick: 60)")
+    ap.add_argument("--fault-rounds", type=int, default=None,
+                    help="1 Hz rounds behind the proxy (default 30; quick: 10)")
+    ap.add_argument("--drop-every", type=int, default=10,
+                    help="the proxy drops the connection on every Nth request (0: skip; default 10)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (< 60 s)")
     ap.add_argument("--protocol", choices=("modbus", "opcua"), default="modbus",
                     help="serve and poll over Modbus/SunSpec (default) or secure OPC UA")
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")

@@ -200,7 +200,8 @@ async def test_a_silent_base_address_is_not_a_failure():
 
 async def test_connection_refused_is_a_clear_error():
     link = ModbusLink("127.0.0.1", 1, timeout_s=0.5)
-    with pytest.raises(DeviceUnavailable, match=r"127.0.0.1:1: cannot connect"):
+    with pytest.raises(DeviceUnavailable, match=r"^gone \(127.0.0.1:1 unit 1\): cannot connect "
+                                                 r"\(connection refused\)$"):
         await SunSpecDevice("gone", link, 1, "meter").connect()
 
 

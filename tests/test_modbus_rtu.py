@@ -130,3 +130,22 @@ def test_rtu_site_fields_are_checked():
     d = site.prosumers[0].devices[0]
     assert d.serial is not None and d.serial.baudrate == 38400 and d.serial.parity == "E"
     assert d.address == "/dev/ttyUSB0 unit 1"
+
+
+async def test_serial_port_errors_say_what_is_wrong():
+    from testbed.devices.driver import DeviceUnavailable
+    from testbed.devices.modbus import ModbusLink, SerialSettings, SunSpecDevice
+
+    gone = SunSpecDevice("inv", ModbusLink("", 0, serial=SerialSettings("/dev/ttyNOPE9")), 1, "pv")
+    with pytest.raises(DeviceUnavailable, match=r"^inv \(/dev/ttyNOPE9 unit 1\): cannot connect "
+                                                r"\(cannot open the serial port: .*No such file"):
+        await gone.read()
+    master, slave = os.openpty()  # a pseudo-terminal takes no parity bit: as a USB adapter might not
+    try:
+        picky = SunSpecDevice("inv", ModbusLink("", 0, serial=SerialSettings(
+            os.ttyname(slave), parity="E")), 1, "pv")
+        with pytest.raises(DeviceUnavailable, match=r"refused baudrate/parity/stopbits/bytesize"):
+            await picky.read()
+    finally:
+        os.close(master)
+        os.close(slave)

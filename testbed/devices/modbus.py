@@ -254,6 +254,20 @@ _pymodbus_log.propagate = False  # its errors carry raw frames; never on the use
 _pymodbus_log.addHandler(logging.NullHandler())
 
 
+def _serial_reason(s: SerialSettings) -> str:
+    """Why a serial port did not open (pymodbus only says it did not): open it ourselves."""
+    try:
+        import serial  # pyserial, installed with pymodbus[serial]
+    except ImportError:
+        return "pyserial is not installed (pip install 'pymodbus[serial]')"
+    try:
+        serial.serial_for_url(s.port, baudrate=s.baudrate, bytesize=s.bytesize, parity=s.parity,
+                              stopbits=s.stopbits).close()
+    except (serial.SerialException, ValueError, OSError) as exc:
+        return f"cannot open the serial port: {exc}"
+    return "cannot open the serial port"
+
+
 class ModbusLink:
     """One connection to an endpoint (TCP host:port, RTU over TCP, or a serial port), shared
     by the unit ids behind it, as with a gateway or an RS-485 bus.
@@ -346,10 +360,14 @@ class ModbusLink:
             ok = await asyncio.wait_for(client.connect(), self.timeout_s + 0.5)
         except (TimeoutError, OSError) as exc:
             ok, self.last_error = False, str(exc) or type(exc).__name__
+        except Exception as exc:  # termios.error and the like: a port refusing its settings
+            ok, self.last_error = False, (
+                f"the serial port refused baudrate/parity/stopbits/bytesize ({exc})"
+                if self.serial else f"{type(exc).__name__}: {exc}")
         if not ok:
             client.close()
             self.last_error = self.last_error or (
-                "cannot open the serial port" if self.serial else "connection refused")
+                _serial_reason(self.serial) if self.serial else "connection refused")
             self._fail()
             raise DeviceUnavailable(f"{self.endpoint}: cannot connect ({self.last_error})")
         self._client = client
@@ -658,10 +676,13 @@ class SunSpecDevice(Device):
         """The same kind of error, its message prefixed with this device's name and endpoint."""
         if str(exc).startswith(f"{self.name} ("):
             return exc
+        msg = str(exc)
+        for where in (f"{self.endpoint}: ", f"{self.link.endpoint}: "):
+            msg = msg.removeprefix(where)  # the prefix names it already
         if isinstance(exc, GatewayTargetSilent):
-            return DeviceUnavailable(self._err(exc))
+            return DeviceUnavailable(self._err(msg))
         cls = DeviceError if isinstance(exc, ModbusExceptionReply) else type(exc)
-        return cls(self._err(exc))
+        return cls(self._err(msg))
 
     async def connect(self) -> None:
         await self._retrying(self._discover)

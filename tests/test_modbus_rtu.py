@@ -149,3 +149,40 @@ async def test_serial_port_errors_say_what_is_wrong():
     finally:
         os.close(master)
         os.close(slave)
+
+
+async def test_a_silenced_rtu_unit_fails_alone():
+    """Fault injection works on RTU-served emulators too: one unit silent, the others answer."""
+    site = rtu_site("rtu-over-tcp")
+    em = SiteEmulators(site, free_ports=True)
+    await em.start(clock=False)
+    try:
+        em.physics.step(1.0)
+        devs = open_devices(em.resolved_site())
+        for d in devs.values():
+            await d.connect()
+        em.silence("bat")
+        from testbed.devices.driver import DeviceUnavailable
+        with pytest.raises(DeviceUnavailable, match=r"bat .*exception 11"):
+            await devs["bat"].read()
+        assert (await devs["meter"].read()).values["p_w"] is not None
+        em.silence("bat", False)
+        assert (await devs["bat"].read()).values["soc_pct"] is not None
+        await devs["pv"].close()
+    finally:
+        await em.stop()
+
+
+def test_bad_serial_settings_name_the_field(tmp_path):
+    from testbed.config import ConfigError, load_site
+    f = tmp_path / "lab.yaml"
+    f.write_text("""\
+name: lab
+prosumers:
+  - name: p
+    devices:
+      - {name: m, kind: meter, emulated: false, transport: rtu, unit: 2,
+         serial: {port: /dev/ttyUSB0, parity: X}}
+""")
+    with pytest.raises(ConfigError, match=r"lab.yaml:6: prosumers\[0\].devices\[0\].serial.parity"):
+        load_site(f)

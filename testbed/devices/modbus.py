@@ -297,7 +297,7 @@ class ModbusLink:
         self._lock: asyncio.Lock | None = None
         self._last_done = 0.0
         self.generation = 0
-        """Bumped on every new connection, so devices re-check their map."""
+        """Bumped on every new connection (reconnects, for figures and tests)."""
         self.last_error: str | None = None
         self.requests = 0
         self.failures = 0

@@ -141,7 +141,11 @@ class SiteEmulators:
         if ep is None or not ep.emulated:
             raise ValueError(f"{device!r} is not an emulated device of this site")
         for server in self.servers:
-            if getattr(server, "port", None) == ep.port and getattr(server, "host", ep.host) \
+            serial = getattr(server, "serial", None)
+            if ep.serial_port is not None:
+                if serial is not None and serial.port == ep.serial_port:
+                    return server
+            elif getattr(server, "port", None) == ep.port and getattr(server, "host", ep.host) \
                     == ep.host:
                 return server
         raise ValueError(f"no running server for {device!r}")
@@ -162,7 +166,8 @@ class SiteEmulators:
     async def online(self, device: str) -> None:
         """Serve `device` again on the same port after `offline`."""
         server = self._server_of(device)
-        server.requested_port = self.endpoints[device].port
+        if self.endpoints[device].serial_port is None:
+            server.requested_port = self.endpoints[device].port
         await server.start()
 
     def resolved_site(self) -> SiteConfig:

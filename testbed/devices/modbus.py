@@ -268,6 +268,11 @@ def _serial_reason(s: SerialSettings) -> str:
     return "cannot open the serial port"
 
 
+RTU_QUIET_S = 0.5
+"""After an RTU timeout the link stays quiet this long (at most the timeout): RTU frames
+carry no transaction id, so a late answer must not be taken for the next request's."""
+
+
 class ModbusLink:
     """One connection to an endpoint (TCP host:port, RTU over TCP, or a serial port), shared
     by the unit ids behind it, as with a gateway or an RS-485 bus.
@@ -296,6 +301,7 @@ class ModbusLink:
         self._retry_at = 0.0
         self._lock: asyncio.Lock | None = None
         self._last_done = 0.0
+        self._quiet_until = 0.0
         self.generation = 0
         """Bumped on every new connection (reconnects, for figures and tests)."""
         self.last_error: str | None = None
@@ -404,7 +410,7 @@ class ModbusLink:
         for attempt in range(retries + 1):
             async with self._pacer():
                 client = await self.ensure()
-                wait = self._last_done + self.min_gap_s - time.monotonic()
+                wait = max(self._last_done + self.min_gap_s, self._quiet_until) - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
                 client.comm_params.timeout_connect = timeout
@@ -445,6 +451,8 @@ class ModbusLink:
         """A request without an answer: a timeout on a live connection leaves it open (one
         unit may be silent while others answer); a lost connection is dropped."""
         if isinstance(exc, ModbusIOException) and client.connected:
+            if self.framer == "rtu":  # no transaction ids: let a late answer pass unread
+                self._quiet_until = time.monotonic() + min(timeout, RTU_QUIET_S)
             return RequestTimeout(
                 f"{self.endpoint} unit {unit}: timeout, no response within {timeout:g} s"
                 f" ({hint or 'raise timeout_s in the site file'})")

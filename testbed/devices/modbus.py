@@ -318,6 +318,11 @@ class ModbusLink:
     def connected(self) -> bool:
         return self._client is not None and self._client.connected
 
+    @property
+    def backing_off(self) -> bool:
+        """Not connected, and the next connect attempt not yet due: requests fail fast."""
+        return not self.connected and time.monotonic() < self._retry_at
+
     def _usable(self) -> bool:
         """Connected, and under the running event loop (not a previous asyncio.run's)."""
         client = self._client
@@ -409,10 +414,12 @@ class ModbusLink:
         count = arg if isinstance(arg, int) else len(arg)
         for attempt in range(retries + 1):
             async with self._pacer():
-                client = await self.ensure()
-                wait = max(self._last_done + self.min_gap_s, self._quiet_until) - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                client = self._client if self._usable() else await self.ensure()
+                assert client is not None
+                if self.min_gap_s or self._quiet_until:
+                    wait = max(self._last_done + self.min_gap_s, self._quiet_until) - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 client.comm_params.timeout_connect = timeout
                 self.requests += 1
                 try:
@@ -676,9 +683,15 @@ class SunSpecDevice(Device):
 
     @property
     def _kw(self) -> dict[str, Any]:
-        """Per-request settings of this device, and where to change them."""
-        return {"timeout_s": self.timeout_s, "retries": 0,
-                "hint": f"raise timeout_s of device {self.name!r} in the site file"}
+        """Per-request settings of this device, and where to change them (built once per
+        timeout value: this is on every request's path)."""
+        kw = self._kw_cache
+        if kw is None or kw["timeout_s"] != self.timeout_s:
+            kw = self._kw_cache = {"timeout_s": self.timeout_s, "retries": 0,
+                                   "hint": f"raise timeout_s of device {self.name!r} in the site file"}
+        return kw
+
+    _kw_cache: dict[str, Any] | None = None
 
     def _named(self, exc: DeviceError) -> DeviceError:
         """The same kind of error, its message prefixed with this device's name and endpoint."""
@@ -702,8 +715,7 @@ class SunSpecDevice(Device):
             try:
                 return await fn()
             except DeviceUnavailable as exc:
-                if attempt == self.retries or (not self.link.connected
-                                                and time.monotonic() < self.link._retry_at):
+                if attempt == self.retries or self.link.backing_off:
                     raise self._named(exc) from exc
             except DeviceError as exc:
                 raise self._named(exc) from exc
@@ -762,6 +774,18 @@ class SunSpecDevice(Device):
 
     async def read_models(self) -> dict[int, ModelValues]:
         """Every dynamic model this device's kind uses, decoded with scale factors."""
+        if self.models:  # the usual poll, without the retry machinery around it
+            try:
+                self.last = await self._read_models(self._reads, self._wanted)
+                return self.last
+            except MapChanged:
+                pass
+            except DeviceUnavailable as exc:
+                if not self.retries or self.link.backing_off:
+                    raise self._named(exc) from exc
+            except DeviceError as exc:
+                raise self._named(exc) from exc
+
         async def once() -> dict[int, ModelValues]:
             if not self.models:
                 await self._discover()
@@ -905,9 +929,14 @@ def _first(models: Mapping[int, Mapping[str, Any]], ids: Iterable[int]) -> Mappi
     return {}
 
 
-def _pick(*values: Any) -> Any:
-    """The first implemented value."""
-    return next((v for v in values if v is not None), None)
+def _pick(*sources: tuple[Mapping[str, Any], str]) -> Any:
+    """The first implemented value among (model values, point) pairs, decoded lazily: a
+    fallback is decoded only when what precedes it is missing."""
+    for values, point in sources:
+        v = values.get(point)
+        if v is not None:
+            return v
+    return None
 
 
 INV_STATES = {1: "OFF", 2: "SLEEPING", 3: "STARTING", 4: "MPPT", 5: "THROTTLED",
@@ -921,7 +950,7 @@ def _ac(models: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """AC measurements from 701 when read, else from the legacy inverter model."""
     d = models.get(701)
     if d is not None:
-        return {"p_w": d.get("W"), "q_var": d.get("Var"), "voltage_v": _pick(d.get("LNV"), d.get("VL1")),
+        return {"p_w": d.get("W"), "q_var": d.get("Var"), "voltage_v": _pick((d, "LNV"), (d, "VL1")),
                 "frequency_hz": d.get("Hz"), "energy_wh": d.get("TotWhInj"),
                 "temperature_c": d.get("TmpCab"), "current_a": d.get("A"),
                 "state": DER_STATES.get(d.get("InvSt"), d.get("InvSt")), "events": d.get("Alrm")}
@@ -943,7 +972,7 @@ def _pv_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> tuple[
         "p_w": ac["p_w"], "q_var": ac["q_var"], "dc_w": ac.get("dc_w"),
         "energy_wh": ac["energy_wh"], "voltage_v": ac["voltage_v"],
         "frequency_hz": ac["frequency_hz"], "limit_pct": limit, "limit_enabled": enabled,
-        "rating_w": _pick(static.get(702, {}).get("WMaxRtg"), static.get(120, {}).get("WRtg")),
+        "rating_w": _pick((static.get(702, {}), "WMaxRtg"), (static.get(120, {}), "WRtg")),
         "temperature_c": ac["temperature_c"],
     }
     return values, {"state": ac["state"], "events": ac["events"]}
@@ -954,10 +983,10 @@ def _ratings(models: Mapping[int, Mapping[str, Any]],
     """(max charge W, max discharge W) from 802, 124, 702, 120 or 121, first stated wins."""
     b, s = models.get(802, {}), models.get(124, {})
     r702, r120, r121 = static.get(702, {}), static.get(120, {}), static.get(121, {})
-    ch = _pick(s.get("WChaMax"), b.get("WChaRteMax"), r702.get("WChaRteMax"),
-               r702.get("WChaRteMaxRtg"), r120.get("MaxChaRte"))
-    dis = _pick(b.get("WDisChaRteMax"), r702.get("WDisChaRteMax"), r702.get("WDisChaRteMaxRtg"),
-                r120.get("MaxDisChaRte"), r121.get("WMax"), r702.get("WMaxRtg"), r120.get("WRtg"))
+    ch = _pick((s, "WChaMax"), (b, "WChaRteMax"), (r702, "WChaRteMax"), (r702, "WChaRteMaxRtg"),
+               (r120, "MaxChaRte"))
+    dis = _pick((b, "WDisChaRteMax"), (r702, "WDisChaRteMax"), (r702, "WDisChaRteMaxRtg"),
+                (r120, "MaxDisChaRte"), (r121, "WMax"), (r702, "WMaxRtg"), (r120, "WRtg"))
     return ch, dis
 
 
@@ -966,13 +995,13 @@ def _battery_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> t
     ac = _ac(models) if not b else {}
     max_ch, max_dis = _ratings(models, static)
     values = {
-        "p_w": _pick(b.get("W"), ac.get("p_w")), "setpoint_w": _setpoint(models, max_ch, max_dis),
-        "soc_pct": _pick(b.get("SoC"), st.get("SoC"), s.get("ChaState")),
-        "capacity_wh": _pick(b.get("WHRtg"), st.get("WHRtg"), static.get(120, {}).get("WHRtg")),
+        "p_w": _pick((b, "W"), (ac, "p_w")), "setpoint_w": _setpoint(models, max_ch, max_dis),
+        "soc_pct": _pick((b, "SoC"), (st, "SoC"), (s, "ChaState")),
+        "capacity_wh": _pick((b, "WHRtg"), (st, "WHRtg"), (static.get(120, {}), "WHRtg")),
         "max_charge_w": max_ch, "max_discharge_w": max_dis,
-        "soc_min_pct": _pick(b.get("SoCMin"), s.get("MinRsvPct")), "soc_max_pct": b.get("SoCMax"),
-        "voltage_v": _pick(b.get("V"), ac.get("voltage_v")),
-        "current_a": _pick(b.get("A"), ac.get("current_a")),
+        "soc_min_pct": _pick((b, "SoCMin"), (s, "MinRsvPct")), "soc_max_pct": b.get("SoCMax"),
+        "voltage_v": _pick((b, "V"), (ac, "voltage_v")),
+        "current_a": _pick((b, "A"), (ac, "current_a")),
     }
     evt = int(b.get("Evt1") or 0)
     clamps = [name for name, bit in (("charge_rate", 6), ("discharge_rate", 8),
@@ -980,7 +1009,7 @@ def _battery_values(models: Mapping[int, dict], static: Mapping[int, dict]) -> t
     states = {1: "DISCONNECTED", 2: "INITIALIZING", 3: "CONNECTED", 4: "STANDBY",
               5: "SOC PROTECTION", 6: "SUSPENDING", 99: "FAULT"}
     cha = {1: "OFF", 2: "EMPTY", 3: "DISCHARGING", 4: "CHARGING", 5: "FULL", 6: "HOLDING", 7: "TESTING"}
-    cha_st = _pick(b.get("ChaSt"), s.get("ChaSt"))
+    cha_st = _pick((b, "ChaSt"), (s, "ChaSt"))
     return values, {
         "state": states.get(b.get("State"), b.get("State")) if b else ac.get("state"),
         "charge_status": cha.get(cha_st, cha_st),

@@ -20,6 +20,7 @@ from rich.table import Table
 from . import __version__
 from .config import ConfigError, SiteConfig, load_site
 from .devices.driver import SETPOINTS, DeviceError, DeviceKind, Reading
+from .devices.modbus import SerialSettings
 from .devices.modbus import scan as sunspec_scan
 from .devices.site import SiteEmulators, open_devices
 
@@ -166,15 +167,29 @@ def _parse_hostport(target: str, default_port: int = 502) -> tuple[str, int]:
 
 @devices_app.command("scan")
 def scan(
-    target: Annotated[str, typer.Argument(help="HOST[:PORT] (port defaults to 502).")],
+    target: Annotated[str, typer.Argument(
+        help="HOST[:PORT] (port defaults to 502), or a serial port (/dev/ttyUSB0) with --rtu.")],
     unit: Annotated[int, typer.Option(help="Modbus unit id.", min=1, max=247)] = 1,
     timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds.")] = 1.0,
+    rtu: Annotated[bool, typer.Option(
+        help="Modbus RTU: on the serial port TARGET, or RTU framing to the gateway at HOST:PORT.")] = False,
+    baudrate: Annotated[int, typer.Option(help="Serial port: baud rate.")] = 19200,
+    parity: Annotated[str, typer.Option(help="Serial port: N, E or O.")] = "E",
+    stopbits: Annotated[int, typer.Option(help="Serial port: 1 or 2.", min=1, max=2)] = 1,
 ) -> None:
     """SunSpec discovery: find the map and list its models."""
-    host, port = _parse_hostport(target)
-    result = _run(sunspec_scan(host, port, unit, timeout))
+    serial = None
+    if rtu and (target.startswith("/") or target.upper().startswith("COM")):
+        if parity.upper() not in ("N", "E", "O"):
+            raise typer.BadParameter(f"{parity!r}: expected N, E or O", param_hint="--parity")
+        serial = SerialSettings(target, baudrate, 8, parity.upper(), stopbits)
+        host, port = "", 0
+    else:
+        host, port = _parse_hostport(target)
+    result = _run(sunspec_scan(host, port, unit, timeout, framer="rtu" if rtu else "socket",
+                               serial=serial))
     common = result["common"]
-    console.print(f"[bold]{host}:{port} unit {unit}[/]: SunSpec map at {result['base']}; "
+    console.print(f"[bold]{result['endpoint']} unit {unit}[/]: SunSpec map at {result['base']}; "
                   f"{common.get('Mn')} {common.get('Md')} SN {common.get('SN')}; "
                   f"kind: {result['kind'].value if result['kind'] else 'unknown'}", highlight=False)
     table = Table()

@@ -223,3 +223,41 @@ async def test_pysunspec2_rtu_client_reads_and_writes_our_rtu_emulator():
     finally:
         await em.stop()
         bridge.close()
+
+
+def test_cli_scan_over_rtu_on_a_serial_line_and_through_a_gateway():
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+    from testbed.devices.site import BackgroundEmulators
+
+    runner = CliRunner()
+    with BackgroundEmulators(rtu_site("rtu-over-tcp"), clock=False) as em:
+        ep = em.endpoints["bat"]
+        r = runner.invoke(app, ["devices", "scan", f"127.0.0.1:{ep.port}", "--rtu", "--unit", "7"],
+                          env={"COLUMNS": "200"})
+        assert r.exit_code == 0, r.output
+        assert f"127.0.0.1:{ep.port}/rtu unit 7" in r.output and "kind: battery" in r.output
+        assert "802" in r.output and "124" in r.output
+        r = runner.invoke(app, ["devices", "scan", f"127.0.0.1:{ep.port}", "--unit", "7",
+                                "--timeout", "0.3"])  # Modbus TCP framing to an RTU gateway
+        assert r.exit_code != 0 and "Traceback" not in r.output
+    bridge = PtyBridge()  # run by the emulators' event loop, beside the RTU server
+    client_tty, device_tty = bridge.paths
+    with BackgroundEmulators(rtu_site("rtu", device_tty), clock=False) as em:
+        em.call(_start_bridge(bridge))
+        try:
+            r = runner.invoke(app, ["devices", "scan", client_tty, "--rtu", "--unit", "3",
+                                    "--baudrate", "38400", "--parity", "N"], env={"COLUMNS": "200"})
+            assert r.exit_code == 0, r.output
+            assert "kind: meter" in r.output and "203" in r.output
+        finally:
+            em.call(_stop_bridge(bridge))
+
+
+async def _start_bridge(bridge: PtyBridge) -> None:
+    bridge.start()
+
+
+async def _stop_bridge(bridge: PtyBridge) -> None:
+    bridge.close()

@@ -1110,9 +1110,11 @@ for _kind, _name in SETPOINT_WRITERS:
     SETPOINT_NAMES.setdefault(_kind, set()).add(_name)
 
 
-async def scan(host: str, port: int, unit: int = 1, timeout_s: float = 1.0) -> dict[str, Any]:
-    """SunSpec discovery of one endpoint: base address, models, identity."""
-    link = ModbusLink(host, port, timeout_s=timeout_s)
+async def scan(host: str, port: int, unit: int = 1, timeout_s: float = 1.0, *,
+               framer: str = "socket", serial: SerialSettings | None = None) -> dict[str, Any]:
+    """SunSpec discovery of one endpoint (TCP, RTU over TCP, or a serial port): base
+    address, models, identity."""
+    link = ModbusLink(host, port, timeout_s=timeout_s, framer=framer, serial=serial)
     try:
         base, models = await discover(link, unit)
         common = next((m for m in models if m.id == 1), None)
@@ -1120,7 +1122,7 @@ async def scan(host: str, port: int, unit: int = 1, timeout_s: float = 1.0) -> d
         if common is not None and common.definition is not None:
             regs = await link.read(common.address, common.length + 2, unit)
             ident = decode_model(fit(common.definition, common.length, None), regs)
-        return {"endpoint": f"{host}:{port}", "unit": unit, "base": base, "models": models,
+        return {"endpoint": link.endpoint, "unit": unit, "base": base, "models": models,
                 "kind": infer_kind(m.id for m in models), "common": ident}
     finally:
         link.close()

@@ -107,8 +107,9 @@ async def test_legacy_int_sf_inverter_at_each_base(base):
         await d.close()
 
 
-async def test_float_inverter_111_to_113():
-    models = [COMMON, (113, {"W": 3210.5, "PhVphA": 229.75, "Hz": 50.01, "VAr": 10.5,
+@pytest.mark.parametrize("mid", [111, 112, 113])
+async def test_float_inverter_111_to_113(mid):
+    models = [COMMON, (mid, {"W": 3210.5, "PhVphA": 229.75, "Hz": 50.01, "VAr": 10.5,
                              "WH": 7777.0, "St": 4}), (120, {"DERTyp": 4, "WRtg": 4000, "WRtg_SF": 0})]
     async with Served({1: image(models)}) as srv:
         d = srv.device()

@@ -1,0 +1,290 @@
+"""Modbus transport: one link per endpoint (Modbus TCP, RTU over TCP, or an RS-485 serial
+port), shared by the unit ids behind it, with pacing, per-request timeouts and retries,
+and errors that say what happened. Knows nothing of SunSpec (the device model lives in
+`modbus.py`, as pysunspec2 keeps its Modbus client apart from its device model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.client.base import ModbusBaseClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
+from pymodbus.pdu import ExceptionResponse
+
+from .driver import DeviceError, DeviceUnavailable
+
+
+@dataclass(frozen=True)
+class SerialSettings:
+    """An RS-485 port as pyserial opens it (Modbus RTU)."""
+
+    port: str
+    baudrate: int = 19200
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: int = 1
+
+
+
+
+_pymodbus_log = logging.getLogger("pymodbus")
+_pymodbus_log.propagate = False  # its errors carry raw frames; never on the user's console
+_pymodbus_log.addHandler(logging.NullHandler())
+
+
+def _serial_reason(s: SerialSettings) -> str:
+    """Why a serial port did not open (pymodbus only says it did not): open it ourselves."""
+    try:
+        import serial  # pyserial, installed with pymodbus[serial]
+    except ImportError:
+        return "pyserial is not installed (pip install 'pymodbus[serial]')"
+    try:
+        serial.serial_for_url(s.port, baudrate=s.baudrate, bytesize=s.bytesize, parity=s.parity,
+                              stopbits=s.stopbits).close()
+    except (serial.SerialException, ValueError, OSError) as exc:
+        return f"cannot open the serial port: {exc}"
+    return "cannot open the serial port"
+
+
+RTU_QUIET_S = 0.5
+"""After an RTU timeout the link stays quiet this long (at most the timeout): RTU frames
+carry no transaction id, so a late answer must not be taken for the next request's."""
+
+
+class ModbusLink:
+    """One connection to an endpoint (TCP host:port, RTU over TCP, or a serial port), shared
+    by the unit ids behind it, as with a gateway or an RS-485 bus.
+
+    Requests are paced: one in flight at a time (pymodbus serializes a client's requests,
+    and real gateways want no more), at least `min_gap_s` between the end of one and the
+    start of the next. Each request carries its own timeout and retry count (a device's
+    site-file fields). A lost connection fails only the request in flight; the next request
+    reconnects at once, and only a failed connect starts the backoff (doubling from
+    `backoff_s` to `backoff_max_s`) during which requests fail fast, so a dead endpoint
+    never stalls a poll loop.
+    """
+
+    def __init__(self, host: str, port: int, *, timeout_s: float = 1.0, min_gap_s: float = 0.0,
+                 framer: str = "socket", serial: SerialSettings | None = None,
+                 backoff_s: float = 0.5, backoff_max_s: float = 10.0) -> None:
+        if framer not in ("socket", "rtu"):
+            raise ValueError(f"framer must be 'socket' (Modbus TCP) or 'rtu', not {framer!r}")
+        self.host, self.port, self.timeout_s, self.min_gap_s = host, port, timeout_s, min_gap_s
+        self.framer = "rtu" if serial is not None else framer
+        self.serial = serial
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self._client: ModbusBaseClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._delay = 0.0
+        self._retry_at = 0.0
+        self._lock: asyncio.Lock | None = None
+        self._last_done = 0.0
+        self._quiet_until = 0.0
+        self.generation = 0
+        """Bumped on every new connection (reconnects, for figures and tests)."""
+        self.last_error: str | None = None
+        self.requests = 0
+        self.failures = 0
+
+    @property
+    def endpoint(self) -> str:
+        if self.serial is not None:
+            return self.serial.port
+        return f"{self.host}:{self.port}" + ("/rtu" if self.framer == "rtu" else "")
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    @property
+    def backing_off(self) -> bool:
+        """Not connected, and the next connect attempt not yet due: requests fail fast."""
+        return not self.connected and time.monotonic() < self._retry_at
+
+    def _usable(self) -> bool:
+        """Connected, and under the running event loop (not a previous asyncio.run's)."""
+        client = self._client
+        return client is not None and client.connected and self._loop is asyncio.get_running_loop()
+
+    def _new_client(self) -> ModbusBaseClient:
+        kw: dict[str, Any] = {"timeout": self.timeout_s, "retries": 0, "reconnect_delay": 0}
+        if self.serial is not None:
+            s = self.serial
+            client: ModbusBaseClient = AsyncModbusSerialClient(
+                s.port, framer=FramerType.RTU, baudrate=s.baudrate, bytesize=s.bytesize,
+                parity=s.parity, stopbits=s.stopbits, **kw)
+        else:
+            framer = FramerType.RTU if self.framer == "rtu" else FramerType.SOCKET
+            client = AsyncModbusTcpClient(self.host, port=self.port, framer=framer, **kw)
+        ctx = client.ctx
+        lost = ctx.callback_disconnected
+
+        def on_lost(exc: Exception | None) -> None:
+            """pymodbus lets the request in flight wait for its timeout when the connection
+            drops; fail it now so the retry reconnects at once."""
+            lost(exc)
+            future = ctx.response_future
+            if not future.done():
+                future.set_exception(ConnectionException(f"connection lost ({exc or 'closed'})"))
+
+        ctx.callback_disconnected = on_lost  # type: ignore[method-assign]
+        return client
+
+    async def ensure(self) -> ModbusBaseClient:
+        if self._usable():
+            return self._client  # type: ignore[return-value]
+        if self._client is not None and self._loop is not asyncio.get_running_loop():
+            with contextlib.suppress(RuntimeError):  # its loop may be closed already
+                self._client.close()
+            self._client = None
+        if self._client is not None and self._client.connected:
+            return self._client
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise DeviceUnavailable(
+                f"{self.endpoint}: not connected ({self.last_error}); "
+                f"next attempt in {self._retry_at - now:.1f} s")
+        client = self._new_client()
+        try:
+            ok = await asyncio.wait_for(client.connect(), self.timeout_s + 0.5)
+        except (TimeoutError, OSError) as exc:
+            ok, self.last_error = False, str(exc) or type(exc).__name__
+        except Exception as exc:  # termios.error and the like: a port refusing its settings
+            ok, self.last_error = False, (
+                f"the serial port refused baudrate/parity/stopbits/bytesize ({exc})"
+                if self.serial else f"{type(exc).__name__}: {exc}")
+        if not ok:
+            client.close()
+            self.last_error = self.last_error or (
+                _serial_reason(self.serial) if self.serial else "connection refused")
+            self._fail()
+            raise DeviceUnavailable(f"{self.endpoint}: cannot connect ({self.last_error})")
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+        self._delay = 0.0
+        self.last_error = None
+        self.generation += 1
+        return client
+
+    def _fail(self) -> None:
+        self._delay = min(self.backoff_max_s, max(self.backoff_s, self._delay * 2))
+        self._retry_at = time.monotonic() + self._delay
+
+    def drop(self, reason: str) -> None:
+        """Close after a failure; the next request reconnects."""
+        self.last_error = reason
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _pacer(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._loop_of_lock is not loop:
+            self._lock, self._loop_of_lock = asyncio.Lock(), loop
+        return self._lock
+
+    _loop_of_lock: asyncio.AbstractEventLoop | None = None
+
+    async def _request(self, fn: str, address: int, arg: Any, unit: int,
+                       timeout_s: float | None, retries: int, hint: str) -> Any:
+        """One request, paced, with its own timeout; retried on no answer."""
+        timeout = timeout_s or self.timeout_s
+        count = arg if isinstance(arg, int) else len(arg)
+        for attempt in range(retries + 1):
+            async with self._pacer():
+                client = self._client if self._usable() else await self.ensure()
+                assert client is not None
+                if self.min_gap_s or self._quiet_until:
+                    wait = max(self._last_done + self.min_gap_s, self._quiet_until) - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                client.comm_params.timeout_connect = timeout
+                self.requests += 1
+                try:
+                    if fn == "read":
+                        rr = await client.read_holding_registers(address, count=arg, device_id=unit)
+                    else:
+                        rr = await client.write_registers(address, list(arg), device_id=unit)
+                except ModbusException as exc:
+                    self.failures += 1
+                    error = self._failed(client, unit, exc, timeout, hint)
+                    if attempt < retries:
+                        continue
+                    raise error from exc
+                finally:
+                    self._last_done = time.monotonic()
+            if rr.isError():
+                code = _exc_code(rr)
+                if code in GATEWAY_SILENT and attempt < retries:
+                    continue
+                cls = GatewayTargetSilent if code in GATEWAY_SILENT else ModbusExceptionReply
+                raise cls(address, count, unit, code)
+            return rr.registers if fn == "read" else None
+        raise AssertionError("unreachable")
+
+    async def read(self, address: int, count: int, unit: int, *, timeout_s: float | None = None,
+                   retries: int = 0, hint: str = "") -> list[int]:
+        """Holding registers; `hint` says which site-file field raises the timeout."""
+        return await self._request("read", address, count, unit, timeout_s, retries, hint)
+
+    async def write(self, address: int, values: Sequence[int], unit: int, *,
+                    timeout_s: float | None = None, retries: int = 0, hint: str = "") -> None:
+        await self._request("write", address, values, unit, timeout_s, retries, hint)
+
+    def _failed(self, client: ModbusBaseClient, unit: int, exc: ModbusException,
+                timeout: float, hint: str) -> DeviceUnavailable:
+        """A request without an answer: a timeout on a live connection leaves it open (one
+        unit may be silent while others answer); a lost connection is dropped."""
+        if isinstance(exc, ModbusIOException) and client.connected:
+            if self.framer == "rtu":  # no transaction ids: let a late answer pass unread
+                self._quiet_until = time.monotonic() + min(timeout, RTU_QUIET_S)
+            return RequestTimeout(
+                f"{self.endpoint} unit {unit}: timeout, no response within {timeout:g} s"
+                f" ({hint or 'raise timeout_s in the site file'})")
+        self.drop(str(exc))
+        return DeviceUnavailable(f"{self.endpoint} unit {unit}: connection lost ({exc})")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class RequestTimeout(DeviceUnavailable):
+    """No answer within the request's timeout on a live connection."""
+
+
+EXCEPTION_NAMES = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
+                   4: "device failure", 6: "device busy", 10: "gateway path unavailable",
+                   11: "gateway target failed to respond"}
+
+
+def _exc_code(rr: Any) -> int:
+    return int(getattr(rr, "exception_code", 0)) if isinstance(rr, ExceptionResponse) else 0
+
+
+class ModbusExceptionReply(DeviceError):
+    """The device answered with a Modbus exception."""
+
+    def __init__(self, address: int, count: int, unit: int, code: int) -> None:
+        self.address, self.count, self.unit, self.code = address, count, unit, code
+        name = EXCEPTION_NAMES.get(code, f"code {code}")
+        super().__init__(f"unit {unit} answered exception {code:02d} ({name}) "
+                         f"for registers {address}..{address + count - 1}")
+
+
+GATEWAY_SILENT = (10, 11)
+"""Gateway exceptions: the unit behind it did not answer (or has no path): unavailable."""
+
+
+class GatewayTargetSilent(ModbusExceptionReply, DeviceUnavailable):
+    """The gateway answered for a unit that did not: retried, and counted as unavailable."""

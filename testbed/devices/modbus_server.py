@@ -1,0 +1,197 @@
+"""The Modbus emulator server: emulated SunSpec devices by unit id on one endpoint.
+
+One pymodbus server per endpoint (Modbus TCP on host:port, RTU frames over TCP, or RTU on
+a serial port), hosting any number of emulated devices under distinct unit ids, built with
+pymodbus' SimData/SimDevice API. A SimDevice `action` hook refreshes a device's registers
+from its physics before a read and passes a write through the device's checks before
+pymodbus stores it; a refused write answers with exception 03 (illegal data value) and
+changes nothing. Malformed requests get the exceptions the Modbus specification says.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import NoSuchIdException
+from pymodbus.framer import FramerType
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+from pymodbus.simulator.simcore import SimCore
+
+from .emulator import EmulatedDevice, WriteRefused
+from .modbus_link import SerialSettings
+from .sunspec import SunSpecError
+
+log = logging.getLogger(__name__)
+
+
+class _StrictSimCore(SimCore):
+    """SimCore that answers an unknown unit id like a gateway (exception 0x0B), instead of
+    failing on a missing default device. Units in `silent` answer the same way: a device
+    behind a gateway that stopped answering (a scenario's fault event)."""
+
+    silent: set[int] = set()
+
+    async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):
+        if device_id not in self.devices or device_id in self.silent:
+            raise NoSuchIdException(f"unit {device_id}")
+        return await super().async_getValues(device_id, func_code, address, count)
+
+    async def async_setValues(self, device_id: int, func_code: int, address: int, values):
+        if device_id not in self.devices or device_id in self.silent:
+            raise NoSuchIdException(f"unit {device_id}")
+        return await super().async_setValues(device_id, func_code, address, values)
+
+
+class _Refusal(ModbusPDU):
+    """A request the server answers with an exception without touching the data store."""
+
+    def __init__(self, function_code: int, code: ExcCodes) -> None:
+        super().__init__()
+        self.function_code, self.code = function_code, code
+
+    def encode(self) -> bytes:
+        return b""
+
+    def decode(self, data: bytes) -> None:
+        pass
+
+    async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
+        return ExceptionResponse(self.function_code, self.code)
+
+
+_MAX_QUANTITY = {3: 125, 4: 125, 16: 123, 23: 125}
+"""Registers per request as the Modbus specification allows (FC23: the read part)."""
+
+
+class _StrictDecoder(DecodePDU):
+    """Request decoding as the Modbus specification says, where pymodbus 3.16 answers a
+    malformed request with a wrong function code or not at all: an unknown function code
+    is exception 01, a quantity of 0 or above the maximum exception 03."""
+
+    def decode(self, frame: bytes) -> ModbusPDU | None:
+        fc = frame[0] if frame else 0
+        if fc < 0x80:
+            if fc not in self.pdu_table:
+                return _Refusal(fc, ExcCodes.ILLEGAL_FUNCTION)
+            if fc in _MAX_QUANTITY and len(frame) >= 5:
+                (count,) = struct.unpack_from(">H", frame, 3)
+                if not 1 <= count <= _MAX_QUANTITY[fc]:
+                    return _Refusal(fc, ExcCodes.ILLEGAL_VALUE)
+        return super().decode(frame)
+
+
+def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
+    """A pymodbus SimDevice presenting `dev`'s SunSpec map, read-only where SunSpec says R."""
+    m = dev.map
+    spans: list[tuple[int, int, bool]] = [(m.base, 2, True)]  # SunS marker
+    for inst in m.models:
+        spans.append((inst.address, 2, True))  # ID and L
+        spans += [(inst.address + p.offset, p.size, not p.writable)
+                  for p in inst.definition.points.values() if p.offset >= 2]
+    spans.append((m.base + m.size - 2, 2, True))  # end model
+    merged: list[list] = []  # [address, size, readonly], adjacent spans of equal access joined
+    for addr, size, ro in spans:
+        if merged and merged[-1][2] == ro and merged[-1][0] + merged[-1][1] == addr:
+            merged[-1][1] += size
+        else:
+            merged.append([addr, size, ro])
+    blocks = [SimData(a, values=m.registers[a - m.base: a - m.base + n],
+                      datatype=DataType.REGISTERS, readonly=ro) for a, n, ro in merged]
+
+    async def action(fc: int, start: int, address: int, count: int,
+                     registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
+        if m.registers is not registers:  # adopt pymodbus' register list: no copy per read
+            registers[: m.size] = m.registers[: m.size]
+            m.registers = registers
+        if not values:
+            dev.refresh()
+            return None
+        try:
+            dev.write(address, [int(v) for v in values])
+        except (WriteRefused, SunSpecError) as exc:
+            log.warning("%s: write at %d refused: %s", dev.name, address, exc)
+            return ExcCodes.ILLEGAL_VALUE
+        return None
+
+    return SimDevice(id=unit, simdata=blocks, action=action)
+
+
+class ModbusEmulatorServer:
+    """A Modbus server with emulated devices by unit id: Modbus TCP on (host, port), RTU
+    frames over TCP (`framer="rtu"`, as behind a serial-to-Ethernet gateway), or RTU on a
+    serial port (`serial`), so a user's CI can test an RS-485 controller."""
+
+    def __init__(self, host: str, port: int, devices: Mapping[int, EmulatedDevice], *,
+                 framer: str = "socket", serial: SerialSettings | None = None) -> None:
+        if not devices:
+            raise ValueError("a server needs at least one device")
+        if framer not in ("socket", "rtu"):
+            raise ValueError(f"framer must be 'socket' (Modbus TCP) or 'rtu', not {framer!r}")
+        self.host = host
+        self.requested_port = port
+        self.devices = dict(devices)
+        self.framer = "rtu" if serial is not None else framer
+        self.serial = serial
+        self.port: int | None = None
+        self._server: ModbusTcpServer | ModbusSerialServer | None = None
+        self.silent: set[int] = set()
+        """Unit ids that stop answering (gateway exception 0x0B) until removed."""
+
+    async def start(self) -> int:
+        """Listen; returns the TCP port (0 on a serial port)."""
+        sims = [sim_device(unit, dev) for unit, dev in sorted(self.devices.items())]
+        server: ModbusTcpServer | ModbusSerialServer
+        if self.serial is not None:
+            s = self.serial
+            server = ModbusSerialServer(sims, framer=FramerType.RTU, port=s.port, baudrate=s.baudrate,
+                                        bytesize=s.bytesize, parity=s.parity, stopbits=s.stopbits)
+        else:
+            framer = FramerType.RTU if self.framer == "rtu" else FramerType.SOCKET
+            server = ModbusTcpServer(sims, framer=framer, address=(self.host, self.requested_port))
+        server.context.__class__ = _StrictSimCore
+        server.context.silent = self.silent
+        server.decoder.__class__ = _StrictDecoder
+        if self.serial is not None:
+            try:
+                await server.serve_forever(background=True)
+            except RuntimeError as exc:
+                raise OSError(f"cannot open serial port {self.serial.port}: {exc}") from None
+            if server.transport is None:
+                raise OSError(f"cannot open serial port {self.serial.port}")
+            self.port = 0
+            self._server = server
+            return 0
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError:  # pymodbus hides the OS error: find it by binding ourselves
+            reason = "cannot listen"
+            try:
+                socket.create_server((self.host, self.requested_port)).close()
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+            raise OSError(f"cannot listen on {self.host}:{self.requested_port}: {reason}") from None
+        sockets = getattr(server.transport, "sockets", None)
+        if not sockets:
+            raise OSError(f"could not listen on {self.host}:{self.requested_port}")
+        self.port = sockets[0].getsockname()[1]
+        self._server = server
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.shutdown()
+            self._server = None
+
+    async def __aenter__(self) -> ModbusEmulatorServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -33,7 +33,10 @@ def image(models, *, end_length: bool = True) -> list[int]:
             data += mid.to_bytes(2, "big") + n.to_bytes(2, "big") + b"\x12\x34" * n
         else:  # every repeating group's count point 1, unless given
             counts = {c: 1 for c in _count_points(ss_device.get_model_def(mid)["group"])}
-            data += ss_device.Model(model_id=mid, data={**counts, **values}).get_mb()
+            values = dict(values)
+            length = values.pop("_L", 0)  # a length other than the definition's
+            data += ss_device.Model(model_id=mid, model_len=length,
+                                    data={**counts, **values}).get_mb()
     data += b"\xff\xff" + (b"\x00\x00" if end_length else b"")
     return [int.from_bytes(data[i: i + 2], "big") for i in range(0, len(data), 2)]
 
@@ -317,3 +320,18 @@ async def test_a_battery_without_a_storage_model_says_what_it_needs():
         with pytest.raises(NotSunSpec, match=r"configured as battery .*needs 802, or 124 or 713"):
             await d.connect()
         d.link.close()
+
+
+async def test_common_model_of_65_registers():
+    """Older devices end model 1 before its Pad (L=65), which pysunspec2 accepts too."""
+    from testbed.devices.modbus import scan
+
+    models = [(1, {"Mn": "OldCo", "Md": "Inv-2", "SN": "OLD-7", "_L": 65}), *LEGACY_PV[1:]]
+    async with Served({1: image(models)}) as srv:
+        found = await scan("127.0.0.1", srv.port, 1)
+        assert [m.id for m in found["models"]] == [1, 103, 120, 123]
+        assert found["models"][0].length == 65 and found["common"]["SN"] == "OLD-7"
+        d = srv.device()
+        assert (await d.read()).values["p_w"] == 4990
+        assert d.static[1]["Mn"] == "OldCo"
+        await d.close()

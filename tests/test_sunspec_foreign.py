@@ -253,6 +253,11 @@ async def test_repeating_groups_decode_and_write_by_group_address():
         assert theirs.Ena.cvalue == 1
         with pytest.raises(SetpointRejected, match=r"no point '705.Crv\[3\].Pt\[1\].V'"):
             await d.write("705.Crv[3].Pt[1].V", 230)
+        await d.write("704.WSetEna", "ENABLED")  # an enum by its symbol
+        assert (await srv.pysunspec2()).models[704][0].WSetEna.cvalue == 1
+        with pytest.raises(SetpointRejected, match=r"'ON' is not a number or one of "
+                                                   r"\['DISABLED', 'ENABLED'\]"):
+            await d.write("704.WSetEna", "ON")
         await d.close()
 
 

@@ -244,15 +244,22 @@ def read(
 def write(
     site: SiteArg,
     name: Annotated[str, typer.Argument(help="Device name in the site file.")],
-    point: Annotated[str, typer.Argument(help="Setpoint (limit_pct, limit_enabled, power_w) or MODEL.POINT.")],
-    value: Annotated[str, typer.Argument(help="Value in engineering units.")],
+    point: Annotated[str, typer.Argument(
+        help="Setpoint (limit_pct, limit_enabled, power_w), MODEL.POINT or MODEL.GROUP[i].POINT.")],
+    value: Annotated[str, typer.Argument(
+        help="Value in engineering units (an enum point of a Modbus device also takes its symbol).")],
 ) -> None:
     """Command one device of SITE, then read it back."""
     cfg = _site(site)
+    number: float | str
     try:
-        number: float = float(value)
+        number = float(value)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a number", param_hint="VALUE") from None
+        modbus = any(d.name == name and d.protocol == "modbus" for _, d in cfg.devices())
+        symbol = "." in point and modbus
+        if not symbol:
+            raise typer.BadParameter(f"{value!r} is not a number", param_hint="VALUE") from None
+        number = value  # e.g. 705.Ena ENABLED: the driver checks it against the point's symbols
 
     async def go() -> Reading:
         cfg.find(name)
@@ -265,7 +272,8 @@ def write(
             await dev.close()
 
     r = _run(go())
-    console.print(f"[green]ok[/]: {name}.{point} = {number:g}", highlight=False)
+    shown = f"{number:g}" if isinstance(number, float) else number
+    console.print(f"[green]ok[/]: {name}.{point} = {shown}", highlight=False)
     console.print(_reading_table(r))
 
 

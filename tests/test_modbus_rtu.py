@@ -261,3 +261,33 @@ async def _start_bridge(bridge: PtyBridge) -> None:
 
 async def _stop_bridge(bridge: PtyBridge) -> None:
     bridge.close()
+
+
+def test_cli_write_of_a_group_point_and_an_enum_symbol_over_rtu():
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+    from testbed.devices.site import BackgroundEmulators
+
+    runner = CliRunner()
+    with BackgroundEmulators(rtu_site("rtu-over-tcp"), clock=False) as em:
+        site = em.site
+        path = _site_file(site)
+        try:
+            r = runner.invoke(app, ["devices", "write", str(path), "pv", "123.WMaxLim_Ena", "ENABLED"])
+            assert r.exit_code == 0, r.output
+            assert em.emulators.devices["pv"].map.get(123, "WMaxLim_Ena") == 1
+            r = runner.invoke(app, ["devices", "write", str(path), "pv", "limit_pct", "ON"])
+            assert r.exit_code != 0 and "'ON' is not a number" in r.output
+        finally:
+            path.unlink()
+
+
+def _site_file(site: SiteConfig):
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+    f = Path(tempfile.mkstemp(suffix=".yaml")[1])
+    f.write_text(yaml.safe_dump(site.model_dump(mode="json", exclude_defaults=True)))
+    return f

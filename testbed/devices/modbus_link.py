@@ -87,6 +87,7 @@ class ModbusLink:
         self._delay = 0.0
         self._retry_at = 0.0
         self._lock: asyncio.Lock | None = None
+        self._loop_of_lock: asyncio.AbstractEventLoop | None = None
         self._last_done = 0.0
         self._quiet_until = 0.0
         self.generation = 0
@@ -187,12 +188,11 @@ class ModbusLink:
             self._client = None
 
     def _pacer(self) -> asyncio.Lock:
+        """The link's one-request-at-a-time lock, for the running event loop."""
         loop = asyncio.get_running_loop()
         if self._lock is None or self._loop_of_lock is not loop:
             self._lock, self._loop_of_lock = asyncio.Lock(), loop
         return self._lock
-
-    _loop_of_lock: asyncio.AbstractEventLoop | None = None
 
     async def _request(self, fn: str, address: int, arg: Any, unit: int,
                        timeout_s: float | None, retries: int, hint: str) -> Any:

@@ -129,3 +129,47 @@ def dump(path: Path, *, skip_wall_clock: bool = True) -> Iterator[tuple[str, tup
                 yield table, tuple(row)
     finally:
         db.close()
+
+
+# ---------------------------------------------------------------------- queries
+# What a run's summary reads back from its store (the store is the source of truth).
+
+
+def market_totals(db: sqlite3.Connection) -> dict[str, Any]:
+    """Auctions, what they cleared and what the awards traded (EUR, kWh)."""
+    n, requested, market, cleared = db.execute(
+        "SELECT COUNT(*), SUM(requested_kwh), SUM(market_kwh), SUM(cleared_kwh) "
+        "FROM auctions").fetchone()
+    prices = [r[0] for r in db.execute("SELECT price FROM awards")]
+    traded, value, delivered = db.execute(
+        "SELECT COALESCE(SUM(energy_kwh), 0), COALESCE(SUM(amount_eur), 0), "
+        "COALESCE(SUM(delivered_kwh), 0) FROM awards").fetchone()
+    return {"auctions": n, "requested_kwh": requested or 0.0, "market_kwh": market or 0.0,
+            "cleared_kwh": cleared or 0.0, "energy_traded_kwh": traded, "value_eur": value,
+            "delivered_kwh": delivered, "prices": prices}
+
+
+def traded_by_prosumer(db: sqlite3.Connection) -> dict[str, tuple[float, float]]:
+    """prosumer -> (awarded kWh, amount EUR)."""
+    return {r[0]: (r[1], r[2]) for r in db.execute(
+        "SELECT prosumer, SUM(energy_kwh), SUM(amount_eur) FROM awards GROUP BY prosumer")}
+
+
+def last_cpf(db: sqlite3.Connection) -> dict[str, float]:
+    """prosumer -> CPF of its last certified interval."""
+    return {r[0]: r[1] for r in db.execute("SELECT prosumer, cpf FROM cpf ORDER BY t")}
+
+
+def blocks_by_proposer(db: sqlite3.Connection) -> dict[str, int]:
+    return dict(db.execute("SELECT proposer_name, COUNT(*) FROM blocks GROUP BY "
+                           "proposer_name").fetchall())
+
+
+def feeder_lights(db: sqlite3.Connection) -> dict[str, int]:
+    return dict(db.execute("SELECT light, COUNT(*) FROM feeder GROUP BY light").fetchall())
+
+
+def set_delivered(db: sqlite3.Connection, request_id: str, order_id: str, kwh: float) -> None:
+    """An award's delivered energy, once its delivery interval is metered."""
+    db.execute("UPDATE awards SET delivered_kwh = ? WHERE request_id = ? AND order_id = ?",
+               (kwh, request_id, order_id))

@@ -1,0 +1,241 @@
+"""Each phase of the run alone: accounting and settlement with numbers worked by hand,
+the feeder against pandapower, device I/O against real emulators, the ledger phase over a
+real broker through the Validators facade, the expectation checkers, the clock."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+
+from testbed.bus.broker import EmbeddedBroker
+from testbed.bus.client import BusClient
+from testbed.clock import EPOCH, Clock
+from testbed.config import SiteConfig, load_site
+from testbed.devices.site import SiteEmulators, open_devices
+from testbed.grid.feeder import checker_for
+from testbed.ledger import election
+from testbed.ledger.chain import genesis_state
+from testbed.ledger.election import cpf
+from testbed.ledger.setup import init_ledger
+from testbed.ledger.validators import Validators
+from testbed.market.aggregator import Schedule
+from testbed.market.auction import clear
+from testbed.market.orders import MarketRules, Order, Side
+from testbed.market.settlement import TransferKind
+from testbed.scenarios.expectations import CHECKS, evaluate
+from testbed.scenarios.model import Scenario
+from testbed.scenarios.phases.accounting import Accounting, Metered
+from testbed.scenarios.phases.devices import DeviceIO
+from testbed.scenarios.phases.feeder import Feeder
+from testbed.scenarios.phases.ledger import LedgerPhase
+from testbed.scenarios.phases.settlement import Due, SettlementPhase
+from testbed.telemetry.store import RunStore
+
+# ---------------------------------------------------------------------- accounting
+
+
+def test_accounting_integrates_a_step_and_balances_the_house() -> None:
+    acc = Accounting(["a", "b"], Schedule(first_interval=0, interval_s=900,
+                                          energy_kwh=(1.0, 1.0)), 900)
+    # a: 3 kW PV, battery charging 1 kW, meter exports 0.5 kW -> house draws 1.5 kW
+    # b: no PV, battery discharging 2 kW, meter imports 0.4 kW -> house draws 2.4 kW
+    net = acc.step(60.0, 60.0, {"a": Metered(-500.0, 3000.0, -1000.0),
+                                "b": Metered(400.0, 0.0, 2000.0)})
+    assert net == pytest.approx(-100.0)
+    a = acc.books["a"].interval
+    assert a == pytest.approx({"pv_wh": 50.0, "import_wh": 0.0, "export_wh": 500 / 60,
+                               "dis_wh": 0.0, "ch_wh": 1000 / 60})
+    ta, tb = acc.books["a"].totals, acc.books["b"].totals
+    assert ta["load_wh"] == pytest.approx(25.0)  # 1.5 kW for a minute
+    assert ta["pv_local_wh"] == pytest.approx(2500 / 60)  # PV to the house and battery
+    assert ta["load_local_wh"] == pytest.approx(25.0)  # all of it from PV
+    assert tb["load_wh"] == pytest.approx(40.0) and tb["load_local_wh"] == pytest.approx(2000 / 60)
+    assert acc.prosumer("a")["self_consumption"] == pytest.approx(2500 / 3000)
+    assert acc.prosumer("b")["self_consumption"] is None  # no PV
+
+
+def test_accounting_closes_intervals_and_counts_the_delivery_as_covered() -> None:
+    acc = Accounting(["a"], Schedule(first_interval=0, interval_s=900,
+                                     energy_kwh=(0.5, 0.5, 0.5)), 900)
+    for _ in range(15):  # interval 0: 4 kW import for 15 min = 1 kWh, schedule 0.5
+        acc.step(0, 60.0, {"a": Metered(4000.0, 0.0, 0.0)})
+    c0 = acc.interval_end(0, 900.0, delivered=False, requested_kwh={})
+    assert c0.row is None and acc.stats[0]["raw"] == pytest.approx(0.5)
+    (cert,) = c0.certified  # no PV, 1 kWh consumed
+    assert (cert.production_kwh, cert.consumption_kwh) == (0.0, pytest.approx(1.0))
+    assert cert.cpf == pytest.approx(math.exp(-1.0)) == cpf(0.0, 1.0)
+    for _ in range(15):  # interval 1: battery delivers 2 kW, meter imports 2 kW
+        acc.step(0, 60.0, {"a": Metered(2000.0, 0.0, 2000.0)})
+    c1 = acc.interval_end(1, 1800.0, delivered=True, requested_kwh={0: 0.5})
+    assert c1.row is not None
+    assert c1.row["covered_kwh"] == pytest.approx(0.5)  # 2 kW x 15 min
+    assert c1.row["residual_kwh"] == pytest.approx(0.0) and c1.row["requested_kwh"] == 0.5
+    assert acc.stats[1]["market"] == pytest.approx(-0.5)
+    # interval 1's raw deviation: 0.5 kWh metered - (-0.5) market - 0.5 schedule = 0.5
+    assert acc.stats[1]["raw"] == pytest.approx(0.5)
+    dev = acc.deviation()
+    assert dev["before_kwh"] == pytest.approx(0.5) and dev["covered_share"] == pytest.approx(1.0)
+    assert all(v == 0.0 for v in acc.books["a"].interval.values())
+
+
+# ---------------------------------------------------------------------- settlement
+
+
+def test_settlement_pays_what_each_battery_metered_in_the_delivery_interval() -> None:
+    req = Order("req", "agg", Side.BUY, 3.0, 0.30, 5)
+    c = clear(req, [Order("o1", "addr-a", Side.SELL, 2.0, 0.25, 5),
+                    Order("o2", "addr-b", Side.SELL, 2.0, 0.20, 5)])
+    phase = SettlementPhase(MarketRules(shortfall_penalty_eur_per_kwh=0.10),
+                            {"addr-a": "a", "addr-b": "b"})
+    phase.add(5, Due(c, "award-1", "req"))
+    assert phase.interval_end(4, {}) == []  # nothing due yet
+    energy = {"a": {"dis_wh": 600.0, "ch_wh": 0.0}, "b": {"dis_wh": 2500.0, "ch_wh": 0.0}}
+    paid = {p.prosumer: p for p in phase.interval_end(5, energy)}
+    a, b = paid["a"], paid["b"]  # a awarded 1 kWh (partial), b 2 kWh
+    assert a.delivered_kwh == pytest.approx(0.6) and b.delivered_kwh == pytest.approx(2.5)
+    assert b.settlement.paid_kwh == 2.0 and [x.amount_ueur for x in b.transfers] == [400_000]
+    energy_a, penalty = a.transfers
+    assert energy_a.amount_ueur == 150_000  # 0.6 kWh x 0.25
+    assert penalty.kind == TransferKind.PENALTY and penalty.amount_ueur == 40_000
+    assert a.row(6300.0)["shortfall_kwh"] == pytest.approx(0.4)
+    assert phase.interval_end(5, energy) == []  # settled once
+
+
+# ---------------------------------------------------------------------- feeder
+
+
+def test_feeder_counts_steps_in_band_and_gives_each_prosumer_its_bus_voltage() -> None:
+    import pandapower as pp
+
+    site = load_site("demo")
+    checker = checker_for(site)
+    feeder = Feeder(checker, background=site.grid.background)
+    p = dict.fromkeys(checker.prosumers, 0.0)
+    s0 = feeder.step(60.0, 60.0, p)
+    far = checker.connections[-1]
+    s1 = feeder.step(120.0, 60.0, {**p, far.prosumer: 8000.0})
+    assert s1.vm_pu[far.prosumer] > s0.vm_pu[far.prosumer]
+    # the bus voltage is what pandapower's own runpp gives with the same injection
+    net = __import__("copy").deepcopy(checker.net)
+    net.load.scaling *= site.grid.background
+    net.sgen.scaling *= site.grid.background
+    pp.create_sgen(net, far.bus, p_mw=0.008, q_mvar=0.0)
+    pp.runpp(net, numba=False)
+    assert s1.vm_pu[far.prosumer] == pytest.approx(net.res_bus.vm_pu[far.bus], abs=1e-6)
+    sm = feeder.summary()
+    assert sm["steps"] == 2 and sm["in_band_share"] == 1.0
+    assert sm["vm_max_pu"] == pytest.approx(max(s0.report.vm_max_pu, s1.report.vm_max_pu))
+    assert sm["losses_kwh"] == pytest.approx((s0.report.losses_w + s1.report.losses_w) * 60
+                                             / 3.6e6)
+    assert s1.row["t"] == 120.0 and s1.row["light"] == str(s1.report.light)
+
+
+# ---------------------------------------------------------------------- device I/O
+
+
+async def test_device_io_reads_faults_and_commands_real_emulators(tmp_path: Path,
+                                                                  site: SiteConfig) -> None:
+    store = RunStore(tmp_path / "run.db")
+    em = SiteEmulators(site, free_ports=True)
+    await em.start(clock=False)
+    try:
+        io = DeviceIO(site, open_devices(em.resolved_site()), store, em)
+        await io.connect()
+        try:
+            r = await io.step(60.0, 60.0)
+            m = r.metered["p1"]
+            state = em.physics.prosumers["p1"].state
+            assert m.pv_w == pytest.approx(state.pv.ac_w, abs=1.0)
+            assert m.import_w == pytest.approx(state.meter.net_w, abs=1.0)
+            assert r.soc["p1"] == pytest.approx(0.5, abs=0.001) and r.real == {}
+            await io.command(60.0, {"p1": 2500.0})
+            assert em.physics.prosumers["p1"].state.battery.setpoint_w == pytest.approx(2500.0)
+            em.silence("bat")
+            assert (await io.step(120.0, 60.0)).faulted == ()
+            r2 = await io.step(180.0, 60.0)  # second failed read: the battery faults
+            assert r2.faulted == ("p1",) and r2.soc["p1"] is None
+            await io.command(180.0, {"p1": 0.0})  # skipped: faulted
+            em.silence("bat", False)
+            assert (await io.step(240.0, 60.0)).recovered == ("p1",)
+            assert io.read_errors == 2 and io.faults[0]["t"] == 180.0
+        finally:
+            await io.close()
+    finally:
+        await em.stop()
+    kinds = [k for (k,) in store.db.execute("SELECT kind FROM events ORDER BY rowid")]
+    assert kinds == ["setpoint", "read-failed", "fault", "recovered"]
+    store.close()
+
+
+# ---------------------------------------------------------------------- ledger
+
+
+async def test_ledger_phase_commits_the_intervals_readings_through_the_facade(
+        tmp_path: Path) -> None:
+    site = load_site("demo")
+    layout = init_ledger(site, tmp_path / "ledger", seed=1, time=EPOCH - 1)
+    keys = {p.name: layout.key(p.name) for p in site.prosumers}
+    store = RunStore(tmp_path / "run.db")
+    clock = Clock(0.0, 60.0, "fast", 1.0)
+    clock.advance_to(900.0)
+    async with EmbeddedBroker() as broker, BusClient(broker.url) as bus:
+        v = await Validators.start(layout, bus, site.name, clock=clock.now)
+        phase = LedgerPhase(v, store, keys, layout.key("aggregator"), 900)
+        phase.readings(0, [(n, 1.0, 0.5 + i) for i, n in enumerate(keys)], at=clock.now())
+        await asyncio.wait_for(phase.interval_end(0, 900.0), 15)
+        await phase.stop()
+    assert phase.blocks == 1 and v.height() == 1
+    s = phase.summary()
+    assert s["submitted"] == len(keys) and s["uncommitted"] == 0 and s["verifies"]
+    (row,) = store.db.execute("SELECT height, t, txs, proposer_name FROM blocks").fetchall()
+    # no readings on the chain before block 1: eq. 9's tie-break by hash elects its proposer
+    elected = election.proposer(genesis_state(layout.genesis())).address
+    assert row[:3] == (1, 900.0, len(keys)) and keys[row[3]].address == elected
+    store.close()
+
+
+# ---------------------------------------------------------------------- expectations
+
+
+def _summary(**over: object) -> dict:
+    s = {"deviation": {"covered_share": 0.25, "before_kwh": 4.0, "after_kwh": 3.0},
+         "market": {"cleared": 3},
+         "grid": {"enabled": True, "dispatch_accepted": True, "in_band_share": 1.0,
+                  "vm_min_pu": 0.97, "vm_max_pu": 1.02},
+         "ledger": {"verified": {"a": {"ok": True, "error": None}}, "verifies": True,
+                    "blocks": 9},
+         "messages": {"orders_published": 5, "orders_received": 4, "ledger_uncommitted": 0,
+                      "orders_lost_injected": 0},
+         "faults": [], "clock": {"lateness": None}}
+    s.update(over)
+    return s
+
+
+def test_expectation_checkers_say_by_how_much() -> None:
+    sc = Scenario.model_validate({"name": "x", "expect": {
+        "covered_share_min": 0.3, "deviation_reduced": True, "auctions_cleared_min": 4,
+        "voltage_in_band": True, "ledger_verifies": True, "blocks_min": 10,
+        "no_lost_messages": True, "faults_excluded": True, "lateness_p99_ms_max": 5}})
+    v = {x.name: x for x in evaluate(sc, _summary())}
+    assert list(v) == list(CHECKS)
+    assert not v["covered_share_min"].ok and "short by 5.0%" in v["covered_share_min"].message
+    assert v["deviation_reduced"].ok and v["voltage_in_band"].ok and v["ledger_verifies"].ok
+    assert "1 short" in v["auctions_cleared_min"].message
+    assert "1 short" in v["blocks_min"].message
+    assert not v["no_lost_messages"].ok and v["no_lost_messages"].actual == 1
+    assert not v["faults_excluded"].ok and not v["lateness_p99_ms_max"].ok
+    assert evaluate(Scenario.model_validate({"name": "y"}), _summary()) == []
+
+
+# ---------------------------------------------------------------------- clock
+
+
+def test_fast_clock_is_simulated_time_and_never_goes_back() -> None:
+    c = Clock(3600.0, 60.0, "fast", 1.0)
+    assert c.now() == EPOCH + 3600.0
+    c.advance_to(3661.0)
+    c.advance_to(3660.0)
+    assert c.sim_now() == 3661.0 and c.lateness() is None

@@ -53,7 +53,7 @@ from .expectations import Verdict, evaluate
 from .model import DeviceEvent, Scenario
 from .phases.accounting import Accounting
 from .phases.devices import DeviceIO, StepReadings
-from .phases.environment import Environment
+from .phases.environment import Environment, unreached
 from .phases.feeder import Feeder
 from .phases.ledger import LedgerPhase
 from .phases.market import MarketRound, RoundResult
@@ -382,7 +382,7 @@ class Run:
                        "price_max": max(prices) if prices else None,
                        "price_mean": statistics.fmean(prices) if prices else None},
             "prosumers": prosumers,
-            "devices": {"real": dev_io["real"]},
+            "devices": {"real": dev_io["real"], "unreached": unreached(sc, self.site)},
             "ledger": ledger,
             "grid": grid,
             "messages": {"orders_published": counters["orders_published"],

@@ -110,9 +110,10 @@ def test_a_real_battery_closes_the_loop_with_its_emulated_meter_market_and_settl
         out = tmp_path / "runs"
         res = runner.invoke(app, ["run", str(path), "--out", str(out), "-q"])
         assert res.exit_code in (0, 1), res.output
+    assert "real devices" in res.output and "house-1-battery" in res.output
     (d,) = out.iterdir()
     s = json.loads((d / "summary.json").read_text())
-    assert s["devices"]["real"] == ["house-1-battery"]
+    assert s["devices"] == {"real": ["house-1-battery"], "unreached": []}
     db = sqlite3.connect(d / "run.db")
 
     def series(device: str, name: str) -> dict[float, float]:
@@ -150,17 +151,26 @@ def test_a_real_battery_closes_the_loop_with_its_emulated_meter_market_and_settl
 # ---------------------------------------------------------------------- feeder coupling
 
 
+@pytest.mark.parametrize("meter_protocol", ["modbus", "opcua"])
 async def test_feeder_voltage_goes_back_to_the_far_end_meter_and_inverter(
-        tmp_path: Path) -> None:
+        tmp_path: Path, meter_protocol: str) -> None:
     import pandapower as pp
 
+    meter: dict[str, Any] = {"name": "far-meter", "kind": "meter", "port": 0, "unit": 2}
+    opcua: dict[str, Any] = {}
+    if meter_protocol == "opcua":  # the meter's OPC UA voltage variable shows it too
+        from testbed.devices.opcua import make_certificates
+        make_certificates(tmp_path / "certs")
+        meter = {"name": "far-meter", "kind": "meter", "protocol": "opcua", "port": 0}
+        opcua = {"opcua": {"certs": str(tmp_path / "certs"), "username": "op",
+                           "password": "pw-for-tests"}}
     site = SiteConfig.model_validate({
-        "name": "far", "grid": {"buses": {"far": "Bus R18"}, "background": 0.3},
+        "name": "far", "grid": {"buses": {"far": "Bus R18"}, "background": 0.3}, **opcua,
         "prosumers": [{"name": "far", "load": {"base_w": 300, "peak_w": 300, "noise": 0},
                        "devices": [
                            {"name": "far-pv", "kind": "pv", "port": 0, "unit": 1,
                             "params": {"rating_w": 30000, "ramp_pct_per_s": 100}},
-                           {"name": "far-meter", "kind": "meter", "port": 0, "unit": 2}]}]})
+                           meter]}]})
     store = RunStore(tmp_path / "run.db")
     em = SiteEmulators(site, free_ports=True, start_s=12 * 3600.0)
     await em.start(clock=False)

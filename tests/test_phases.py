@@ -239,3 +239,23 @@ def test_fast_clock_is_simulated_time_and_never_goes_back() -> None:
     c.advance_to(3661.0)
     c.advance_to(3660.0)
     assert c.sim_now() == 3661.0 and c.lateness() is None
+
+
+def test_profiles_that_cannot_reach_a_real_device_are_named() -> None:
+    from testbed.scenarios.phases.environment import external_w, unreached
+
+    site = SiteConfig.model_validate({"name": "lab", "prosumers": [{"name": "p1", "devices": [
+        {"name": "inv", "kind": "pv", "emulated": False, "port": 502, "unit": 1},
+        {"name": "bat", "kind": "battery", "emulated": False, "port": 502, "unit": 2},
+        {"name": "m", "kind": "meter", "port": 0, "unit": 3}]}]})
+    sc = Scenario.model_validate({"name": "x", "events": [
+        {"kind": "cloud", "at": "12:00"}, {"kind": "load-spike", "at": "13:00", "extra_w": 1}]})
+    assert unreached(sc, site) == [
+        "inv: irradiance profile and cloud events do not reach a real PV inverter"]
+    real_meter = site.model_copy(update={"prosumers": [site.prosumers[0].model_copy(update={
+        "devices": [site.prosumers[0].devices[2].model_copy(
+            update={"emulated": False, "port": 502})]})]})
+    assert unreached(sc, real_meter) == [
+        "m: household load profile and load spikes do not reach a real meter"]
+    # the emulated meter adds a real PV's and battery's measured output
+    assert external_w({"p1": {"pv": (1200.0, 0.0), "battery": (-500.0, 0.0)}}) == {"p1": 700.0}

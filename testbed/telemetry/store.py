@@ -74,6 +74,10 @@ class RunStore:
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        # Checkpoint the WAL every ~40 MB instead of SQLite's 4 MB: each checkpoint syncs
+        # the files, which at ~150 kB of rows a step (50 prosumers) cost a fast run ~10 ms
+        # a step; commits stay per step, so a killed run keeps everything to its last step.
+        self.db.execute("PRAGMA wal_autocheckpoint=10000")
         self.db.executescript(SCHEMA)
         self.db.execute("BEGIN")
 

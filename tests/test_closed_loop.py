@@ -51,7 +51,7 @@ def _scenario(site: Path, **over: Any) -> dict[str, Any]:
     return {"name": "mixed", "site": str(site), "start": "12:00", "duration": "1h",
             "step": "60s", "seed": 3, "forecast": {"pv_bias_pct": 40},
             "profiles": {"load_noise": 0}, "ledger": {"enabled": False},
-            "market": {"gate_s": 0.2, "buy_price": 0.4}, **over}
+            "market": {"gate_s": 0.5, "buy_price": 0.4}, **over}
 
 
 def _write(tmp_path: Path, site: dict[str, Any], sc: dict[str, Any]) -> Path:

@@ -21,7 +21,6 @@ CREATE TABLE IF NOT EXISTS steps (step INTEGER PRIMARY KEY, t REAL NOT NULL,
     late_ms REAL, wall REAL);
 CREATE TABLE IF NOT EXISTS measurements (t REAL NOT NULL, device TEXT NOT NULL,
     prosumer TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS measurements_by_device ON measurements (device, name, t);
 CREATE TABLE IF NOT EXISTS events (t REAL NOT NULL, kind TEXT NOT NULL, subject TEXT,
     detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS intervals (interval INTEGER PRIMARY KEY, start REAL NOT NULL,
@@ -59,6 +58,14 @@ CREATE TABLE IF NOT EXISTS blocks (height INTEGER PRIMARY KEY, t REAL NOT NULL,
 CREATE TABLE IF NOT EXISTS cpf (t REAL NOT NULL, prosumer TEXT NOT NULL,
     production_kwh REAL NOT NULL, consumption_kwh REAL NOT NULL, cpf REAL NOT NULL);
 """
+
+INDEXES = """
+CREATE INDEX IF NOT EXISTS measurements_by_device ON measurements (device, name, t);
+"""
+"""Built when the run closes, not while it runs: keeping a (device, name, t) index up to
+date cost ~10 ms of inserts and ~10 ms of commit a step at 50 prosumers (1,500 rows), 20x
+the rows themselves; building it once at the end costs ~1 ms a step. Nothing reads by
+device while a run is recorded (the InfluxDB sink follows rowids)."""
 
 WALL_CLOCK_COLUMNS = {("steps", "late_ms"), ("steps", "wall"), ("meta", "started_at"),
                       ("meta", "finished_at"), ("meta", "wall_s"), ("meta", "run_id"),
@@ -114,6 +121,7 @@ class RunStore:
 
     def close(self) -> None:
         self.db.execute("COMMIT")
+        self.db.executescript(INDEXES)
         self.db.close()
 
 

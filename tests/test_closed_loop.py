@@ -83,13 +83,20 @@ def test_real_devices_refuse_a_fast_clock_and_device_events_before_anything_star
     assert not out.exists()  # no folder, no run.db, no keys
 
 
-def test_a_bad_profile_leaves_nothing_on_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra, expected", [
+    ({"profiles": {"irradiance": {"file": "irr.csv"}}}, "irr.csv:1: a irradiance profile needs"),
+    ({"events": [{"kind": "load-spike", "at": "12:00", "prosumer": "house-9", "extra_w": 5}]},
+     "load-spike for unknown prosumer 'house-9'"),
+    ({"events": [{"kind": "message-loss", "at": "12:00", "prosumer": "house-9"}]},
+     "s.yaml: events[0].prosumer: message-loss names unknown prosumer 'house-9'"),
+])
+def test_bad_profiles_and_events_leave_nothing_on_disk(tmp_path: Path, extra: dict[str, Any],
+                                                       expected: str) -> None:
     (tmp_path / "irr.csv").write_text("time,w\n0,1\n")
-    path = _write(tmp_path, _site(), _scenario(
-        tmp_path / "site.yaml", profiles={"irradiance": {"file": "irr.csv"}}))
+    path = _write(tmp_path, _site(), _scenario(tmp_path / "site.yaml", **extra))
     out = tmp_path / "runs"
     res = runner.invoke(app, ["run", str(path), "--out", str(out), "-q"])
-    assert res.exit_code == 2 and "irr.csv:1" in res.output
+    assert res.exit_code == 2 and expected in " ".join(res.output.split()), res.output
     assert not out.exists()
 
 

@@ -50,7 +50,7 @@ from testbed.telemetry.store import RunStore
 
 from . import expectations
 from .expectations import Verdict, evaluate
-from .model import DeviceEvent, Scenario
+from .model import DeviceEvent, MessageLossEvent, Scenario
 from .phases.accounting import Accounting
 from .phases.devices import DeviceIO, StepReadings
 from .phases.environment import Environment, unreached
@@ -143,7 +143,12 @@ class Run:
         if real and sc.clock.mode == "fast":
             raise ConfigError(f"{where}: clock.mode: a fast clock cannot drive real devices "
                               f"({', '.join(real)}); use mode: realtime")
+        prosumers = {p.name for p in site.prosumers}
         for i, e in enumerate(sc.events):
+            if isinstance(e, MessageLossEvent) and e.prosumer not in (None, *prosumers):
+                raise ConfigError(f"{where}: events[{i}].prosumer: message-loss names unknown "
+                                  f"prosumer {e.prosumer!r} (prosumers: "
+                                  f"{', '.join(sorted(prosumers))})")
             if not isinstance(e, DeviceEvent):
                 continue
             if e.device not in devices:

@@ -128,35 +128,16 @@ class Run:
 
     def _site(self) -> SiteConfig:
         sc = self.sc
-        where = sc.source or sc.name
         try:
             site = load_site(sc.site)
         except ConfigError as exc:
-            raise ConfigError(f"{where}: site: {exc}") from None
+            raise ConfigError(f"{sc.source or sc.name}: site: {exc}") from None
         updates: dict[str, Any] = {"emulation": site.emulation.model_copy(
             update={"seed": sc.seed})}
         if sc.grid.background is not None:
             updates["grid"] = site.grid.model_copy(update={"background": sc.grid.background})
         site = site.model_copy(update=updates)  # keeps .source
-        devices = {d.name: d for _, d in site.devices()}
-        real = sorted(n for n, d in devices.items() if not d.emulated)
-        if real and sc.clock.mode == "fast":
-            raise ConfigError(f"{where}: clock.mode: a fast clock cannot drive real devices "
-                              f"({', '.join(real)}); use mode: realtime")
-        prosumers = {p.name for p in site.prosumers}
-        for i, e in enumerate(sc.events):
-            if isinstance(e, MessageLossEvent) and e.prosumer not in (None, *prosumers):
-                raise ConfigError(f"{where}: events[{i}].prosumer: message-loss names unknown "
-                                  f"prosumer {e.prosumer!r} (prosumers: "
-                                  f"{', '.join(sorted(prosumers))})")
-            if not isinstance(e, DeviceEvent):
-                continue
-            if e.device not in devices:
-                raise ConfigError(f"{where}: events: {e.kind} names unknown "
-                                  f"device {e.device!r} (devices: {', '.join(sorted(devices))})")
-            if not devices[e.device].emulated:
-                raise ConfigError(f"{where}: events[{i}].device: {e.kind} can only fault an "
-                                  f"emulated device; {e.device!r} is real (emulated: false)")
+        check_rules(sc, site)
         return site
 
     # ------------------------------------------------------------------ set-up
@@ -402,6 +383,32 @@ class Run:
             "faults": [{**f, "orders_after_fault": len(self.market.orders_after_fault)}
                        for f in self.devices.faults],
         }
+
+
+def check_rules(sc: Scenario, site: SiteConfig) -> None:
+    """What a scenario may do on a site, checked before anything starts (a ConfigError
+    naming the scenario file and field): a fast clock never drives real devices; device
+    events name emulated devices of the site; events name its prosumers."""
+    where = sc.source or sc.name
+    devices = {d.name: d for _, d in site.devices()}
+    real = sorted(n for n, d in devices.items() if not d.emulated)
+    if real and sc.clock.mode == "fast":
+        raise ConfigError(f"{where}: clock.mode: a fast clock cannot drive real devices "
+                          f"({', '.join(real)}); use mode: realtime")
+    prosumers = {p.name for p in site.prosumers}
+    for i, e in enumerate(sc.events):
+        if isinstance(e, MessageLossEvent) and e.prosumer not in (None, *prosumers):
+            raise ConfigError(f"{where}: events[{i}].prosumer: message-loss names unknown "
+                              f"prosumer {e.prosumer!r} (prosumers: "
+                              f"{', '.join(sorted(prosumers))})")
+        if not isinstance(e, DeviceEvent):
+            continue
+        if e.device not in devices:
+            raise ConfigError(f"{where}: events[{i}].device: {e.kind} names unknown "
+                              f"device {e.device!r} (devices: {', '.join(sorted(devices))})")
+        if not devices[e.device].emulated:
+            raise ConfigError(f"{where}: events[{i}].device: {e.kind} can only fault an "
+                              f"emulated device; {e.device!r} is real (emulated: false)")
 
 
 def _injections(r: StepReadings) -> tuple[dict[str, float], dict[str, float]]:

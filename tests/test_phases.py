@@ -259,3 +259,65 @@ def test_profiles_that_cannot_reach_a_real_device_are_named() -> None:
         "m: household load profile and load spikes do not reach a real meter"]
     # the emulated meter adds a real PV's and battery's measured output
     assert external_w({"p1": {"pv": (1200.0, 0.0), "battery": (-500.0, 0.0)}}) == {"p1": 700.0}
+
+
+# ---------------------------------------------------------------------- environment
+
+
+def test_environment_steps_physics_with_feeder_voltage_and_real_devices_power() -> None:
+    from testbed.devices.emulator import EmulatedSite, prosumer_params
+    from testbed.physics.models import LoadParams, MeterParams, PVParams
+    from testbed.scenarios.phases.environment import Environment
+
+    physics = EmulatedSite(12 * 3600.0)
+    physics.add_prosumer("p1", prosumer_params(PVParams(rating_w=4000.0), None,
+                                               MeterParams(v_noise=0.0), LoadParams()))
+    env = Environment(physics, lambda t: 1000.0, lambda n, p, t: 900.0)
+    env.step(12 * 3600.0 + 60, 60.0)  # no flow yet: the meter's own drop model
+    s = physics.prosumers["p1"].state
+    assert s.meter.voltage_v == pytest.approx(230.0 - 0.4 * s.meter.net_w / 1000.0)
+    # a real battery discharging 1.5 kW beside it, the feeder at 1.031 p.u. at its bus
+    env.step(12 * 3600.0 + 120, 60.0, vm_pu={"p1": 1.031},
+             measured={"p1": {"battery": (1500.0, 0.0)}})
+    s = physics.prosumers["p1"].state
+    assert s.meter.voltage_v == pytest.approx(1.031 * 230.0)
+    assert s.meter.net_w == pytest.approx(900.0 - s.pv.ac_w - 1500.0)
+    assert s.t_s == 12 * 3600.0 + 120
+
+
+# ---------------------------------------------------------------------- market round
+
+
+async def test_market_round_auctions_a_shortfall_and_sets_the_batteries(tmp_path: Path) -> None:
+    from testbed.scenarios.phases.market import MarketRound
+
+    site = load_site("demo")
+    layout = init_ledger(site, tmp_path / "ledger", seed=1, time=EPOCH - 1)
+    keys = {p.name: layout.key(p.name) for p in site.prosumers}
+    sc = Scenario.model_validate({"name": "m", "start": "12:00", "duration": "1h",
+                                  "market": {"buy_price": 0.4}})
+    store = RunStore(tmp_path / "run.db")
+    clock = Clock(sc.start, 60.0, "fast", 1.0)
+    schedule = Schedule(first_interval=48, interval_s=900, energy_kwh=(0.5, 0.5, 0.5))
+    identities = genesis_state(layout.genesis()).identities
+    market = MarketRound(sc, store, clock, MarketRules(interval_s=900), schedule,
+                         layout.key("aggregator"), keys)
+    batteries = {p.name: p.physics(0).battery for p in site.prosumers}
+    async with EmbeddedBroker() as broker, BusClient(broker.url) as bus:
+        await market.start(bus, site.name, lambda a: identities[a].public_key
+                           if a in identities else None, batteries, None)
+        try:
+            for k in range(15):  # 12:00-12:15: 4.5 kW imported, 0.5 kWh scheduled
+                clock.advance_to(sc.start + 60 * (k + 1))
+                market.step(clock.sim_s, 60.0, 4500.0, dict.fromkeys(keys, 0.8))
+            r = await asyncio.wait_for(market.interval_end(48, clock.sim_s, {}), 15)
+        finally:
+            await market.stop()
+    # 1.125 kWh metered - 0.5 scheduled: a buy bid for 0.625 kWh, met by the batteries
+    assert market.aggregator.requested_kwh[48] == pytest.approx(0.625)
+    assert r.clearing is not None and r.clearing.cleared_energy_kwh == pytest.approx(0.625)
+    assert sum(r.setpoints.values()) == pytest.approx(0.625 * 4 * 1000)  # W over 15 min
+    assert market.counters["auctions"] == 1 and market.delivering == {48}
+    rows = store.db.execute("SELECT COUNT(*), SUM(energy_kwh) FROM awards").fetchone()
+    assert rows[0] == len(r.clearing.awards) and rows[1] == pytest.approx(0.625)
+    store.close()

@@ -55,6 +55,9 @@ def test_accounting_integrates_a_step_and_balances_the_house() -> None:
     assert tb["load_wh"] == pytest.approx(40.0) and tb["load_local_wh"] == pytest.approx(2000 / 60)
     assert acc.prosumer("a")["self_consumption"] == pytest.approx(2500 / 3000)
     assert acc.prosumer("b")["self_consumption"] is None  # no PV
+    # what the feeder takes: the meter's net export, or without a meter the inverters'
+    assert Metered(-500.0, 3000.0, -1000.0).injection_w == 500.0
+    assert Metered(0.0, 3000.0, -1000.0, has_meter=False).injection_w == 2000.0
 
 
 def test_accounting_closes_intervals_and_counts_the_delivery_as_covered() -> None:

@@ -26,11 +26,14 @@ class Metered:
     pv_w: float = 0.0
     battery_w: float = 0.0
     q_var: float = 0.0
+    has_meter: bool = True
+    """False: no meter reading (none installed, or none yet); the feeder then takes what
+    the inverters put out (the household load is not measured)."""
 
     @property
     def injection_w(self) -> float:
         """Net export at the connection point."""
-        return -self.import_w
+        return -self.import_w if self.has_meter else self.pv_w + self.battery_w
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ class DeviceIO:
                 import_w=_num(m.values, "p_w") if m else 0.0,
                 pv_w=_num(pv.values, "p_w") if pv else 0.0,
                 battery_w=_num(bat.values, "p_w") if bat else 0.0,
-                q_var=_reactive(m, pv, bat))
+                q_var=_reactive(m, pv, bat), has_meter=m is not None)
             s = bat.values.get("soc_pct") if bat else None
             soc[name] = None if s is None else float(s) / 100.0
         return StepReadings(metered, soc, real, tuple(faulted), tuple(recovered))

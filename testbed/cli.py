@@ -853,6 +853,11 @@ def _summary_table(s: dict[str, Any]) -> Table:
     t.add_row("messages", f"orders {msg['orders_received']}/{msg['orders_published']} received "
               f"({msg['orders_lost_injected']} lost by design), refused {msg['refused_by_agents']}"
               f" + {msg['refused_by_ledger']} (ledger), read errors {msg['read_errors']}")
+    real = s.get("devices", {})
+    if real.get("real"):
+        t.add_row("real devices", ", ".join(real["real"]))
+    for note in real.get("unreached", []):
+        t.add_row("[yellow]not reached[/]", note)
     for f in s["faults"]:
         t.add_row("[red]fault[/]", f"{f['device']} at {int(f['t'] // 3600):02d}:"
                   f"{int(f['t'] % 3600 // 60):02d}: {f['prosumer']} left the market "

@@ -72,9 +72,11 @@ class EmulatedProsumer:
         self.version = 0
         """Bumped on every change so devices re-encode their maps only when needed."""
 
-    def step(self, dt_s: float, irradiance_w_m2: float, load_w: float) -> None:
+    def step(self, dt_s: float, irradiance_w_m2: float, load_w: float, *,
+             external_w: float = 0.0, voltage_v: float | None = None) -> None:
         self.state = prosumer_step(self.params, self.state, irradiance_w_m2=irradiance_w_m2,
-                                   load_w=load_w, dt_s=dt_s, key=self.name)
+                                   load_w=load_w, dt_s=dt_s, key=self.name,
+                                   external_w=external_w, voltage_v=voltage_v)
         self.version += 1
 
     def update(self, **changes: object) -> None:
@@ -480,12 +482,18 @@ class EmulatedSite:
         self.devices[name] = dev
         return dev
 
-    def step(self, dt_s: float) -> None:
-        """Advance every prosumer's physics by `dt_s` of simulated time."""
+    def step(self, dt_s: float, *, external_w: Mapping[str, float] | None = None,
+             voltage_v: Mapping[str, float] | None = None) -> None:
+        """Advance every prosumer's physics by `dt_s` of simulated time. `external_w`:
+        prosumer -> measured output of its real devices (+ = generation or discharge),
+        which its emulated meter adds; `voltage_v`: prosumer -> terminal voltage from the
+        feeder's power flow, which its emulated meter and inverters show."""
         t = self.t_s + dt_s
         irr = self.irradiance(t)
+        ext, volts = external_w or {}, voltage_v or {}
         for pr in self.prosumers.values():
-            pr.step(dt_s, irr, self.load(pr.name, pr.params.load, t))
+            pr.step(dt_s, irr, self.load(pr.name, pr.params.load, t),
+                    external_w=ext.get(pr.name, 0.0), voltage_v=volts.get(pr.name))
         self.t_s = t
 
     async def run(self, tick_s: float = 1.0, speed: float = 1.0,

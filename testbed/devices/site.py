@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from ..config import SiteConfig
+from ..config import ProsumerConfig, SiteConfig
+from ..physics.models import ProsumerParams
 from .driver import Device, DeviceKind
 from .emulator import EmulatedDevice, EmulatedSite
 from .modbus import ModbusEmulatorServer, ModbusLink, SerialSettings, SunSpecDevice
@@ -57,6 +58,15 @@ class Endpoint:
         return f"{self.host}:{self.port}" + (" (RTU over TCP)" if self.transport == "rtu-over-tcp" else "")
 
 
+def emulated_physics(p: ProsumerConfig, seed: int) -> ProsumerParams:
+    """A prosumer's physics without its real devices: those are hardware, measured by the
+    run and added to the emulated meter beside them (`EmulatedSite.step(external_w=)`)."""
+    params = p.physics(seed)
+    real = {d.kind for d in p.devices if not d.emulated}
+    return replace(params, pv=None if DeviceKind.PV in real else params.pv,
+                   battery=None if DeviceKind.BATTERY in real else params.battery)
+
+
 class SiteEmulators:
     """Every emulated device of a site, served on its configured (or a free) port.
 
@@ -77,7 +87,7 @@ class SiteEmulators:
         seed = site.emulation.seed
         for p in site.prosumers:
             if any(d.emulated for d in p.devices):
-                self.physics.add_prosumer(p.name, p.physics(seed))
+                self.physics.add_prosumer(p.name, emulated_physics(p, seed))
 
     @property
     def devices(self) -> Mapping[str, EmulatedDevice]:

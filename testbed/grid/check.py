@@ -181,6 +181,7 @@ class GridChecker:
         self._bus_names = tuple(bus_label(net, b) for b in net.bus.index)
         self._line_names = tuple(_names(net.line, "line"))
         self._trafo_names = tuple(_names(net.trafo, "trafo"))
+        self._conn_rows = tuple(net.bus.index.get_loc(c.bus) for c in self.connections)
 
     @property
     def prosumers(self) -> tuple[str, ...]:
@@ -196,6 +197,21 @@ class GridChecker:
                 p[self._index(name)] += w
         return p
 
+    def _q_vector(self, base_q: Mapping[str, float] | None) -> np.ndarray | None:
+        if not base_q:
+            return None
+        q = np.zeros(len(self.connections))
+        for name, var in base_q.items():
+            q[self._index(name)] += var
+        return q
+
+    def prosumer_vm(self, report: GridReport) -> dict[str, float]:
+        """Voltage magnitude (p.u.) at each prosumer's connection bus (NaN if no solution):
+        what goes back to that prosumer's emulated devices."""
+        vm = report.flow.vm_pu
+        return {c.prosumer: float(vm[row]) for c, row in zip(self.connections, self._conn_rows,
+                                                              strict=True)}
+
     def _index(self, prosumer: str) -> int:
         try:
             return self._pos[prosumer]
@@ -204,16 +220,20 @@ class GridChecker:
                             f"{', '.join(self._pos)})", "prosumer") from None
 
     def check(self, base_w: Mapping[str, float], awards: Awards | None = None, *,
-              background: float = 1.0) -> GridReport:
-        """Power flow with measured injections `base_w` (prosumer -> W, + = export) plus
-        the `awards`; violations of the enforced band are attributed to awards."""
+              background: float = 1.0, base_q: Mapping[str, float] | None = None
+              ) -> GridReport:
+        """Power flow with measured injections `base_w` (prosumer -> W, + = export) and
+        `base_q` (prosumer -> var, + = into the grid; none = unity power factor) plus the
+        `awards` (active power); violations of the enforced band are attributed to awards,
+        every flow (base case and trials) carrying the same reactive injections."""
         awards = dict(awards or {})
-        flow = self.flow.solve(self._vector(base_w, awards), background=background)
+        q = self._q_vector(base_q)
+        flow = self.flow.solve(self._vector(base_w, awards), q, background=background)
         violations = self._violations(flow)
         enforced = [v for v in violations if v.enforced]
         if enforced and awards:
-            base = self.flow.solve(self._vector(base_w, {}), background=background)
-            trials = {k: self.flow.solve(self._vector(base_w, awards, skip=k),
+            base = self.flow.solve(self._vector(base_w, {}), q, background=background)
+            trials = {k: self.flow.solve(self._vector(base_w, awards, skip=k), q,
                                          background=background) for k in awards}
             violations = [self._attribute(v, base, trials, awards) if v.enforced else v
                           for v in violations]

@@ -94,7 +94,8 @@ def award_power_w(side: Side, energy_kwh: float, interval_s: int) -> float:
 def reclear(request: Order, orders: Iterable[Order], *, checker: GridChecker,
             locate: Mapping[str, str] | Callable[[str], str], base_w: Mapping[str, float],
             pricing: Pricing | None = None, rules: MarketRules = DEFAULT_RULES,
-            background: float = 1.0, max_rounds: int = 50) -> Reclear:
+            background: float = 1.0, max_rounds: int = 50,
+            base_q: Mapping[str, float] | None = None) -> Reclear:
     """Clear `orders` against `request`, check the dispatch on the feeder, curtail and
     re-clear until acceptable. `locate` maps an order id to its prosumer (the aggregator
     knows where its pseudonymous bidders are connected); `base_w` is the measured
@@ -109,7 +110,7 @@ def reclear(request: Order, orders: Iterable[Order], *, checker: GridChecker,
         awards = {a.order_id: (where(a.order_id), award_power_w(a.side, a.energy_kwh,
                                                                 rules.interval_s))
                   for a in clearing.awards}
-        report = checker.check(base_w, awards, background=background)
+        report = checker.check(base_w, awards, background=background, base_q=base_q)
         rounds.append(Round(n, dict(caps), clearing, report))
         if report.acceptable or not clearing.awards:
             break
@@ -120,7 +121,7 @@ def reclear(request: Order, orders: Iterable[Order], *, checker: GridChecker,
     else:  # out of rounds: dispatch nothing rather than something unchecked
         clearing = clear(request, orders, pricing, rules=rules,
                          caps={str(o.order_id): 0.0 for o in orders})
-        report = checker.check(base_w, {}, background=background)
+        report = checker.check(base_w, {}, background=background, base_q=base_q)
         rounds.append(Round(max_rounds, dict(clearing.caps), clearing, report))
     last = rounds[-1]
     return Reclear(last.clearing, last.report, tuple(rounds), last.report.acceptable)

@@ -31,6 +31,7 @@ from testbed.bus import topics
 from testbed.bus.client import BusClient, BusMessage
 from testbed.ledger import messages
 from testbed.ledger import transactions as T
+from testbed.ledger.election import cpf
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair
 from testbed.ledger.messages import Freshness, KeyResolver, SignedMessage
@@ -251,7 +252,7 @@ class TCRAgent:
         """Fault injection: True drops the signed order instead of publishing it."""
 
     def observe(self, production_kwh: float, consumption_kwh: float) -> None:
-        self.cpf = math.exp(-abs(production_kwh - consumption_kwh))
+        self.cpf = cpf(production_kwh, consumption_kwh)
 
     async def start(self) -> None:
         for kind, fn in (("request", self._on_request), ("awards", self._on_award)):

@@ -287,11 +287,21 @@ def net_power_w(load_w: float, pv_w: float, battery_w: float) -> float:
 
 
 def meter_step(p: MeterParams, s: MeterState, *, load_w: float, pv_w: float,
-               battery_w: float, dt_s: float, t_s: float, key: str = "meter") -> MeterState:
-    """Integrate import/export registers (never decreasing) and derive V and f."""
-    net = net_power_w(load_w, pv_w, battery_w)
+               battery_w: float, dt_s: float, t_s: float, key: str = "meter",
+               external_w: float = 0.0, voltage_v: float | None = None) -> MeterState:
+    """Integrate import/export registers (never decreasing) and derive V and f.
+
+    `external_w`: measured output of real devices behind the same meter (+ = generation
+    or discharge), so an emulated meter sees the hardware beside it. `voltage_v`: the
+    voltage a feeder power flow computed at the connection point; without one the meter
+    models its own drop (`v_drop_per_kw`) and noise."""
+    net = net_power_w(load_w, pv_w + external_w, battery_w)
     hours = dt_s / 3600.0
-    v = p.v_nominal - p.v_drop_per_kw * net / 1000.0 + p.v_noise * seeded_noise(p.seed, key + ".v", t_s)
+    if voltage_v is not None:
+        v = voltage_v
+    else:
+        v = p.v_nominal - p.v_drop_per_kw * net / 1000.0 \
+            + p.v_noise * seeded_noise(p.seed, key + ".v", t_s)
     f = p.f_nominal + p.f_noise * seeded_noise(p.seed, key + ".f", t_s)
     return MeterState(
         net_w=net,
@@ -377,14 +387,17 @@ class ProsumerState:
 
 
 def prosumer_step(p: ProsumerParams, s: ProsumerState, *, irradiance_w_m2: float,
-                  load_w: float, dt_s: float, key: str = "") -> ProsumerState:
-    """Advance one connection point by `dt_s`: devices first, then the meter sees their sum."""
+                  load_w: float, dt_s: float, key: str = "", external_w: float = 0.0,
+                  voltage_v: float | None = None) -> ProsumerState:
+    """Advance one connection point by `dt_s`: devices first, then the meter sees their sum
+    (plus `external_w` of real devices beside them; `voltage_v` from the feeder, if any)."""
     t = s.t_s + dt_s
     pv = pv_step(p.pv, s.pv, irradiance_w_m2, dt_s) if p.pv and s.pv else None
     bat = battery_step(p.battery, s.battery, dt_s) if p.battery and s.battery else None
     meter = meter_step(
         p.meter, s.meter, load_w=load_w, pv_w=pv.ac_w if pv else 0.0,
         battery_w=bat.power_w if bat else 0.0, dt_s=dt_s, t_s=t, key=key + ".meter",
+        external_w=external_w, voltage_v=voltage_v,
     )
     return ProsumerState(pv=pv, battery=bat, meter=meter, load_w=load_w,
                          irradiance_w_m2=irradiance_w_m2, t_s=t)

@@ -1,0 +1,105 @@
+"""The ledger phase: meter readings, payments and the market's messages go to the
+validators (`ledger.validators.Validators`, the facade), a block is produced at every
+interval end on the run's clock, and committed blocks are recorded in the run store.
+
+Does bus I/O through the facade. Transactions are queued during an interval and flushed
+before the block (or before a message the market submits itself), in a fixed order, so a
+replay with the same seed commits the same blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from testbed.clock import EPOCH
+from testbed.ledger import messages
+from testbed.ledger import transactions as T
+from testbed.ledger.identity import KeyPair
+from testbed.ledger.validators import Validators
+from testbed.market.settlement import Transfer, TransferKind
+from testbed.telemetry.store import RunStore
+
+
+class LedgerPhase:
+    def __init__(self, validators: Validators, store: RunStore, keys: Mapping[str, KeyPair],
+                 aggregator_key: KeyPair, interval_s: int) -> None:
+        self.validators = validators
+        self.store = store
+        self.keys = dict(keys)
+        self.aggregator_key = aggregator_key
+        self.by_address = {k.address: k for k in [*self.keys.values(), aggregator_key]}
+        self.names = {k.address: n for n, k in self.keys.items()}
+        self.interval_s = interval_s
+        self.submitted: list[str] = []
+        self.committed: set[str] = set()
+        self.blocks = 0
+        self.recorded = 0
+        self._outbox: list[messages.SignedMessage] = []
+        self.verified: dict[str, dict[str, Any]] = {}
+
+    async def submit(self, msg: messages.SignedMessage) -> None:
+        """What the market's agents hand in: everything queued goes first."""
+        await self._flush()
+        await self._publish(msg)
+
+    async def _publish(self, msg: messages.SignedMessage) -> None:
+        self.submitted.append(msg.id)
+        await self.validators.submit(msg)
+
+    async def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for msg in outbox:
+            await self._publish(msg)
+
+    def readings(self, interval: int, certified: Iterable[tuple[str, float, float]],
+                 at: float) -> None:
+        """Each meter signs its interval's production and consumption (PoE evidence)."""
+        for name, prod, cons in certified:
+            self._outbox.append(messages.sign(self.keys[name], T.READING, {
+                "meter": self.keys[name].address, "start": int(EPOCH + interval * self.interval_s),
+                "duration_s": self.interval_s, "production_kwh": round(prod, 6),
+                "consumption_kwh": round(cons, 6)}, at=at))
+
+    def payments(self, transfers: Iterable[tuple[Transfer, str]], at: float) -> None:
+        """Settlement transfers, each signed by its payer: (transfer, award id)."""
+        for x, award_id in transfers:
+            self._outbox.append(messages.sign(self.by_address[x.payer], T.PAYMENT, {
+                "to": x.payee, "amount": x.amount_ueur,
+                "award": award_id if x.kind == TransferKind.ENERGY else None,
+                "memo": f"{x.kind} {x.order_id[:16]} interval {x.interval}"}, at=at))
+
+    async def interval_end(self, interval: int, t: float) -> None:
+        """The elected validator proposes once every submitted transaction has reached it
+        (or been refused by it); every node commits; the new blocks are recorded."""
+        await self._flush()
+        want = set(self.submitted) - self.committed
+        if want:
+            before = self.validators.height()
+            if await self.validators.produce(want) is None:
+                self.store.event(t, "block-missing", None, f"no block committed after height "
+                                 f"{before} within 10 s")
+        self._record()
+
+    def _record(self) -> None:
+        for block, tx_ids in self.validators.blocks_since(self.recorded):
+            self.committed.update(tx_ids)
+            self.blocks += 1
+            self.store.insert("blocks", {
+                "height": block.height, "t": block.time - EPOCH, "hash": block.hash,
+                "proposer": block.proposer,
+                "proposer_name": self.names.get(block.proposer, "?"), "round": block.round,
+                "txs": block.header["txs"], "cpf": block.header.get("evidence", {})})
+            self.recorded = block.height
+
+    async def stop(self) -> None:
+        await self.validators.stop()
+        self.verified = self.validators.verify()
+
+    def rejected(self) -> int:
+        return sum(r["rejected"] for r in self.validators.report().values())
+
+    def summary(self) -> dict[str, Any]:
+        v = self.verified
+        return {"enabled": True, "blocks": self.blocks, "submitted": len(self.submitted),
+                "uncommitted": len(set(self.submitted) - self.committed), "verified": v,
+                "verifies": bool(v) and all(x["ok"] for x in v.values())}

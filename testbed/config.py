@@ -26,7 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from .devices.driver import DeviceKind
+from .devices.driver import MEASUREMENTS, SETPOINTS, DeviceKind
+from .devices.nodemap import check_unit
 from .grid.limits import GridLimits
 from .physics.models import BatteryParams, LoadParams, MeterParams, ProsumerParams, PVParams
 
@@ -92,6 +93,73 @@ class LoadConfig(_Strict):
 
 
 PROTOCOL_PORTS = {"modbus": 502, "opcua": 4840}
+OPCUA_NAMESPACE = "urn:testbed:devices"
+"""Namespace URI of our own OPC UA information model (see testbed.devices.opcua)."""
+
+
+class OpcUaPointMap(_Strict):
+    """Where one neutral point lives on a foreign OPC UA server, and how its value converts:
+    neutral = raw * scale (times the unit's factor) + offset."""
+
+    path: Annotated[str, Field(min_length=1)] | None = None
+    """Browse path below the device's `root`, names joined by '/' (namespace: the map's)."""
+    node: Annotated[str, Field(min_length=1)] | None = None
+    """Or a NodeId: 'nsu=<namespace URI>;s=...' (portable) or 'ns=<index>;i=...'."""
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str | None = None
+    """The unit the server serves (kW, kWh, kV, fraction, ...): converted to the neutral one."""
+    range: tuple[float, float] | None = None
+    """Setpoints: allowed values in neutral units, when the server publishes no EURange."""
+
+    @model_validator(mode="after")
+    def _where(self) -> OpcUaPointMap:
+        if (self.path is None) == (self.node is None):
+            raise ValueError("give exactly one of path (a browse path) or node (a NodeId)")
+        if self.scale == 0:
+            raise ValueError("scale must not be 0")
+        if self.range is not None and self.range[0] > self.range[1]:
+            raise ValueError(f"range {list(self.range)}: low above high")
+        return self
+
+
+class OpcUaDeviceConfig(_Strict):
+    """How the driver finds an OPC UA device: our information model (the default, under
+    `namespace`), or a node map of a foreign server's nodes (`points`); poll or subscribe."""
+
+    namespace: Annotated[str, Field(min_length=1)] = OPCUA_NAMESPACE
+    """Namespace URI of the server's nodes (browse names of `root` and `path`s)."""
+    device: Annotated[str, Field(min_length=1)] | None = None
+    """Our model: the device's browse name under Objects/Devices (default: its site name)."""
+    root: Annotated[str, Field(min_length=1)] | None = None
+    """Node map: browse path from Objects to the device, e.g. 'Plant/Inverter01'."""
+    points: dict[str, OpcUaPointMap | Annotated[str, Field(min_length=1)]] = {}
+    """Neutral name -> where it is; a plain string is a browse path. Empty: our model."""
+    status: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")],
+                 OpcUaPointMap | Annotated[str, Field(min_length=1)]] = {}
+    """Status words (state, ...) read as served."""
+    mode: Literal["poll", "subscribe"] = "poll"
+    """poll: one Read per `read()`; subscribe: `read()` answers from monitored items."""
+    publishing_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @field_validator("points", "status")
+    @classmethod
+    def _expand(cls, points: dict[str, Any]) -> dict[str, OpcUaPointMap]:
+        return {k: OpcUaPointMap(path=v) if isinstance(v, str) else v for k, v in points.items()}
+
+    @model_validator(mode="after")
+    def _mapped(self) -> OpcUaDeviceConfig:
+        if (self.points or self.status) and self.device is not None:
+            raise ValueError("device names a device of our information model; a node map "
+                             "(points) uses root instead")
+        for name, pm in self.points.items():
+            if pm.unit is not None:
+                check_unit(name, pm.unit)
+        return self
+
+    @property
+    def mapped(self) -> bool:
+        return bool(self.points)
 
 
 class _DeviceBase(_Strict):
@@ -105,6 +173,8 @@ class _DeviceBase(_Strict):
     emulated: bool = True
     """False: real hardware (or an emulator someone else runs) at host:port."""
     timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    opcua: OpcUaDeviceConfig | None = None
+    """OPC UA devices: namespace, node map of a foreign server, poll or subscribe."""
 
     @model_validator(mode="before")
     @classmethod
@@ -125,6 +195,21 @@ class _DeviceBase(_Strict):
     def _port(self) -> _DeviceBase:
         if self.port == 0 and not self.emulated:
             raise ValueError("port 0 (any free port) is only meaningful for emulated devices")
+        if self.opcua is not None:
+            if self.protocol != "opcua":
+                raise ValueError("opcua settings need protocol: opcua")
+            kind = DeviceKind(self.kind)  # type: ignore[attr-defined]
+            known = (*MEASUREMENTS[kind], *SETPOINTS[kind])
+            for name in self.opcua.points:
+                if name not in known:
+                    raise ValueError(f"opcua.points: {name!r} is not a {kind.value} point "
+                                     f"(known: {', '.join(known)})")
+            o = self.opcua
+            if self.emulated and (o.mapped or o.status or o.root or o.device
+                                  or o.namespace != OPCUA_NAMESPACE):
+                raise ValueError("an emulated device serves our information model under its "
+                                 f"own name in {OPCUA_NAMESPACE}; namespace, device, root, "
+                                 "points and status are for a real server (emulated: false)")
         return self
 
     @property

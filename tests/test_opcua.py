@@ -200,8 +200,9 @@ async def test_out_of_range_setpoint_is_refused_with_the_range(served):
     dev = open_devices(served.site, ["bat"])["bat"]
     try:
         before = state(served).battery
+        # refused by the driver, from the EURange the server publishes, before any Write
         with pytest.raises(SetpointRejected, match=r"bat \(opc\.tcp://127\.0\.0\.1:\d+ Devices/bat\): "
-                           r"power_w=9000 W refused \(BadOutOfRange; allowed -4000\.\.5000 W\)"):
+                           r"power_w 9000 W is outside -4000\.\.5000 W \(range from the server's EURange\)"):
             await dev.write("power_w", 9000)
         with pytest.raises(SetpointRejected, match=r"'limit_pct' is not a setpoint of a battery "
                                                    r"\(setpoints: power_w\)"):

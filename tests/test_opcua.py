@@ -382,3 +382,23 @@ prosumers:
         r"emulated OPC UA devices \(h1-bat, h1-meter\) need an account")
     bad(base.replace("password: pw", "password: pw, policy: Basic128Rsa15"),
         r"lab.yaml:2: opcua.policy: Input should be 'Basic256Sha256', 'Aes128_Sha256_RsaOaep' or 'Aes256_Sha256_RsaPss'")
+
+
+def test_certificates_pass_asyncuas_own_checks(certs):
+    """Made by asyncua.crypto.cert_gen: application URI and host names in subjectAltName,
+    the right extended key usage, and a key that matches, as asyncua's checks want."""
+    import socket
+
+    from asyncua.crypto.uacrypto import check_certificate, load_certificate, load_private_key
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    for role, uri, use in (("server", "urn:testbed:server", ExtendedKeyUsageOID.SERVER_AUTH),
+                           ("client", CLIENT_URI, ExtendedKeyUsageOID.CLIENT_AUTH)):
+        cert = asyncio.run(load_certificate(certs / role / "cert.der"))
+        key = asyncio.run(load_private_key(certs / role / "key.pem"))
+        assert check_certificate(cert, uri, socket.gethostname()) is False  # False: no problem
+        assert check_certificate(cert, uri, "localhost") is False
+        assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+        assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [use]
+        assert (certs / role / "key.pem").stat().st_mode & 0o077 == 0

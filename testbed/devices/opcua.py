@@ -55,13 +55,13 @@ from typing import Any
 from asyncua import Client, Server, ua
 from asyncua.client.ua_client import UaClientState
 from asyncua.common.utils import ServiceError
+from asyncua.crypto import cert_gen
 from asyncua.crypto import security_policies as sp
 from asyncua.crypto.permission_rules import PermissionRuleset, User, UserRole
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.address_space import AttributeService
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .driver import (
@@ -114,43 +114,28 @@ CERTS_LAYOUT = {"server": "server", "client": "client", "trusted_clients": "trus
 
 def make_certificate(directory: Path, uri: str, common_name: str, *, server: bool,
                      hosts: tuple[str, ...] = (), days: int = 3650) -> tuple[Path, Path]:
-    """A self-signed RSA-2048 application certificate as OPC UA wants it.
+    """A self-signed RSA-2048 application certificate as OPC UA wants it (OPC 10000-6
+    6.2.2), made by asyncua's own helpers (`asyncua.crypto.cert_gen`).
 
     The application URI goes into subjectAltName (asyncua and most stacks compare it
     with the ApplicationUri of the session), with DNS/IP names of `hosts`, localhost and
     this host. Writes `directory/cert.der` and `directory/key.pem` (PKCS#8, 0600).
     """
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "testbed")])
+    key = cert_gen.generate_private_key()
     alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
     for h in dict.fromkeys((*hosts, "localhost", socket.gethostname(), "127.0.0.1")):
         try:
             alt.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             alt.append(x509.DNSName(h))
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True,
-                                     key_encipherment=True, data_encipherment=True,
-                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                              else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    use = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, common_name, {"organizationName": "testbed"}, alt, [use], days=days)
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "cert.der", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
     key_path.touch(mode=0o600)
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
     return cert_path, key_path
 
 

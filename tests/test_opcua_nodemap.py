@@ -5,6 +5,7 @@ commanded through a node map of the site file; and our layout under another name
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 
@@ -338,3 +339,46 @@ prosumers:
     with pytest.raises(ConfigError, match=r"give exactly one of path .* or node"):
         load("{p_w: {path: P, node: 'ns=2;i=5'}}")
     load("{p_w: {path: P, unit: MW}}")
+
+
+def test_cli_reads_and_writes_a_mapped_device_and_errors_are_one_line(vendor_server, tmp_path):
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+
+    def site_file(path: str) -> str:
+        f = tmp_path / "lab.yaml"
+        f.write_text(f"""
+name: lab
+opcua: {{allow_insecure: true}}
+prosumers:
+  - name: p1
+    devices:
+      - name: inv
+        kind: pv
+        protocol: opcua
+        emulated: false
+        port: {vendor_server.port}
+        opcua:
+          namespace: {VENDOR_NS}
+          root: Plant/Inverter01
+          points:
+            p_w: {{path: {path}, unit: kW}}
+            limit_pct: Controls/PowerLimit
+""")
+        return str(f)
+
+    runner = CliRunner()
+    env = {"COLUMNS": "300"}
+    r = runner.invoke(app, ["devices", "read", site_file("Measurements/ActivePower"), "inv", "--json"],
+                      env=env)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["values"]["p_w"] == pytest.approx(3200.0)
+    r = runner.invoke(app, ["devices", "write", site_file("Measurements/ActivePower"), "inv",
+                            "limit_pct", "400"], env=env)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert re.fullmatch(r"error: inv \(opc\.tcp://127\.0\.0\.1:\d+ Plant/Inverter01\): limit_pct 400 % "
+                        r"is outside 0\.\.100 % \(range from its meaning\); nothing written\n", r.stderr)
+    r = runner.invoke(app, ["devices", "read", site_file("Measurements/P"), "inv"], env=env)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.stderr.count("\n") == 1 and "no node Objects/Plant/Inverter01/Measurements/P for p_w" in r.stderr

@@ -101,3 +101,52 @@ async def test_subscribe_mode_read_equals_a_poll_mode_read():
             await sub_devs["bat"].write("power_w", 0)
             for d in (*sub_devs.values(), *poll_devs.values()):
                 await d.close()
+
+
+async def test_subscribe_mode_recovers_after_the_server_restarts():
+    from dataclasses import replace
+
+    from testbed.devices.driver import DeviceUnavailable
+    from testbed.devices.emulator import EmulatedSite, prosumer_params
+    from testbed.devices.opcua import OpcUaEmulatorServer, OpcUaLink, OpcUaSecurity
+    from testbed.physics.models import BatteryParams
+
+    em = EmulatedSite()
+    em.add_prosumer("x", prosumer_params(None, BatteryParams()))
+    devs = {"x-bat": em.add_device("x-bat", "battery", "x")}
+    em.step(1.0)
+    security = OpcUaSecurity(None, username=USER, password=PASSWORD, accounts={USER: PASSWORD},
+                             allow_insecure=True)
+    server = OpcUaEmulatorServer("127.0.0.1", 0, devs, security, sample_s=0.02)
+    port = await server.start()
+    cfg = site("subscribe").prosumers[0].devices[1].opcua
+    link = OpcUaLink("127.0.0.1", port, security, timeout_s=1.0, backoff_s=0.1, backoff_max_s=0.2)
+    dev = OpcUaDevice("x-bat", link, "battery", config=cfg)
+    try:
+        await dev.connect()
+        assert (await dev.read()).values["soc_pct"] == pytest.approx(50, abs=0.1)
+        await server.stop()
+        with pytest.raises(DeviceUnavailable, match=r"x-bat \(opc\.tcp://127\.0\.0\.1:\d+ Devices/x-bat\)"):
+            for _ in range(40):  # no stale answers from the cache once the session is gone
+                await dev.read()
+                await asyncio.sleep(0.05)
+        server = OpcUaEmulatorServer("127.0.0.1", port, devs, security, sample_s=0.02)
+        await server.start()
+        pr = em.prosumers["x"]
+        pr.update(battery=replace(pr.state.battery, soc=0.42))
+        em.step(1.0)
+        await asyncio.sleep(0.25)  # past the backoff
+        for _ in range(100):
+            try:
+                r = await dev.read()
+            except DeviceUnavailable:
+                r = None
+            if r is not None and r.values["soc_pct"] == pytest.approx(42, abs=0.1):
+                break
+            await asyncio.sleep(0.05)
+        assert r is not None and r.values["soc_pct"] == pytest.approx(42, abs=0.1)
+        feed = dev._feed
+        assert feed is not None and feed.generation == link.generation and feed.values
+    finally:
+        await dev.close()
+        await server.stop()

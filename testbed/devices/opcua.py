@@ -21,7 +21,14 @@ driver returns. Values are derived from the same emulator objects the Modbus ser
 does), so both protocols read the same numbers. A setpoint write goes through
 `EmulatedDevice.write_point` (the protocol-neutral write path with range checks); a
 refused write answers `BadOutOfRange` (`BadTypeMismatch` for a non-number) and changes
-nothing.
+nothing. Monitored items see the physics move: values are served by read callbacks, which
+asyncua never samples, so the server writes changed values of monitored variables back
+through its address space (which notifies) every `sample_s`.
+
+The driver reads this model under any namespace URI, or a foreign server's own nodes
+through a node map of the site file (`config.OpcUaDeviceConfig`: browse paths or NodeIds
+per neutral name, with unit conversions in `nodemap`); it polls (one Read per `read()`)
+or answers `read()` from a subscription's monitored items.
 
 Security: endpoints are SignAndEncrypt with one policy (Basic256Sha256 by default;
 Aes128_Sha256_RsaOaep or Aes256_Sha256_RsaPss), sessions need a username and password,

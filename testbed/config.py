@@ -112,6 +112,15 @@ class OpcUaPointMap(_Strict):
     range: tuple[float, float] | None = None
     """Setpoints: allowed values in neutral units, when the server publishes no EURange."""
 
+    @field_validator("node")
+    @classmethod
+    def _nodeid(cls, node: str | None) -> str | None:
+        if node is not None and not re.fullmatch(
+                r"((nsu=[^;]+|ns=\d+);)?(i=\d+|s=.+|g=[0-9A-Fa-f-]{36}|b=.+)", node):
+            raise ValueError("not a NodeId: expected e.g. 'nsu=urn:vendor;s=Inverter.P' "
+                             "or 'ns=2;i=1017'")
+        return node
+
     @model_validator(mode="after")
     def _where(self) -> OpcUaPointMap:
         if (self.path is None) == (self.node is None):
@@ -133,19 +142,20 @@ class OpcUaDeviceConfig(_Strict):
     """Our model: the device's browse name under Objects/Devices (default: its site name)."""
     root: Annotated[str, Field(min_length=1)] | None = None
     """Node map: browse path from Objects to the device, e.g. 'Plant/Inverter01'."""
-    points: dict[str, OpcUaPointMap | Annotated[str, Field(min_length=1)]] = {}
+    points: dict[str, OpcUaPointMap] = {}
     """Neutral name -> where it is; a plain string is a browse path. Empty: our model."""
-    status: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")],
-                 OpcUaPointMap | Annotated[str, Field(min_length=1)]] = {}
+    status: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], OpcUaPointMap] = {}
     """Status words (state, ...) read as served."""
     mode: Literal["poll", "subscribe"] = "poll"
     """poll: one Read per `read()`; subscribe: `read()` answers from monitored items."""
     publishing_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
 
-    @field_validator("points", "status")
+    @field_validator("points", "status", mode="before")
     @classmethod
-    def _expand(cls, points: dict[str, Any]) -> dict[str, OpcUaPointMap]:
-        return {k: OpcUaPointMap(path=v) if isinstance(v, str) else v for k, v in points.items()}
+    def _expand(cls, points: Any) -> Any:
+        if not isinstance(points, dict):
+            return points
+        return {k: {"path": v} if isinstance(v, str) else v for k, v in points.items()}
 
     @model_validator(mode="after")
     def _mapped(self) -> OpcUaDeviceConfig:

@@ -338,7 +338,11 @@ prosumers:
         load("{p_w: {path: P, unit: kWh}}")
     with pytest.raises(ConfigError, match=r"give exactly one of path .* or node"):
         load("{p_w: {path: P, node: 'ns=2;i=5'}}")
-    load("{p_w: {path: P, unit: MW}}")
+    with pytest.raises(ConfigError, match=r"s\.yaml:\d+: prosumers\[0\]\.devices\[0\]\.opcua\.points\.p_w"
+                       r"\.node: not a NodeId: expected e\.g\. 'nsu=urn:vendor;s=Inverter\.P' or 'ns=2;i=1017' "
+                       r"\(got 'ns=x;i=3'\)$"):
+        load("{p_w: {node: 'ns=x;i=3'}}")
+    load("{p_w: {path: P, unit: MW}, q_var: {node: 'nsu=urn:v;s=Q'}, voltage_v: {node: 'ns=3;i=7'}}")
 
 
 def test_cli_reads_and_writes_a_mapped_device_and_errors_are_one_line(vendor_server, tmp_path):
@@ -368,6 +372,7 @@ prosumers:
 """)
         return str(f)
 
+    vendor_server.run(vendor_server.vendor.nodes["P"].write_value(3.2))  # as other tests found it
     runner = CliRunner()
     env = {"COLUMNS": "300"}
     r = runner.invoke(app, ["devices", "read", site_file("Measurements/ActivePower"), "inv", "--json"],

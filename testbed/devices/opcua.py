@@ -1176,7 +1176,7 @@ class OpcUaDevice(Device):
                 continue
             try:
                 nid = ua.NodeId.from_string(pm.node)
-            except (ValueError, KeyError, IndexError) as exc:
+            except (ValueError, KeyError, IndexError, ua.UaError) as exc:
                 raise NodeMissing(self._err(f"{n}: {pm.node!r} is not a NodeId ({exc})")) from None
             uri = getattr(nid, "NamespaceUri", None)
             if uri:

@@ -147,6 +147,15 @@ async def test_subscribe_mode_recovers_after_the_server_restarts():
         assert r is not None and r.values["soc_pct"] == pytest.approx(42, abs=0.1)
         feed = dev._feed
         assert feed is not None and feed.generation == link.generation and feed.values
+        # the server ends the subscription (as when its lifetime runs out): asyncua hands
+        # the handler a StatusChangeNotification; the next read subscribes again
+        from asyncua import ua
+        feed.status_change_notification(ua.StatusChangeNotification(
+            Status=ua.StatusCode(ua.StatusCodes.BadTimeout)))
+        assert feed.dead == "BadTimeout"
+        r = await dev.read()
+        assert r.values["soc_pct"] == pytest.approx(42, abs=0.1)
+        assert dev._feed is not feed and dev._feed is not None and not dev._feed.dead
     finally:
         await dev.close()
         await server.stop()

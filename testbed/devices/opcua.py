@@ -474,9 +474,11 @@ class OpcUaEmulatorServer:
         self._server: Server | None = None
         self._trusted: dict[bytes, x509.Certificate] = {}
         self._sources: dict[ua.NodeId, tuple[_DeviceView, str]] = {}
-        self._watched: dict[ua.NodeId, int] = {}
+        self._watched: dict[_DeviceView, dict[ua.NodeId, int]] = {}
+        """Monitored variables by device: NodeId -> number of monitored items on it."""
         self._handles: dict[int, ua.NodeId] = {}
         self._pushed: dict[ua.NodeId, ua.DataValue] = {}
+        self._pushed_version: dict[_DeviceView, int] = {}
         self._pump: asyncio.Task[None] | None = None
 
     @property
@@ -552,18 +554,25 @@ class OpcUaEmulatorServer:
         def added(nodeid: ua.NodeId, attr: ua.AttributeIds, callback: Callable[..., Any]) -> Any:
             status, handle = add(nodeid, attr, callback)
             if status.is_good() and attr == ua.AttributeIds.Value and nodeid in self._sources:
-                self._watched[nodeid] = self._watched.get(nodeid, 0) + 1
+                nodes = self._watched.setdefault(self._sources[nodeid][0], {})
+                nodes[nodeid] = nodes.get(nodeid, 0) + 1
                 self._handles[handle] = nodeid
             return status, handle
 
         def deleted(handle: int) -> None:
             delete(handle)
             nodeid = self._handles.pop(handle, None)
-            if nodeid is not None:
-                self._watched[nodeid] -= 1
-                if not self._watched[nodeid]:
-                    del self._watched[nodeid]
-                    self._pushed.pop(nodeid, None)
+            if nodeid is None:
+                return
+            view = self._sources[nodeid][0]
+            nodes = self._watched[view]
+            nodes[nodeid] -= 1
+            if not nodes[nodeid]:
+                del nodes[nodeid]
+                self._pushed.pop(nodeid, None)
+            if not nodes:
+                del self._watched[view]
+                self._pushed_version.pop(view, None)
 
         aspace.add_datachange_callback = added
         aspace.delete_datachange_callback = deleted
@@ -572,20 +581,28 @@ class OpcUaEmulatorServer:
         """Values come from read callbacks, which asyncua never samples for monitored items
         (it notifies only on writes to the address space). So every `sample_s`, the watched
         variables whose value changed are written back through the address space, which
-        runs the datachange callbacks; the no-op setter keeps the read callback in place."""
+        runs the datachange callbacks; the no-op setter keeps the read callback in place.
+        Devices whose physics did not step are skipped whole; unchanged values are not
+        written (so the cost follows what changes, not what is watched)."""
         aspace = server.iserver.aspace
         while True:
             await asyncio.sleep(self.sample_s)
-            for nodeid in list(self._watched):
-                view, point = self._sources[nodeid]
-                dv = view.read(point)
-                if self._pushed.get(nodeid) is dv:
+            for view, nodes in list(self._watched.items()):
+                if view.version == view.dev.prosumer.version and \
+                        self._pushed_version.get(view) == view.version:
                     continue
-                self._pushed[nodeid] = dv
-                try:
-                    await aspace.write_attribute_value(nodeid, ua.AttributeIds.Value, dv)
-                except Exception:  # a subscriber's callback failing must not stop the pump
-                    log.exception("%s: change notification for %s failed", self.url, nodeid)
+                view.refresh()
+                self._pushed_version[view] = view.version
+                for nodeid in list(nodes):
+                    dv = view.values[self._sources[nodeid][1]]
+                    old = self._pushed.get(nodeid)
+                    if old is not None and old.Value == dv.Value and old.StatusCode == dv.StatusCode:
+                        continue
+                    self._pushed[nodeid] = dv
+                    try:
+                        await aspace.write_attribute_value(nodeid, ua.AttributeIds.Value, dv)
+                    except Exception:  # a subscriber's callback failing must not stop the pump
+                        log.exception("%s: change notification for %s failed", self.url, nodeid)
 
     async def _build(self, server: Server, idx: int) -> None:
         """All device nodes in one add_nodes call; values come from callbacks."""
@@ -655,6 +672,7 @@ class OpcUaEmulatorServer:
         self._watched.clear()
         self._handles.clear()
         self._pushed.clear()
+        self._pushed_version.clear()
 
     async def __aenter__(self) -> OpcUaEmulatorServer:
         await self.start()
@@ -940,7 +958,8 @@ class OpcUaLink:
         """The session's subscription at this publishing interval (made on first use; a new
         session starts with none)."""
         feed = self._feeds.get(interval_s)
-        if feed is not None and feed.generation == self.generation and self._usable():
+        if feed is not None and feed.generation == self.generation and not feed.dead \
+                and self._usable():
             return feed
         client = await self.ensure()
         feed = _Feed(self.generation)
@@ -1010,10 +1029,20 @@ class _Feed:
         self.watched: set[ua.NodeId] = set()
         self.values: dict[ua.NodeId, ua.DataValue] = {}
         self.notifications = 0
+        self.dead: str | None = None
+        """Why the server ended the subscription (its StatusChangeNotification), if it did."""
 
     def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
         self.values[node.nodeid] = data.monitored_item.Value
         self.notifications += 1
+
+    def status_change_notification(self, status: Any) -> None:
+        """The server ended the subscription (e.g. BadTimeout): stop answering from it."""
+        code = getattr(status, "Status", status)
+        code = code if isinstance(code, ua.StatusCode) else ua.StatusCode(int(code))
+        if not code.is_good():
+            self.dead = code.name
+            self.values.clear()
 
 
 _INTEGER_TYPES = {ua.VariantType.SByte, ua.VariantType.Byte, ua.VariantType.Int16, ua.VariantType.UInt16,
@@ -1231,12 +1260,21 @@ class OpcUaDevice(Device):
 
     async def _values(self) -> list[ua.DataValue]:
         feed = self._feed
+        if feed is not None and feed.dead:  # the server ended it: subscribe again
+            log.warning("%s: subscription ended by the server (%s); subscribing again", self.name, feed.dead)
+            self._feed = None
+            feed = await self.link.feed(self.publishing_interval_s)
+            await self.link.monitor(feed, [p.node for p in self._points])
+            self._feed = feed
         if feed is not None and feed.generation == self.link.generation:
             vals = feed.values
             try:
-                return [vals[p.node] for p in self._points]
+                out = [vals[p.node] for p in self._points]
             except KeyError:  # not every item has delivered its first value yet
                 pass
+            else:
+                await asyncio.sleep(0)  # a read is a turn of the loop, as a request would be
+                return out
         return await self.link.read(self._params)
 
     async def read(self) -> Reading:

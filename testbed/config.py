@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from .devices.driver import MEASUREMENTS, SETPOINTS, DeviceKind
+from .devices.nodemap import NAMESPACE_URI as OPCUA_NAMESPACE
 from .devices.nodemap import check_unit
 from .grid.limits import GridLimits
 from .physics.models import BatteryParams, LoadParams, MeterParams, ProsumerParams, PVParams
@@ -93,8 +94,6 @@ class LoadConfig(_Strict):
 
 
 PROTOCOL_PORTS = {"modbus": 502, "opcua": 4840}
-OPCUA_NAMESPACE = "urn:testbed:devices"
-"""Namespace URI of our own OPC UA information model (see testbed.devices.opcua)."""
 
 
 class OpcUaPointMap(_Strict):

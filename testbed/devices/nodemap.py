@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+NAMESPACE_URI = "urn:testbed:devices"
+"""Namespace URI of our own OPC UA information model (the default of a node map)."""
+
 SUFFIX_UNITS = {"w": "W", "var": "var", "wh": "Wh", "pct": "%", "v": "V", "hz": "Hz", "a": "A",
                 "c": "°C", "enabled": "1"}
 """Neutral name suffix -> engineering unit."""

@@ -83,12 +83,11 @@ from .driver import (
 )
 from .emulator import EmulatedBattery, EmulatedDevice, EmulatedInverter, WriteRefused
 from .modbus import NEUTRAL
-from .nodemap import Conversion, unit_of, within
+from .nodemap import NAMESPACE_URI, Conversion, unit_of, within
 from .sunspec import ModelValues, SunSpecError
 
 log = logging.getLogger(__name__)
 
-NAMESPACE_URI = "urn:testbed:devices"
 SERVER_URI = "urn:testbed:server"
 CLIENT_URI = "urn:testbed:client"
 DEVICES_FOLDER = "Devices"

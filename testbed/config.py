@@ -158,9 +158,11 @@ class OpcUaDeviceConfig(_Strict):
 
     @model_validator(mode="after")
     def _mapped(self) -> OpcUaDeviceConfig:
-        if (self.points or self.status) and self.device is not None:
+        if self.mapped and self.device is not None:
             raise ValueError("device names a device of our information model; a node map "
                              "(points) uses root instead")
+        if self.root is not None and not self.mapped:
+            raise ValueError("root is the device of a node map: give its points too")
         for name, pm in self.points.items():
             if pm.unit is not None:
                 check_unit(name, pm.unit)
@@ -168,7 +170,8 @@ class OpcUaDeviceConfig(_Strict):
 
     @property
     def mapped(self) -> bool:
-        return bool(self.points)
+        """A node map (else our information model)."""
+        return bool(self.points or self.status)
 
 
 class _DeviceBase(_Strict):
@@ -214,7 +217,7 @@ class _DeviceBase(_Strict):
                     raise ValueError(f"opcua.points: {name!r} is not a {kind.value} point "
                                      f"(known: {', '.join(known)})")
             o = self.opcua
-            if self.emulated and (o.mapped or o.status or o.root or o.device
+            if self.emulated and (o.mapped or o.device
                                   or o.namespace != OPCUA_NAMESPACE):
                 raise ValueError("an emulated device serves our information model under its "
                                  f"own name in {OPCUA_NAMESPACE}; namespace, device, root, "

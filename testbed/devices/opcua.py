@@ -553,9 +553,12 @@ class OpcUaEmulatorServer:
         def added(nodeid: ua.NodeId, attr: ua.AttributeIds, callback: Callable[..., Any]) -> Any:
             status, handle = add(nodeid, attr, callback)
             if status.is_good() and attr == ua.AttributeIds.Value and nodeid in self._sources:
-                nodes = self._watched.setdefault(self._sources[nodeid][0], {})
+                view, point = self._sources[nodeid]
+                nodes = self._watched.setdefault(view, {})
                 nodes[nodeid] = nodes.get(nodeid, 0) + 1
                 self._handles[handle] = nodeid
+                # asyncua sends the current value as the item's first notification
+                self._pushed.setdefault(nodeid, view.read(point))
             return status, handle
 
         def deleted(handle: int) -> None:
@@ -586,10 +589,12 @@ class OpcUaEmulatorServer:
         aspace = server.iserver.aspace
         while True:
             await asyncio.sleep(self.sample_s)
-            for view, nodes in list(self._watched.items()):
+            for i, (view, nodes) in enumerate(list(self._watched.items())):
                 if view.version == view.dev.prosumer.version and \
                         self._pushed_version.get(view) == view.version:
                     continue
+                if i % 16 == 15:
+                    await asyncio.sleep(0)  # let requests in between: a pass is not one block
                 view.refresh()
                 self._pushed_version[view] = view.version
                 for nodeid in list(nodes):

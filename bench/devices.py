@@ -9,6 +9,10 @@ in a temporary folder) and `OpcUaDevice` (one session per server, one Read reque
 device read). The bare side is an asyncua `Client` per server with the same security,
 calling `client.read_values(nodes)` on the same variables. Figures are also given in
 values per second (variables read), since an OPC UA read carries a device's values by name.
+With `--opcua-mode subscribe` each device is read from monitored items instead (one
+subscription per session at a 1 s publishing interval): `read()` makes no request, so the
+rounds and CPU shares show the cost of receiving the notifications (notifications/s is
+reported), and the saturation ratio is no target.
 
 Setup
     A separate *server process* (multiprocessing, spawn) hosts the emulated devices, so

@@ -402,3 +402,25 @@ def test_certificates_pass_asyncuas_own_checks(certs):
         assert cert.public_key().public_numbers() == key.public_key().public_numbers()
         assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [use]
         assert (certs / role / "key.pem").stat().st_mode & 0o077 == 0
+
+
+async def test_asyncua_tools_write_what_the_driver_reads_and_read_what_it_wrote(served, certs):
+    """asyncua's own command-line tools and our driver on the same emulated battery, both ways."""
+    dev = open_devices(served.site, ["bat"])["bat"]
+    u = url(served)
+    try:
+        r = await asyncio.to_thread(tool, "uawrite", "-u", u, "-n", "ns=2;s=bat/power_w", "-t", "double",
+                                    "1500", certs=certs)
+        assert r.returncode == 0, r.stderr
+        assert state(served).battery.setpoint_w == 1500
+        assert (await dev.read()).values["setpoint_w"] == 1500
+        await dev.write("power_w", -1200)
+        r = await asyncio.to_thread(tool, "uaread", "-u", u, "-n", "ns=2;s=bat/power_w", certs=certs)
+        assert float(r.stdout.strip()) == -1200
+        r = await asyncio.to_thread(tool, "uawrite", "-u", u, "-n", "ns=2;s=bat/power_w", "-t", "double",
+                                    "99000", certs=certs)
+        assert "BadOutOfRange" in r.stdout + r.stderr  # the server's own check, without our driver
+        assert state(served).battery.setpoint_w == -1200
+    finally:
+        await dev.write("power_w", 0)
+        await dev.close()

@@ -55,13 +55,14 @@ class VendorServer:
         n["state"] = await inv.add_variable(idx, "State", "Running")
         n["Lim"] = await ctl.add_variable(idx, "PowerLimit", ua.Variant(100.0, ua.VariantType.Float))
         n["LimEna"] = await ctl.add_variable(idx, "LimitEnable", False)
+        n["Lim10"] = await ctl.add_variable(idx, "PowerLimitTenths", ua.Variant(1000, ua.VariantType.Int16))
         bat = await plant.add_object(idx, "Battery01")
         n["BP"] = await bat.add_variable(idx, "Power", -1.5)  # kW, + discharge
         n["SoC"] = await bat.add_variable(idx, "SoC", 0.42)  # fraction
         n["Set"] = await bat.add_variable(idx, "PowerSetpoint", ua.Variant(0.0, ua.VariantType.Float))
         rng = await n["Set"].add_property(0, "EURange", ua.Range(Low=-4.0, High=5.0))
         assert rng is not None
-        for key in ("Lim", "LimEna", "Set"):
+        for key in ("Lim", "LimEna", "Lim10", "Set"):
             await n[key].set_writable()
         await s.start()
         self.port = s.bserver.port
@@ -74,6 +75,7 @@ class VendorServer:
 
 
 INITIAL = {"P": 3.2, "Lim": ua.Variant(100.0, ua.VariantType.Float), "LimEna": False,
+           "Lim10": ua.Variant(1000, ua.VariantType.Int16),
            "Set": ua.Variant(0.0, ua.VariantType.Float)}
 
 
@@ -218,6 +220,20 @@ async def test_site_file_range_applies_when_the_server_publishes_none(vendor):
         await inv.write("limit_pct", 80)
         assert await vendor.value("Lim") == pytest.approx(80.0)
         assert await vendor.value("LimEna") is False  # not mapped here: nothing else written
+    finally:
+        await inv.close()
+
+
+async def test_integer_node_with_a_scale_is_read_and_written_in_its_own_type(vendor):
+    site = vendor_site(vendor.port, pv={"points": {
+        "limit_pct": {"path": "Controls/PowerLimitTenths", "scale": 0.1}}})
+    inv = open_devices(site, ["inv"])["inv"]
+    try:
+        assert (await inv.read()).values == {"limit_pct": pytest.approx(100.0)}
+        await inv.write("limit_pct", 42.3)
+        dv = await vendor.data_value("Lim10")
+        assert dv.Value.VariantType is ua.VariantType.Int16 and dv.Value.Value == 423
+        assert (await inv.read()).values["limit_pct"] == pytest.approx(42.3)
     finally:
         await inv.close()
 

@@ -103,7 +103,7 @@ async def test_subscribe_mode_read_equals_a_poll_mode_read():
                 await d.close()
 
 
-async def test_subscribe_mode_recovers_after_the_server_restarts():
+async def test_subscribe_mode_recovers_after_the_server_restarts(caplog):
     from dataclasses import replace
 
     from testbed.devices.driver import DeviceUnavailable
@@ -156,6 +156,11 @@ async def test_subscribe_mode_recovers_after_the_server_restarts():
         r = await dev.read()
         assert r.values["soc_pct"] == pytest.approx(42, abs=0.1)
         assert dev._feed is not feed and dev._feed is not None and not dev._feed.dead
+        # the lost session's client is shut down, not left retrying its publish loop
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="asyncua"):
+            await asyncio.sleep(2.5)
+        assert not [r for r in caplog.records if "Publish" in r.getMessage()]
     finally:
         await dev.close()
         await server.stop()

@@ -778,16 +778,22 @@ class OpcUaLink:
         c = self._client
         return c is not None and c.uaclient.state is UaClientState.CONNECTED
 
+    def _on_own_loop(self) -> bool:
+        """Running on the event loop the session was made on."""
+        try:
+            return self._loop is asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+
     def _usable(self) -> bool:
         return self.connected and self._loop is asyncio.get_running_loop()
 
     async def ensure(self) -> Client:
         if self._usable():
             return self._client  # type: ignore[return-value]
-        if self._client is not None and self._loop is not asyncio.get_running_loop():
-            with contextlib.suppress(Exception):
-                self._client.disconnect_socket()
-            self._client = None
+        if self._client is not None:  # lost, or made on another loop: shut it down
+            client, self._client = self._client, None
+            _shutdown(client, same_loop=self._on_own_loop())
         async with self._connect_lock:
             if self._usable():
                 return self._client  # type: ignore[return-value]
@@ -892,9 +898,7 @@ class OpcUaLink:
         self.last_error = reason
         if self._client is not None:
             client, self._client = self._client, None
-            client.disconnect_socket()
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().create_task(_quiet_disconnect(client))
+            _shutdown(client, same_loop=self._on_own_loop())
         self._fail()
 
     async def _call(self, what: str, request: Callable[[Client], Any]) -> Any:
@@ -1015,6 +1019,20 @@ class OpcUaLink:
         if self._client is not None:
             client, self._client = self._client, None
             await _quiet_disconnect(client)
+
+
+def _shutdown(client: Client, *, same_loop: bool) -> None:
+    """Close a session we gave up on, at once, with everything it runs. asyncua cancels the
+    publish loop of a subscription only when the session closes over a live socket; a
+    lost one would retry its Publish every second for ever."""
+    with contextlib.suppress(Exception):
+        task = client.uaclient._publish_task
+        if task is not None and not task.done() and same_loop:
+            task.cancel()
+    with contextlib.suppress(Exception):
+        client.disconnect_socket()
+    if same_loop:
+        asyncio.get_running_loop().create_task(_quiet_disconnect(client))
 
 
 async def _quiet_disconnect(client: Client) -> None:

@@ -26,7 +26,9 @@ from pydantic import (
     model_validator,
 )
 
-from .devices.driver import DeviceKind
+from .devices.driver import MEASUREMENTS, SETPOINTS, DeviceKind
+from .devices.nodemap import NAMESPACE_URI as OPCUA_NAMESPACE
+from .devices.nodemap import check_unit
 from .grid.limits import GridLimits
 from .physics.models import BatteryParams, LoadParams, MeterParams, ProsumerParams, PVParams
 
@@ -104,6 +106,82 @@ class SerialConfig(_Strict):
     """Modbus RTU's default is even parity (the specification's 8E1)."""
     stopbits: Literal[1, 2] = 1
     bytesize: Literal[7, 8] = 8
+class OpcUaPointMap(_Strict):
+    """Where one neutral point lives on a foreign OPC UA server, and how its value converts:
+    neutral = raw * scale (times the unit's factor) + offset."""
+
+    path: Annotated[str, Field(min_length=1)] | None = None
+    """Browse path below the device's `root`, names joined by '/' (namespace: the map's)."""
+    node: Annotated[str, Field(min_length=1)] | None = None
+    """Or a NodeId: 'nsu=<namespace URI>;s=...' (portable) or 'ns=<index>;i=...'."""
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str | None = None
+    """The unit the server serves (kW, kWh, kV, fraction, ...): converted to the neutral one."""
+    range: tuple[float, float] | None = None
+    """Setpoints: allowed values in neutral units, when the server publishes no EURange."""
+
+    @field_validator("node")
+    @classmethod
+    def _nodeid(cls, node: str | None) -> str | None:
+        if node is not None and not re.fullmatch(
+                r"((nsu=[^;]+|ns=\d+);)?(i=\d+|s=.+|g=[0-9A-Fa-f-]{36}|b=.+)", node):
+            raise ValueError("not a NodeId: expected e.g. 'nsu=urn:vendor;s=Inverter.P' "
+                             "or 'ns=2;i=1017'")
+        return node
+
+    @model_validator(mode="after")
+    def _where(self) -> OpcUaPointMap:
+        if (self.path is None) == (self.node is None):
+            raise ValueError("give exactly one of path (a browse path) or node (a NodeId)")
+        if self.scale == 0:
+            raise ValueError("scale must not be 0")
+        if self.range is not None and self.range[0] > self.range[1]:
+            raise ValueError(f"range {list(self.range)}: low above high")
+        return self
+
+
+class OpcUaDeviceConfig(_Strict):
+    """How the driver finds an OPC UA device: our information model (the default, under
+    `namespace`), or a node map of a foreign server's nodes (`points`); poll or subscribe."""
+
+    namespace: Annotated[str, Field(min_length=1)] = OPCUA_NAMESPACE
+    """Namespace URI of the server's nodes (browse names of `root` and `path`s)."""
+    device: Annotated[str, Field(min_length=1)] | None = None
+    """Our model: the device's browse name under Objects/Devices (default: its site name)."""
+    root: Annotated[str, Field(min_length=1)] | None = None
+    """Node map: browse path from Objects to the device, e.g. 'Plant/Inverter01'."""
+    points: dict[str, OpcUaPointMap] = {}
+    """Neutral name -> where it is; a plain string is a browse path. Empty: our model."""
+    status: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], OpcUaPointMap] = {}
+    """Status words (state, ...) read as served."""
+    mode: Literal["poll", "subscribe"] = "poll"
+    """poll: one Read per `read()`; subscribe: `read()` answers from monitored items."""
+    publishing_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+    @field_validator("points", "status", mode="before")
+    @classmethod
+    def _expand(cls, points: Any) -> Any:
+        if not isinstance(points, dict):
+            return points
+        return {k: {"path": v} if isinstance(v, str) else v for k, v in points.items()}
+
+    @model_validator(mode="after")
+    def _mapped(self) -> OpcUaDeviceConfig:
+        if self.mapped and self.device is not None:
+            raise ValueError("device names a device of our information model; a node map "
+                             "(points) uses root instead")
+        if self.root is not None and not self.mapped:
+            raise ValueError("root is the device of a node map: give its points too")
+        for name, pm in self.points.items():
+            if pm.unit is not None:
+                check_unit(name, pm.unit)
+        return self
+
+    @property
+    def mapped(self) -> bool:
+        """A node map (else our information model)."""
+        return bool(self.points or self.status)
 
 
 class _DeviceBase(_Strict):
@@ -132,6 +210,8 @@ class _DeviceBase(_Strict):
     sunspec_models: Literal["ieee1547", "legacy"] = "ieee1547"
     """A device offering both IEEE 1547 (701-713) and legacy (101-103, 111-113, 120-124)
     models is read and commanded through the IEEE 1547 ones unless this says legacy."""
+    opcua: OpcUaDeviceConfig | None = None
+    """OPC UA devices: namespace, node map of a foreign server, poll or subscribe."""
 
     @model_validator(mode="before")
     @classmethod
@@ -157,6 +237,21 @@ class _DeviceBase(_Strict):
         if (self.transport == "rtu") != (self.serial is not None):
             raise ValueError("transport: rtu needs serial: {port: /dev/ttyUSB0, baudrate: ...}, "
                              "and serial needs transport: rtu")
+        if self.opcua is not None:
+            if self.protocol != "opcua":
+                raise ValueError("opcua settings need protocol: opcua")
+            kind = DeviceKind(self.kind)  # type: ignore[attr-defined]
+            known = (*MEASUREMENTS[kind], *SETPOINTS[kind])
+            for name in self.opcua.points:
+                if name not in known:
+                    raise ValueError(f"opcua.points: {name!r} is not a {kind.value} point "
+                                     f"(known: {', '.join(known)})")
+            o = self.opcua
+            if self.emulated and (o.mapped or o.device
+                                  or o.namespace != OPCUA_NAMESPACE):
+                raise ValueError("an emulated device serves our information model under its "
+                                 f"own name in {OPCUA_NAMESPACE}; namespace, device, root, "
+                                 "points and status are for a real server (emulated: false)")
         return self
 
     @property

@@ -164,8 +164,8 @@ prosumers:
         assert json.loads(r.output)["values"]["setpoint_w"] == -1500
         r = runner.invoke(app, ["devices", "write", str(site), "a-bat", "power_w", "-7000"])
         assert r.exit_code == 1
-        assert (f"error: a-bat (opc.tcp://127.0.0.1:{p_ua} Devices/a-bat): power_w=-7000 W refused "
-                "(BadOutOfRange; allowed -5000..5000 W)") in r.output
+        assert (f"error: a-bat (opc.tcp://127.0.0.1:{p_ua} Devices/a-bat): power_w -7000 W is outside "
+                "-5000..5000 W (range from the server's EURange); nothing written") in r.output
         r = runner.invoke(app, ["devices", "read", str(site), "a-pv", "--json"])  # Modbus, same site
         assert r.exit_code == 0 and json.loads(r.output)["kind"] == "pv"
 

@@ -200,8 +200,9 @@ async def test_out_of_range_setpoint_is_refused_with_the_range(served):
     dev = open_devices(served.site, ["bat"])["bat"]
     try:
         before = state(served).battery
+        # refused by the driver, from the EURange the server publishes, before any Write
         with pytest.raises(SetpointRejected, match=r"bat \(opc\.tcp://127\.0\.0\.1:\d+ Devices/bat\): "
-                           r"power_w=9000 W refused \(BadOutOfRange; allowed -4000\.\.5000 W\)"):
+                           r"power_w 9000 W is outside -4000\.\.5000 W \(range from the server's EURange\)"):
             await dev.write("power_w", 9000)
         with pytest.raises(SetpointRejected, match=r"'limit_pct' is not a setpoint of a battery "
                                                    r"\(setpoints: power_w\)"):
@@ -381,3 +382,45 @@ prosumers:
         r"emulated OPC UA devices \(h1-bat, h1-meter\) need an account")
     bad(base.replace("password: pw", "password: pw, policy: Basic128Rsa15"),
         r"lab.yaml:2: opcua.policy: Input should be 'Basic256Sha256', 'Aes128_Sha256_RsaOaep' or 'Aes256_Sha256_RsaPss'")
+
+
+def test_certificates_pass_asyncuas_own_checks(certs):
+    """Made by asyncua.crypto.cert_gen: application URI and host names in subjectAltName,
+    the right extended key usage, and a key that matches, as asyncua's checks want."""
+    import socket
+
+    from asyncua.crypto.uacrypto import check_certificate, load_certificate, load_private_key
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    for role, uri, use in (("server", "urn:testbed:server", ExtendedKeyUsageOID.SERVER_AUTH),
+                           ("client", CLIENT_URI, ExtendedKeyUsageOID.CLIENT_AUTH)):
+        cert = asyncio.run(load_certificate(certs / role / "cert.der"))
+        key = asyncio.run(load_private_key(certs / role / "key.pem"))
+        assert check_certificate(cert, uri, socket.gethostname()) is False  # False: no problem
+        assert check_certificate(cert, uri, "localhost") is False
+        assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+        assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [use]
+        assert (certs / role / "key.pem").stat().st_mode & 0o077 == 0
+
+
+async def test_asyncua_tools_write_what_the_driver_reads_and_read_what_it_wrote(served, certs):
+    """asyncua's own command-line tools and our driver on the same emulated battery, both ways."""
+    dev = open_devices(served.site, ["bat"])["bat"]
+    u = url(served)
+    try:
+        r = await asyncio.to_thread(tool, "uawrite", "-u", u, "-n", "ns=2;s=bat/power_w", "-t", "double",
+                                    "1500", certs=certs)
+        assert r.returncode == 0, r.stderr
+        assert state(served).battery.setpoint_w == 1500
+        assert (await dev.read()).values["setpoint_w"] == 1500
+        await dev.write("power_w", -1200)
+        r = await asyncio.to_thread(tool, "uaread", "-u", u, "-n", "ns=2;s=bat/power_w", certs=certs)
+        assert float(r.stdout.strip()) == -1200
+        r = await asyncio.to_thread(tool, "uawrite", "-u", u, "-n", "ns=2;s=bat/power_w", "-t", "double",
+                                    "99000", certs=certs)
+        assert "BadOutOfRange" in r.stdout + r.stderr  # the server's own check, without our driver
+        assert state(served).battery.setpoint_w == -1200
+    finally:
+        await dev.write("power_w", 0)
+        await dev.close()

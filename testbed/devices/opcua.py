@@ -21,7 +21,14 @@ driver returns. Values are derived from the same emulator objects the Modbus ser
 does), so both protocols read the same numbers. A setpoint write goes through
 `EmulatedDevice.write_point` (the protocol-neutral write path with range checks); a
 refused write answers `BadOutOfRange` (`BadTypeMismatch` for a non-number) and changes
-nothing.
+nothing. Monitored items see the physics move: values are served by read callbacks, which
+asyncua never samples, so the server writes changed values of monitored variables back
+through its address space (which notifies) every `sample_s`.
+
+The driver reads this model under any namespace URI, or a foreign server's own nodes
+through a node map of the site file (`config.OpcUaDeviceConfig`: browse paths or NodeIds
+per neutral name, with unit conversions in `nodemap`); it polls (one Read per `read()`)
+or answers `read()` from a subscription's monitored items.
 
 Security: endpoints are SignAndEncrypt with one policy (Basic256Sha256 by default;
 Aes128_Sha256_RsaOaep or Aes256_Sha256_RsaPss), sessions need a username and password,
@@ -55,13 +62,13 @@ from typing import Any
 from asyncua import Client, Server, ua
 from asyncua.client.ua_client import UaClientState
 from asyncua.common.utils import ServiceError
+from asyncua.crypto import cert_gen
 from asyncua.crypto import security_policies as sp
 from asyncua.crypto.permission_rules import PermissionRuleset, User, UserRole
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.address_space import AttributeService
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .driver import (
@@ -76,11 +83,11 @@ from .driver import (
 )
 from .emulator import EmulatedBattery, EmulatedDevice, EmulatedInverter, WriteRefused
 from .modbus import NEUTRAL
+from .nodemap import NAMESPACE_URI, Conversion, unit_of, within
 from .sunspec import ModelValues, SunSpecError
 
 log = logging.getLogger(__name__)
 
-NAMESPACE_URI = "urn:testbed:devices"
 SERVER_URI = "urn:testbed:server"
 CLIENT_URI = "urn:testbed:client"
 DEVICES_FOLDER = "Devices"
@@ -93,6 +100,10 @@ POLICIES: dict[str, tuple[type[sp.SecurityPolicy], ua.SecurityPolicyType]] = {
                              ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt),
 }
 """Security policy names of the site file, all with MessageSecurityMode SignAndEncrypt."""
+
+
+class NodeMissing(DeviceError):
+    """A namespace, browse path or NodeId the site file names is not on the server."""
 
 
 class AccessDenied(DeviceError):
@@ -109,43 +120,28 @@ CERTS_LAYOUT = {"server": "server", "client": "client", "trusted_clients": "trus
 
 def make_certificate(directory: Path, uri: str, common_name: str, *, server: bool,
                      hosts: tuple[str, ...] = (), days: int = 3650) -> tuple[Path, Path]:
-    """A self-signed RSA-2048 application certificate as OPC UA wants it.
+    """A self-signed RSA-2048 application certificate as OPC UA wants it (OPC 10000-6
+    6.2.2), made by asyncua's own helpers (`asyncua.crypto.cert_gen`).
 
     The application URI goes into subjectAltName (asyncua and most stacks compare it
     with the ApplicationUri of the session), with DNS/IP names of `hosts`, localhost and
     this host. Writes `directory/cert.der` and `directory/key.pem` (PKCS#8, 0600).
     """
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "testbed")])
+    key = cert_gen.generate_private_key()
     alt: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
     for h in dict.fromkeys((*hosts, "localhost", socket.gethostname(), "127.0.0.1")):
         try:
             alt.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             alt.append(x509.DNSName(h))
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True,
-                                     key_encipherment=True, data_encipherment=True,
-                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                              else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    use = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, common_name, {"organizationName": "testbed"}, alt, [use], days=days)
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "cert.der", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
     key_path.touch(mode=0o600)
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
     return cert_path, key_path
 
 
@@ -267,15 +263,6 @@ UNITS: dict[str, tuple[str, str, str]] = {  # neutral unit -> (UNECE code, symbo
     "Hz": ("HTZ", "Hz", "hertz"), "A": ("AMP", "A", "ampere"), "°C": ("CEL", "°C", "degree Celsius"),
     "1": ("C62", "1", "one (0 or 1)"),
 }
-SUFFIX_UNITS = {"w": "W", "var": "var", "wh": "Wh", "pct": "%", "v": "V", "hz": "Hz", "a": "A",
-                "c": "°C", "enabled": "1"}
-
-
-def unit_of(point: str) -> str:
-    """The engineering unit of a neutral name, from its suffix (p_w -> W, soc_pct -> %)."""
-    return SUFFIX_UNITS[point.rsplit("_", 1)[-1]]
-
-
 def eu_information(unit: str) -> ua.EUInformation:
     code, symbol, description = UNITS[unit]
     return ua.EUInformation(NamespaceUri=UNECE, UnitId=_unit_id(code),
@@ -471,17 +458,27 @@ class OpcUaEmulatorServer:
     """An OPC UA server on one (host, port) presenting emulated devices by name."""
 
     def __init__(self, host: str, port: int, devices: Mapping[str, EmulatedDevice],
-                 security: OpcUaSecurity) -> None:
+                 security: OpcUaSecurity, *, namespace: str = NAMESPACE_URI,
+                 sample_s: float = 0.1) -> None:
         if not devices:
             raise ValueError("a server needs at least one device")
         self.host = host
         self.requested_port = port
         self.devices = dict(devices)
         self.security = security
+        self.namespace = namespace
+        self.sample_s = sample_s
         self.port: int | None = None
         self.views: dict[str, _DeviceView] = {}
         self._server: Server | None = None
         self._trusted: dict[bytes, x509.Certificate] = {}
+        self._sources: dict[ua.NodeId, tuple[_DeviceView, str]] = {}
+        self._watched: dict[_DeviceView, dict[ua.NodeId, int]] = {}
+        """Monitored variables by device: NodeId -> number of monitored items on it."""
+        self._handles: dict[int, ua.NodeId] = {}
+        self._pushed: dict[ua.NodeId, ua.DataValue] = {}
+        self._pushed_version: dict[_DeviceView, int] = {}
+        self._pump: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -523,8 +520,9 @@ class OpcUaEmulatorServer:
             raise ValueError("no OPC UA endpoint: set opcua.certs (or opcua.allow_insecure)")
         server.set_security_policy(policies)
         server.set_identity_tokens([ua.UserNameIdentityToken])
-        idx = await server.register_namespace(NAMESPACE_URI)
+        idx = await server.register_namespace(self.namespace)
         await self._build(server, idx)
+        self._watch(server)
         try:
             await server.start()
         except OSError as exc:
@@ -543,7 +541,72 @@ class OpcUaEmulatorServer:
         assert server.bserver is not None
         self.port = server.bserver.port
         self._server = server
+        self._pump = asyncio.create_task(self._push_changes(server), name=f"opcua-pump-{self.port}")
         return self.port
+
+    def _watch(self, server: Server) -> None:
+        """Track which device variables have monitored items (asyncua registers a datachange
+        callback per monitored item and removes it with the item)."""
+        aspace = server.iserver.aspace
+        add, delete = aspace.add_datachange_callback, aspace.delete_datachange_callback
+
+        def added(nodeid: ua.NodeId, attr: ua.AttributeIds, callback: Callable[..., Any]) -> Any:
+            status, handle = add(nodeid, attr, callback)
+            if status.is_good() and attr == ua.AttributeIds.Value and nodeid in self._sources:
+                view, point = self._sources[nodeid]
+                nodes = self._watched.setdefault(view, {})
+                nodes[nodeid] = nodes.get(nodeid, 0) + 1
+                self._handles[handle] = nodeid
+                # asyncua sends the current value as the item's first notification
+                self._pushed.setdefault(nodeid, view.read(point))
+            return status, handle
+
+        def deleted(handle: int) -> None:
+            delete(handle)
+            nodeid = self._handles.pop(handle, None)
+            if nodeid is None:
+                return
+            view = self._sources[nodeid][0]
+            nodes = self._watched[view]
+            nodes[nodeid] -= 1
+            if not nodes[nodeid]:
+                del nodes[nodeid]
+                self._pushed.pop(nodeid, None)
+            if not nodes:
+                del self._watched[view]
+                self._pushed_version.pop(view, None)
+
+        aspace.add_datachange_callback = added
+        aspace.delete_datachange_callback = deleted
+
+    async def _push_changes(self, server: Server) -> None:
+        """Values come from read callbacks, which asyncua never samples for monitored items
+        (it notifies only on writes to the address space). So every `sample_s`, the watched
+        variables whose value changed are written back through the address space, which
+        runs the datachange callbacks; the no-op setter keeps the read callback in place.
+        Devices whose physics did not step are skipped whole; unchanged values are not
+        written (so the cost follows what changes, not what is watched)."""
+        aspace = server.iserver.aspace
+        while True:
+            await asyncio.sleep(self.sample_s)
+            for i, (view, nodes) in enumerate(list(self._watched.items())):
+                if view.version == view.dev.prosumer.version and \
+                        self._pushed_version.get(view) == view.version:
+                    continue
+                if i % 16 == 15:
+                    await asyncio.sleep(0)  # let requests in between: a pass is not one block
+                view.refresh()
+                self._pushed_version[view] = view.version
+                for nodeid in list(nodes):
+                    dv = view.values[self._sources[nodeid][1]]
+                    old = self._pushed.get(nodeid)
+                    if old is not None and old.Value == dv.Value and old.StatusCode == dv.StatusCode:
+                        continue
+                    self._pushed[nodeid] = dv
+                    try:
+                        await aspace.write_attribute_value(nodeid, ua.AttributeIds.Value, dv)
+                    except Exception:  # a subscriber's callback failing must not stop the pump
+                        log.exception("%s: change notification for %s failed", self.url, nodeid)
 
     async def _build(self, server: Server, idx: int) -> None:
         """All device nodes in one add_nodes call; values come from callbacks."""
@@ -573,6 +636,7 @@ class OpcUaEmulatorServer:
                 items.append(_property(ua.NodeId(f"{name}/{point}/EngineeringUnits", idx), nid, 0,
                                        "EngineeringUnits", ua.Variant(eu_information(unit_of(point)))))
                 callbacks.append((nid, lambda n, a, v=view, p=point: v.read(p)))
+                self._sources[nid] = (view, point)
                 if writable:
                     rid = ua.NodeId(f"{name}/{point}/EURange", idx)
                     items.append(_property(rid, nid, 0, "EURange", view.eu_range(point).Value))
@@ -587,6 +651,7 @@ class OpcUaEmulatorServer:
                                        or ua.Variant(None, vt), _DATATYPES[vt],
                                        ua.ObjectIds.BaseDataVariableType, False))
                 callbacks.append((nid, lambda n, a, v=view, k=key: v.read(f"status/{k}")))
+                self._sources[nid] = (view, f"status/{key}")
         results = await server.iserver.isession.add_nodes(items)
         for item, res in zip(items, results, strict=True):
             if not res.StatusCode.is_good():
@@ -594,13 +659,24 @@ class OpcUaEmulatorServer:
         aspace = server.iserver.aspace
         for nid, cb in callbacks:
             aspace.set_attribute_value_callback(nid, ua.AttributeIds.Value, cb).check()
+            if nid in self._sources:
+                aspace.set_attribute_value_setter(nid, ua.AttributeIds.Value, _keep_callback).check()
         iserver = server.iserver
         iserver.attribute_service = _DeviceAttributes(iserver.aspace, setpoints)
 
     async def stop(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
         if self._server is not None:
             await self._server.stop()
             self._server = None
+        self._watched.clear()
+        self._handles.clear()
+        self._pushed.clear()
+        self._pushed_version.clear()
 
     async def __aenter__(self) -> OpcUaEmulatorServer:
         await self.start()
@@ -608,6 +684,10 @@ class OpcUaEmulatorServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _keep_callback(node: Any, attr: ua.AttributeIds, value: ua.DataValue) -> None:
+    """Value setter of device variables: their value stays with the read callback."""
 
 
 _DATATYPES = {ua.VariantType.String: ua.ObjectIds.String, ua.VariantType.Boolean: ua.ObjectIds.Boolean,
@@ -681,7 +761,9 @@ class OpcUaLink:
         self._connect_lock = asyncio.Lock()
         self.generation = 0
         self.last_error: str | None = None
-        self.namespace = 0
+        self.namespaces: list[str] = []
+        """The server's NamespaceArray (read once per session)."""
+        self._feeds: dict[float, _Feed] = {}
 
     @property
     def url(self) -> str:
@@ -696,16 +778,22 @@ class OpcUaLink:
         c = self._client
         return c is not None and c.uaclient.state is UaClientState.CONNECTED
 
+    def _on_own_loop(self) -> bool:
+        """Running on the event loop the session was made on."""
+        try:
+            return self._loop is asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+
     def _usable(self) -> bool:
         return self.connected and self._loop is asyncio.get_running_loop()
 
     async def ensure(self) -> Client:
         if self._usable():
             return self._client  # type: ignore[return-value]
-        if self._client is not None and self._loop is not asyncio.get_running_loop():
-            with contextlib.suppress(Exception):
-                self._client.disconnect_socket()
-            self._client = None
+        if self._client is not None:  # lost, or made on another loop: shut it down
+            client, self._client = self._client, None
+            _shutdown(client, same_loop=self._on_own_loop())
         async with self._connect_lock:
             if self._usable():
                 return self._client  # type: ignore[return-value]
@@ -784,7 +872,7 @@ class OpcUaLink:
         except BaseException:
             client.disconnect_socket()
             raise
-        self.namespace = await client.get_namespace_index(NAMESPACE_URI)
+        self.namespaces = list(await client.get_namespace_array())
 
     def _server_validator(self, trusted: Mapping[bytes, x509.Certificate]) -> Callable[..., Any]:
         folder = self.security.path("trusted_servers")
@@ -810,9 +898,7 @@ class OpcUaLink:
         self.last_error = reason
         if self._client is not None:
             client, self._client = self._client, None
-            client.disconnect_socket()
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().create_task(_quiet_disconnect(client))
+            _shutdown(client, same_loop=self._on_own_loop())
         self._fail()
 
     async def _call(self, what: str, request: Callable[[Client], Any]) -> Any:
@@ -843,6 +929,70 @@ class OpcUaLink:
         """One Write request (any number of values)."""
         return await self._call("write", lambda c: c.uaclient.write(params))
 
+    def namespace_index(self, uri: str) -> int:
+        """Index of a namespace URI on this server; NodeMissing (listing them) if absent."""
+        try:
+            return self.namespaces.index(uri)
+        except ValueError:
+            raise NodeMissing(f"{self.endpoint}: namespace {uri!r} is not on this server "
+                              f"(it has: {', '.join(self.namespaces[1:]) or 'none'})") from None
+
+    async def translate(self, start: ua.NodeId | list[ua.NodeId], paths: list[list[ua.QualifiedName]]
+                        ) -> list[ua.NodeId | None]:
+        """Browse paths (hierarchical references) from `start` (one node, or one per path)
+        in one request; None where a path leads nowhere."""
+        if not paths:
+            return []
+        starts = start if isinstance(start, list) else [start] * len(paths)
+        bps = [ua.BrowsePath(StartingNode=st, RelativePath=ua.RelativePath(Elements=[
+            ua.RelativePathElement(ReferenceTypeId=ua.NodeId(ua.ObjectIds.HierarchicalReferences), IsInverse=False,
+                                   IncludeSubtypes=True, TargetName=q) for q in path]))
+               for st, path in zip(starts, paths, strict=True)]
+        results = await self._call("translate browse paths",
+                                   lambda c: c.uaclient.translate_browsepaths_to_nodeids(bps))
+        out: list[ua.NodeId | None] = []
+        for r in results:
+            out.append(r.Targets[0].TargetId if r.StatusCode.is_good() and r.Targets else None)
+        return [ua.NodeId(t.Identifier, t.NamespaceIndex) if t is not None else None for t in out]
+
+    async def read_attribute(self, nodes: list[ua.NodeId], attr: ua.AttributeIds) -> list[ua.DataValue]:
+        """One attribute of many nodes in one Read."""
+        if not nodes:
+            return []
+        return await self.read(ua.ReadParameters(NodesToRead=[
+            ua.ReadValueId(NodeId=n, AttributeId=attr) for n in nodes]))
+
+    async def feed(self, interval_s: float) -> _Feed:
+        """The session's subscription at this publishing interval (made on first use; a new
+        session starts with none)."""
+        feed = self._feeds.get(interval_s)
+        if feed is not None and feed.generation == self.generation and not feed.dead \
+                and self._usable():
+            return feed
+        client = await self.ensure()
+        feed = _Feed(self.generation)
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=interval_s * 1000, RequestedLifetimeCount=10_000,
+            RequestedMaxKeepAliveCount=max(3, int(10 / interval_s)), MaxNotificationsPerPublish=0,
+            PublishingEnabled=True, Priority=0)
+        feed.subscription = await self._call("create subscription",
+                                             lambda c: c.create_subscription(params, feed))
+        self._feeds[interval_s] = feed
+        assert client is self._client
+        return feed
+
+    async def monitor(self, feed: _Feed, nodes: list[ua.NodeId]) -> None:
+        """Monitored items for the nodes `feed` does not watch yet (one request)."""
+        new = [n for n in dict.fromkeys(nodes) if n not in feed.watched]
+        if not new:
+            return
+        results = await self._call("create monitored items", lambda c: feed.subscription.subscribe_data_change(
+            [c.get_node(n) for n in new], queuesize=1, sampling_interval=0.0))
+        for n, r in zip(new, results if isinstance(results, list) else [results], strict=True):
+            if isinstance(r, ua.StatusCode):
+                raise DeviceError(f"{self.endpoint}: cannot monitor {n.to_string()} ({r.name})")
+            feed.watched.add(n)
+
     async def browse_children(self, node: ua.NodeId) -> dict[str, ua.NodeId]:
         """Browse name -> NodeId of a node's forward hierarchical children (one Browse)."""
         desc = ua.BrowseDescription(NodeId=node, BrowseDirection=ua.BrowseDirection.Forward,
@@ -871,33 +1021,112 @@ class OpcUaLink:
             await _quiet_disconnect(client)
 
 
+def _shutdown(client: Client, *, same_loop: bool) -> None:
+    """Close a session we gave up on, at once, with everything it runs. asyncua cancels the
+    publish loop of a subscription only when the session closes over a live socket; a
+    lost one would retry its Publish every second for ever."""
+    with contextlib.suppress(Exception):
+        task = client.uaclient._publish_task
+        if task is not None and not task.done() and same_loop:
+            task.cancel()
+    with contextlib.suppress(Exception):
+        client.disconnect_socket()
+    if same_loop:
+        asyncio.get_running_loop().create_task(_quiet_disconnect(client))
+
+
 async def _quiet_disconnect(client: Client) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(client.disconnect(), 2.0)
     client.disconnect_socket()
 
 
-class OpcUaDevice(Device):
-    """A device of the `urn:testbed:devices` information model over OPC UA.
+class _Feed:
+    """One subscription of a session: the latest DataValue of each monitored node, as
+    asyncua's subscription calls `datachange_notification` with it."""
 
-    `connect()` browses Objects/Devices/<name> (and its `status`) by browse name; `read()`
-    is one Read request for all of the device's variables; `write()` one Write request.
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.subscription: Any = None
+        self.watched: set[ua.NodeId] = set()
+        self.values: dict[ua.NodeId, ua.DataValue] = {}
+        self.notifications = 0
+        self.dead: str | None = None
+        """Why the server ended the subscription (its StatusChangeNotification), if it did."""
+
+    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+        self.values[node.nodeid] = data.monitored_item.Value
+        self.notifications += 1
+
+    def status_change_notification(self, status: Any) -> None:
+        """The server ended the subscription (e.g. BadTimeout): stop answering from it."""
+        code = getattr(status, "Status", status)
+        code = code if isinstance(code, ua.StatusCode) else ua.StatusCode(int(code))
+        if not code.is_good():
+            self.dead = code.name
+            self.values.clear()
+
+
+_INTEGER_TYPES = {ua.VariantType.SByte, ua.VariantType.Byte, ua.VariantType.Int16, ua.VariantType.UInt16,
+                  ua.VariantType.Int32, ua.VariantType.UInt32, ua.VariantType.Int64, ua.VariantType.UInt64}
+_NUMBER_TYPES = {ua.VariantType.Boolean, ua.VariantType.Float, ua.VariantType.Double, *_INTEGER_TYPES}
+_DEFAULT_RANGES = {"limit_pct": (0.0, 100.0), "limit_enabled": (0.0, 1.0)}
+"""Setpoints whose range is in their meaning, for servers that publish none."""
+
+
+@dataclass(frozen=True)
+class _Point:
+    name: str
+    node: ua.NodeId
+    status: bool = False
+    conv: Conversion = Conversion()
+
+
+def _segments(path: str, ns: int) -> list[ua.QualifiedName]:
+    """'Plant/Inverter01/P' -> browse names in namespace `ns`; 'N:Name' names namespace N."""
+    out = []
+    for seg in (s for s in path.strip("/").split("/") if s):
+        idx, sep, name = seg.partition(":")
+        out.append(ua.QualifiedName(name, int(idx)) if sep and idx.isdigit() else ua.QualifiedName(seg, ns))
+    return out
+
+
+class OpcUaDevice(Device):
+    """An OPC UA device: our information model (`urn:testbed:devices`, or the same layout
+    under another namespace URI), or a foreign server's nodes through a node map.
+
+    `connect()` resolves every point's node (one TranslateBrowsePaths request) and reads
+    the setpoints' EURange; `read()` is one Read request for all of the device's
+    variables, or (mode `subscribe`) the latest values its monitored items delivered;
+    `write()` one Write request. Values convert to neutral units as the map says.
     """
 
     def __init__(self, name: str, link: OpcUaLink, kind: DeviceKind | str | None = None,
-                 browse_name: str | None = None) -> None:
+                 browse_name: str | None = None, *, config: Any = None) -> None:
         self.name = name
         self.link = link
-        self.browse_name = browse_name or name
+        self.config = config
+        """An `OpcUaDeviceConfig` of the site file (None: our model, polled)."""
+        self.namespace: str = config.namespace if config is not None else NAMESPACE_URI
+        self.browse_name = browse_name or (config.device if config is not None else None) or name
+        self.mapped = bool(config is not None and config.mapped)
+        self.mode: str = config.mode if config is not None else "poll"
+        self.publishing_interval_s: float = config.publishing_interval_s if config is not None else 1.0
         self.kind = DeviceKind(kind) if kind else None  # type: ignore[assignment]
         self.nodes: dict[str, ua.NodeId] = {}
+        self.conversions: dict[str, Conversion] = {}
         self.ranges: dict[str, tuple[float, float]] = {}
-        self._points: list[tuple[str, bool]] = []
+        self.range_source: dict[str, str] = {}
+        self._vtypes: dict[str, ua.VariantType] = {}
+        self._points: list[_Point] = []
         self._params = ua.ReadParameters()
+        self._feed: _Feed | None = None
         self._generation = -1
 
     @property
     def endpoint(self) -> str:
+        if self.mapped:
+            return f"{self.link.endpoint} {self.config.root or 'Objects'}"
         return f"{self.link.endpoint} {DEVICES_FOLDER}/{self.browse_name}"
 
     def _named(self, exc: DeviceError) -> DeviceError:
@@ -913,22 +1142,50 @@ class OpcUaDevice(Device):
             raise self._named(exc) from exc
 
     async def _discover(self) -> None:
-        ns = self.link.namespace
-        objects = await self.link.browse_children(ua.NodeId(ua.ObjectIds.ObjectsFolder))
-        folder = objects.get(DEVICES_FOLDER)
-        if folder is None:
-            raise DeviceError(self._err(f"no {DEVICES_FOLDER} folder under Objects (not a "
-                                        f"{NAMESPACE_URI} server? namespace index {ns})"))
-        devices = await self.link.browse_children(folder)
-        node = devices.get(self.browse_name)
+        ns = self.link.namespace_index(self.namespace)
+        if self.mapped:
+            await self._discover_mapped(ns)
+        else:
+            await self._discover_model(ns)
+        self.nodes = {p.name: p.node for p in self._points if not p.status}
+        self.conversions = {p.name: p.conv for p in self._points if not p.status}
+        assert self.kind is not None
+        self._points = [p for p in self._points if p.status or p.name in MEASUREMENTS[self.kind]]
+        self._params = ua.ReadParameters(NodesToRead=[
+            ua.ReadValueId(NodeId=p.node, AttributeId=ua.AttributeIds.Value) for p in self._points])
+        await self._read_ranges()
+        self._feed = None
+        if self.mode == "subscribe":
+            feed = await self.link.feed(self.publishing_interval_s)
+            await self.link.monitor(feed, [p.node for p in self._points])
+            self._feed = feed
+        self._generation = self.link.generation
+
+    async def _missing(self, start: ua.NodeId, start_label: str, path: list[ua.QualifiedName],
+                       what: str) -> NodeMissing:
+        """Which segment of a browse path is missing, and what its parent has instead."""
+        node, label = start, start_label
+        for i, seg in enumerate(path):
+            (found,) = await self.link.translate(start, [path[:i + 1]])
+            if found is None:
+                children = await self.link.browse_children(node)
+                full = "/".join([start_label, *(q.Name for q in path)])
+                return NodeMissing(self._err(
+                    f"no node {full} for {what} in namespace {self.namespace}: {label} has no "
+                    f"{seg.Name!r} (it has: {', '.join(sorted(children)) or 'nothing'})"))
+            node, label = found, f"{label}/{seg.Name}"
+        return NodeMissing(self._err(f"no node {label} for {what}"))
+
+    async def _discover_model(self, ns: int) -> None:
+        objects = ua.NodeId(ua.ObjectIds.ObjectsFolder)
+        path = _segments(f"{DEVICES_FOLDER}/{self.browse_name}", ns)
+        (node,) = await self.link.translate(objects, [path])
         if node is None:
-            raise DeviceError(self._err(f"no device {self.browse_name!r} on this server "
-                                        f"(it has: {', '.join(sorted(devices)) or 'none'})"))
+            raise await self._missing(objects, "Objects", path, f"device {self.browse_name!r}")
         children = await self.link.browse_children(node)
         status = await self.link.browse_children(children["status"]) if "status" in children else {}
         kind_node = children.get("kind")
-        dvs = await self.link.read(ua.ReadParameters(NodesToRead=[
-            ua.ReadValueId(NodeId=kind_node, AttributeId=ua.AttributeIds.Value)])) if kind_node else []
+        dvs = await self.link.read_attribute([kind_node], ua.AttributeIds.Value) if kind_node else []
         served = dvs[0].Value.Value if dvs and dvs[0].Value is not None else None
         if self.kind is None:
             if served not in {k.value for k in DeviceKind}:
@@ -936,35 +1193,86 @@ class OpcUaDevice(Device):
             self.kind = DeviceKind(served)
         elif served is not None and served != self.kind.value:
             raise DeviceError(self._err(f"configured as {self.kind.value} but the server says {served}"))
-        points: list[tuple[str, bool]] = [(n, False) for n in MEASUREMENTS[self.kind] if n in children]
-        points += [(k, True) for k in status]
         missing = [n for n in MEASUREMENTS[self.kind] if n not in children]
         if missing:
             log.info("%s: server lacks %s", self.name, missing)
-        self.nodes = {n: children[n] for n in (*MEASUREMENTS[self.kind], *SETPOINTS[self.kind]) if n in children}
+        names = dict.fromkeys((*MEASUREMENTS[self.kind], *SETPOINTS[self.kind]))
+        self._points = [_Point(n, children[n]) for n in names if n in children]
+        self._points += [_Point(k, v, status=True) for k, v in status.items()]
+        self._vtypes = {}
+
+    async def _discover_mapped(self, ns: int) -> None:
+        cfg = self.config
+        if self.kind is None:
+            raise DeviceError(self._err("a node-mapped device needs its kind in the site file"))
+        root = ua.NodeId(ua.ObjectIds.ObjectsFolder)
+        root_label = "Objects"
+        if cfg.root:
+            path = _segments(cfg.root, ns)
+            (found,) = await self.link.translate(root, [path])
+            if found is None:
+                raise await self._missing(root, "Objects", path, "the device root")
+            root, root_label = found, f"Objects/{cfg.root.strip('/')}"
+        entries = [(n, pm, False) for n, pm in cfg.points.items()]
+        entries += [(n, pm, True) for n, pm in cfg.status.items()]
+        by_path = [(n, pm, st) for n, pm, st in entries if pm.path is not None]
+        found_nodes = await self.link.translate(root, [_segments(pm.path, ns) for _, pm, _ in by_path])
+        points: list[_Point] = []
+        for (n, pm, st), node in zip(by_path, found_nodes, strict=True):
+            if node is None:
+                raise await self._missing(root, root_label, _segments(pm.path, ns), n)
+            points.append(_Point(n, node, st, Conversion.of(pm.scale, pm.offset, pm.unit)))
+        for n, pm, st in entries:
+            if pm.node is None:
+                continue
+            try:
+                nid = ua.NodeId.from_string(pm.node)
+            except (ValueError, KeyError, IndexError, ua.UaError) as exc:
+                raise NodeMissing(self._err(f"{n}: {pm.node!r} is not a NodeId ({exc})")) from None
+            uri = getattr(nid, "NamespaceUri", None)
+            if uri:
+                nid = ua.NodeId(nid.Identifier, self.link.namespace_index(uri), nid.NodeIdType)
+            points.append(_Point(n, nid, st, Conversion.of(pm.scale, pm.offset, pm.unit)))
+        order = {n: i for i, (n, _, _) in enumerate(entries)}
+        points.sort(key=lambda p: order[p.name])
+        # every node exists, and the data type a write must carry
+        types = await self.link.read_attribute([p.node for p in points], ua.AttributeIds.DataType)
+        self._vtypes = {}
+        for p, dv in zip(points, types, strict=True):
+            if dv.StatusCode is not None and not dv.StatusCode.is_good():
+                where = cfg.points.get(p.name) or cfg.status.get(p.name)
+                raise NodeMissing(self._err(f"no node {where.node or where.path} for {p.name} "
+                                            f"({p.node.to_string()}: {dv.StatusCode.name})"))
+            dt_id = dv.Value.Value if dv.Value is not None else None
+            if isinstance(dt_id, ua.NodeId) and dt_id.NamespaceIndex == 0 and isinstance(dt_id.Identifier, int):
+                with contextlib.suppress(ValueError):
+                    self._vtypes[p.name] = ua.VariantType(dt_id.Identifier)
         self._points = points
-        self._params = ua.ReadParameters(NodesToRead=[
-            ua.ReadValueId(NodeId=status[n] if is_status else children[n], AttributeId=ua.AttributeIds.Value)
-            for n, is_status in points])
-        await self._read_ranges()
-        self._generation = self.link.generation
 
     async def _read_ranges(self) -> None:
-        """EURange of each setpoint (for messages; the server decides)."""
-        self.ranges = {}
-        found: list[tuple[str, ua.NodeId]] = []
-        for sp_name in SETPOINTS[self.kind]:
-            if sp_name in self.nodes:
-                props = await self.link.browse_children(self.nodes[sp_name])
-                if "EURange" in props:
-                    found.append((sp_name, props["EURange"]))
+        """Setpoint ranges in neutral units: the server's EURange, else the site file's range,
+        else what the setpoint's meaning allows (limit_pct 0..100)."""
+        assert self.kind is not None
+        self.ranges, self.range_source = {}, {}
+        sps = [n for n in SETPOINTS[self.kind] if n in self.nodes]
+        eus = await self.link.translate([self.nodes[n] for n in sps],
+                                        [[ua.QualifiedName("EURange", 0)]] * len(sps))
+        found = [(n, nid) for n, nid in zip(sps, eus, strict=True) if nid is not None]
         if found:
-            dvs = await self.link.read(ua.ReadParameters(NodesToRead=[
-                ua.ReadValueId(NodeId=n, AttributeId=ua.AttributeIds.Value) for _, n in found]))
-            for (sp_name, _), dv in zip(found, dvs, strict=True):
+            dvs = await self.link.read_attribute([nid for _, nid in found], ua.AttributeIds.Value)
+            for (n, _), dv in zip(found, dvs, strict=True):
                 r = dv.Value.Value if dv.Value is not None else None
                 if isinstance(r, ua.Range):
-                    self.ranges[sp_name] = (r.Low, r.High)
+                    self.ranges[n] = self.conversions[n].range_to_neutral(r.Low, r.High)
+                    self.range_source[n] = "the server's EURange"
+        for n in sps:
+            pm = self.config.points.get(n) if self.mapped else None
+            if n in self.ranges:
+                continue
+            if pm is not None and pm.range is not None:
+                self.ranges[n], self.range_source[n] = pm.range, "the site file"
+            elif n in _DEFAULT_RANGES:
+                self.ranges[n], self.range_source[n] = _DEFAULT_RANGES[n], "its meaning"
 
     async def _ready(self) -> None:
         if not self.link._usable() or self._generation != self.link.generation:
@@ -972,42 +1280,84 @@ class OpcUaDevice(Device):
             if self._generation != self.link.generation:
                 await self._discover()
 
+    async def _values(self) -> list[ua.DataValue]:
+        feed = self._feed
+        if feed is not None and feed.dead:  # the server ended it: subscribe again
+            log.warning("%s: subscription ended by the server (%s); subscribing again", self.name, feed.dead)
+            self._feed = None
+            feed = await self.link.feed(self.publishing_interval_s)
+            await self.link.monitor(feed, [p.node for p in self._points])
+            self._feed = feed
+        if feed is not None and feed.generation == self.link.generation:
+            vals = feed.values
+            try:
+                out = [vals[p.node] for p in self._points]
+            except KeyError:  # not every item has delivered its first value yet
+                pass
+            else:
+                await asyncio.sleep(0)  # a read is a turn of the loop, as a request would be
+                return out
+        return await self.link.read(self._params)
+
     async def read(self) -> Reading:
         try:
             await self._ready()
-            dvs = await self.link.read(self._params)
+            dvs = await self._values()
         except DeviceError as exc:
             raise self._named(exc) from exc
         values: dict[str, Any] = {}
         status: dict[str, Any] = {}
-        for (name, is_status), dv in zip(self._points, dvs, strict=True):
+        for p, dv in zip(self._points, dvs, strict=True):
             v = dv.Value.Value if dv.Value is not None and (dv.StatusCode is None or dv.StatusCode.is_good()) else None
-            if is_status:
-                status[name] = (v or None) if name == "clamp" else v
+            if p.status:
+                status[p.name] = (v or None) if p.name == "clamp" else v
+            elif isinstance(v, bool | int | float) and not p.conv.identity:
+                values[p.name] = p.conv.to_neutral(float(v))
             else:
-                values[name] = v
+                values[p.name] = float(v) if isinstance(v, bool | int) else v
         assert self.kind is not None
         return Reading(self.name, self.kind, time.time(), values, status)
 
     async def write(self, point: str, value: float) -> None:
         await self.write_many({point: value})
 
+    def _write_value(self, point: str, value: float) -> ua.WriteValue:
+        raw = self.conversions[point].to_raw(float(value))
+        vt = self._vtypes.get(point, ua.VariantType.Double)
+        if vt not in _NUMBER_TYPES:
+            vt = ua.VariantType.Double
+        v: Any = bool(round(raw)) if vt is ua.VariantType.Boolean else \
+            int(round(raw)) if vt in _INTEGER_TYPES else float(raw)
+        return ua.WriteValue(NodeId=self.nodes[point], AttributeId=ua.AttributeIds.Value,
+                             Value=ua.DataValue(ua.Variant(v, vt)))
+
     async def write_many(self, setpoints: Mapping[str, float]) -> None:
-        """Several setpoints of this device in one Write request."""
+        """Several setpoints of this device in one Write request. Values outside a
+        setpoint's range are refused before anything is sent; writing `limit_pct` also
+        enables the limit (as on Modbus)."""
         try:
             await self._ready()
         except DeviceError as exc:
             raise self._named(exc) from exc
         assert self.kind is not None
+        setpoints = dict(setpoints)
+        if "limit_pct" in setpoints and "limit_enabled" in self.nodes:
+            setpoints.setdefault("limit_enabled", 1.0)
         items = []
         for point, value in setpoints.items():
             if point not in SETPOINTS[self.kind] or point not in self.nodes:
-                known = sorted(SETPOINTS[self.kind])
+                known = [n for n in SETPOINTS[self.kind] if n in self.nodes]
                 raise SetpointRejected(self._err(f"{point!r} is not a setpoint of a {self.kind.value} "
                                                  f"(setpoints: {', '.join(known) or 'none'})"))
-            items.append((point, value, ua.WriteValue(
-                NodeId=self.nodes[point], AttributeId=ua.AttributeIds.Value,
-                Value=ua.DataValue(ua.Variant(float(value), ua.VariantType.Double)))))
+            unit = SETPOINTS[self.kind][point].unit
+            rng = self.ranges.get(point)
+            if rng is not None and not within(float(value), *rng):
+                raise SetpointRejected(self._err(
+                    f"{point} {float(value):g} {unit} is outside {rng[0]:g}..{rng[1]:g} {unit} "
+                    f"(range from {self.range_source[point]}); nothing written"))
+            if point == "limit_enabled" and float(value) not in (0.0, 1.0):
+                raise SetpointRejected(self._err(f"limit_enabled must be 0 or 1, got {float(value):g}"))
+            items.append((point, value, self._write_value(point, value)))
         try:
             results = await self.link.write(ua.WriteParameters(NodesToWrite=[w for _, _, w in items]))
         except DeviceError as exc:
@@ -1024,4 +1374,3 @@ class OpcUaDevice(Device):
 
     async def close(self) -> None:
         await self.link.aclose()
-

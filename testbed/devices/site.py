@@ -238,7 +238,7 @@ def open_devices(site: SiteConfig, names: list[str] | None = None) -> dict[str, 
             session = sessions.get((d.host, d.port))
             if session is None:
                 session = sessions[(d.host, d.port)] = OpcUaLink(d.host, d.port, security, timeout_s=d.timeout_s)
-            out[d.name] = OpcUaDevice(d.name, session, d.kind)
+            out[d.name] = OpcUaDevice(d.name, session, d.kind, config=d.opcua)
             continue
         key = modbus_link_key(d)
         link = links.get(key)

@@ -270,11 +270,14 @@ class LedgerNode:
         for h in self._timers:
             h.cancel()
         self._timers = []
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        tasks = list(self._tasks)
+        for _ in range(10):  # re-cancel a task that swallowed one cancellation
+            if not tasks:
+                break
+            for t in tasks:
+                t.cancel()
+            _, pending = await asyncio.wait(tasks, timeout=1.0)
+            tasks = list(pending)
         self._tasks.clear()
         if isinstance(self.record, FileRecord):
             self.record.close()
@@ -339,7 +342,8 @@ class LedgerNode:
                 await self._execute(self._sm_start())
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.25)
+                async with asyncio.timeout(0.25):
+                    await self._wake.wait()
 
     def _sm_start(self) -> list[C.Action]:
         assert self._sm is not None

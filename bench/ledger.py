@@ -2,6 +2,7 @@
 
 Run:  python bench/ledger.py [--txs N] [--block B] [--validators 4,16,64] [--quick]
                              [--broker mosquitto|embedded] [--json PATH]
+                             [--e2e-txs N] [--kill-trials K] [--flood N] [--only-network]
 
 1. Ceiling: raw Ed25519 verifications per second (cryptography/OpenSSL), one core, in
    this run. Every committed transaction costs at least one verification per node.
@@ -273,6 +274,17 @@ async def _wait(cond, limit: float) -> float | None:  # noqa: ASYNC109
     return None
 
 
+async def _all_up(hello, names: list[str], limit: float = 120.0) -> None:  # noqa: ASYNC109
+    """Wait until every node has subscribed: each publishes a sync request once it has."""
+    from testbed.ledger import canonical
+
+    seen: set[str] = set()
+    deadline = time.monotonic() + limit
+    while seen != set(names):
+        m = await hello.get(timeout=max(0.1, deadline - time.monotonic()))
+        seen.add(canonical.decode(m.payload).get("node"))
+
+
 async def end_to_end(n_txs: int, tmp: Path, kill_trials: int, flood: int) -> dict:
     """4 validator processes over Mosquitto: committed tx/s, proposer kills, forged flood."""
     from testbed.ledger import canonical
@@ -280,56 +292,56 @@ async def end_to_end(n_txs: int, tmp: Path, kill_trials: int, flood: int) -> dic
     layout, agg, vals = bench_layout(tmp / "e2e", 4)
     names = layout.validators()
     out: dict = {"validators": 4, "processes": 4, "broker": "mosquitto"}
-    async with MosquittoBroker() as broker:
+    async with MosquittoBroker() as broker, BusClient(broker.url) as client:
+        hello = await client.subscribe(topics.sync_request("bench"))
         procs = {n: _proc(layout, n, broker.url, 0.05) for n in names}
         try:
-            async with BusClient(broker.url) as client:
-                await asyncio.sleep(3.0)  # interpreters start and subscribe
-                now = time.time()
-                raws = [(topics.ledger_tx("bench"), messages.sign(
-                    agg, T.PAYMENT, {"to": vals[i % 4].address, "amount": 1, "award": None,
-                                     "memo": f"e2e {i}"}, at=now).raw) for i in range(n_txs)]
-                t0 = time.perf_counter()
-                await client.publish_many(raws, window=500)
-                published = time.perf_counter() - t0
-                done = await _wait(lambda: all(_count(layout, n)[0] >= n_txs for n in names),
-                                   300)
-                out.update({"txs": n_txs, "publish_s": published,
-                            "seconds": None if done is None else published + done,
-                            "tps": None if done is None else n_txs / (published + done),
-                            "blocks": _count(layout, names[0])[1]})
-                # proposer crashes
-                kills = []
+            await _all_up(hello, names)
+            now = time.time()
+            raws = [(topics.ledger_tx("bench"), messages.sign(
+                agg, T.PAYMENT, {"to": vals[i % 4].address, "amount": 1, "award": None,
+                                 "memo": f"e2e {i}"}, at=now).raw) for i in range(n_txs)]
+            t0 = time.perf_counter()
+            await client.publish_many(raws, window=500)
+            published = time.perf_counter() - t0
+            done = await _wait(lambda: all(_count(layout, n)[0] >= n_txs for n in names),
+                               300)
+            out.update({"txs": n_txs, "publish_s": published,
+                        "seconds": None if done is None else published + done,
+                        "tps": None if done is None else n_txs / (published + done),
+                        "blocks": _count(layout, names[0])[1]})
+            # proposer crashes
+            kills = []
+            props = await client.subscribe(topics.block_filter("bench", "proposal"))
+            by_addr = {layout.key(n).address: n for n in names}
+            for trial in range(kill_trials):
+                before = min(_count(layout, n)[1] for n in names)
+                m = messages.sign(agg, T.PAYMENT, {"to": vals[0].address, "amount": 2,
+                                                   "award": None, "memo": f"kill {trial}"},
+                                  at=time.time())
+                await client.publish(topics.ledger_tx("bench"), m.raw)
+                while True:
+                    p = canonical.decode((await props.get(timeout=60)).payload)
+                    if p["height"] == before + 1:
+                        break
+                victim = by_addr[p["proposer"]]
+                procs[victim].send_signal(signal.SIGKILL)
+                procs[victim].wait()
+                others = [n for n in names if n != victim]
+                commit = await _wait(lambda o=others, b=before: all(
+                    _count(layout, n)[1] > b for n in o), 60)
+                s = Store(layout.db_path(others[0]), readonly=True)
+                rnd = canonical.decode(s.block(before + 1).cert)[0].get("round")
+                s.close()
+                procs[victim] = _proc(layout, victim, broker.url, 0.05)
+                catch = await _wait(lambda: len({_count(layout, n)[1:] for n in names}) == 1,
+                                    60)
+                kills.append({"commit_s": commit, "round": rnd, "catch_up_s": catch})
+                props.close()
                 props = await client.subscribe(topics.block_filter("bench", "proposal"))
-                by_addr = {layout.key(n).address: n for n in names}
-                for trial in range(kill_trials):
-                    before = min(_count(layout, n)[1] for n in names)
-                    m = messages.sign(agg, T.PAYMENT, {"to": vals[0].address, "amount": 2,
-                                                       "award": None, "memo": f"kill {trial}"},
-                                      at=time.time())
-                    await client.publish(topics.ledger_tx("bench"), m.raw)
-                    while True:
-                        p = canonical.decode((await props.get(timeout=60)).payload)
-                        if p["height"] == before + 1:
-                            break
-                    victim = by_addr[p["proposer"]]
-                    procs[victim].send_signal(signal.SIGKILL)
-                    procs[victim].wait()
-                    others = [n for n in names if n != victim]
-                    commit = await _wait(lambda o=others, b=before: all(
-                        _count(layout, n)[1] > b for n in o), 60)
-                    s = Store(layout.db_path(others[0]), readonly=True)
-                    rnd = canonical.decode(s.block(before + 1).cert)[0].get("round")
-                    s.close()
-                    procs[victim] = _proc(layout, victim, broker.url, 0.05)
-                    catch = await _wait(lambda: len({_count(layout, n)[1:] for n in names}) == 1,
-                                        60)
-                    kills.append({"commit_s": commit, "round": rnd, "catch_up_s": catch})
-                    props.close()
-                    props = await client.subscribe(topics.block_filter("bench", "proposal"))
-                out["kills"] = kills
-                if flood:
-                    out["flood"] = await _flood(layout, client, agg, vals, names, flood)
+            out["kills"] = kills
+            if flood:
+                out["flood"] = await _flood(layout, client, agg, vals, names, flood)
         finally:
             _stop_all(procs)
     heads = {_count(layout, n)[1:] for n in names}
@@ -395,62 +407,70 @@ def main() -> None:
     ap.add_argument("--broker", choices=("mosquitto", "embedded"), default="mosquitto")
     ap.add_argument("--e2e-txs", type=int, default=20_000,
                     help="transactions for the 4-process end-to-end figure (0: skip)")
-    ap.add_argument("--kill-trials", type=int, default=20)
-    ap.add_argument("--flood", type=int, default=20_000)
-    ap.add_argument("--quick", action="store_true", help="small smoke run (< 1 min)")
+    ap.add_argument("--kill-trials", type=int, default=None, help="default 20 (--quick: 3)")
+    ap.add_argument("--flood", type=int, default=None, help="default 20000 (--quick: 3000)")
+    ap.add_argument("--only-network", action="store_true",
+                    help="only the 4-process end-to-end part (4-6)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     if args.quick:
         args.txs, args.validators, args.latency_blocks = 4000, "4", 3
-        args.e2e_txs, args.kill_trials, args.flood = 3000, 3, 3000
+        args.e2e_txs = 3000
+    if args.kill_trials is None:
+        args.kill_trials = 3 if args.quick else 20
+    if args.flood is None:
+        args.flood = 3000 if args.quick else 20_000
     logging.basicConfig(level=logging.ERROR)
     figures: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        console.print("raw Ed25519 verify rate …")
-        figures["raw_verify_per_s"] = raw_verify_rate(20_000 if not args.quick else 5000)
-        console.print(f"committed tx/s with full checks ({args.txs} txs, blocks of "
-                      f"{args.block}) …")
-        tp = throughput(args.txs, args.block, tmp)
-        tp["ratio_to_raw_verify"] = tp["tps"] / figures["raw_verify_per_s"]
-        figures["throughput"] = tp
-        if args.inproc_validators > 1:
-            (tmp / "inproc").mkdir()
-            n = max(2000, args.txs // 5)
-            figures["throughput_inproc"] = throughput(n, args.block, tmp / "inproc",
-                                                      args.inproc_validators)
-        figures["latency"] = []
-        for v in [int(x) for x in args.validators.split(",") if x]:
-            console.print(f"commit latency, {v} validators over {args.broker} …")
-            (tmp / f"v{v}").mkdir()
-            blocks = args.latency_blocks if v <= 16 else max(3, args.latency_blocks // 2)
-            figures["latency"].append(asyncio.run(commit_latency(v, blocks,
-                                                                 args.broker, tmp / f"v{v}")))
+        if not args.only_network:
+            console.print("raw Ed25519 verify rate …")
+            figures["raw_verify_per_s"] = raw_verify_rate(20_000 if not args.quick else 5000)
+            console.print(f"committed tx/s with full checks ({args.txs} txs, blocks of "
+                          f"{args.block}) …")
+            tp = throughput(args.txs, args.block, tmp)
+            tp["ratio_to_raw_verify"] = tp["tps"] / figures["raw_verify_per_s"]
+            figures["throughput"] = tp
+            if args.inproc_validators > 1:
+                (tmp / "inproc").mkdir()
+                n = max(2000, args.txs // 5)
+                figures["throughput_inproc"] = throughput(n, args.block, tmp / "inproc",
+                                                          args.inproc_validators)
+            figures["latency"] = []
+            for v in [int(x) for x in args.validators.split(",") if x]:
+                console.print(f"commit latency, {v} validators over {args.broker} …")
+                (tmp / f"v{v}").mkdir()
+                blocks = args.latency_blocks if v <= 16 else max(3, args.latency_blocks // 2)
+                figures["latency"].append(asyncio.run(commit_latency(v, blocks,
+                                                                     args.broker, tmp / f"v{v}")))
         if args.e2e_txs and find_mosquitto() is not None:
             console.print(f"end to end: 4 validator processes over Mosquitto, {args.e2e_txs} txs, "
                           f"{args.kill_trials} proposer kills, flood of {args.flood} …")
             figures["end_to_end"] = asyncio.run(end_to_end(args.e2e_txs, tmp, args.kill_trials,
                                                            args.flood))
-    t = Table(title="ledger throughput (one validator's work per transaction)")
-    for col in ("figure", "value", "target"):
-        t.add_column(col)
-    t.add_row("raw Ed25519 verify /s (ceiling)", f"{figures['raw_verify_per_s']:,.0f}", "")
-    t.add_row("committed signed tx/s, full checks", f"{tp['tps']:,.0f}",
-              f">= {TARGET_TPS:,} {'ok' if tp['tps'] >= TARGET_TPS else 'MISSED'}")
-    t.add_row("ratio to raw verify", f"{tp['ratio_to_raw_verify']:.2f}", "")
-    if "throughput_inproc" in figures:
-        ti = figures["throughput_inproc"]
-        t.add_row(f"tx/s with {ti['validators_in_process']} validators in this process",
-                  f"{ti['tps']:,.0f}", "(all share 2 cores)")
-    Console().print(t)
-    lt = Table(title="block commit latency (proposal -> last node committed)")
-    for col in ("validators", "broker", "blocks", "tx/block", "median ms", "p90 ms"):
-        lt.add_column(col)
-    for row in figures["latency"]:
-        lt.add_row(str(row["validators"]), row["broker"], str(row["blocks"]),
-                   f"{row['txs_per_block']:.0f}", f"{row['median_ms']:.1f}",
-                   f"{row['p90_ms']:.1f}")
-    Console().print(lt)
+    if not args.only_network:
+        t = Table(title="ledger throughput (one validator's work per transaction)")
+        for col in ("figure", "value", "target"):
+            t.add_column(col)
+        t.add_row("raw Ed25519 verify /s (ceiling)", f"{figures['raw_verify_per_s']:,.0f}", "")
+        t.add_row("committed signed tx/s, full checks", f"{tp['tps']:,.0f}",
+                  f">= {TARGET_TPS:,} {'ok' if tp['tps'] >= TARGET_TPS else 'MISSED'}")
+        t.add_row("ratio to raw verify", f"{tp['ratio_to_raw_verify']:.2f}", "")
+        if "throughput_inproc" in figures:
+            ti = figures["throughput_inproc"]
+            t.add_row(f"tx/s with {ti['validators_in_process']} validators in this process",
+                      f"{ti['tps']:,.0f}", "(all share 2 cores)")
+        Console().print(t)
+        lt = Table(title="block commit latency (proposal -> last node committed)")
+        for col in ("validators", "broker", "blocks", "tx/block", "median ms", "p90 ms"):
+            lt.add_column(col)
+        for row in figures["latency"]:
+            lt.add_row(str(row["validators"]), row["broker"], str(row["blocks"]),
+                       f"{row['txs_per_block']:.0f}", f"{row['median_ms']:.1f}",
+                       f"{row['p90_ms']:.1f}")
+        Console().print(lt)
     e2e = figures.get("end_to_end")
     if e2e:
         et = Table(title="4 validator processes over Mosquitto")

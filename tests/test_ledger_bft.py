@@ -85,34 +85,36 @@ async def test_sigkilled_proposer_costs_at_most_a_round_and_catches_up(tmp_path)
     names = layout.validators()
     assert len(names) == 4
     by_address = {layout.key(n).address: n for n in names}
-    async with MosquittoBroker() as broker:
+    async with MosquittoBroker() as broker, BusClient(broker.url) as client:
+        hello = await client.subscribe(topics.sync_request("demo"))
+        props = await client.subscribe(topics.block_filter("demo", "proposal"))
         procs = {n: node_proc(layout.root, n, broker.url) for n in names}
         try:
-            async with BusClient(broker.url) as client:
+            seen: set[str] = set()  # every node asks to sync once it has subscribed
+            while seen != set(names):
+                seen.add(canonical.decode((await hello.get(timeout=60)).payload)["node"])
+            rounds = []
+            for trial in range(3):
+                before = min(head(layout, n)[0] for n in names)
+                await client.publish(topics.ledger_tx("demo"),
+                                     payment(layout, names[trial % 4], f"t{trial}"))
+                while True:
+                    m = await props.get(timeout=30)
+                    p = canonical.decode(m.payload)
+                    if p["height"] == before + 1:
+                        break
+                victim = by_address[p["proposer"]]
+                procs[victim].send_signal(signal.SIGKILL)
+                procs[victim].wait()
+                others = [n for n in names if n != victim]
+                assert await wait_for(lambda o=others, b=before: all(
+                    head(layout, n)[0] > b for n in o), 30), f"trial {trial}: no commit"
+                rounds.append(cert_round(layout, others[0], before + 1))
+                procs[victim] = node_proc(layout.root, victim, broker.url)
+                assert await wait_for(lambda: len({head(layout, n) for n in names}) == 1,
+                                      30), f"trial {trial}: {victim} did not catch up"
+                props.close()
                 props = await client.subscribe(topics.block_filter("demo", "proposal"))
-                await asyncio.sleep(2.5)  # interpreters start
-                rounds = []
-                for trial in range(3):
-                    before = min(head(layout, n)[0] for n in names)
-                    await client.publish(topics.ledger_tx("demo"),
-                                         payment(layout, names[trial % 4], f"t{trial}"))
-                    while True:
-                        m = await props.get(timeout=30)
-                        p = canonical.decode(m.payload)
-                        if p["height"] == before + 1:
-                            break
-                    victim = by_address[p["proposer"]]
-                    procs[victim].send_signal(signal.SIGKILL)
-                    procs[victim].wait()
-                    others = [n for n in names if n != victim]
-                    assert await wait_for(lambda o=others, b=before: all(
-                        head(layout, n)[0] > b for n in o), 30), f"trial {trial}: no commit"
-                    rounds.append(cert_round(layout, others[0], before + 1))
-                    procs[victim] = node_proc(layout.root, victim, broker.url)
-                    assert await wait_for(lambda: len({head(layout, n) for n in names}) == 1,
-                                          30), f"trial {trial}: {victim} did not catch up"
-                    props.close()
-                    props = await client.subscribe(topics.block_filter("demo", "proposal"))
         finally:
             for p in procs.values():
                 p.send_signal(signal.SIGTERM)

@@ -135,3 +135,32 @@ def test_the_simulation_catches_a_dropped_lock_check():
         pytest.fail("5000 schedules did not expose the missing lock check")
     # the same schedule with the correct rule is safe and live
     Sim(seed, byzantine=True, split=True).run()
+
+
+def test_certificates_are_precommits_of_one_round():
+    """Precommits carry their round (signed); a certificate mixing rounds is refused, and
+    one from before rounds existed still verifies."""
+    from ledger_net import make_net
+
+    from testbed.ledger.blocks import Vote, check_certificate, encode_certificate
+    from testbed.ledger.errors import Rejected
+
+    net = make_net(4, nodes=1)
+    p = net.propose([net.pay(net.aggregator, net.validators[0].address, 5)])
+    validators = {k.address: k.public for k in net.validators}
+
+    def cert(rounds):
+        return encode_certificate([Vote.cast(k, net.chain.id, p.block.height, p.block.hash, r)
+                                   for k, r in zip(net.validators, rounds, strict=False)])
+
+    kw = {"chain": net.chain.id, "block": p.block, "validators": validators, "quorum": 3}
+    assert len(check_certificate(cert([2, 2, 2]), **kw)) == 3
+    assert len(check_certificate(cert([None] * 4), **kw)) == 4
+    with pytest.raises(Rejected, match="different rounds"):
+        check_certificate(cert([1, 2, 2, 2]), **kw)
+    # the round is signed: changing it breaks the vote's signature
+    forged = Vote.cast(net.validators[0], net.chain.id, p.block.height, p.block.hash, 1)
+    moved = Vote(forged.chain, forged.height, forged.block, forged.voter, forged.signature, 2)
+    assert not moved.signature_ok(net.validators[0].public)
+    net.chain.commit(p.block, p.txs, cert([3, 3, 3]))
+    assert net.chain.height == 1

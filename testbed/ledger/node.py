@@ -506,7 +506,7 @@ class LedgerNode:
                        PROPOSAL_DOMAIN + canonical.encode(body)):
             raise Rejected(Reason.BAD_SIGNATURE, f"proposal for height {height} round {rnd} "
                            f"is not signed by its proposer")
-        self._seen.add(digest)
+        self._remember(digest)
         self._proposals_checked[rnd] = self._proposals_checked.get(rnd, 0) + 1
         valid = self._checked.get(block.hash)
         if valid is None:
@@ -564,12 +564,21 @@ class LedgerNode:
         if not _sig_ok(key, obj["signature"],
                        domain + _vote_body(self.chain.id, height, rnd, obj["block"])):
             raise Rejected(Reason.BAD_SIGNATURE, f"{obj['type']} from {voter} does not verify")
-        self._seen.add(digest)
-        self._raw.setdefault(("v", voter, step, rnd, obj["block"]), m.payload)
+        self._remember(digest)
         actions = sm.on_vote(C.Vote(step, height, rnd, obj["block"], voter))
+        rs = sm.rounds.get(rnd)
+        counted = (rs.prevotes if step == C.PREVOTE else rs.precommits) if rs else {}
+        if voter in counted.get(obj["block"], {}):  # kept by the state machine (bounded)
+            self._raw.setdefault(("v", voter, step, rnd, obj["block"]), m.payload)
         if not sm.started:
             actions += self._sm_start()
         await self._execute(actions)
+
+    def _remember(self, digest: str) -> None:
+        """Payloads already handled (a shortcut for duplicates; forgotten when large)."""
+        if len(self._seen) >= 100_000:
+            self._seen.clear()
+        self._seen.add(digest)
 
     # ---------------------------------------------------------------- commit
     async def _decide(self, d: C.Decide) -> None:

@@ -547,12 +547,13 @@ class LedgerNode:
         height, rnd, voter = obj["height"], obj["round"], obj["voter"]
         if voter == self.key.address or height <= self.chain.height:
             return
-        if self._next_height_message(height, voter, m):
+        ahead = height > self.chain.height + 1
+        if height > self.chain.height + 2:
             await self.request_sync()
             return
         sm = self._sm
         assert sm is not None
-        if not 0 <= rnd <= max(sm.round, 0) + C.MAX_FUTURE_ROUNDS:
+        if not 0 <= rnd <= (0 if ahead else max(sm.round, 0)) + C.MAX_FUTURE_ROUNDS:
             raise Rejected(Reason.BAD_BLOCK, f"vote round {rnd} is not plausible at round "
                            f"{sm.round}")
         key = self._validators.get(voter) if isinstance(voter, str) else None
@@ -565,6 +566,10 @@ class LedgerNode:
                        domain + _vote_body(self.chain.id, height, rnd, obj["block"])):
             raise Rejected(Reason.BAD_SIGNATURE, f"{obj['type']} from {voter} does not verify")
         self._remember(digest)
+        if ahead:  # the next height's vote, signed: kept (bounded) until this node gets there
+            self._next_height_message(height, voter, m)
+            await self.request_sync()
+            return
         actions = sm.on_vote(C.Vote(step, height, rnd, obj["block"], voter))
         rs = sm.rounds.get(rnd)
         counted = (rs.prevotes if step == C.PREVOTE else rs.precommits) if rs else {}

@@ -3,15 +3,18 @@ consensus record a validator keeps beside its store."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+from testbed.bus import topics
 from testbed.bus.broker import EmbeddedBroker
 from testbed.bus.client import BusClient
 from testbed.config import load_site
 from testbed.ledger import consensus as C
-from testbed.ledger import messages
+from testbed.ledger import election, messages
 from testbed.ledger import transactions as T
-from testbed.ledger.node import FileRecord
+from testbed.ledger.chain import Chain
+from testbed.ledger.node import FileRecord, proposal_wire
 from testbed.ledger.setup import init_ledger
 from testbed.ledger.state import Params
 from testbed.ledger.validators import Validators, fault_note
@@ -76,3 +79,41 @@ async def test_produce_commits_on_the_scenario_schedule_and_reports(tmp_path):
         finally:
             await vals.stop()
         assert all(v["ok"] and v["height"] == 1 for v in vals.verify().values())
+
+
+async def test_an_equivocating_proposer_is_kept_as_evidence_and_one_block_commits(tmp_path):
+    """The round-0 proposer signs two different blocks for height 1 and publishes both; the
+    three other validators (a quorum of 4) commit exactly one, each keeps the evidence."""
+    layout = init_ledger(load_site("demo"), tmp_path / "ledger", validators=4, seed=5,
+                         params=Params(round_timeout_s=2.0))
+    genesis = layout.genesis()
+    chain = Chain(genesis)
+    elected = election.proposer(chain.state, 0).address
+    names = layout.validators()
+    byz = next(n for n in names if layout.key(n).address == elected)
+    key, agg = layout.key(byz), layout.key("aggregator")
+    now = time.time()
+    txs = [messages.sign(agg, T.PAYMENT, {"to": key.address, "amount": a, "award": None,
+                                          "memo": "eq"}, at=now) for a in (1, 2)]
+    blocks = [chain.propose(key, [tx], time=now).block for tx in txs]
+    assert blocks[0].hash != blocks[1].hash
+    async with EmbeddedBroker() as broker, BusClient(broker.url) as bus:
+        vals = await Validators.start(layout, bus, "demo",
+                                      names=[n for n in names if n != byz])
+        try:
+            for tx in txs:
+                await vals.submit(tx)
+            for b, tx in zip(blocks, txs, strict=True):
+                await bus.publish(topics.block_proposal("demo", 1),
+                                  proposal_wire(key, chain.id, 0, -1, b, [tx]))
+            deadline = time.monotonic() + 10
+            while vals.height() < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            heads = {n.chain.state.head for n in vals.nodes}
+            evidence = [len(n.evidence) for n in vals.nodes]
+        finally:
+            await vals.stop()
+    assert vals.height() == 1 and len(heads) == 1 and heads <= {b.hash for b in blocks}
+    assert all(e >= 1 for e in evidence), evidence
+    ev = vals.nodes[0].evidence[0]
+    assert ev.first.sender == ev.second.sender == elected

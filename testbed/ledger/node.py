@@ -381,14 +381,7 @@ class LedgerNode:
         if got is None:
             return None
         block, txs = got
-        body = {"chain": self.chain.id, "height": p.height, "round": p.round,
-                "valid_round": p.valid_round, "block_hash": block.hash}
-        sig = self.key.sign(PROPOSAL_DOMAIN + canonical.encode(body)).hex()
-        return canonical.encode({
-            "type": "proposal", "chain": self.chain.id, "height": p.height, "round": p.round,
-            "valid_round": p.valid_round, "proposer": self.key.address, "signature": sig,
-            "block": {"header": block.header, "signature": block.signature},
-            "txs": [m.as_dict() for m in txs]})
+        return proposal_wire(self.key, self.chain.id, p.round, p.valid_round, block, txs)
 
     def _vote_wire(self, v: C.Vote) -> bytes:
         body = _vote_body(self.chain.id, v.height, v.round, v.value)
@@ -726,6 +719,20 @@ class LedgerNode:
         await self._after_commit()
         if len(items) >= SYNC_BATCH:
             await self.request_sync()  # there may be more
+
+
+def proposal_wire(key: KeyPair, chain_id: str, round_: int, valid_round: int, block: Block,
+                  txs: list[SignedMessage]) -> bytes:
+    """A proposal message: `block` proposed in `round_` (it may have been created in an
+    earlier one, `valid_round`), signed by that round's proposer."""
+    body = {"chain": chain_id, "height": block.height, "round": round_,
+            "valid_round": valid_round, "block_hash": block.hash}
+    sig = key.sign(PROPOSAL_DOMAIN + canonical.encode(body)).hex()
+    return canonical.encode({
+        "type": "proposal", "chain": chain_id, "height": block.height, "round": round_,
+        "valid_round": valid_round, "proposer": key.address, "signature": sig,
+        "block": {"header": block.header, "signature": block.signature},
+        "txs": [m.as_dict() for m in txs]})
 
 
 def _sig_ok(public_key: bytes, signature: str, data: bytes) -> bool:

@@ -310,3 +310,12 @@ def test_unclaimed_messages_are_bounded() -> None:
         bus._on_message(bus._client, None, M(i))  # type: ignore[arg-type]
     assert [m.topic for m in bus._unclaimed] == ["a/2", "a/3", "a/4"]
     assert bus.unclaimed_dropped == 2
+
+
+async def test_bounded_subscription_drops_the_oldest() -> None:
+    async with EmbeddedBroker() as broker, BusClient(broker.url) as bus:
+        sub = await bus.subscribe("t/bounded", max_pending=3)
+        await bus.publish_many([("t/bounded", str(i)) for i in range(10)])
+        await asyncio.sleep(0.3)
+        got = [sub.get_nowait() for _ in range(sub.pending())]
+        assert [m.payload for m in got] == [b"7", b"8", b"9"] and sub.dropped == 7

@@ -141,19 +141,29 @@ _CLOSED: Any = object()
 class Subscription:
     """Messages matching one filter, in arrival order; an async iterator until closed.
 
-    The queue is unbounded: messages that move money or energy are never dropped here, so a
-    consumer that stops reading grows memory rather than losing data.
+    The queue is unbounded by default: messages that move money or energy are never dropped
+    here, so a consumer that stops reading grows memory rather than losing data. With
+    ``max_pending`` (traffic whose senders repeat it, e.g. consensus gossip, and which anyone
+    on the broker could flood) the oldest waiting message makes room and is counted in
+    `dropped`.
     """
 
-    def __init__(self, bus: BusClient, topic_filter: str, qos: int) -> None:
+    def __init__(self, bus: BusClient, topic_filter: str, qos: int,
+                 max_pending: int | None = None) -> None:
         self.topic_filter = topic_filter
         self.qos = qos
         self._bus = bus
         self._queue: asyncio.Queue[BusMessage] = asyncio.Queue()
         self._closed = False
+        self.max_pending = max_pending
+        self.dropped = 0
 
     def _deliver(self, msg: BusMessage) -> None:
         if not self._closed:
+            if self.max_pending is not None and self._queue.qsize() >= self.max_pending:
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    self._queue.get_nowait()
+                    self.dropped += 1
             self._queue.put_nowait(msg)
 
     @property
@@ -634,15 +644,17 @@ class BusClient:
     # -- subscribing -------------------------------------------------------------------------
 
     async def subscribe(
-        self, topic_filter: str, qos: int = 1, timeout: float | None = 10.0  # noqa: ASYNC109
+        self, topic_filter: str, qos: int = 1, timeout: float | None = 10.0,  # noqa: ASYNC109
+        *, max_pending: int | None = None,
     ) -> Subscription:
         """Subscribe and wait for SUBACK; `BusError` if the broker rejects the filter.
 
         While disconnected the filter is recorded and subscribed on reconnect.
+        ``max_pending`` bounds the messages waiting to be read (see `Subscription`).
         """
         self._check_open()
         assert self._loop is not None
-        sub = Subscription(self, topic_filter, qos)
+        sub = Subscription(self, topic_filter, qos, max_pending)
         self._subs.append(sub)  # before SUBSCRIBE: retained messages arrive right after SUBACK
         self._claim(sub)
         self._filters[topic_filter] = self._filters.get(topic_filter, 0) + 1

@@ -64,6 +64,9 @@ MAX_SYNC_REQUEST_BYTES = 1024
 MAX_BLOCK_BYTES = 32 * 1024 * 1024
 MAX_AHEAD_PER_SENDER = 16
 """Next-height messages kept per validator until this node gets there."""
+MAX_QUEUED = 20_000
+"""Votes or sync requests waiting to be handled, at most (the oldest make room)."""
+MAX_QUEUED_PROPOSALS = 2_000
 MAX_LOG_PER_S = 20
 """Refusal lines logged per second per node (the rest are counted)."""
 
@@ -248,16 +251,18 @@ class LedgerNode:
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         s = self.site
+        # consensus traffic is repeated by its senders (gossip) and anyone on the broker can
+        # flood it: its queues are bounded; transactions are not dropped here
         handlers = [
-            (topics.ledger_tx(s), self._on_tx),
-            (topics.block_filter(s, "proposal"), self._on_proposal),
-            (topics.block_filter(s, "votes"), self._on_vote),
-            (topics.blocks_committed(s), self._on_committed),
-            (topics.sync_request(s), self._on_sync_request),
-            (topics.sync_response(s, self.name), self._on_sync_response),
+            (topics.ledger_tx(s), self._on_tx, None),
+            (topics.block_filter(s, "proposal"), self._on_proposal, MAX_QUEUED_PROPOSALS),
+            (topics.block_filter(s, "votes"), self._on_vote, MAX_QUEUED),
+            (topics.blocks_committed(s), self._on_committed, MAX_QUEUED_PROPOSALS),
+            (topics.sync_request(s), self._on_sync_request, MAX_QUEUED),
+            (topics.sync_response(s, self.name), self._on_sync_response, MAX_QUEUED_PROPOSALS),
         ]
-        for flt, fn in handlers:
-            sub = await self.bus.subscribe(flt, qos=1)
+        for flt, fn, bound in handlers:
+            sub = await self.bus.subscribe(flt, qos=1, max_pending=bound)
             self._tasks.append(asyncio.create_task(self._pump(sub, fn), name=f"{self.name}:{flt}"))
         if self.autoproduce:
             self._tasks.append(asyncio.create_task(self._producer(),

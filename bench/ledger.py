@@ -2,6 +2,7 @@
 
 Run:  python bench/ledger.py [--txs N] [--block B] [--validators 4,16,64] [--quick]
                              [--broker mosquitto|embedded] [--json PATH]
+                             [--e2e-txs N] [--kill-trials K] [--flood N] [--only-network]
 
 1. Ceiling: raw Ed25519 verifications per second (cryptography/OpenSSL), one core, in
    this run. Every committed transaction costs at least one verification per node.
@@ -22,6 +23,17 @@ Run:  python bench/ledger.py [--txs N] [--block B] [--validators 4,16,64] [--qui
    and p90 over blocks of 50 transactions. All nodes share two cores, so this is an upper
    bound of what separate hosts would see.
 
+4. End to end: 4 validator processes (`testbed ledger node`) over Mosquitto, each with its
+   own store and vote record; a client publishes N pre-signed payments as fast as the broker
+   takes them; figure: committed tx/s = N / (time until every store holds all N).
+5. Crash of the proposer (`--kill-trials K`, 20 for the issue's figure): the elected proposer
+   is SIGKILLed right after it publishes its proposal; per trial, the time until the other
+   three commit that height, the round it committed in (0: the proposal still won; 1: the
+   next proposer's), and the time the restarted process needs to catch up to the same head.
+6. Forged flood (`--flood N`): N forged proposals (round 999), votes and sync requests
+   published as fast as possible while transactions flow; figure: the worst commit delay of
+   a transaction compared with the same run without the flood.
+
 Output: rich tables and, as the last line, one JSON object (also written to --json PATH).
 """
 
@@ -33,7 +45,9 @@ import json
 import logging
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,8 +67,10 @@ from testbed.ledger.blocks import Block, Vote, encode_certificate  # noqa: E402
 from testbed.ledger.chain import Chain, make_genesis  # noqa: E402
 from testbed.ledger.identity import KeyPair  # noqa: E402
 from testbed.ledger.messages import Freshness  # noqa: E402
-from testbed.ledger.node import LedgerNode  # noqa: E402
+from testbed.ledger.setup import LedgerLayout  # noqa: E402
 from testbed.ledger.state import MICRO, Params  # noqa: E402
+from testbed.ledger.store import Store  # noqa: E402
+from testbed.ledger.validators import Validators  # noqa: E402
 
 console = Console(stderr=True)
 TARGET_TPS = 5000
@@ -145,20 +161,22 @@ def throughput(n_txs: int, block: int, tmp: Path, validators_inproc: int = 1) ->
 
 
 async def commit_latency(n_validators: int, blocks: int, broker_kind: str, tmp: Path) -> dict:
+    facades: list[Validators] = []
 
-    g, _, agg, vals = make_chain(n_validators, None)
+    layout, agg, vals = bench_layout(tmp / f"layout{n_validators}", n_validators)
     use_mosquitto = broker_kind == "mosquitto" and find_mosquitto() is not None
     broker = MosquittoBroker() if use_mosquitto else EmbeddedBroker()
     async with broker:
         nodes = []
-        for i, k in enumerate(vals):
-            bus = BusClient(broker.url, client_id=f"bench-{n_validators}-{i}")
+        buses = []
+        for name in layout.validators():
+            bus = BusClient(broker.url, client_id=f"bench-{n_validators}-{name}")
             await bus.connect()
-            node = LedgerNode(f"v{i}", k, Chain.open(tmp / f"lat{n_validators}-{i}.db",
-                                                     genesis=g),
-                              bus, "bench", block_interval_s=0.05)
-            await node.start()
-            nodes.append(node)
+            buses.append(bus)
+            v = await Validators.start(layout, bus, "bench", names=[name], autoproduce=True,
+                                       block_interval_s=0.05)
+            nodes += v.nodes
+            facades.append(v)
         client = BusClient(broker.url)
         await client.connect()
         for b in range(blocks):
@@ -183,15 +201,200 @@ async def commit_latency(n_validators: int, blocks: int, broker_kind: str, tmp: 
             lat.append(max(n.stats.commit_at[h] for n in nodes) - proposed)
             sizes.append(blk.header["txs"])
         await client.close()
-        for n in nodes:
-            await n.stop()
-            await n.bus.close()
-            n.chain.store.close()
+        for v in facades:
+            await v.stop()
+        for bus in buses:
+            await bus.close()
     lat.sort()
     return {"validators": n_validators, "blocks": len(lat), "txs_per_block": statistics.mean(sizes),
             "broker": "mosquitto" if use_mosquitto else "embedded-amqtt",
             "median_ms": 1000 * statistics.median(lat),
             "p90_ms": 1000 * lat[min(len(lat) - 1, int(0.9 * len(lat)))]}
+
+
+def bench_layout(root: Path, n_validators: int,
+                 params: Params | None = None) -> tuple[LedgerLayout, KeyPair, list[KeyPair]]:
+    """A `testbed ledger init`-style folder for the bench chain (keys, genesis, stores), so
+    nodes start through the `Validators` facade like everywhere else."""
+    admin = KeyPair.from_seed(b"bench-admin")
+    agg = KeyPair.from_seed(b"bench-aggregator")
+    vals = [KeyPair.from_seed(f"bench-v{i}".encode()) for i in range(n_validators)]
+    reg = [T.entry_dict("aggregator", agg.public, roles=["aggregator"])]
+    reg += [T.entry_dict(f"house-{i}", k.public, roles=["validator", "meter"])
+            for i, k in enumerate(vals)]
+    g = make_genesis(admin, reg, allocations={agg.address: 10**9 * MICRO},
+                     time=time.time() - 10,
+                     params=params or Params(max_block_txs=100_000, round_timeout_s=1.0))
+    layout = LedgerLayout(root)
+    root.mkdir(parents=True, exist_ok=True)
+    layout.genesis_path.write_bytes(g.raw + b"\n")
+    agg.save(layout.key_path("aggregator"))
+    for i, k in enumerate(vals):
+        k.save(layout.key_path(f"house-{i}"))
+        Chain.open(layout.db_path(f"house-{i}"), genesis=g).store.close()
+    return layout, agg, vals
+
+
+def _proc(layout: LedgerLayout, name: str, url: str, interval: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "testbed", "ledger", "node", str(layout.root), name, "--bus", url,
+         "--site", "bench", "--block-interval", str(interval)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def _count(layout: LedgerLayout, name: str) -> tuple[int, int, str]:
+    """(transactions, height, head hash) of one store, read-only."""
+    s = Store(layout.db_path(name), readonly=True)
+    try:
+        n = s.db.execute("SELECT COUNT(*) FROM txs").fetchone()[0]
+        h = s.height()
+        return n, h, s.block(h).hash
+    finally:
+        s.close()
+
+
+def _stop_all(procs: dict[str, subprocess.Popen]) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+async def _wait(cond, limit: float) -> float | None:  # noqa: ASYNC109
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        if cond():
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def _all_up(hello, names: list[str], limit: float = 120.0) -> None:  # noqa: ASYNC109
+    """Wait until every node has subscribed: each publishes a sync request once it has."""
+    from testbed.ledger import canonical
+
+    seen: set[str] = set()
+    deadline = time.monotonic() + limit
+    while seen != set(names):
+        m = await hello.get(timeout=max(0.1, deadline - time.monotonic()))
+        seen.add(canonical.decode(m.payload).get("node"))
+
+
+async def end_to_end(n_txs: int, tmp: Path, kill_trials: int, flood: int) -> dict:
+    """4 validator processes over Mosquitto: committed tx/s, proposer kills, forged flood."""
+    from testbed.ledger import canonical
+
+    layout, agg, vals = bench_layout(tmp / "e2e", 4)
+    names = layout.validators()
+    out: dict = {"validators": 4, "processes": 4, "broker": "mosquitto"}
+    async with MosquittoBroker() as broker, BusClient(broker.url) as client:
+        hello = await client.subscribe(topics.sync_request("bench"))
+        procs = {n: _proc(layout, n, broker.url, 0.05) for n in names}
+        try:
+            await _all_up(hello, names)
+            now = time.time()
+            raws = [(topics.ledger_tx("bench"), messages.sign(
+                agg, T.PAYMENT, {"to": vals[i % 4].address, "amount": 1, "award": None,
+                                 "memo": f"e2e {i}"}, at=now).raw) for i in range(n_txs)]
+            t0 = time.perf_counter()
+            await client.publish_many(raws, window=500)
+            published = time.perf_counter() - t0
+            done = await _wait(lambda: all(_count(layout, n)[0] >= n_txs for n in names),
+                               300)
+            out.update({"txs": n_txs, "publish_s": published,
+                        "seconds": None if done is None else published + done,
+                        "tps": None if done is None else n_txs / (published + done),
+                        "blocks": _count(layout, names[0])[1]})
+            # proposer crashes
+            kills = []
+            props = await client.subscribe(topics.block_filter("bench", "proposal"))
+            by_addr = {layout.key(n).address: n for n in names}
+            for trial in range(kill_trials):
+                before = min(_count(layout, n)[1] for n in names)
+                m = messages.sign(agg, T.PAYMENT, {"to": vals[0].address, "amount": 2,
+                                                   "award": None, "memo": f"kill {trial}"},
+                                  at=time.time())
+                await client.publish(topics.ledger_tx("bench"), m.raw)
+                while True:
+                    p = canonical.decode((await props.get(timeout=60)).payload)
+                    if p["height"] == before + 1:
+                        break
+                victim = by_addr[p["proposer"]]
+                procs[victim].send_signal(signal.SIGKILL)
+                procs[victim].wait()
+                others = [n for n in names if n != victim]
+                commit = await _wait(lambda o=others, b=before: all(
+                    _count(layout, n)[1] > b for n in o), 60)
+                s = Store(layout.db_path(others[0]), readonly=True)
+                rnd = canonical.decode(s.block(before + 1).cert)[0].get("round")
+                s.close()
+                procs[victim] = _proc(layout, victim, broker.url, 0.05)
+                catch = await _wait(lambda: len({_count(layout, n)[1:] for n in names}) == 1,
+                                    60)
+                kills.append({"commit_s": commit, "round": rnd, "catch_up_s": catch})
+                props.close()
+                props = await client.subscribe(topics.block_filter("bench", "proposal"))
+            out["kills"] = kills
+            if flood:
+                out["flood"] = await _flood(layout, client, agg, vals, names, flood)
+        finally:
+            _stop_all(procs)
+    heads = {_count(layout, n)[1:] for n in names}
+    out["same_head"] = len(heads) == 1
+    return out
+
+
+async def _flood(layout, client, agg, vals, names, count: int) -> dict:
+    """Commit delays of payments published every 0.25 s, without and with a forged flood."""
+    from testbed.ledger import canonical
+
+    chain_id = Block.parse(layout.genesis_path.read_bytes().strip(), genesis=True).hash
+
+    async def delays(k: int) -> list[float]:
+        got = []
+        for i in range(k):
+            before = _count(layout, names[0])[0]
+            m = messages.sign(agg, T.PAYMENT, {"to": vals[1].address, "amount": 3,
+                                               "award": None, "memo": f"fl {time.time()} {i}"},
+                              at=time.time())
+            await client.publish(topics.ledger_tx("bench"), m.raw)
+            d = await _wait(lambda b=before: all(_count(layout, n)[0] > b for n in names), 30)
+            got.append(d if d is not None else float("inf"))
+            await asyncio.sleep(0.25)
+        return got
+
+    base = await delays(8)
+    height = _count(layout, names[0])[1] + 1
+    forged = []
+    v0 = layout.key(names[0])
+    for i in range(count):
+        kind = i % 3
+        if kind == 0:
+            body = {"type": "proposal", "chain": chain_id, "height": height + i % 3,
+                    "round": 999, "valid_round": -1, "proposer": v0.address,
+                    "signature": "00" * 64, "block": {"header": {}, "signature": ""}, "txs": []}
+            forged.append((topics.block_proposal("bench", height), canonical.encode(body)))
+        elif kind == 1:
+            body = {"type": "precommit", "chain": chain_id, "height": height, "round": 0,
+                    "block": f"{i:064x}", "voter": v0.address, "signature": "11" * 64}
+            forged.append((topics.block_votes("bench", height), canonical.encode(body)))
+        else:
+            body = {"node": names[0], "from": 1, "address": v0.address, "time": time.time(),
+                    "signature": f"{i:0128x}"}
+            forged.append((topics.sync_request("bench"), canonical.encode(body)))
+    t0 = time.perf_counter()
+    task = asyncio.create_task(client.publish_many(forged, window=500))
+    under = await delays(8)
+    await task
+    return {"forged": count, "flood_publish_s": time.perf_counter() - t0,
+            "commit_delay_ms_without": [round(1000 * d, 1) for d in base],
+            "commit_delay_ms_with": [round(1000 * d, 1) for d in under],
+            "worst_extra_ms": round(1000 * (max(under) - max(base)), 1)}
 
 
 def main() -> None:
@@ -202,54 +405,95 @@ def main() -> None:
     ap.add_argument("--latency-blocks", type=int, default=10)
     ap.add_argument("--inproc-validators", type=int, default=4)
     ap.add_argument("--broker", choices=("mosquitto", "embedded"), default="mosquitto")
-    ap.add_argument("--quick", action="store_true", help="small smoke run (< 20 s)")
+    ap.add_argument("--e2e-txs", type=int, default=20_000,
+                    help="transactions for the 4-process end-to-end figure (0: skip)")
+    ap.add_argument("--kill-trials", type=int, default=None, help="default 20 (--quick: 3)")
+    ap.add_argument("--flood", type=int, default=None, help="default 20000 (--quick: 3000)")
+    ap.add_argument("--only-network", action="store_true",
+                    help="only the 4-process end-to-end part (4-6)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     if args.quick:
         args.txs, args.validators, args.latency_blocks = 4000, "4", 3
+        args.e2e_txs = 3000
+    if args.kill_trials is None:
+        args.kill_trials = 3 if args.quick else 20
+    if args.flood is None:
+        args.flood = 3000 if args.quick else 20_000
     logging.basicConfig(level=logging.ERROR)
     figures: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        console.print("raw Ed25519 verify rate …")
-        figures["raw_verify_per_s"] = raw_verify_rate(20_000 if not args.quick else 5000)
-        console.print(f"committed tx/s with full checks ({args.txs} txs, blocks of "
-                      f"{args.block}) …")
-        tp = throughput(args.txs, args.block, tmp)
-        tp["ratio_to_raw_verify"] = tp["tps"] / figures["raw_verify_per_s"]
-        figures["throughput"] = tp
-        if args.inproc_validators > 1:
-            (tmp / "inproc").mkdir()
-            n = max(2000, args.txs // 5)
-            figures["throughput_inproc"] = throughput(n, args.block, tmp / "inproc",
-                                                      args.inproc_validators)
-        figures["latency"] = []
-        for v in [int(x) for x in args.validators.split(",") if x]:
-            console.print(f"commit latency, {v} validators over {args.broker} …")
-            (tmp / f"v{v}").mkdir()
-            blocks = args.latency_blocks if v <= 16 else max(3, args.latency_blocks // 2)
-            figures["latency"].append(asyncio.run(commit_latency(v, blocks,
-                                                                 args.broker, tmp / f"v{v}")))
-    t = Table(title="ledger throughput (one validator's work per transaction)")
-    for col in ("figure", "value", "target"):
-        t.add_column(col)
-    t.add_row("raw Ed25519 verify /s (ceiling)", f"{figures['raw_verify_per_s']:,.0f}", "")
-    t.add_row("committed signed tx/s, full checks", f"{tp['tps']:,.0f}",
-              f">= {TARGET_TPS:,} {'ok' if tp['tps'] >= TARGET_TPS else 'MISSED'}")
-    t.add_row("ratio to raw verify", f"{tp['ratio_to_raw_verify']:.2f}", "")
-    if "throughput_inproc" in figures:
-        ti = figures["throughput_inproc"]
-        t.add_row(f"tx/s with {ti['validators_in_process']} validators in this process",
-                  f"{ti['tps']:,.0f}", "(all share 2 cores)")
-    Console().print(t)
-    lt = Table(title="block commit latency (proposal -> last node committed)")
-    for col in ("validators", "broker", "blocks", "tx/block", "median ms", "p90 ms"):
-        lt.add_column(col)
-    for row in figures["latency"]:
-        lt.add_row(str(row["validators"]), row["broker"], str(row["blocks"]),
-                   f"{row['txs_per_block']:.0f}", f"{row['median_ms']:.1f}",
-                   f"{row['p90_ms']:.1f}")
-    Console().print(lt)
+        if not args.only_network:
+            console.print("raw Ed25519 verify rate …")
+            figures["raw_verify_per_s"] = raw_verify_rate(20_000 if not args.quick else 5000)
+            console.print(f"committed tx/s with full checks ({args.txs} txs, blocks of "
+                          f"{args.block}) …")
+            tp = throughput(args.txs, args.block, tmp)
+            tp["ratio_to_raw_verify"] = tp["tps"] / figures["raw_verify_per_s"]
+            figures["throughput"] = tp
+            if args.inproc_validators > 1:
+                (tmp / "inproc").mkdir()
+                n = max(2000, args.txs // 5)
+                figures["throughput_inproc"] = throughput(n, args.block, tmp / "inproc",
+                                                          args.inproc_validators)
+            figures["latency"] = []
+            for v in [int(x) for x in args.validators.split(",") if x]:
+                console.print(f"commit latency, {v} validators over {args.broker} …")
+                (tmp / f"v{v}").mkdir()
+                blocks = args.latency_blocks if v <= 16 else max(3, args.latency_blocks // 2)
+                figures["latency"].append(asyncio.run(commit_latency(v, blocks,
+                                                                     args.broker, tmp / f"v{v}")))
+        if args.e2e_txs and find_mosquitto() is not None:
+            console.print(f"end to end: 4 validator processes over Mosquitto, {args.e2e_txs} txs, "
+                          f"{args.kill_trials} proposer kills, flood of {args.flood} …")
+            figures["end_to_end"] = asyncio.run(end_to_end(args.e2e_txs, tmp, args.kill_trials,
+                                                           args.flood))
+    if not args.only_network:
+        t = Table(title="ledger throughput (one validator's work per transaction)")
+        for col in ("figure", "value", "target"):
+            t.add_column(col)
+        t.add_row("raw Ed25519 verify /s (ceiling)", f"{figures['raw_verify_per_s']:,.0f}", "")
+        t.add_row("committed signed tx/s, full checks", f"{tp['tps']:,.0f}",
+                  f">= {TARGET_TPS:,} {'ok' if tp['tps'] >= TARGET_TPS else 'MISSED'}")
+        t.add_row("ratio to raw verify", f"{tp['ratio_to_raw_verify']:.2f}", "")
+        if "throughput_inproc" in figures:
+            ti = figures["throughput_inproc"]
+            t.add_row(f"tx/s with {ti['validators_in_process']} validators in this process",
+                      f"{ti['tps']:,.0f}", "(all share 2 cores)")
+        Console().print(t)
+        lt = Table(title="block commit latency (proposal -> last node committed)")
+        for col in ("validators", "broker", "blocks", "tx/block", "median ms", "p90 ms"):
+            lt.add_column(col)
+        for row in figures["latency"]:
+            lt.add_row(str(row["validators"]), row["broker"], str(row["blocks"]),
+                       f"{row['txs_per_block']:.0f}", f"{row['median_ms']:.1f}",
+                       f"{row['p90_ms']:.1f}")
+        Console().print(lt)
+    e2e = figures.get("end_to_end")
+    if e2e:
+        et = Table(title="4 validator processes over Mosquitto")
+        et.add_column("figure")
+        et.add_column("value")
+        et.add_row("committed tx/s end to end",
+                   "timed out" if e2e["tps"] is None else f"{e2e['tps']:,.0f} ({e2e['txs']} txs, "
+                   f"{e2e['blocks']} blocks)")
+        kills = e2e.get("kills", [])
+        if kills:
+            ok = [k for k in kills if k["commit_s"] is not None]
+            et.add_row("proposer SIGKILLed after proposing",
+                       f"{len(ok)}/{len(kills)} heights committed; max "
+                       f"{max((k['commit_s'] for k in ok), default=0):.2f} s; rounds "
+                       f"{sorted({k['round'] for k in kills}, key=str)}; catch-up max "
+                       f"{max((k['catch_up_s'] or 0 for k in kills), default=0):.2f} s")
+        fl = e2e.get("flood")
+        if fl:
+            et.add_row(f"forged flood of {fl['forged']:,} ({fl['flood_publish_s']:.1f} s)",
+                       f"worst commit delay {max(fl['commit_delay_ms_with']):.0f} ms vs "
+                       f"{max(fl['commit_delay_ms_without']):.0f} ms without")
+        et.add_row("same head on all nodes", str(e2e["same_head"]))
+        Console().print(et)
     print(json.dumps(figures, separators=(",", ":")), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

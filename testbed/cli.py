@@ -348,14 +348,20 @@ def ledger_init(
     site: SiteArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for keys, genesis, node DBs.")] = Path("ledger"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing chain.")] = False,
+    validators: Annotated[int | None, typer.Option(
+        "--validators", min=1, max=64,
+        help="Validators (BFT: n tolerates f < n/3 faulty). Default: every prosumer, at "
+             "least 4 (operator nodes make up the rest).")] = None,
 ) -> None:
-    """Keys, registry (CSM-DB) and genesis for SITE's prosumers; one node DB each."""
+    """Keys, registry (CSM-DB) and genesis for SITE's prosumers; one node DB per validator."""
     from .ledger.identity import address_of
     from .ledger.setup import init_ledger
+    from .ledger.validators import fault_note
 
     cfg = _site(site)
+    n = validators if validators is not None else max(4, len(cfg.prosumers))
     try:
-        layout = init_ledger(cfg, out, force=force)
+        layout = init_ledger(cfg, out, force=force, validators=n)
     except FileExistsError as exc:
         _fail(exc, 2)
     g = layout.genesis()
@@ -368,6 +374,11 @@ def ledger_init(
                       ",".join(e["roles"]), e["mode"], db)
     console.print(table)
     console.print(f"genesis: {layout.genesis_path}   keys: {layout.root / 'keys'} (private, 0600)")
+    note = fault_note(len(layout.validators()))
+    if len(layout.validators()) < 4:
+        err.print(f"[yellow]warning:[/] {note}", highlight=False)
+    else:
+        console.print(note, highlight=False)
 
 
 @ledger_app.command("verify")
@@ -449,6 +460,13 @@ def ledger_wallets(db: DbArg) -> None:
     console.print(table)
 
 
+def _node_started(node: Any) -> None:
+    from .ledger.validators import fault_note
+
+    console.print(f"node {node.name} ({node.key.address}) at height {node.chain.height}; "
+                  f"{fault_note(node.n)}", highlight=False)
+
+
 @ledger_app.command("node")
 def ledger_node(
     folder: Annotated[Path, typer.Argument(help="Folder made by `testbed ledger init`.")],
@@ -468,8 +486,7 @@ def ledger_node(
             loop.add_signal_handler(sig, stop.set)
         node = await run_node(str(folder), name, bus_url=bus, site=site,
                               block_interval_s=block_interval, stop=stop,
-                              on_start=lambda n: console.print(
-                                  f"node {n.name} ({n.key.address}) at height {n.chain.height}"))
+                              on_start=_node_started)
         console.print(f"node {name} stopped at height {node.chain.height}")
 
     try:

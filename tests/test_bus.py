@@ -272,3 +272,50 @@ async def test_burst_of_50k_is_flow_controlled() -> None:
         n = await bus.publish_many(("testbed/s1/ledger/tx", b"%d" % i) for i in range(50_000))
         assert n == 50_000
         assert len(bus._client._out_messages) == 0  # noqa: SLF001 - nothing left behind
+
+
+async def check_session_messages_before_subscribe(url: str) -> None:
+    """A persistent session's queued messages arrive before the restarted process subscribes
+    again: the client holds them and hands them to the subscription when it is made."""
+    async with BusClient(url, client_id="held-1") as first:
+        await first.subscribe("t/held/#", qos=1)
+    async with BusClient(url) as pub:
+        for i in range(5):
+            await pub.publish(f"t/held/{i}", f"m{i}", qos=1)
+        await pub.publish("t/other", "x", qos=1)
+    async with BusClient(url, client_id="held-1") as again:
+        await asyncio.sleep(0.3)  # the broker delivers the session's queue on connect
+        sub = await again.subscribe("t/held/#", qos=1)
+        got = [(await sub.get(timeout=5)).payload for _ in range(5)]
+        assert got == [f"m{i}".encode() for i in range(5)]
+        with pytest.raises(TimeoutError):
+            await sub.get(timeout=0.2)
+        assert again.unclaimed_dropped == 0
+
+
+@needs_mosquitto
+async def test_persistent_session_messages_before_subscribe_mosquitto() -> None:
+    async with MosquittoBroker() as broker:
+        await check_session_messages_before_subscribe(broker.url)
+
+
+def test_unclaimed_messages_are_bounded() -> None:
+    bus = BusClient("mqtt://127.0.0.1:1", max_unclaimed=3)
+
+    class M:
+        def __init__(self, i: int) -> None:
+            self.topic, self.payload, self.qos, self.retain = f"a/{i}", b"", 1, False
+
+    for i in range(5):
+        bus._on_message(bus._client, None, M(i))  # type: ignore[arg-type]
+    assert [m.topic for m in bus._unclaimed] == ["a/2", "a/3", "a/4"]
+    assert bus.unclaimed_dropped == 2
+
+
+async def test_bounded_subscription_drops_the_oldest() -> None:
+    async with EmbeddedBroker() as broker, BusClient(broker.url) as bus:
+        sub = await bus.subscribe("t/bounded", max_pending=3)
+        await bus.publish_many([("t/bounded", str(i)) for i in range(10)])
+        await asyncio.sleep(0.3)
+        got = [sub.get_nowait() for _ in range(sub.pending())]
+        assert [m.payload for m in got] == [b"7", b"8", b"9"] and sub.dropped == 7

@@ -21,12 +21,13 @@ from testbed.config import SiteConfig, load_site
 from testbed.ledger import canonical, messages
 from testbed.ledger import transactions as T
 from testbed.ledger.blocks import Block
-from testbed.ledger.chain import Chain, verify_store
+from testbed.ledger.chain import verify_store
 from testbed.ledger.identity import address_of
 from testbed.ledger.node import LedgerNode
 from testbed.ledger.setup import init_ledger
 from testbed.ledger.state import Params
 from testbed.ledger.store import Store
+from testbed.ledger.validators import Validators
 
 HAVE_MOSQUITTO = shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
 
@@ -72,15 +73,13 @@ def independent_election_check(db: Path, window: int = 4) -> int:
 
 async def start_nodes(layout, names, url: str) -> list[LedgerNode]:
     """One validator node per name, each with its own store and broker connection."""
-    g = layout.genesis()
     nodes = []
     for n in names:
         bus = BusClient(url, client_id=f"test-{n}")
         await bus.connect()
-        node = LedgerNode(n, layout.key(n), Chain.open(layout.db_path(n), genesis=g), bus,
-                          "demo", block_interval_s=0.2)
-        await node.start()
-        nodes.append(node)
+        vals = await Validators.start(layout, bus, "demo", names=[n], autoproduce=True,
+                                      block_interval_s=0.2)
+        nodes += vals.nodes
     return nodes
 
 

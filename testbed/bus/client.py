@@ -17,6 +17,10 @@ Delivery semantics:
   ``max_queued``) and sent after the reconnect; their futures resolve on the PUBACK then.
   QoS 0 messages published while disconnected raise `BusError` (there is nothing to retry).
 * Subscriptions are remembered and re-subscribed after every reconnect.
+* A persistent session (``client_id`` given) may receive messages the broker queued for it
+  before this process has subscribed again (a restarted node reconnecting): messages that
+  match no local subscription are held (the last ``max_unclaimed``) and delivered, in
+  order, to the first subscription that matches them, so none is dropped.
 * A refused connection (bad credentials, not authorised) raises `BusError` at connect time;
   after a successful connect, losses are retried with exponential backoff forever until
   `close()`.
@@ -25,6 +29,7 @@ Delivery semantics:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -136,19 +141,29 @@ _CLOSED: Any = object()
 class Subscription:
     """Messages matching one filter, in arrival order; an async iterator until closed.
 
-    The queue is unbounded: messages that move money or energy are never dropped here, so a
-    consumer that stops reading grows memory rather than losing data.
+    The queue is unbounded by default: messages that move money or energy are never dropped
+    here, so a consumer that stops reading grows memory rather than losing data. With
+    ``max_pending`` (traffic whose senders repeat it, e.g. consensus gossip, and which anyone
+    on the broker could flood) the oldest waiting message makes room and is counted in
+    `dropped`.
     """
 
-    def __init__(self, bus: BusClient, topic_filter: str, qos: int) -> None:
+    def __init__(self, bus: BusClient, topic_filter: str, qos: int,
+                 max_pending: int | None = None) -> None:
         self.topic_filter = topic_filter
         self.qos = qos
         self._bus = bus
         self._queue: asyncio.Queue[BusMessage] = asyncio.Queue()
         self._closed = False
+        self.max_pending = max_pending
+        self.dropped = 0
 
     def _deliver(self, msg: BusMessage) -> None:
         if not self._closed:
+            if self.max_pending is not None and self._queue.qsize() >= self.max_pending:
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    self._queue.get_nowait()
+                    self.dropped += 1
             self._queue.put_nowait(msg)
 
     @property
@@ -230,6 +245,7 @@ class BusClient:
         reconnect_delay: tuple[float, float] = (0.1, 5.0),
         max_inflight: int = 100,
         max_queued: int = 50_000,
+        max_unclaimed: int = 10_000,
     ) -> None:
         self.address = BrokerAddress.parse(url)
         self.url = self.address.safe_url
@@ -289,6 +305,10 @@ class BusClient:
         self._closing = False
         self._rx = 0  # packets handled, to know when a read made progress
         self.reconnects = 0
+        self._unclaimed: collections.deque[BusMessage] = collections.deque(
+            maxlen=max(0, max_unclaimed))
+        self.unclaimed_dropped = 0
+        """Messages received without a matching subscription and pushed out of the bound."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -491,9 +511,27 @@ class BusClient:
         self._rx += 1
         topic = m.topic
         msg = BusMessage(topic, m.payload, m.qos, bool(m.retain))
+        claimed = False
         for sub in self._subs:
             if topic_matches(sub.topic_filter, topic):
                 sub._deliver(msg)
+                claimed = True
+        if not claimed and self._unclaimed.maxlen:
+            if len(self._unclaimed) == self._unclaimed.maxlen:
+                self.unclaimed_dropped += 1
+            self._unclaimed.append(msg)
+
+    def _claim(self, sub: Subscription) -> None:
+        """Hand a new subscription the held messages it matches (arrival order)."""
+        if not self._unclaimed:
+            return
+        keep: collections.deque[BusMessage] = collections.deque(maxlen=self._unclaimed.maxlen)
+        for msg in self._unclaimed:
+            if topic_matches(sub.topic_filter, msg.topic):
+                sub._deliver(msg)
+            else:
+                keep.append(msg)
+        self._unclaimed = keep
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any
@@ -606,16 +644,19 @@ class BusClient:
     # -- subscribing -------------------------------------------------------------------------
 
     async def subscribe(
-        self, topic_filter: str, qos: int = 1, timeout: float | None = 10.0  # noqa: ASYNC109
+        self, topic_filter: str, qos: int = 1, timeout: float | None = 10.0,  # noqa: ASYNC109
+        *, max_pending: int | None = None,
     ) -> Subscription:
         """Subscribe and wait for SUBACK; `BusError` if the broker rejects the filter.
 
         While disconnected the filter is recorded and subscribed on reconnect.
+        ``max_pending`` bounds the messages waiting to be read (see `Subscription`).
         """
         self._check_open()
         assert self._loop is not None
-        sub = Subscription(self, topic_filter, qos)
+        sub = Subscription(self, topic_filter, qos, max_pending)
         self._subs.append(sub)  # before SUBSCRIBE: retained messages arrive right after SUBACK
+        self._claim(sub)
         self._filters[topic_filter] = self._filters.get(topic_filter, 0) + 1
         new_qos = max(qos, self._filter_qos.get(topic_filter, -1))
         if self._filter_qos.get(topic_filter) == new_qos:

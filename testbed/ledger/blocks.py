@@ -110,31 +110,43 @@ class Block:
 
 @dataclass(frozen=True)
 class Vote:
+    """A precommit for a block: what a commit certificate is made of. `round` is the
+    consensus round it was cast in (Tendermint); certificates from before rounds existed
+    carry none. A certificate's votes all come from one round."""
+
     chain: str
     height: int
     block: str
     voter: str
     signature: str
+    round: int | None = None
 
     def body(self) -> dict[str, Any]:
-        return {"chain": self.chain, "height": self.height, "block": self.block}
+        body: dict[str, Any] = {"chain": self.chain, "height": self.height, "block": self.block}
+        if self.round is not None:
+            body["round"] = self.round
+        return body
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.body(), "voter": self.voter, "signature": self.signature}
 
     @classmethod
-    def cast(cls, key: KeyPair, chain: str, height: int, block: str) -> Vote:
-        body = {"chain": chain, "height": height, "block": block}
-        sig = key.sign(VOTE_DOMAIN + canonical.encode(body)).hex()
-        return cls(chain, height, block, key.address, sig)
+    def cast(cls, key: KeyPair, chain: str, height: int, block: str,
+             round_: int | None = None) -> Vote:
+        unsigned = cls(chain, height, block, key.address, "", round_)
+        sig = key.sign(VOTE_DOMAIN + canonical.encode(unsigned.body())).hex()
+        return cls(chain, height, block, key.address, sig, round_)
 
     @classmethod
     def from_dict(cls, d: Any) -> Vote:
-        if not (isinstance(d, dict) and set(d) == {"chain", "height", "block", "voter",
-                                                    "signature"}):
+        fields = {"chain", "height", "block", "voter", "signature"}
+        if not (isinstance(d, dict) and (set(d) == fields or set(d) == fields | {"round"})):
             raise Rejected(Reason.MALFORMED, "vote must be {chain, height, block, voter, "
-                           "signature}")
-        return cls(d["chain"], d["height"], d["block"], d["voter"], d["signature"])
+                           "signature[, round]}")
+        rnd = d.get("round")
+        if rnd is not None and (type(rnd) is not int or rnd < 0):
+            raise Rejected(Reason.MALFORMED, f"vote round {rnd!r} is not a round number")
+        return cls(d["chain"], d["height"], d["block"], d["voter"], d["signature"], rnd)
 
     def signature_ok(self, public_key: bytes) -> bool:
         try:
@@ -159,6 +171,8 @@ def check_certificate(raw: bytes, *, chain: str, block: Block, validators: dict[
         raise Rejected(Reason.BAD_CERTIFICATE, "certificate must be a list of votes")
     votes = [Vote.from_dict(v) for v in items]
     voters = [v.voter for v in votes]
+    if len({v.round for v in votes}) > 1:
+        raise Rejected(Reason.BAD_CERTIFICATE, "certificate votes come from different rounds")
     if voters != sorted(set(voters)):
         raise Rejected(Reason.BAD_CERTIFICATE, "certificate votes must be distinct and sorted "
                        "by voter")

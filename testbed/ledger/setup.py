@@ -7,7 +7,9 @@ Layout of the ledger folder:
     keys/audit.key        32-byte key that maps pseudonyms back to identities (auditor)
     keys/aggregator.key   the VPP aggregator
     keys/<prosumer>.key   each prosumer's HEM / certified meter key (validator + meter)
-    nodes/<prosumer>.db   each validator's SQLite store, holding genesis
+    keys/validator-<k>.key  operator validators beyond the prosumers (no meter), if asked
+    nodes/<name>.db       each validator's SQLite store, holding genesis
+    nodes/<name>.db.votes what the validator signed in consensus (fsync'd, never sign twice)
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def init_ledger(site: SiteConfig, root: Path, *, params: Params | None = None,
                 modes: dict[str, str] | None = None, time: float | None = None,
                 seed: int | None = None, force: bool = False) -> LedgerLayout:
     """Generate keys and a genesis registering every prosumer's meter/HEM; the first
-    `validators` prosumers (default: all) also validate. With `seed`, keys are derived
+    `validators` prosumers (default: all) also validate, and when `validators` exceeds the
+    prosumers, operator nodes `validator-<k>` (no meter) make up the rest. With `seed`, keys are derived
     from it (reproducible scenario runs; never for a real deployment)."""
     layout = LedgerLayout(Path(root))
     if layout.genesis_path.exists() and not force:
@@ -96,12 +99,21 @@ def init_ledger(site: SiteConfig, root: Path, *, params: Params | None = None,
                                      roles=["validator", "meter"] if i < n_validators
                                      else ["meter"],
                                      mode=(modes or {}).get(p.name, "RE+TE")))
+    # validators beyond the prosumers: operator nodes that validate but meter nothing (a
+    # BFT chain needs n >= 4 to tolerate one fault; small sites still get that)
+    extra = [f"validator-{len(site.prosumers) + i + 1}"
+             for i in range(max(0, n_validators - len(site.prosumers)))]
+    for name in extra:
+        key = new_key(name)
+        key.save(layout.key_path(name))
+        registry.append(T.entry_dict(name, key.public, meter_type="none", roles=["validator"],
+                                     mode="TE"))
     genesis = make_genesis(admin, registry, params=params, time=time, name=site.name,
                            allocations={aggregator.address: int(aggregator_funds_eur * MICRO),
                                         POOL: int(pool_eur * MICRO), **funds})
     layout.genesis_path.write_bytes(genesis.raw + b"\n")
-    for p in site.prosumers[:n_validators]:
-        db = layout.db_path(p.name)
+    for name in [p.name for p in site.prosumers[:n_validators]] + extra:
+        db = layout.db_path(name)
         if db.exists():
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink(missing_ok=True)

@@ -864,7 +864,10 @@ def _summary_table(s: dict[str, Any]) -> Table:
                   f"re-cleared {g['auctions_re_cleared']}, curtailed "
                   f"{num(m['grid_curtailed_kwh'])} kWh, losses {num(g['losses_kwh'])} kWh")
     if led["enabled"]:
-        t.add_row("ledger", f"{led['blocks']} blocks, proposers {led['proposers']}, "
+        n, f = led.get("validators"), led.get("tolerates")
+        faults = ("" if n is None else f"{n} validators (tolerate {f} faulty"
+                  + (": none, use >= 4" if f == 0 else "") + "), ")
+        t.add_row("ledger", f"{faults}{led['blocks']} blocks, proposers {led['proposers']}, "
                   f"{led['submitted']} txs, verifies: {led['verifies']}")
     msg = s["messages"]
     t.add_row("messages", f"orders {msg['orders_received']}/{msg['orders_published']} received "

@@ -164,7 +164,7 @@ class Run:
         wall0 = _time.perf_counter()
         self.layout = init_ledger(
             site, self.dir / "ledger", seed=sc.seed, time=EPOCH + sc.start - 1,
-            validators=min(sc.ledger.validators, len(site.prosumers)),
+            validators=sc.ledger.validators,
             prosumer_funds_eur=sc.ledger.prosumer_funds_eur,
             params=Params(max_skew_s=max(300.0, 2.0 * sc.market.interval_s),
                           max_age_s=max(900.0, 4.0 * sc.market.interval_s),

@@ -29,6 +29,10 @@ class LedgerPhase:
         self.aggregator_key = aggregator_key
         self.by_address = {k.address: k for k in [*self.keys.values(), aggregator_key]}
         self.names = {k.address: n for n, k in self.keys.items()}
+        self.names.update((n.key.address, n.name) for n in validators.nodes)
+        self.n = len(validators.nodes)
+        self.f = (self.n - 1) // 3
+        """Faulty validators the chain tolerates (f < n/3): 4 tolerate one, 3 none."""
         self.interval_s = interval_s
         self.submitted: list[str] = []
         self.committed: set[str] = set()
@@ -100,6 +104,7 @@ class LedgerPhase:
 
     def summary(self) -> dict[str, Any]:
         v = self.verified
-        return {"enabled": True, "blocks": self.blocks, "submitted": len(self.submitted),
+        return {"enabled": True, "validators": self.n, "tolerates": self.f,
+                "blocks": self.blocks, "submitted": len(self.submitted),
                 "uncommitted": len(set(self.submitted) - self.committed), "verified": v,
                 "verifies": bool(v) and all(x["ok"] for x in v.values())}

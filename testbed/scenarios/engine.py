@@ -204,6 +204,8 @@ class Run:
         sc = scenario.model_copy(update=updates) if updates else scenario  # keeps .source
         self.sc = sc
         self.site = self._site()
+        self._irradiance = irradiance_fn(sc)  # profiles are read (and checked) before the
+        self._load = load_fn(sc, self.site)   # run folder exists: a bad one creates nothing
         self.broker = broker
         self.progress = progress
         self.influx = influx or self.site.telemetry.influx
@@ -312,8 +314,8 @@ class Run:
             self.checker = checker_for(site)
         self.schedule = forecast_schedule(sc, site)
         emulators = SiteEmulators(site, free_ports=True, start_s=sc.start)
-        emulators.physics.irradiance = irradiance_fn(sc)
-        emulators.physics.load = load_fn(sc, site)
+        emulators.physics.irradiance = self._irradiance
+        emulators.physics.load = self._load
         self.emulators = emulators
         try:
             await emulators.start(clock=False)

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -38,7 +39,7 @@ SiteArg = Annotated[str, typer.Argument(help="Site file, or a bundled site name 
 
 def _fail(exc: BaseException, code: int) -> NoReturn:
     """Print an error the way every command does and exit with `code` (2: bad input)."""
-    err.print(f"[red]error:[/] {exc}", highlight=False)
+    err.print(f"[red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False)
     raise typer.Exit(code) from None
 
 

@@ -417,22 +417,27 @@ class _SafeLoader(yaml.SafeLoader):
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self._depth = 0
+        self._path: list[str | int] = []
 
     def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        # index: the key node of a mapping value, the position of a sequence item
+        label = index.value if isinstance(index, yaml.ScalarNode) else index
+        here = [*self._path, label] if isinstance(label, str | int) else self._path
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(
-                None, None, f"aliases (*{event.anchor}) are not accepted: write the value out",
+                None, None, f"{_fmt_loc(tuple(here))}: not valid YAML: aliases "
+                f"(*{str(event.anchor)[:40]}) are not accepted, write the value out",
                 event.start_mark)
-        if self._depth >= MAX_DEPTH:
+        if len(self._path) >= MAX_DEPTH:
             raise yaml.composer.ComposerError(
-                None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
-        self._depth += 1
+                None, None, f"{_fmt_loc(tuple(here))}: not valid YAML: nested deeper than "
+                f"{MAX_DEPTH} levels", self.peek_event().start_mark)
+        saved, self._path = self._path, here
         try:
             return super().compose_node(parent, index)  # type: ignore[no-any-return]
         finally:
-            self._depth -= 1
+            self._path = saved
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
@@ -459,7 +464,7 @@ class _SafeLoader(yaml.SafeLoader):
 
 
 def _compose(text: str) -> yaml.Node | None:
-    loader = _SafeLoader(text)
+    loader = _SafeLoader(text)  # the text was parsed before: it reads
     try:
         return loader.get_single_node()  # type: ignore[no-any-return]
     finally:
@@ -511,17 +516,47 @@ def _got(value: Any) -> str:
     return f" (got {text if len(text) <= 60 else text[:57] + '...'})"
 
 
-def format_validation_error(source: str, exc: ValidationError, text: str) -> str:
+def _data_loc(raw: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
+    """The path of `raw` through the input `data`: pydantic puts union members and tags in
+    loc (`events[0].cloud.at`, `profiles.irradiance.CsvProfile.file`); a part that is not
+    a key or index of the data there, but such a label, is dropped."""
+    out: list[str | int] = []
+    node = data
+    for part in raw:
+        if isinstance(part, str) and re.search(r"[\[\]()]", part):
+            continue  # 'function-after[...]', 'list[...]'
+        if (isinstance(node, dict) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict | list) and isinstance(part, str) and (
+                part[:1].isupper() or part in _KIND_TAGS
+                or (isinstance(node, dict) and node.get("kind") == part)):
+            continue  # a union member (class name) or a discriminator's tag
+        else:
+            out.append(part)  # a key the input lacks (a required field)
+            node = None
+    return tuple(out)
+
+
+def format_validation_error(source: str, exc: ValidationError, text: str,
+                            data: Any = None) -> str:
     """One line: the first error as `FILE:LINE: FIELD: what was expected (got ...)`, and
-    how many more there are, with their fields."""
+    how many more there are, with their fields. Of a union's alternatives only the
+    error that got furthest into the input is kept."""
     lines = _line_index(text)
     msgs = []
     fields = []
-    for err in exc.errors():
-        # pydantic puts union/class tags in loc (e.g. 'function-after[...]'); keep only data keys
-        raw = err["loc"]
-        loc = tuple(p for i, p in enumerate(raw) if isinstance(p, int) or not (
-            re.search(r"[\[\]()]", str(p)) or (p in _KIND_TAGS and i and isinstance(raw[i - 1], int))))
+    errors = exc.errors()
+    locs = [_data_loc(e["loc"], data) if data is not None else tuple(
+        p for i, p in enumerate(e["loc"]) if isinstance(p, int) or not (
+            re.search(r"[\[\]()]", str(p))
+            or (p in _KIND_TAGS and i and isinstance(e["loc"][i - 1], int))))
+        for e in errors]
+    keep = [i for i, loc in enumerate(locs)
+            if not any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs)]
+    for i in keep:
+        err, loc = errors[i], locs[i]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             field = str(err.get("ctx", {}).get("discriminator", "kind")).strip("'")
@@ -543,18 +578,22 @@ def format_validation_error(source: str, exc: ValidationError, text: str) -> str
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    loader = _SafeLoader(text)
+    loader = None
     try:
+        loader = _SafeLoader(text)
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        if "not valid YAML" not in problem:
+            problem = f"not valid YAML: {problem}"
+        raise ConfigError(f"{where}: {problem}") from None
     except RecursionError:
-        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+        raise ConfigError(f"{source}: (top level): not valid YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_model(model: type[BaseModel], text: str, source: str,
@@ -566,7 +605,7 @@ def load_model(model: type[BaseModel], text: str, source: str,
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc, text)) from None
+        raise ConfigError(format_validation_error(source, exc, text, data)) from None
     except RecursionError:
         raise ConfigError(f"{source}: (top level): nested too deeply") from None
 

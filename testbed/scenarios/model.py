@@ -45,7 +45,7 @@ def _finite(value: float) -> float:
     except OverflowError:
         raise ValueError("expected a finite number, got one too large") from None
     if not math.isfinite(x):
-        raise ValueError(f"expected a finite number, got {x}")
+        raise ValueError("expected a finite number")
     return x
 
 

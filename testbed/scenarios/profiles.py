@@ -59,7 +59,7 @@ def read_csv(profile: CsvProfile, what: str) -> dict[str, Series]:
         read_bounded(path, MAX_PROFILE_BYTES).splitlines()), start=1)
         if any(cell.strip() for cell in row)]
     if not rows:
-        raise ConfigError(f"{path}:1: time: a {what} profile needs a header starting with "
+        raise ConfigError(f"{path}:1: time: the {what} profile needs a header starting with "
                           "'time' and at least two rows (the file is empty)")
     n0, head = rows[0]
     header = [h.strip() for h in head]
@@ -72,7 +72,7 @@ def read_csv(profile: CsvProfile, what: str) -> dict[str, Series]:
         if header.index(h) != i - 1:
             raise ConfigError(f"{path}:{n0}: {h}: the column is named twice")
     if len(rows) < 3:
-        raise ConfigError(f"{path}:{rows[-1][0]}: time: a {what} profile needs at least two "
+        raise ConfigError(f"{path}:{rows[-1][0]}: time: the {what} profile needs at least two "
                           "rows after its header")
     times: list[float] = []
     cols: dict[str, list[float]] = {h: [] for h in header[1:]}

@@ -245,6 +245,9 @@ class InfluxConfig(_Strict):
     max_retry_delay_s: Annotated[float, Field(gt=0, le=600)] = 8.0
     probe_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     """After a batch fails all its retries: how long the sink leaves the server alone."""
+    read_api: Literal["auto", "influxdb", "victoriametrics"] = "auto"
+    """How the sink asks the server what it holds (verification): InfluxDB's Flux query
+    API or VictoriaMetrics' export API; auto asks the server's `/health` which it is."""
 
 
 class TelemetryConfig(_Strict):

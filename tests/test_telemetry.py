@@ -385,3 +385,16 @@ def test_split_line_reads_back_what_line_writes() -> None:
     assert split_line(ln) == (head_of("grid_check", {"run": "r 1", "round": "2"}),
                               ["light", "vm_min_pu"], 1234)
     assert head_of("reading", {"run": "a,b", "device": "d=1"}) == r"reading,device=d\=1,run=a\,b"
+
+
+def test_victoriametrics_runs_with_deduplication_everywhere_we_start_it() -> None:
+    """A point written twice must be stored once: the lab stack and the tests' server."""
+    import yaml
+
+    lab = Path(__file__).parent.parent / "lab" / "docker-compose.yml"
+    vm_service = yaml.safe_load(lab.read_text())["services"]["victoriametrics"]
+    assert "-dedup.minScrapeInterval=1ms" in vm_service["command"]
+    import inspect
+
+    from testbed.telemetry import victoria
+    assert '"-dedup.minScrapeInterval=1ms"' in inspect.getsource(victoria.VictoriaMetrics.start)

@@ -395,12 +395,17 @@ def read_bounded(path: Path, limit: int) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             what = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
             raise ConfigError(f"{path}: expected a regular file, got {what}")
-        data = f.read(limit + 1)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise ConfigError(f"{path}: file too large: expected at most {_size(limit)}")
     try:
@@ -503,6 +508,22 @@ def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
     if root is not None:
         walk(root, ())
     return lines
+
+
+def locate(source: str, loc: tuple[str | int, ...]) -> str:
+    """`FILE:LINE: FIELD` for a field of a file already loaded (best effort: `FILE: FIELD`
+    if the file cannot be read again), for checks made after validation."""
+    where = source
+    try:
+        lines = _line_index(read_bounded(Path(source), MAX_FILE_BYTES))
+    except ConfigError:
+        lines = {}
+    probe = loc
+    while probe and probe not in lines:
+        probe = probe[:-1]
+    if probe in lines:
+        where = f"{source}:{lines[probe]}"
+    return f"{where}: {_fmt_loc(loc)}"
 
 
 def _fmt_loc(loc: tuple[str | int, ...]) -> str:

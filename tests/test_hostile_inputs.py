@@ -181,7 +181,23 @@ SCENARIO_CASES: list[tuple[str, str, str, str]] = [
     ("unknown-device", "kind: cloud, at: \"13:00\", duration: 45m, depth: 0.6=>"
      "kind: device-silent, at: '12:00', device: x", "events", "scenario.yaml"),
     ("missing-site", "site: site.yaml=>site: nope.yaml", "nope.yaml", "scenario.yaml"),
+    ("unknown-spike-prosumer", "kind: cloud, at: \"13:00\", duration: 45m, depth: 0.6=>"
+     "kind: load-spike, at: '12:00', prosumer: x, extra_w: 100",
+     "events[0].prosumer: load-spike for unknown prosumer 'x'", "scenario.yaml:16"),
+    ("dev-zero-site", "site: site.yaml=>site: /dev/zero", "site: /dev/zero: expected a "
+     "regular file", "scenario.yaml"),
+    ("dir-site", "site: site.yaml=>site: sub.json", "expected a regular file, got a directory",
+     "scenario.yaml"),
 ]
+
+
+def test_a_scenario_that_is_not_a_regular_file_or_too_large(lab: Path) -> None:
+    assert_refused(["run", "/dev/zero", "--out", "out"], lab, "/dev/zero",
+                   "expected a regular file")
+    (lab / "big.yaml").write_text(SCENARIO + "#" * (1 << 20))
+    assert_refused(["run", "big.yaml", "--out", "out"], lab, "big.yaml", "file too large")
+    (lab / "bad.yaml").write_bytes(b"name: \xff\xfe\n")
+    assert_refused(["run", "bad.yaml", "--out", "out"], lab, "bad.yaml:1", "not UTF-8")
 
 CSV_CASES: list[tuple[str, str, str, str]] = [
     # (id, irradiance CSV, field, where)

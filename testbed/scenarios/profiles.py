@@ -11,7 +11,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from testbed.config import MAX_PROFILE_BYTES, ConfigError, SiteConfig, read_bounded
+from testbed.config import MAX_PROFILE_BYTES, ConfigError, SiteConfig, locate, read_bounded
 from testbed.market.aggregator import Schedule
 from testbed.physics.models import (
     LoadParams,
@@ -137,8 +137,10 @@ def load_fn(sc: Scenario, site: SiteConfig) -> Callable[[str, LoadParams, float]
     names = {p.name for p in site.prosumers}
     for e in spikes:
         if e.prosumer is not None and e.prosumer not in names:
-            raise ConfigError(f"{sc.source}: events: load-spike for unknown prosumer "
-                              f"{e.prosumer!r} (prosumers: {', '.join(sorted(names))})")
+            where = locate(sc.source, ("events", sc.events.index(e), "prosumer")) \
+                if sc.source else f"{sc.name}: events"
+            raise ConfigError(f"{where}: load-spike for unknown prosumer {e.prosumer!r} "
+                              f"(prosumers: {', '.join(sorted(names))})")
     prof = sc.profiles.load
     csv_cols = read_csv(prof, "load") if isinstance(prof, CsvProfile) else None
     if csv_cols is not None and isinstance(prof, CsvProfile):

@@ -415,37 +415,17 @@ def read_bounded(path: Path, limit: int) -> str:
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
 
 
-class _SafeLoader(yaml.SafeLoader):
-    """SafeLoader for files from users: aliases (`*name`) are refused, so neither an
-    alias bomb ("billion laughs") nor a recursive anchor (`&r [*r]`) can expand; nesting is
-    bounded; a key given twice in one mapping is refused (PyYAML keeps the last one
-    silently: a prosumer listed twice would quietly lose its first entry); a scalar that
-    cannot be constructed (an out-of-range date, an integer of 5,000 digits) is a YAML
-    error at its line, not an exception."""
+MAX_NODES = 200_000
+"""Values (scalars, lists, mappings) in one file: a 500-prosumer site has ~20,000."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._path: list[str | int] = []
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
-        # index: the key node of a mapping value, the position of a sequence item
-        label = index.value if isinstance(index, yaml.ScalarNode) else index
-        here = [*self._path, label] if isinstance(label, str | int) else self._path
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, f"{_fmt_loc(tuple(here))}: not valid YAML: aliases "
-                f"(*{str(event.anchor)[:40]}) are not accepted, write the value out",
-                event.start_mark)
-        if len(self._path) >= MAX_DEPTH:
-            raise yaml.composer.ComposerError(
-                None, None, f"{_fmt_loc(tuple(here))}: not valid YAML: nested deeper than "
-                f"{MAX_DEPTH} levels", self.peek_event().start_mark)
-        saved, self._path = self._path, here
-        try:
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
-        finally:
-            self._path = saved
+class _SafeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """PyYAML's safe loader (LibYAML's parser when installed: ten times faster, and it
+    bounds nesting itself) for files from users. `_compose` checks the node graph
+    before anything is constructed; the constructor refuses a key given twice in one
+    mapping (PyYAML keeps the last one silently: a prosumer listed twice would quietly
+    lose its first entry) and turns a scalar that cannot be constructed (an out-of-range
+    date, an integer of 5,000 digits) into a YAML error at its line."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
@@ -470,43 +450,92 @@ class _SafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-
-def _compose(text: str) -> yaml.Node | None:
-    loader = _SafeLoader(text)  # the text was parsed before: it reads
-    try:
-        return loader.get_single_node()  # type: ignore[no-any-return]
-    finally:
-        loader.dispose()
-
-
-def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
-    """Map each YAML path (keys and list indexes) to its 1-based line.
-
-    Composes with the same loader as the parse (aliases refused, depth bounded) and
-    visits each node once, so it never costs more than the parse did."""
-    lines: dict[tuple[str | int, ...], int] = {}
+def _check_graph(root: yaml.Node) -> None:
+    """Refuse aliases, deep nesting and too many values, walking the composed nodes once
+    (iteratively) before anything is constructed. An alias (`*name`) makes a node
+    reachable twice: refused, so neither an alias bomb ("billion laughs", 9^9 strings
+    from 10 lines) nor a recursive anchor (`&r [*r]`) can be expanded by anything that
+    walks the data later (pydantic, the error formatter)."""
     seen: set[int] = set()
-
-    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+    # (node, its path, where it is used: an alias node is the anchored one, whose own
+    # mark is the anchor's line; the key or the list holding it is where it is used)
+    stack: list[tuple[yaml.Node, tuple[str | int, ...], Any]] = [(root, (), root.start_mark)]
+    while stack:
+        node, path, used = stack.pop()
+        problem = ""
         if id(node) in seen:
-            return
+            problem = "aliases (*name) are not accepted, write the value out"
+        elif len(seen) >= MAX_NODES:
+            problem = f"more than {MAX_NODES} values"
+        elif len(path) > MAX_DEPTH:
+            problem = f"nested deeper than {MAX_DEPTH} levels"
+        if problem:
+            raise yaml.composer.ComposerError(
+                None, None, f"{_fmt_loc(path)}: not valid YAML: {problem}", used)
         seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for k, v in reversed(node.value):
+                label = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                stack.append((v, (*path, label), k.start_mark))
+                stack.append((k, (*path, label), k.start_mark))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, (*path, i), node.start_mark)
+                         for i, v in reversed(list(enumerate(node.value))))
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    if "not valid YAML" not in problem:
+        problem = f"not valid YAML: {problem}"
+    return ConfigError(f"{where}: {problem}")
+
+
+def _parse(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """The data of one YAML document and its checked node tree; ConfigError if invalid."""
+    loader = None
+    try:
+        loader = _SafeLoader(text)
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_graph(root)
+        return loader.construct_document(root), root
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: (top level): not valid YAML: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _line_index(text: str | yaml.Node | None) -> dict[tuple[str | int, ...], int]:
+    """Map each YAML path (keys and list indexes) to its 1-based line, from the checked
+    node tree of a parse (or from text, parsed again): each node once, depth bounded,
+    so it never costs more than the parse did."""
+    lines: dict[tuple[str | int, ...], int] = {}
+    if isinstance(text, str):
+        try:
+            root = _parse(text, "")[1]
+        except ConfigError:
+            return lines
+    else:
+        root = text
+    if root is None:
+        return lines
+    stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                key = (*path, k.value if isinstance(k, yaml.ScalarNode) else str(id(k)))
+                key = (*path, k.value if isinstance(k, yaml.ScalarNode) else "?")
                 lines[key] = k.start_mark.line + 1
-                walk(v, key)
+                stack.append((v, key))
         elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                walk(v, (*path, i))
-
-    try:
-        root = _compose(text)
-    except (yaml.YAMLError, RecursionError):
-        return lines
-    if root is not None:
-        walk(root, ())
+            stack.extend((v, (*path, i)) for i, v in enumerate(node.value))
     return lines
 
 
@@ -563,11 +592,12 @@ def _data_loc(raw: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
     return tuple(out)
 
 
-def format_validation_error(source: str, exc: ValidationError, text: str,
+def format_validation_error(source: str, exc: ValidationError, text: str | yaml.Node | None,
                             data: Any = None) -> str:
     """One line: the first error as `FILE:LINE: FIELD: what was expected (got ...)`, and
     how many more there are, with their fields. Of a union's alternatives only the
-    error that got furthest into the input is kept."""
+    error that got furthest into the input is kept. `text`: the file's text, or better
+    the node tree its parse made (then nothing is parsed again)."""
     lines = _line_index(text)
     msgs = []
     fields = []
@@ -577,8 +607,8 @@ def format_validation_error(source: str, exc: ValidationError, text: str,
             re.search(r"[\[\]()]", str(p))
             or (p in _KIND_TAGS and i and isinstance(e["loc"][i - 1], int))))
         for e in errors]
-    keep = [i for i, loc in enumerate(locs)
-            if not any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs)]
+    prefixes = {loc[:k] for loc in locs for k in range(len(loc))}
+    keep = [i for i, loc in enumerate(locs) if loc not in prefixes]
     for i in keep:
         err, loc = errors[i], locs[i]
         msg = err["msg"].removeprefix("Value error, ")
@@ -602,34 +632,20 @@ def format_validation_error(source: str, exc: ValidationError, text: str,
 
 
 def parse_yaml(text: str, source: str) -> Any:
-    loader = None
-    try:
-        loader = _SafeLoader(text)
-        return loader.get_single_data()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
-        if "not valid YAML" not in problem:
-            problem = f"not valid YAML: {problem}"
-        raise ConfigError(f"{where}: {problem}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: (top level): not valid YAML: nested too deeply") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
+    """The data of a YAML document from a user; ConfigError naming the line if invalid."""
+    return _parse(text, source)[0]
 
 
 def load_model(model: type[BaseModel], text: str, source: str,
                context: dict[str, Any] | None = None) -> Any:
-    data = parse_yaml(text, source)
+    data, root = _parse(text, source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}:1: (top level): expected a mapping, got "
                           f"{type(data).__name__}")
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc, text, data)) from None
+        raise ConfigError(format_validation_error(source, exc, root, data)) from None
     except RecursionError:
         raise ConfigError(f"{source}: (top level): nested too deeply") from None
 

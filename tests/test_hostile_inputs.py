@@ -187,6 +187,9 @@ SCENARIO_CASES: list[tuple[str, str, str, str]] = [
     ("unknown-spike-prosumer", "kind: cloud, at: \"13:00\", duration: 45m, depth: 0.6=>"
      "kind: load-spike, at: '12:00', prosumer: x, extra_w: 100",
      "events[0].prosumer: load-spike for unknown prosumer 'x'", "scenario.yaml:16"),
+    ("unknown-loss-prosumer", "kind: cloud, at: \"13:00\", duration: 45m, depth: 0.6=>"
+     "kind: message-loss, at: '12:00', prosumer: x",
+     "events[0].prosumer: message-loss for unknown prosumer 'x'", "scenario.yaml:16"),
     ("dev-zero-site", "site: site.yaml=>site: /dev/zero", "site: /dev/zero: expected a "
      "regular file", "scenario.yaml"),
     ("dir-site", "site: site.yaml=>site: sub.json", "expected a regular file, got a directory",

@@ -135,11 +135,14 @@ def load_fn(sc: Scenario, site: SiteConfig) -> Callable[[str, LoadParams, float]
     """(prosumer, its load params, t) -> W, spikes included."""
     spikes = [e for e in sc.events if isinstance(e, LoadSpikeEvent)]
     names = {p.name for p in site.prosumers}
-    for e in spikes:
-        if e.prosumer is not None and e.prosumer not in names:
-            where = locate(sc.source, ("events", sc.events.index(e), "prosumer")) \
-                if sc.source else f"{sc.name}: events"
-            raise ConfigError(f"{where}: load-spike for unknown prosumer {e.prosumer!r} "
+    from .model import MessageLossEvent
+
+    for i, e in enumerate(sc.events):
+        who = e.prosumer if isinstance(e, LoadSpikeEvent | MessageLossEvent) else None
+        if who is not None and who not in names:
+            where = locate(sc.source, ("events", i, "prosumer")) if sc.source \
+                else f"{sc.name}: events[{i}].prosumer"
+            raise ConfigError(f"{where}: {e.kind} for unknown prosumer {who!r} "
                               f"(prosumers: {', '.join(sorted(names))})")
     prof = sc.profiles.load
     csv_cols = read_csv(prof, "load") if isinstance(prof, CsvProfile) else None

@@ -298,14 +298,6 @@ def _http(url: str, *, data: bytes | None = None, headers: dict[str, str] | None
         raise TelemetryError(f"{url.split('?')[0]}: {type(reason).__name__}: {reason}") from None
 
 
-GLOBAL_INDEX_MS = 41 * 86400 * 1000
-"""VictoriaMetrics searches its global index, not its per-day ones, for ranges over 40
-days. After an unclean shutdown its per-day index can miss series whose samples it does
-hold (VictoriaMetrics issues #3309, #5948; seen here with Debian's 1.79 after SIGKILL:
-rewriting them does not make them visible there), so verification reads over a range
-this long, ending at the run's last point."""
-
-
 class VictoriaReader:
     """What a VictoriaMetrics server holds, from its export API (`/api/v1/export`: raw
     samples, no rollup cache). `/internal/force_flush` first, so points it acknowledged
@@ -338,8 +330,7 @@ class VictoriaReader:
         esc = run.replace("\\", "\\\\").replace('"', '\\"')
         body = urllib.parse.urlencode({
             "match[]": f'{{__name__=~"{names}",run="{esc}"}}',
-            "start": str(max(0, min(start_ms, end_ms - GLOBAL_INDEX_MS)) // 1000),
-            "end": str(end_ms // 1000 + 1)}).encode()
+            "start": str(start_ms // 1000), "end": str(end_ms // 1000 + 1)}).encode()
         out: Held = {}
         cut = len(m.name) + 1
         for raw in _http(f"{self.url}/api/v1/export", data=body, headers=self.headers,

@@ -7,9 +7,12 @@ What is measured (a VictoriaMetrics started on a loopback port; Debian `victoria
     1. A synthetic run store: `--devices` devices (PV, battery, meter in turn, each with
        its kind's readings) over `--steps` one-minute steps, plus the feeder and clock
        rows of every step: the shape of a 24 h, 50-prosumer run.
-    2. sink: `telemetry.influx.backfill` on it, which is the live sink's own code path
-       (`sync`): rows read from SQLite, mapped to line protocol, written in batches of
-       5,000 with retries, each batch acknowledged in telemetry.db.
+    2. sink: `telemetry.influx.backfill` on it: the server is asked what it holds for
+       the run (nothing yet), then rows are read from SQLite, mapped to line protocol,
+       written in batches of 5,000 with retries, and acknowledged in telemetry.db.
+    2b. verification: `backfill` again once the server holds everything: the server's
+       export of the run read back and compared point by point with the store (what
+       the sink does at the end of every run and after an outage); writes nothing.
     3. bare: the same lines (pre-made, run tag renamed so nothing is deduplicated)
        through influxdb-client's batching WriteApi (batch 5,000), flushed and closed.
     4. mapping only: store rows to line protocol, no network (where the sink's time goes).
@@ -128,6 +131,13 @@ def main() -> int:
         sink_s = time.perf_counter() - t0
         assert res.points == n, (res.points, n)
 
+        t0 = time.perf_counter()
+        again = backfill(run, cfg)
+        verify_s = time.perf_counter() - t0
+        assert again.points == 0 and sum(again.held.values()) == n, again
+        figures.update({"verify_s": verify_s, "verify_points_per_s": n / verify_s,
+                        "verify_vs_sink_write": verify_s / sink_s})
+
         bare_s = bare_write(vm.url, [p.replace("run=bench-run", "run=bench-bare", 1)
                                      for p in made], cfg.batch_size)
         on_server = sum(len(s["values"]) for s in vm.export('{run="bench-bare",'
@@ -149,6 +159,7 @@ def main() -> int:
                 walls[label] = min(walls[label], time.perf_counter() - t0)
                 if influx is not None:
                     figures["demo_points"] = out.summary["telemetry"]["points"]
+                    figures["demo_end_verify_s"] = out.summary["telemetry"]["verify_s"]
         figures["demo_wall_s_without_sink"] = walls["without"]
         figures["demo_wall_s_with_sink"] = walls["with"]
         figures["demo_wall_ratio"] = walls["with"] / walls["without"]
@@ -179,6 +190,8 @@ def main() -> int:
               f"{n / bare_s:,.0f}")
     t.add_row("mapping only (store -> line protocol, no network)", f"{map_s:.2f}",
               f"{n / map_s:,.0f}")
+    t.add_row("verification (server read back, compared; nothing missing)", f"{verify_s:.2f}",
+              f"{n / verify_s:,.0f}")
     console.print(t)
     r = Table(title=f"real time: {3 * args.rt_prosumers} devices at a 1 s step for {rt_s} s "
                     f"({lateness['points']:,} points live)")
@@ -191,7 +204,8 @@ def main() -> int:
     console.print(r)
     console.print(f"sink / bare throughput: {figures['sink_vs_bare']:.2f}x; "
                   f"`testbed run demo` fast: {walls['without']:.2f} s without the sink, "
-                  f"{walls['with']:.2f} s with it ({figures['demo_points']} points live), "
+                  f"{walls['with']:.2f} s with it ({figures['demo_points']} points live, "
+                  f"end-of-run verification {figures['demo_end_verify_s']:.2f} s), "
                   f"ratio {figures['demo_wall_ratio']:.2f}")
     print(json.dumps(figures, separators=(",", ":"), default=str), flush=True)
     if args.json:

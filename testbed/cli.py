@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -39,7 +40,7 @@ SiteArg = Annotated[str, typer.Argument(help="Site file, or a bundled site name 
 
 def _fail(exc: BaseException, code: int) -> NoReturn:
     """Print an error the way every command does and exit with `code` (2: bad input)."""
-    err.print(f"[red]error:[/] {exc}", highlight=False)
+    err.print(f"[red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False)
     raise typer.Exit(code) from None
 
 
@@ -719,13 +720,14 @@ def telemetry_backfill(
     influx_token: InfluxToken = None,
     influx_org: InfluxOrg = None,
     influx_bucket: InfluxBucket = None,
-    rewrite: Annotated[bool, typer.Option("--all", help="Write every point again, not only "
-                                          "the unacknowledged ones (e.g. after the bucket "
-                                          "was wiped).")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what is missing.")
-                       ] = False,
+    rewrite: Annotated[bool, typer.Option("--all", help="Write every point again without "
+                                          "asking the server what it holds.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what is missing "
+                                          "(from the server, or from the acknowledgements "
+                                          "if it cannot be read).")] = False,
 ) -> None:
-    """Write the points of a run the server has not acknowledged (idempotent)."""
+    """Make the server hold every point of a run once: ask it what it holds for the run
+    and write exactly what it lacks (idempotent: a second backfill writes nothing)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .config import InfluxConfig
@@ -747,19 +749,31 @@ def telemetry_backfill(
                                                                     total=total))
     except (ConfigError, TelemetryError) as exc:
         _fail(exc, 2)
+    from .telemetry.schema import TABLES
+
     t = Table(title=f"{'missing at' if dry_run else 'backfill to'} {cfg.url} "
                     f"(org {cfg.org}, bucket {cfg.bucket})")
     t.add_column("measurement")
-    t.add_column("points", justify="right")
-    from .telemetry.schema import TABLES
-    for table, n in res.tables.items():
-        t.add_row(TABLES[table].name, str(n))
+    if res.api:
+        t.add_column("in the run store", justify="right")
+        t.add_column("on the server", justify="right")
+    t.add_column("missing" if dry_run else "written", justify="right")
+    for table in (res.store if res.api else res.tables):
+        counts = [res.store[table], res.held[table]] if res.api else []
+        t.add_row(TABLES[table].name, *map(str, counts), str(res.tables.get(table, 0)))
     console.print(t)
+    missing = sum(res.tables.values())
+    if res.api:
+        console.print(f"the server holds {sum(res.held.values())} of the run store's "
+                      f"{sum(res.store.values())} points (asked through {res.api})",
+                      highlight=False)
     if dry_run:
-        console.print(f"{sum(res.tables.values())} points not acknowledged by {cfg.url}")
+        console.print(f"{missing} points missing at {cfg.url}" if res.api else
+                      f"{missing} points not acknowledged by {cfg.url} (the server could "
+                      "not be asked what it holds)", highlight=False)
     else:
         console.print(f"wrote {res.points} points in {res.batches} batches"
-                      + ("" if res.points else ": nothing was missing"))
+                      + ("" if res.points else ": nothing was missing"), highlight=False)
 
 
 @app.command("run")

@@ -9,7 +9,9 @@ the field path and what was expected, e.g.::
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
@@ -22,6 +24,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -36,27 +39,29 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys refused; every float finite (NaN and infinities are refused by name)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PVConfig(_Strict):
     rating_w: Annotated[float, Field(gt=0, le=10_000_000)] = 5000.0
-    dc_peak_w: Annotated[float, Field(gt=0)] | None = None
+    dc_peak_w: Annotated[float, Field(gt=0, le=100_000_000)] | None = None
     efficiency: Annotated[float, Field(gt=0, le=1)] = 0.96
     ramp_pct_per_s: Annotated[float, Field(gt=0, le=100)] = 10.0
-    initial_energy_wh: Annotated[float, Field(ge=0)] = 2_000_000.0
+    initial_energy_wh: Annotated[float, Field(ge=0, le=1e12)] = 2_000_000.0
 
     def physics(self) -> PVParams:
         return PVParams(**self.model_dump())
 
 
 class BatteryConfig(_Strict):
-    capacity_wh: Annotated[float, Field(gt=0)] = 10000.0
+    capacity_wh: Annotated[float, Field(gt=0, le=1e9)] = 10000.0
     soc_min: Annotated[float, Field(ge=0, le=1)] = 0.10
     soc_max: Annotated[float, Field(ge=0, le=1)] = 0.95
     soc_init: Annotated[float, Field(ge=0, le=1)] = 0.5
-    max_charge_w: Annotated[float, Field(gt=0)] = 5000.0
-    max_discharge_w: Annotated[float, Field(gt=0)] = 5000.0
+    max_charge_w: Annotated[float, Field(gt=0, le=1e8)] = 5000.0
+    max_discharge_w: Annotated[float, Field(gt=0, le=1e8)] = 5000.0
     eta_ch: Annotated[float, Field(gt=0, le=1)] = 0.95
     eta_dis: Annotated[float, Field(gt=0, le=1)] = 0.95
 
@@ -74,16 +79,16 @@ class BatteryConfig(_Strict):
 
 
 class MeterConfig(_Strict):
-    v_nominal: Annotated[float, Field(gt=0)] = 230.0
+    v_nominal: Annotated[float, Field(gt=0, le=1_000_000)] = 230.0
     f_nominal: Literal[50.0, 60.0] = 50.0
-    v_drop_per_kw: Annotated[float, Field(ge=0)] = 0.4
-    initial_import_wh: Annotated[float, Field(ge=0)] = 1_000_000.0
-    initial_export_wh: Annotated[float, Field(ge=0)] = 500_000.0
+    v_drop_per_kw: Annotated[float, Field(ge=0, le=1000)] = 0.4
+    initial_import_wh: Annotated[float, Field(ge=0, le=1e12)] = 1_000_000.0
+    initial_export_wh: Annotated[float, Field(ge=0, le=1e12)] = 500_000.0
 
 
 class LoadConfig(_Strict):
-    base_w: Annotated[float, Field(ge=0)] = 300.0
-    peak_w: Annotated[float, Field(ge=0)] = 2500.0
+    base_w: Annotated[float, Field(ge=0, le=1e8)] = 300.0
+    peak_w: Annotated[float, Field(ge=0, le=1e8)] = 2500.0
     noise: Annotated[float, Field(ge=0, le=1)] = 0.08
 
     @model_validator(mode="after")
@@ -318,7 +323,7 @@ class EmulationConfig(_Strict):
     """Simulated time of day when emulators start (`devices serve`)."""
     speed: Annotated[float, Field(gt=0, le=3600)] = 1.0
     tick_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
-    seed: int = 0
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] = 0
 
     @property
     def start_s(self) -> float:
@@ -370,6 +375,9 @@ class InfluxConfig(_Strict):
     max_retry_delay_s: Annotated[float, Field(gt=0, le=600)] = 8.0
     probe_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     """After a batch fails all its retries: how long the sink leaves the server alone."""
+    read_api: Literal["auto", "influxdb", "victoriametrics"] = "auto"
+    """How the sink asks the server what it holds (verification): InfluxDB's Flux query
+    API or VictoriaMetrics' export API; auto asks the server's `/health` which it is."""
 
 
 class TelemetryConfig(_Strict):
@@ -390,6 +398,20 @@ class GridConfig(_Strict):
     """Scale of the network's own loads and generators (0 = only our prosumers)."""
     engine: Literal["auto", "fast", "pandapower"] = "auto"
     enabled: bool = True
+
+    @field_validator("network")
+    @classmethod
+    def _network_file(cls, v: str, info: ValidationInfo) -> str:
+        """A pandapower JSON file is resolved against the site file's folder and must be a
+        regular file of bounded size (checked here, so the error names the field)."""
+        if not v.endswith(".json"):
+            return v
+        path = Path(v).expanduser()
+        base = (info.context or {}).get("base")
+        if base is not None and not path.is_absolute():
+            path = (Path(base) / path).resolve()
+        check_regular_file(path, MAX_NETWORK_BYTES)
+        return str(path)
 
 
 class SiteConfig(_Strict):
@@ -466,64 +488,81 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message is meant for the user."""
 
 
-def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
-    """Map each YAML path (keys and list indexes) to its 1-based line."""
-    lines: dict[tuple[str | int, ...], int] = {}
+MAX_FILE_BYTES = 1 << 20
+"""Site and scenario files: 1 MiB is hundreds of prosumers; more is a mistake or an attack."""
+MAX_PROFILE_BYTES = 32 << 20
+"""A profile CSV: a year at 1-second steps with a few columns."""
+MAX_NETWORK_BYTES = 64 << 20
+MAX_DEPTH = 32
+"""YAML nesting deeper than any of our models needs."""
 
-    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = (*path, k.value)
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                walk(v, (*path, i))
 
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def check_regular_file(path: Path, limit: int) -> int:
+    """The size of `path` if it is a regular file no larger than `limit`; else a
+    ValueError saying what it is (a device such as /dev/zero reads without end)."""
     try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+        raise ValueError(f"{path}: expected a regular file, got {what}")
+    if st.st_size > limit:
+        raise ValueError(f"{path}: expected at most {_size(limit)}, got {_size(st.st_size)}")
+    return st.st_size
 
 
-def _fmt_loc(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
+def read_bounded(path: Path, limit: int) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; ConfigError otherwise.
+
+    Opened without blocking and checked on the open descriptor, so a FIFO or a device
+    swapped in after a stat is refused too, and never more than `limit` bytes are read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+            raise ConfigError(f"{path}: expected a regular file, got {what}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ConfigError(f"{path}: file too large: expected at most {_size(limit)}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
 
 
-def format_validation_error(source: str, exc: ValidationError, text: str) -> str:
-    lines = _line_index(text)
-    msgs = []
-    for err in exc.errors():
-        # pydantic puts union/class tags in loc (e.g. 'function-after[...]'); keep only data keys
-        raw = err["loc"]
-        loc = tuple(p for i, p in enumerate(raw) if isinstance(p, int) or not (
-            re.search(r"[\[\]()]", str(p)) or (p in _KIND_TAGS and i and isinstance(raw[i - 1], int))))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            field = str(err.get("ctx", {}).get("discriminator", "kind")).strip("'")
-            loc = (*loc, field)
-            msg = f"expected one of {', '.join(sorted(_KIND_TAGS))}"
-            if "tag" in err.get("ctx", {}):
-                msg += f" (got {err['ctx']['tag']!r})"
-        probe = loc
-        while probe and probe not in lines:
-            probe = probe[:-1]
-        where = f"{source}:{lines[probe]}" if probe in lines else source
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict | list) else ""
-        msgs.append(f"{where}: {_fmt_loc(loc)}: {msg}{got}")
-    return "\n".join(msgs)
+MAX_NODES = 200_000
+"""Values (scalars, lists, mappings) in one file: a 500-prosumer site has ~20,000."""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
-    silently: a prosumer listed twice would quietly lose its first entry)."""
+class _SafeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """PyYAML's safe loader (LibYAML's parser when installed: ten times faster, and it
+    bounds nesting itself) for files from users. `_compose` checks the node graph
+    before anything is constructed; the constructor refuses a key given twice in one
+    mapping (PyYAML keeps the last one silently: a prosumer listed twice would quietly
+    lose its first entry) and turns a scalar that cannot be constructed (an out-of-range
+    date, an integer of 5,000 digits) into a YAML error at its line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value: {str(exc)[:80]}", node.start_mark) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -541,23 +580,204 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def parse_yaml(text: str, source: str) -> Any:
+def _check_graph(root: yaml.Node) -> None:
+    """Refuse aliases, deep nesting and too many values, walking the composed nodes once
+    (iteratively) before anything is constructed. An alias (`*name`) makes a node
+    reachable twice: refused, so neither an alias bomb ("billion laughs", 9^9 strings
+    from 10 lines) nor a recursive anchor (`&r [*r]`) can be expanded by anything that
+    walks the data later (pydantic, the error formatter)."""
+    seen: set[int] = set()
+    # (node, its path, where it is used: an alias node is the anchored one, whose own
+    # mark is the anchor's line; the key or the list holding it is where it is used)
+    stack: list[tuple[yaml.Node, tuple[str | int, ...], Any]] = [(root, (), root.start_mark)]
+    while stack:
+        node, path, used = stack.pop()
+        problem = ""
+        if id(node) in seen:
+            problem = "aliases (*name) are not accepted, write the value out"
+        elif len(seen) >= MAX_NODES:
+            problem = f"more than {MAX_NODES} values"
+        elif len(path) > MAX_DEPTH:
+            problem = f"nested deeper than {MAX_DEPTH} levels"
+        if problem:
+            raise yaml.composer.ComposerError(
+                None, None, f"{_fmt_loc(path)}: not valid YAML: {problem}", used)
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for k, v in reversed(node.value):
+                label = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                stack.append((v, (*path, label), k.start_mark))
+                stack.append((k, (*path, label), k.start_mark))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, (*path, i), node.start_mark)
+                         for i, v in reversed(list(enumerate(node.value))))
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    if "not valid YAML" not in problem:
+        problem = f"not valid YAML: {problem}"
+    return ConfigError(f"{where}: {problem}")
+
+
+def _parse(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """The data of one YAML document and its checked node tree; ConfigError if invalid."""
+    loader = None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        loader = _SafeLoader(text)
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_graph(root)
+        return loader.construct_document(root), root
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise _yaml_error(exc, source) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: (top level): not valid YAML: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
-def load_model(model: type[BaseModel], text: str, source: str) -> Any:
-    data = parse_yaml(text, source)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+def _line_index(text: str | yaml.Node | None) -> dict[tuple[str | int, ...], int]:
+    """Map each YAML path (keys and list indexes) to its 1-based line, from the checked
+    node tree of a parse (or from text, parsed again): each node once, depth bounded,
+    so it never costs more than the parse did."""
+    lines: dict[tuple[str | int, ...], int] = {}
+    if isinstance(text, str):
+        try:
+            root = _parse(text, "")[1]
+        except ConfigError:
+            return lines
+    else:
+        root = text
+    if root is None:
+        return lines
+    stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, k.value if isinstance(k, yaml.ScalarNode) else "?")
+                lines[key] = k.start_mark.line + 1
+                stack.append((v, key))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, (*path, i)) for i, v in enumerate(node.value))
+    return lines
+
+
+def locate(source: str, loc: tuple[str | int, ...]) -> str:
+    """`FILE:LINE: FIELD` for a field of a file already loaded (best effort: `FILE: FIELD`
+    if the file cannot be read again), for checks made after validation."""
+    where = source
     try:
-        return model.model_validate(data)
+        lines = _line_index(read_bounded(Path(source), MAX_FILE_BYTES))
+    except ConfigError:
+        lines = {}
+    probe = loc
+    while probe and probe not in lines:
+        probe = probe[:-1]
+    if probe in lines:
+        where = f"{source}:{lines[probe]}"
+    return f"{where}: {_fmt_loc(loc)}"
+
+
+def _fmt_loc(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _got(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return ""
+    text = repr(value)
+    return f" (got {text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def _data_loc(raw: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
+    """The path of `raw` through the input `data`: pydantic puts union members and tags in
+    loc (`events[0].cloud.at`, `profiles.irradiance.CsvProfile.file`); a part that is not
+    a key or index of the data there, but such a label, is dropped."""
+    out: list[str | int] = []
+    node = data
+    for part in raw:
+        if isinstance(part, str) and re.search(r"[\[\]()]", part):
+            continue  # 'function-after[...]', 'list[...]'
+        if (isinstance(node, dict) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict | list) and isinstance(part, str) and (
+                part[:1].isupper() or part in _KIND_TAGS
+                or (isinstance(node, dict) and node.get("kind") == part)):
+            continue  # a union member (class name) or a discriminator's tag
+        else:
+            out.append(part)  # a key the input lacks (a required field)
+            node = None
+    return tuple(out)
+
+
+def format_validation_error(source: str, exc: ValidationError, text: str | yaml.Node | None,
+                            data: Any = None) -> str:
+    """One line: the first error as `FILE:LINE: FIELD: what was expected (got ...)`, and
+    how many more there are, with their fields. Of a union's alternatives only the
+    error that got furthest into the input is kept. `text`: the file's text, or better
+    the node tree its parse made (then nothing is parsed again)."""
+    lines = _line_index(text)
+    msgs = []
+    fields = []
+    errors = exc.errors()
+    locs = [_data_loc(e["loc"], data) if data is not None else tuple(
+        p for i, p in enumerate(e["loc"]) if isinstance(p, int) or not (
+            re.search(r"[\[\]()]", str(p))
+            or (p in _KIND_TAGS and i and isinstance(e["loc"][i - 1], int))))
+        for e in errors]
+    prefixes = {loc[:k] for loc in locs for k in range(len(loc))}
+    keep = [i for i, loc in enumerate(locs) if loc not in prefixes]
+    for i in keep:
+        err, loc = errors[i], locs[i]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            field = str(err.get("ctx", {}).get("discriminator", "kind")).strip("'")
+            loc = (*loc, field)
+            msg = f"expected one of {', '.join(sorted(_KIND_TAGS))}"
+            if "tag" in err.get("ctx", {}):
+                msg += f" (got {err['ctx']['tag']!r})"
+        probe = loc
+        while probe and probe not in lines:
+            probe = probe[:-1]
+        where = f"{source}:{lines[probe]}" if probe in lines else source
+        got = _got(err["input"]) if "input" in err else ""
+        msgs.append(f"{where}: {_fmt_loc(loc)}: {' '.join(msg.split())}{got}")
+        fields.append(_fmt_loc(loc))
+    if len(msgs) > 1:
+        more = ", ".join(fields[1:4]) + (", ..." if len(fields) > 4 else "")
+        return f"{msgs[0]} (and {len(msgs) - 1} more: {more})"
+    return msgs[0] if msgs else f"{source}: invalid"
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The data of a YAML document from a user; ConfigError naming the line if invalid."""
+    return _parse(text, source)[0]
+
+
+def load_model(model: type[BaseModel], text: str, source: str,
+               context: dict[str, Any] | None = None) -> Any:
+    data, root = _parse(text, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: (top level): expected a mapping, got "
+                          f"{type(data).__name__}")
+    try:
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc, text)) from None
+        raise ConfigError(format_validation_error(source, exc, root, data)) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: (top level): nested too deeply") from None
 
 
 LIBRARY = "testbed.scenarios.library"
@@ -581,11 +801,8 @@ def load_model_file(model: type[BaseModel], ref: str | Path, bundled: Mapping[st
         path = library_file(bundled[str(ref)])
     if not path.exists():
         raise ConfigError(f"{ref}: no such {kind} file (bundled {kind}s: {', '.join(bundled)})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return load_model(model, text, str(path)), path
+    text = read_bounded(path, MAX_FILE_BYTES)
+    return load_model(model, text, str(path), context={"base": path.parent}), path
 
 
 def load_site(ref: str | Path) -> SiteConfig:
@@ -596,9 +813,5 @@ def load_site(ref: str | Path) -> SiteConfig:
     if certs is not None:  # relative to the site file
         certs = (path.parent / certs.expanduser()).resolve()
         site = site.model_copy(update={"opcua": site.opcua.model_copy(update={"certs": certs})})
-    network = site.grid.network
-    if network.endswith(".json") and not Path(network).is_absolute():
-        network = str((path.parent / Path(network).expanduser()).resolve())
-        site = site.model_copy(update={"grid": site.grid.model_copy(update={"network": network})})
     site._source = str(path)
     return site

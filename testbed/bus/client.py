@@ -709,8 +709,10 @@ class BusClient:
                     r = callback(msg)
                     if inspect.isawaitable(r):
                         await r
-                except Exception:
-                    log.exception("bus handler for %r failed on %s", topic_filter, msg.topic)
+                except Exception as exc:  # noqa: BLE001 - a payload costs one line, not a traceback
+                    log.warning("bus handler for %r failed on %s: %s", topic_filter, msg.topic,
+                                " ".join(f"{type(exc).__name__}: {exc}".split())[:300])
+                    log.debug("bus handler traceback", exc_info=True)
 
         task = asyncio.create_task(pump(), name=f"bus-on-{topic_filter}")
         self._handlers.add(task)

@@ -43,6 +43,8 @@ from .tcr import Mode, TCRParams, respond
 
 log = logging.getLogger("testbed.market")
 PRICING_NAMES = {Pricing.PAY_AS_BID: "pay-as-bid", Pricing.PAY_AS_CLEAR: "pay-as-clear"}
+MAX_REFUSAL = 300
+"""Characters of a refusal's log line: a hostile payload cannot flood the log."""
 
 
 def _bid(side: Side | str, energy_kwh: float, price: float) -> dict[str, Any]:
@@ -70,6 +72,8 @@ class Inbox:
         self.fresh = Freshness(self.max_skew_s)
 
     def accept(self, m: BusMessage, operation: str) -> SignedMessage | None:
+        """The message if it is well formed, fresh, signed by a registered key and of the
+        expected operation and shape; else None, refused with its reason (one line)."""
         try:
             msg = messages.parse(m.payload)
             self.fresh.accept(msg, self.resolve, self.clock())
@@ -79,10 +83,18 @@ class Inbox:
         except Rejected as exc:
             self.refuse(m.topic, str(exc))
             return None
+        except Exception as exc:  # noqa: BLE001 - any payload costs one line, never a traceback
+            self.refuse(m.topic, f"malformed ({type(exc).__name__}: {exc})")
+            return None
         return msg
 
     def refuse(self, where: str, reason: str) -> None:
-        text = f"{where}: {reason}"
+        """Log one line (control characters and newlines of a hostile payload flattened,
+        the length bounded) and keep it."""
+        text = " ".join(f"{where}: {reason}".split())
+        text = "".join(c if c.isprintable() else "?" for c in text)
+        if len(text) > MAX_REFUSAL:
+            text = text[:MAX_REFUSAL - 3] + "..."
         log.warning("refused %s", text)
         self.refused.append(text)
 
@@ -184,10 +196,10 @@ class AggregatorAgent:
                     self.inbox.refuse(m.topic, f"order {msg.id[:12]}: address must be the "
                                       "signer's, one order per participant")
                     continue
-                order = order_of(msg, interval)
                 try:
+                    order = order_of(msg, interval)
                     validate_order(order, self.rules)
-                except MarketError as exc:
+                except (MarketError, ValueError, TypeError, KeyError) as exc:
                     self.inbox.refuse(m.topic, f"order {msg.id[:12]} from {msg.client_id}: "
                                       f"{exc}")
                     continue
@@ -270,8 +282,10 @@ class TCRAgent:
         async for m in sub:
             try:
                 await fn(m)
-            except Exception:  # one bad message must not stop the controller
-                log.exception("TCR %s: handling %s", self.key.address, m.topic)
+            except Exception as exc:  # noqa: BLE001 - one bad message must not stop the
+                # controller, nor cost more than a line in its log
+                self.inbox.refuse(m.topic, f"TCR {self.key.address}: cannot handle "
+                                  f"({type(exc).__name__}: {exc})")
 
     async def _on_request(self, m: BusMessage) -> None:
         msg = self.inbox.accept(m, T.AUCTION)
@@ -312,13 +326,34 @@ class TCRAgent:
             return
         result = msg.parameters["result"]
         oid = answer.order.id
-        answer.notice = next((n for n in result.get("notices", []) if n["order_id"] == oid),
-                             None)
-        answer.award = next((a for a in result.get("awards", []) if a["order_id"] == oid),
-                            None)
-        if answer.award is not None and self.on_award is not None:
-            res = self.on_award(float(answer.award["energy_kwh"]), Side(answer.award["side"]),
-                                answer.request.parameters["interval"])
+        try:
+            notice = _line_for(result, "notices", oid)
+            award = _line_for(result, "awards", oid)
+            energy = side = None
+            if award is not None:
+                energy, side = float(award["energy_kwh"]), Side(award["side"])
+                if not math.isfinite(energy) or energy < 0:
+                    raise ValueError(f"energy_kwh {energy} is not a finite amount >= 0")
+        except (KeyError, TypeError, ValueError) as exc:
+            self.inbox.refuse(m.topic, f"award {msg.id[:12]}: result is malformed for order "
+                              f"{oid[:12]} ({type(exc).__name__}: {exc})")
+            return
+        answer.notice, answer.award = notice, award
+        if energy is not None and side is not None and self.on_award is not None:
+            res = self.on_award(energy, side, answer.request.parameters["interval"])
             if asyncio.iscoroutine(res):
                 await res
         self.awarded.set()
+
+
+def _line_for(result: dict[str, Any], key: str, order_id: str) -> dict[str, Any] | None:
+    """The line of `result[key]` (a list of objects with `order_id`) for one order."""
+    lines = result.get(key, [])
+    if not isinstance(lines, list):
+        raise TypeError(f"{key} must be a list")
+    for line in lines:
+        if not isinstance(line, dict):
+            raise TypeError(f"{key} must hold objects")
+        if line.get("order_id") == order_id:
+            return line
+    return None

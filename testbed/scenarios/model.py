@@ -7,19 +7,46 @@ are seconds or "90s", "15m", "6h", "1d".
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from testbed.clock import EPOCH  # noqa: F401 - re-exported for scenario users
-from testbed.config import NAME, library_file, load_model_file
+from testbed.config import (
+    MAX_PROFILE_BYTES,
+    NAME,
+    check_regular_file,
+    library_file,
+    load_model_file,
+)
 
 _DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _TOD = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$")
+DAY_S = 86400.0
+MAX_SPAN_S = 366 * DAY_S
+"""Longest run, event offset or event duration a scenario may name (a leap year)."""
 
+def _finite(value: float) -> float:
+    """A finite float (an integer too large for a float is an error, not OverflowError)."""
+    try:
+        x = float(value)
+    except OverflowError:
+        raise ValueError("expected a finite number, got one too large") from None
+    if not math.isfinite(x):
+        raise ValueError("expected a finite number")
+    return x
 
 
 def seconds(value: Any) -> float:
@@ -27,8 +54,8 @@ def seconds(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 900, '15m' or '6h', got {value!r}")
     if isinstance(value, int | float):
-        return float(value)
-    m = _DUR.match(str(value))
+        return _finite(value)
+    m = _DUR.match(str(value)[:64])
     if not m:
         raise ValueError(f"expected a duration like 900, '15m' or '6h', got {value!r}")
     return float(m.group(1)) * _UNIT[m.group(2)]
@@ -37,24 +64,27 @@ def seconds(value: Any) -> float:
 def time_of_day(value: Any) -> float:
     """Seconds since midnight from 'HH:MM[:SS]' (or a number of seconds)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    m = _TOD.match(str(value))
+        return _finite(value)
+    m = _TOD.match(str(value)[:64])
     if not m:
         raise ValueError(f"expected a time of day like '13:30', got {value!r}")
     return int(m.group(1)) * 3600.0 + int(m.group(2)) * 60.0 + int(m.group(3) or 0)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys refused; every float finite (NaN and infinities refused by name)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-Duration = Annotated[float, Field(gt=0)]
+Duration = Annotated[float, Field(gt=0, le=MAX_SPAN_S)]
+Offset = Annotated[float, Field(ge=0, le=MAX_SPAN_S)]
 
 
 class _Timed(_Strict):
-    at: float
+    at: Offset
     """Start: a time of day of day 0 ('14:00'), or a duration since its midnight ('30h')."""
-    duration: float | None = None
+    duration: Duration | None = None
     """How long; none = until the end of the run."""
 
     @field_validator("at", mode="before")
@@ -113,7 +143,20 @@ class CsvProfile(_Strict):
     """CSV with a `time` column (seconds or HH:MM) and value columns; linear in between."""
     column: str | None = None
     """Irradiance: the column (default the second). Load: none = one column per prosumer."""
-    scale: Annotated[float, Field(gt=0)] = 1.0
+    scale: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+
+    @field_validator("file")
+    @classmethod
+    def _regular(cls, v: Path, info: ValidationInfo) -> Path:
+        """Resolved against the scenario's folder; a regular file of bounded size (a
+        device such as /dev/zero would read without end)."""
+        base = (info.context or {}).get("base")
+        if base is None:
+            return v
+        path = v.expanduser()
+        path = path if path.is_absolute() else (Path(base) / path).resolve()
+        check_regular_file(path, MAX_PROFILE_BYTES)
+        return path
 
 
 class ProfilesConfig(_Strict):
@@ -135,7 +178,7 @@ class ForecastConfig(_Strict):
 class MarketConfig(_Strict):
     pricing: Literal["pay_as_bid", "pay_as_clear"] = "pay_as_bid"
     interval_s: Annotated[int, Field(ge=60, le=3600)] = 900
-    threshold_kwh: Annotated[float, Field(gt=0)] = 0.2
+    threshold_kwh: Annotated[float, Field(gt=0, le=1e6)] = 0.2
     buy_price: Annotated[float, Field(ge=0, le=10)] = 0.30
     sell_price: Annotated[float, Field(ge=0, le=10)] = 0.05
     gate_s: Annotated[float, Field(gt=0, le=60)] = 2.0
@@ -155,7 +198,7 @@ class LedgerRunConfig(_Strict):
     enabled: bool = True
     validators: Annotated[int, Field(ge=1, le=64)] = 4
     """The first N prosumers validate (every prosumer meters)."""
-    prosumer_funds_eur: Annotated[float, Field(ge=0)] = 50.0
+    prosumer_funds_eur: Annotated[float, Field(ge=0, le=1e9)] = 50.0
 
 
 class Expectations(_Strict):
@@ -173,7 +216,7 @@ class Expectations(_Strict):
     """Every signed message sent was received (injected losses excepted) and committed."""
     faults_excluded: bool | None = None
     """A faulted battery takes part in no auction after its fault."""
-    lateness_p99_ms_max: Annotated[float, Field(gt=0)] | None = None
+    lateness_p99_ms_max: Annotated[float, Field(gt=0, le=1e9)] | None = None
 
 
 class Scenario(_Strict):
@@ -181,10 +224,11 @@ class Scenario(_Strict):
     description: str = ""
     site: str = "demo"
     """A site file (relative to this file) or a bundled site name."""
-    start: float = 10 * 3600.0
+    start: Annotated[float, Field(ge=0, lt=DAY_S)] = 10 * 3600.0
+    """Time of day of simulated day 0 ('11:00')."""
     duration: Duration = 6 * 3600.0
     step: Duration = 60.0
-    seed: int = 0
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] = 0
     clock: ClockConfig = ClockConfig()
     profiles: ProfilesConfig = ProfilesConfig()
     forecast: ForecastConfig = ForecastConfig()
@@ -243,14 +287,6 @@ def load_scenario(ref: str | Path) -> Scenario:
     site = Path(sc.site)
     if not site.is_absolute() and (path.parent / site).exists():
         updates["site"] = str((path.parent / site).resolve())
-    prof = sc.profiles
-    for field in ("irradiance", "load"):
-        p = getattr(prof, field)
-        if isinstance(p, CsvProfile) and not p.file.is_absolute():
-            prof = prof.model_copy(update={field: p.model_copy(
-                update={"file": (path.parent / p.file).resolve()})})
-    if prof is not sc.profiles:
-        updates["profiles"] = prof
     if updates:
         sc = sc.model_copy(update=updates)
     sc._source = str(path)

@@ -11,7 +11,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from testbed.config import ConfigError, SiteConfig
+from testbed.config import MAX_PROFILE_BYTES, ConfigError, SiteConfig, locate, read_bounded
 from testbed.market.aggregator import Schedule
 from testbed.physics.models import (
     LoadParams,
@@ -40,40 +40,66 @@ class Series:
         return v0 + (v1 - v0) * (t_s - t0) / (t1 - t0)
 
 
+UNITS = {"irradiance": ("W/m2", 2000.0), "load": ("W", 1e8)}
+"""What a profile's values are in, and the most a value may be (after `scale`): sunlight
+at the top of the atmosphere is ~1361 W/m2; the load bound is the site file's."""
+
+
 def read_csv(profile: CsvProfile, what: str) -> dict[str, Series]:
-    """Columns of a profile CSV by name; errors name the file, the line and the cell."""
-    from .model import seconds, time_of_day
+    """Columns of a profile CSV by name; errors name the file, the line and the cell.
+
+    The file must be a regular file of bounded size; blank lines are skipped; the header
+    starts with `time` and names each value column once; times (seconds, '15m' or HH:MM)
+    lie within a year and increase; values are finite, >= 0 and within the unit's range."""
+    from .model import MAX_SPAN_S, seconds, time_of_day
 
     path = profile.file
-    try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the {what} profile: {exc}") from None
-    if len(rows) < 3 or rows[0][0].strip().lower() != "time":
-        raise ConfigError(f"{path}:1: a {what} profile needs a header starting with 'time' "
-                          "and at least two rows")
-    header = [h.strip() for h in rows[0]]
+    unit, top = UNITS[what]
+    rows = [(n, row) for n, row in enumerate(csv.reader(
+        read_bounded(path, MAX_PROFILE_BYTES).splitlines()), start=1)
+        if any(cell.strip() for cell in row)]
+    if not rows:
+        raise ConfigError(f"{path}:1: time: the {what} profile needs a header starting with "
+                          "'time' and at least two rows (the file is empty)")
+    n0, head = rows[0]
+    header = [h.strip() for h in head]
+    if header[0].lower() != "time" or len(header) < 2:
+        raise ConfigError(f"{path}:{n0}: time: expected a header 'time,<column>,...', got "
+                          f"{','.join(header)[:60]!r}")
+    for i, h in enumerate(header[1:], start=2):
+        if not h:
+            raise ConfigError(f"{path}:{n0}: column {i}: expected a column name, got nothing")
+        if header.index(h) != i - 1:
+            raise ConfigError(f"{path}:{n0}: {h}: the column is named twice")
+    if len(rows) < 3:
+        raise ConfigError(f"{path}:{rows[-1][0]}: time: the {what} profile needs at least two "
+                          "rows after its header")
     times: list[float] = []
     cols: dict[str, list[float]] = {h: [] for h in header[1:]}
-    for n, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
+    for n, row in rows[1:]:
         if len(row) != len(header):
-            raise ConfigError(f"{path}:{n}: expected {len(header)} cells, got {len(row)}")
+            raise ConfigError(f"{path}:{n}: row: expected {len(header)} cells, got {len(row)}")
+        cell = row[0].strip()
         try:
-            t = time_of_day(row[0].strip()) if ":" in row[0] else seconds(row[0].strip())
+            t = time_of_day(cell) if ":" in cell else seconds(cell)
         except ValueError as exc:
             raise ConfigError(f"{path}:{n}: time: {exc}") from None
+        if not 0 <= t <= MAX_SPAN_S:
+            raise ConfigError(f"{path}:{n}: time: expected 0 to {MAX_SPAN_S:.0f} s, got {cell!r}")
         if times and t <= times[-1]:
-            raise ConfigError(f"{path}:{n}: time {row[0]!r} does not increase")
+            raise ConfigError(f"{path}:{n}: time: expected a time after the previous row's, "
+                              f"got {cell!r}")
         times.append(t)
         for h, cell in zip(header[1:], row[1:], strict=True):
             try:
                 v = float(cell) * profile.scale
             except ValueError:
-                raise ConfigError(f"{path}:{n}: {h}: expected a number, got {cell!r}") from None
-            if not math.isfinite(v) or v < 0:
-                raise ConfigError(f"{path}:{n}: {h}: expected a finite number >= 0, got {cell!r}")
+                raise ConfigError(f"{path}:{n}: {h}: expected a number ({unit}), got "
+                                  f"{cell[:40]!r}") from None
+            if not (math.isfinite(v) and 0 <= v <= top):
+                raise ConfigError(f"{path}:{n}: {h}: expected a number of {unit} from 0 to "
+                                  f"{top:g}{' after scale' if profile.scale != 1 else ''}, "
+                                  f"got {cell[:40]!r}")
             cols[h].append(v)
     return {h: Series(times, v) for h, v in cols.items()}
 
@@ -96,10 +122,10 @@ def irradiance_fn(sc: Scenario) -> Callable[[float], float]:
     prof = sc.profiles.irradiance
     if isinstance(prof, CsvProfile):
         cols = read_csv(prof, "irradiance")
-        base = cols[prof.column] if prof.column else next(iter(cols.values()))
         if prof.column and prof.column not in cols:
-            raise ConfigError(f"{prof.file}: no column {prof.column!r} (columns: "
+            raise ConfigError(f"{prof.file}:1: {prof.column}: no such column (columns: "
                               f"{', '.join(cols)})")
+        base = cols[prof.column] if prof.column else next(iter(cols.values()))
     else:
         base = clear_sky_irradiance
     return lambda t: base(t) * cloud_factor(clouds, t)
@@ -109,16 +135,25 @@ def load_fn(sc: Scenario, site: SiteConfig) -> Callable[[str, LoadParams, float]
     """(prosumer, its load params, t) -> W, spikes included."""
     spikes = [e for e in sc.events if isinstance(e, LoadSpikeEvent)]
     names = {p.name for p in site.prosumers}
-    for e in spikes:
-        if e.prosumer is not None and e.prosumer not in names:
-            raise ConfigError(f"{sc.source}: events: load-spike for unknown prosumer "
-                              f"{e.prosumer!r} (prosumers: {', '.join(sorted(names))})")
+    from .model import MessageLossEvent
+
+    for i, e in enumerate(sc.events):
+        who = e.prosumer if isinstance(e, LoadSpikeEvent | MessageLossEvent) else None
+        if who is not None and who not in names:
+            where = locate(sc.source, ("events", i, "prosumer")) if sc.source \
+                else f"{sc.name}: events[{i}].prosumer"
+            raise ConfigError(f"{where}: {e.kind} for unknown prosumer {who!r} "
+                              f"(prosumers: {', '.join(sorted(names))})")
     prof = sc.profiles.load
     csv_cols = read_csv(prof, "load") if isinstance(prof, CsvProfile) else None
-    if csv_cols is not None and isinstance(prof, CsvProfile) and prof.column is None:
-        missing = sorted(names - set(csv_cols))
+    if csv_cols is not None and isinstance(prof, CsvProfile):
+        if prof.column is not None and prof.column not in csv_cols:
+            raise ConfigError(f"{prof.file}:1: {prof.column}: no such column (columns: "
+                              f"{', '.join(csv_cols)})")
+        missing = sorted(names - set(csv_cols)) if prof.column is None else []
         if missing:
-            raise ConfigError(f"{prof.file}: no column for prosumer(s) {', '.join(missing)}")
+            raise ConfigError(f"{prof.file}:1: {missing[0]}: no column for prosumer(s) "
+                              f"{', '.join(missing)}")
     noise = sc.profiles.load_noise
 
     def load(name: str, p: LoadParams, t: float) -> float:

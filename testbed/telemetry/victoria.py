@@ -1,8 +1,11 @@
 """A VictoriaMetrics server on loopback: a real `/api/v2/write` endpoint for tests,
 benchmarks and CI pipelines (Debian package `victoria-metrics`).
 
-Started with deduplication at 1 ms, so a point written twice is stored once, as
-InfluxDB does, and with a retention long enough for any simulated date.
+Started with deduplication at 1 ms (`-dedup.minScrapeInterval=1ms`), so a point written
+twice is stored once, as InfluxDB does: without it a point the sink rewrites (a batch
+whose acknowledgement was lost, `backfill --all`) is a second sample. With a retention
+long enough for any simulated date, and without the search caches
+(`-search.disableCache`), so a read right after a write or a restart sees the data.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class VictoriaMetrics:
         self.data.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [self.exe, f"-storageDataPath={self.data}", f"-httpListenAddr=127.0.0.1:{self.port}",
-             "-retentionPeriod=100y", "-dedup.minScrapeInterval=1ms", "-loggerLevel=ERROR"],
+             "-retentionPeriod=100y", "-dedup.minScrapeInterval=1ms", "-search.disableCache",
+             "-loggerLevel=ERROR"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -73,6 +77,14 @@ class VictoriaMetrics:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a power cut: points acknowledged in the last second or
+        so (still in VictoriaMetrics' buffers) are lost."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         self.proc = None
 
     def __enter__(self) -> VictoriaMetrics:

@@ -182,6 +182,9 @@ class LedgerNode:
         self._timers: list[asyncio.TimerHandle] = []
         self._wake = asyncio.Event()
         self.committed_event = asyncio.Event()
+        self.watchers: list[Callable[[], None]] = []
+        """Called whenever a transaction was handled (admitted or refused) or a block
+        committed: lets a fast-clock driver wait on events instead of polling."""
         self._log_window = (0.0, 0)
         self._last_commit = _time.monotonic()
         self._syncing_since = -1e9
@@ -314,7 +317,17 @@ class LedgerNode:
             self.refused.popitem(last=False)
         raise exc
 
+    def _notify(self) -> None:
+        for fn in self.watchers:
+            fn()
+
     async def _on_tx(self, m: BusMessage) -> None:
+        try:
+            await self._admit_tx(m)
+        finally:
+            self._notify()
+
+    async def _admit_tx(self, m: BusMessage) -> None:
         tx_id = _sha(m.payload)
         if tx_id in self.mempool:
             return
@@ -628,6 +641,7 @@ class LedgerNode:
         self._replay = ahead
         self.committed_event.set()
         self._wake.set()
+        self._notify()
 
     async def _after_commit(self) -> None:
         ahead, self._replay = getattr(self, "_replay", []), []

@@ -9,6 +9,7 @@ all share the given bus connection (one process) or run one per process (`names=
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,9 @@ class Validators:
     def __init__(self, layout: LedgerLayout, bus: BusClient, site: str,
                  nodes: list[LedgerNode]) -> None:
         self.layout, self.bus, self.site, self.nodes = layout, bus, site, nodes
+        self._changed = asyncio.Event()
+        for n in nodes:
+            n.watchers.append(self._changed.set)
 
     @classmethod
     async def start(cls, layout: LedgerLayout, bus: BusClient, site: str, *,
@@ -103,16 +107,29 @@ class Validators:
         deadline = loop.time() + timeout_s
         proposer = self._proposer()
         if proposer is not None and want:
-            while loop.time() < deadline and not all(self._done(proposer, t) for t in want):  # noqa: ASYNC110 - polls store and mempool
-                await asyncio.sleep(0.0005)
+            await self._until(lambda: all(self._done(proposer, t) for t in want), deadline)
         if not any(n.mempool for n in self.nodes):
             return None  # nothing to commit
         height = self.height()
         for n in self.nodes:
             await n.produce()
-        while loop.time() < deadline and self.height() <= height:  # noqa: ASYNC110 - several nodes
-            await asyncio.sleep(0.0005)
+        await self._until(lambda: self.height() > height, deadline)
         return self.height() if self.height() > height else None
+
+    async def _until(self, done: Callable[[], bool], deadline: float) -> None:
+        """Wait until `done()` or the deadline, woken by the nodes' events (a transaction
+        handled, a block committed), never by a polling loop: the fast clock sleeps no
+        wall time here."""
+        loop = asyncio.get_running_loop()
+        while not done():
+            self._changed.clear()
+            if done():
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
 
     def height(self) -> int:
         """The lowest committed height among the nodes."""

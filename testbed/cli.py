@@ -302,14 +302,15 @@ DbArg = Annotated[Path, typer.Argument(help="A node's ledger database (nodes/<na
 
 
 def _open_chain(db: Path) -> Any:
+    """A node's chain, replayed from its store opened read-only (the file is not touched)."""
     from .ledger.chain import Chain
     from .ledger.errors import Rejected
 
-    if not db.exists():
+    if not db.is_file():
         err.print(f"[red]error:[/] {db}: no such ledger database", highlight=False)
         raise typer.Exit(2)
     try:
-        return Chain.open(db)
+        return Chain.open(db, readonly=True)
     except (Rejected, ValueError) as exc:
         err.print(f"[red]error:[/] {db}: {exc} (run `testbed ledger verify {db}`)",
                   highlight=False)
@@ -347,21 +348,53 @@ def ledger_init(
 def ledger_verify(
     db: DbArg,
     genesis: Annotated[Path | None, typer.Option(help="Expected genesis.json (pins the chain id).")] = None,
+    against: Annotated[Path | None, typer.Option(help="A peer's store or a head certificate (`ledger head`): catches deleted last blocks.")] = None,
 ) -> None:
     """Recompute every hash, signature, election and contract result. Exit 1 at the first bad height."""
     from .ledger.blocks import Block
-    from .ledger.chain import verify_store
+    from .ledger.chain import load_against, verify_store
+    from .ledger.errors import Rejected
 
-    expected = Block.parse(genesis.read_bytes().strip(), genesis=True) if genesis else None
+    expected = None
+    if genesis is not None:
+        try:
+            expected = Block.parse(genesis.read_bytes().strip(), genesis=True)
+        except (OSError, Rejected) as exc:
+            _fail(ValueError(f"{genesis}: not a genesis block ({exc})"), 2)
     if not db.exists():
         err.print(f"[red]error:[/] {db}: no such ledger database", highlight=False)
         raise typer.Exit(2)
-    report = verify_store(db, genesis=expected)
+    try:
+        other = load_against(against) if against is not None else None
+        report = verify_store(db, genesis=expected, against=other)
+    except ValueError as exc:
+        _fail(ValueError(f"--against: {exc}"), 2)
     if not report.ok:
-        err.print(f"[red]FAILED[/] at height {report.height}: {report.error}", highlight=False)
+        where = "" if report.height is None else f" at height {report.height}"
+        err.print(f"[red]FAILED[/]{where}: {report.error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]ok[/]: chain {report.chain_id[:16]}…, heights 0-{report.height}, "
                   f"{report.txs} transactions verified", highlight=False)
+
+
+@ledger_app.command("head")
+def ledger_head(
+    db: DbArg,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the head certificate here (default: stdout).")] = None,
+) -> None:
+    """The store's head block with its commit certificate: keep it to catch a later truncation
+    with `ledger verify --against`."""
+    from .ledger.chain import head_certificate
+
+    try:
+        raw = head_certificate(db).encode()
+    except (ValueError, OSError) as exc:
+        _fail(exc, 1)
+    if out is None:
+        typer.echo(raw.decode())
+    else:
+        out.write_bytes(raw + b"\n")
+        console.print(f"head certificate written to {out}")
 
 
 @ledger_app.command("show")

@@ -28,7 +28,7 @@ from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair, address_of
 from testbed.ledger.messages import SignedMessage
 from testbed.ledger.state import POOL, Entry, LedgerState, Params
-from testbed.ledger.store import Store
+from testbed.ledger.store import Store, StoreDamaged
 
 MAX_ROUNDS = 1000
 
@@ -70,8 +70,8 @@ def genesis_state(genesis: Block) -> LedgerState:
             if type(amount) is not int or amount < 0:
                 raise ValueError(f"allocation to {address} must be a non-negative integer")
             state.balances[address] = amount
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Rejected(Reason.BAD_BLOCK, f"genesis: {exc}", height=0) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise Rejected(Reason.BAD_BLOCK, f"genesis: {exc!r}", height=0) from None
     if h.get("height") != 0 or h.get("prev") != ZERO_HASH:
         raise Rejected(Reason.BAD_BLOCK, "genesis must be height 0 with a zero prev",
                        height=0)
@@ -111,20 +111,29 @@ class Chain:
         return self.state.height
 
     @classmethod
-    def open(cls, path: Path | str, *, genesis: Block | None = None) -> Chain:
-        """Open a node's database (creating it from `genesis`) and replay it fully checked."""
-        store = Store(path)
-        stored = store.block(0)
-        if stored is None:
-            if genesis is None:
-                raise ValueError(f"{path}: empty ledger database and no genesis given")
-            return cls(genesis, store)
-        g = Block.parse(stored.raw, genesis=True)
-        if genesis is not None and g.hash != genesis.hash:
-            raise ValueError(f"{path}: holds chain {g.hash[:16]}, expected {genesis.hash[:16]}")
-        chain = cls(g, None)
-        for b in store.blocks(1):
-            chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+    def open(cls, path: Path | str, *, genesis: Block | None = None,
+             readonly: bool = False) -> Chain:
+        """Open a node's database (creating it from `genesis`) and replay it fully checked.
+
+        `readonly` opens it through SQLite's read-only URI (`show`, `wallets`): the file is
+        not modified, and a file that is not a ledger store is refused, not converted."""
+        store = Store(path, readonly=readonly)
+        try:
+            stored = store.block(0)
+            if stored is None:
+                if genesis is None or readonly:
+                    raise ValueError(f"{path}: empty ledger database and no genesis given")
+                return cls(genesis, store)
+            g = Block.parse(stored.raw, genesis=True)
+            if genesis is not None and g.hash != genesis.hash:
+                raise ValueError(f"{path}: holds chain {g.hash[:16]}, expected "
+                                 f"{genesis.hash[:16]}")
+            chain = cls(g, None)
+            for b in store.blocks(1):
+                chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+        except BaseException:
+            store.close()
+            raise
         chain.store = store
         return chain
 
@@ -282,56 +291,191 @@ def admin_address(genesis: Block) -> str:
 @dataclass(frozen=True)
 class VerifyReport:
     ok: bool
-    height: int
-    """Last good height when ok; the first bad height otherwise."""
+    height: int | None
+    """Last good height when ok; the first bad height otherwise; None: not a ledger store."""
     chain_id: str
     txs: int
     error: str = ""
 
 
-def verify_store(path: Path | str, *, genesis: Block | None = None) -> VerifyReport:
-    """Recompute every hash, signature, election and contract result of a node database."""
+class UnusableEvidence(ValueError):
+    """`verify --against` was given something that proves nothing (unreadable, forged)."""
+
+
+@dataclass(frozen=True)
+class HeadCertificate:
+    """A committed block's header and its commit certificate: what a peer (or an auditor
+    who saved it) holds as proof that the chain reached `block.height`. `verify --against`
+    uses it to detect a store whose last blocks were deleted."""
+
+    block: Block
+    cert: bytes
+
+    def encode(self) -> bytes:
+        return canonical.encode({"kind": "testbed/head-certificate/v1",
+                                 "block": canonical.decode(self.block.raw),
+                                 "cert": canonical.decode(self.cert)})
+
+    @classmethod
+    def parse(cls, raw: bytes, *, source: str = "head certificate") -> HeadCertificate:
+        try:
+            obj = canonical.decode(raw.strip(), strict=False)
+            if not (isinstance(obj, dict) and obj.get("kind") == "testbed/head-certificate/v1"
+                    and set(obj) == {"kind", "block", "cert"}):
+                raise ValueError("expected {kind: testbed/head-certificate/v1, block, cert}")
+            block = Block.parse(canonical.encode(obj["block"]))
+            return cls(block, canonical.encode(obj["cert"]))
+        except (ValueError, Rejected) as exc:
+            raise UnusableEvidence(f"{source}: not a head certificate ({exc})") from None
+
+
+def head_certificate(path: Path | str) -> HeadCertificate:
+    """The head block and certificate of a store (read-only, unverified: the reader checks)."""
     store = Store(path, readonly=True)
     try:
+        top = store.height()
+        b = store.block(top)
+        if b is None or top < 1:
+            raise ValueError(f"{path}: holds no committed block after genesis")
+        return HeadCertificate(Block.parse(b.raw), b.cert)
+    except Rejected as exc:
+        raise ValueError(f"{path}: head block unreadable ({exc})") from None
+    finally:
+        store.close()
+
+
+def load_against(path: Path | str) -> tuple[HeadCertificate | None, dict[int, str]]:
+    """OTHER for `verify --against`: a peer's store (its head certificate and every block
+    hash, to find forks too) or a head certificate file. Raises ValueError if unusable."""
+    path = Path(path)
+    try:
+        head = path.read_bytes()[:16]
+    except OSError as exc:
+        raise UnusableEvidence(f"{path}: cannot read ({exc.strerror})") from None
+    if not head.startswith(b"SQLite format 3"):
+        return HeadCertificate.parse(path.read_bytes(), source=str(path)), {}
+    try:
+        store = Store(path, readonly=True)
+        try:
+            hashes = store.hashes()
+        finally:
+            store.close()
+    except ValueError as exc:
+        raise UnusableEvidence(f"{path}: {exc}") from None
+    try:
+        cert = head_certificate(path)
+    except ValueError:
+        cert = None
+    return cert, hashes
+
+
+def _check_against(chain: Chain, store: Store, other: tuple[HeadCertificate | None,
+                                                            dict[int, str]]) -> None:
+    """Raise Rejected when OTHER proves this store differs from, or stops short of, the
+    chain: a different hash at a common height, or a certified block beyond our head."""
+    head_cert, hashes = other
+    top = chain.height
+    for h, theirs in sorted(hashes.items()):
+        if h > top:
+            break
+        ours = store.block(h)
+        if ours is not None and ours.hash != theirs:
+            raise Rejected(Reason.BAD_BLOCK, f"block differs from OTHER's ({ours.hash[:16]} vs "
+                           f"{theirs[:16]}): a fork or a rewritten store", height=h)
+    if head_cert is None:
+        return
+    block, state = head_cert.block, chain.state
+    if block.header.get("chain") != chain.id:
+        raise Rejected(Reason.BAD_BLOCK, f"OTHER is a head of chain "
+                       f"{str(block.header.get('chain'))[:16]}, this store holds "
+                       f"{chain.id[:16]}", height=0)
+    if block.height <= top:
+        ours = store.block(block.height)
+        if ours is None or ours.hash != block.hash:
+            raise Rejected(Reason.BAD_BLOCK, "block differs from OTHER's certified head",
+                           height=block.height)
+        return
+    validators = {a: state.identities[a].public_key for a in state.validators()}
+    try:
+        votes = check_certificate(head_cert.cert, chain=chain.id, block=block,
+                                  validators=validators, quorum=state.quorum())
+    except Rejected as exc:
+        raise UnusableEvidence(f"OTHER's head at height {block.height} carries no valid commit "
+                         f"certificate for this chain's validators ({exc.detail})") from None
+    raise Rejected(Reason.BAD_BLOCK, f"missing: the store ends at height {top}, but OTHER "
+                   f"proves height {block.height} was committed ({len(votes)} validator "
+                   f"votes): the store is truncated", height=top + 1)
+
+
+def verify_store(path: Path | str, *, genesis: Block | None = None,
+                 against: tuple[HeadCertificate | None, dict[int, str]] | None = None
+                 ) -> VerifyReport:
+    """Recompute every hash, signature, election and contract result of a node database.
+
+    Never raises for a damaged file: whatever is wrong (bytes changed, a column of the
+    wrong type, a dropped table, a truncated or foreign file) comes back as a failed
+    report naming the first bad height, or height None for "not a ledger store".
+    `against` (see `load_against`) also catches a store whose last blocks were deleted."""
+    try:
+        store = Store(path, readonly=True)
+    except (ValueError, OSError) as exc:
+        return VerifyReport(False, None, "", 0, f"not a ledger store ({exc})")
+    at, count, chain_id = 0, 0, ""
+    try:
+        store.snapshot()
         heights = store.heights()
         if not heights or heights[0] != 0:
             return VerifyReport(False, 0, "", 0, "no genesis block at height 0")
         g0 = store.block(0)
-        assert g0 is not None
-        try:
-            g = Block.parse(g0.raw, genesis=True)
-            if g0.hash != g.hash:
-                raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
-                               height=0)
-            if genesis is not None and g.hash != genesis.hash:
-                raise Rejected(Reason.BAD_BLOCK, f"genesis {g.hash[:16]} is not the expected "
-                               f"{genesis.hash[:16]}", height=0)
-            if g0.txs or g0.cert != b"[]":
-                raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes",
-                               height=0)
-            chain = Chain(g)
-        except Rejected as exc:
-            return VerifyReport(False, 0, "", 0, str(exc.at(height=0)))
-        count = 0
+        if g0 is None:
+            raise Rejected(Reason.BAD_BLOCK, "genesis row vanished", height=0)
+        g = Block.parse(g0.raw, genesis=True)
+        if g0.hash != g.hash:
+            raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's", height=0)
+        if genesis is not None and g.hash != genesis.hash:
+            raise Rejected(Reason.BAD_BLOCK, f"genesis {g.hash[:16]} is not the expected "
+                           f"{genesis.hash[:16]}", height=0)
+        if g0.txs or g0.cert != b"[]":
+            raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes",
+                           height=0)
+        chain = Chain(g)
+        chain_id = chain.id
         for expect, h in enumerate(heights[1:], start=1):
+            at = expect
+            if h != expect:
+                raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
             b = store.block(h)
-            assert b is not None
-            try:
-                if h != expect:
-                    raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing",
-                                   height=expect)
-                block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
-                if block.hash != b.hash:
-                    raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
-                                   height=h)
-                for (tid, _), msg_id in zip(b.txs, [canonical.sha256_hex(r) for _, r in b.txs],
-                                            strict=True):
-                    if tid != msg_id:
-                        raise Rejected(Reason.BAD_BLOCK, f"stored tx id {tid[:16]} differs "
-                                       "from its bytes", height=h)
-            except Rejected as exc:
-                return VerifyReport(False, expect, chain.id, count, str(exc.at(height=expect)))
+            if b is None:
+                raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
+            block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+            if block.hash != b.hash:
+                raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
+                               height=h)
+            for tid, raw in b.txs:
+                if tid != canonical.sha256_hex(raw):
+                    raise Rejected(Reason.BAD_BLOCK, f"stored tx id {tid[:16]} differs from "
+                                   "its bytes", height=h)
             count += len(b.txs)
+        at = chain.height + 1
+        stray = store.tx_count() - count
+        if stray:
+            raise Rejected(Reason.BAD_BLOCK, f"{stray} stored transactions belong to no "
+                           "block", height=at)
+        if against is not None:
+            at = chain.height
+            _check_against(chain, store, against)
         return VerifyReport(True, chain.height, chain.id, count)
+    except Rejected as exc:
+        return VerifyReport(False, at if exc.height is None else exc.height, chain_id, count,
+                            str(exc.at(height=at if exc.height is None else exc.height)))
+    except StoreDamaged as exc:
+        return VerifyReport(False, exc.height, chain_id, count, exc.detail)
+    except UnusableEvidence:
+        raise
+    except ValueError as exc:
+        return VerifyReport(False, at, chain_id, count, f"unreadable: {exc}")
+    except Exception as exc:  # damage of a kind nobody foresaw is still a FAILED report
+        return VerifyReport(False, at, chain_id, count,
+                            f"unreadable: {type(exc).__name__}: {exc}")
     finally:
         store.close()

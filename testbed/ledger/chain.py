@@ -25,7 +25,7 @@ from testbed.ledger.blocks import (
     merkle_root,
 )
 from testbed.ledger.errors import Reason, Rejected
-from testbed.ledger.identity import KeyPair, address_of
+from testbed.ledger.identity import KeyPair, address_of, batch_verifier
 from testbed.ledger.messages import SignedMessage
 from testbed.ledger.state import POOL, Entry, LedgerState, Params
 from testbed.ledger.store import Store, StoreDamaged
@@ -99,6 +99,8 @@ class Chain:
         self.store = store
         self.verified: set[str] = set()
         """Ids of transactions whose signature this node has checked (mempool)."""
+        self.verifier = batch_verifier()
+        """Spreads a block's (or a mempool burst's) signature checks over every core."""
         if store is not None and store.height() < 0:
             store.append(0, genesis.hash, genesis.raw, b"[]", [])
 
@@ -144,6 +146,54 @@ class Chain:
         if msg.id not in self.verified:
             messages.verify(msg, lambda a: self.state.public_key(a, msg.time))
             self.verified.add(msg.id)
+
+    def admit_many(self, msgs: Sequence[SignedMessage]) -> list[Rejected | None]:
+        """`admit` for a batch (a burst of mempool arrivals): signatures checked on every
+        core. Per message, in order: None if admitted, else why not."""
+        errors: list[Rejected | None] = [None] * len(msgs)
+        state, todo = self.state, []
+        for i, msg in enumerate(msgs):
+            if msg.id in self.verified:
+                continue
+            try:
+                T.check_shape(msg.operation, msg.parameters)
+                if state.public_key(msg.client_id, msg.time) is None:
+                    raise Rejected(Reason.UNKNOWN_KEY, f"clientId {msg.client_id} is not "
+                                   "registered")
+            except Rejected as exc:
+                errors[i] = exc
+                continue
+            todo.append(i)
+        checked = messages.verify_batch([msgs[i] for i in todo],
+                                        lambda a: state.public_key(a, None),
+                                        verifier=self.verifier)
+        for i, exc in zip(todo, checked, strict=True):
+            if exc is None:
+                self.verified.add(msgs[i].id)
+            errors[i] = exc
+        return errors
+
+    def _preverify(self, txs: Sequence[SignedMessage]) -> set[str]:
+        """Batch-check the signatures of a block's transactions on every core before the
+        rules run one by one. Only good ones are marked; anything else (bad shape, unknown
+        key, a key registered earlier in this block) is left for `state.apply` to refuse
+        in block order with its usual reason, so the outcome is the sequential one.
+        Returns the ids it marked (to forget them if the block fails)."""
+        state, todo = self.state, []
+        for m in txs:
+            if m.id in self.verified:
+                continue
+            try:
+                T.check_shape(m.operation, m.parameters)
+            except Rejected:
+                continue
+            if state.public_key(m.client_id, m.time) is not None:
+                todo.append(m)
+        checked = messages.verify_batch(todo, lambda a: state.public_key(a, None),
+                                        verifier=self.verifier)
+        marked = {m.id for m, exc in zip(todo, checked, strict=True) if exc is None}
+        self.verified |= marked
+        return marked
 
     def propose(self, key: KeyPair, txs: Iterable[SignedMessage], *, time: float,
                 round_: int = 0) -> Proposal:
@@ -245,8 +295,13 @@ class Chain:
         """Everything but the certificate; leaves the state as it was (a validator votes
         only after this passes)."""
         self._check_header(block, txs, now)
-        with self.state.trial():
-            self._apply_txs(block, txs)
+        marked = self._preverify(txs)
+        try:
+            with self.state.trial():
+                self._apply_txs(block, txs)
+        except Rejected:
+            self.verified -= marked
+            raise
         self.verified.update(m.id for m in txs)
 
     def commit(self, block: Block, txs: Sequence[SignedMessage], cert: bytes, *,
@@ -260,11 +315,16 @@ class Chain:
                               quorum=state.quorum())
         except Rejected as exc:
             raise exc.at(height=block.height) from None
-        with state.atomic():
-            self._apply_txs(block, txs)
-            if self.store is not None:
-                self.store.append(block.height, block.hash, block.raw, cert,
-                                  [(m.id, m.raw) for m in txs])
+        marked = self._preverify(txs)
+        try:
+            with state.atomic():
+                self._apply_txs(block, txs)
+                if self.store is not None:
+                    self.store.append(block.height, block.hash, block.raw, cert,
+                                      [(m.id, m.raw) for m in txs])
+        except Rejected:
+            self.verified -= marked
+            raise
         for m in txs:
             self.verified.discard(m.id)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -22,7 +22,14 @@ from typing import Any
 
 from testbed.ledger import canonical
 from testbed.ledger.errors import Reason, Rejected
-from testbed.ledger.identity import KeyPair, address_of, is_address, verify_signature
+from testbed.ledger.identity import (
+    BatchVerifier,
+    KeyPair,
+    address_of,
+    batch_verifier,
+    is_address,
+    verify_signature,
+)
 
 DOMAIN = b"testbed/signed-message/v1\n"
 FIELDS = ("clientId", "date", "operation", "parameters", "reqId", "signature")
@@ -139,21 +146,50 @@ def from_dict(obj: Any) -> SignedMessage:
     return msg
 
 
-def verify(msg: SignedMessage, resolve: KeyResolver) -> bytes:
-    """Check the signer is registered and the signature is good; returns the public key."""
+def _key_and_signature(msg: SignedMessage, resolve: KeyResolver) -> tuple[bytes, bytes]:
     public = resolve(msg.client_id)
     if public is None:
         raise Rejected(Reason.UNKNOWN_KEY, f"clientId {msg.client_id} is not registered")
     if address_of(public) != msg.client_id:
         raise Rejected(Reason.UNKNOWN_KEY, f"registered key does not hash to {msg.client_id}")
     try:
-        sig = bytes.fromhex(msg.signature)
+        return public, bytes.fromhex(msg.signature)
     except ValueError:
         raise Rejected(Reason.MALFORMED, "signature is not hex") from None
+
+
+def _bad_signature(msg: SignedMessage) -> Rejected:
+    return Rejected(Reason.BAD_SIGNATURE, f"{msg.operation} from {msg.client_id} "
+                    f"(reqId {msg.req_id}) does not verify against its registered key")
+
+
+def verify(msg: SignedMessage, resolve: KeyResolver) -> bytes:
+    """Check the signer is registered and the signature is good; returns the public key."""
+    public, sig = _key_and_signature(msg, resolve)
     if not verify_signature(public, sig, msg.signed_bytes()):
-        raise Rejected(Reason.BAD_SIGNATURE, f"{msg.operation} from {msg.client_id} "
-                       f"(reqId {msg.req_id}) does not verify against its registered key")
+        raise _bad_signature(msg)
     return public
+
+
+def verify_batch(msgs: Sequence[SignedMessage], resolve: KeyResolver, *,
+                 verifier: BatchVerifier | None = None) -> list[Rejected | None]:
+    """`verify` for many messages at once, the signature checks spread over every core
+    (`identity.BatchVerifier`). Returns, per message and in order, None when it verifies
+    or the very refusal `verify` would raise for it."""
+    errors: list[Rejected | None] = [None] * len(msgs)
+    items, where = [], []
+    for i, msg in enumerate(msgs):
+        try:
+            public, sig = _key_and_signature(msg, resolve)
+        except Rejected as exc:
+            errors[i] = exc
+            continue
+        items.append((public, sig, msg.signed_bytes()))
+        where.append(i)
+    for i, ok in zip(where, (verifier or batch_verifier()).verify(items), strict=True):
+        if not ok:
+            errors[i] = _bad_signature(msgs[i])
+    return errors
 
 
 @dataclass

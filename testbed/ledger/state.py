@@ -246,14 +246,20 @@ class LedgerState:
     # ---------------------------------------------------------- transactions
     def apply(self, msg: SignedMessage, *, block_time: float, height: int, proposer: str,
               index: int, verified: set[str] | frozenset[str] = frozenset()) -> None:
-        """Check one transaction against every rule, then apply it. Raises Rejected."""
-        T.check_shape(msg.operation, msg.parameters)
+        """Check one transaction against every rule, then apply it. Raises Rejected.
+
+        `verified` holds ids whose shape and signature this node has already checked
+        (mempool admission, a batch verification): both are pure functions of the
+        message's bytes, so they are not repeated; that the key is still registered is."""
+        checked = msg.id in verified
+        if not checked:
+            T.check_shape(msg.operation, msg.parameters)
         t = msg.time
         if t > block_time + self.params.max_skew_s or t < block_time - self.params.max_age_s:
             raise Rejected(Reason.STALE, f"{msg.operation} dated {msg.date} is "
                            f"{t - block_time:+.1f} s from its block (allowed "
                            f"-{self.params.max_age_s:g}/+{self.params.max_skew_s:g} s)")
-        if msg.id not in verified:
+        if not checked:
             verify(msg, lambda a: self.public_key(a, t))
         elif self.public_key(msg.client_id, t) is None:
             raise Rejected(Reason.UNKNOWN_KEY, f"clientId {msg.client_id} is not registered")

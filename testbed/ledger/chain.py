@@ -33,7 +33,7 @@ from testbed.ledger.store import Store, StoreDamaged
 MAX_ROUNDS = 1000
 
 
-_PRECEDENCE = {T.REGISTRY: -1, T.PSEUDONYM: -1, T.AWARD: 1, T.PAYMENT: 2}
+_PRECEDENCE = {T.REGISTRY: -1, T.PSEUDONYM: -1, T.GRID_CHECK: 0.5, T.AWARD: 1, T.PAYMENT: 2}
 """Order of operations within a proposal (stable otherwise: arrival order)."""
 
 

@@ -6,6 +6,7 @@ Layout of the ledger folder:
     keys/admin.key        registry administrator (keep offline)
     keys/audit.key        32-byte key that maps pseudonyms back to identities (auditor)
     keys/aggregator.key   the VPP aggregator
+    keys/dso.key          the DSO: signs the grid check of every dispatch (caps, light)
     keys/<prosumer>.key   each prosumer's HEM / certified meter key (validator + meter)
     nodes/<prosumer>.db   each validator's SQLite store, holding genesis
 """
@@ -72,16 +73,19 @@ def init_ledger(site: SiteConfig, root: Path, *, params: Params | None = None,
             return KeyPair.generate()
         return KeyPair.from_seed(f"testbed-scenario/{seed}/{site.name}/{name}".encode())
 
-    admin, aggregator = new_key("admin"), new_key("aggregator")
+    admin, aggregator, dso = new_key("admin"), new_key("aggregator"), new_key("dso")
     admin.save(layout.key_path("admin"))
     aggregator.save(layout.key_path("aggregator"))
+    dso.save(layout.key_path("dso"))
     audit = layout.key_path("audit")
     fd = os.open(audit, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write((secrets.token_hex(32) if seed is None else new_key("audit").public.hex())
                  + "\n")
     registry = [T.entry_dict("aggregator", aggregator.public, meter_type="none",
-                             roles=["aggregator"])]
+                             roles=["aggregator"]),
+                T.entry_dict("dso", dso.public, meter_type="none", serial=site.name,
+                             roles=["dso"])]
     n_validators = len(site.prosumers) if validators is None else validators
     funds = {}
     for i, p in enumerate(site.prosumers):

@@ -82,6 +82,15 @@ class Pseudonym:
 
 
 @dataclass(frozen=True)
+class GridCheck:
+    tx: str
+    dso: str
+    caps: dict[str, float]
+    light: str
+    passed: bool
+
+
+@dataclass(frozen=True)
 class Reading:
     tx: str
     start: int
@@ -126,6 +135,8 @@ class LedgerState:
     balances: dict[str, int] = field(default_factory=dict)
     readings: dict[str, tuple[Reading, ...]] = field(default_factory=dict)
     auctions: dict[str, Auction] = field(default_factory=dict)
+    grid_checks: dict[str, GridCheck] = field(default_factory=dict)
+    """auction id -> the DSO's signed grid check of its dispatch."""
     lines: dict[tuple[str, str, str], tuple[int, bool]] = field(default_factory=dict)
     """(award, payer, payee) -> (amount due, paid): what an award obliges."""
     recent: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -166,6 +177,7 @@ class LedgerState:
             "readings": {a: [r.tx for r in rs] for a, rs in self.readings.items()},
             "auctions": {a: [x.award, list(x.orders)] for a, x in self.auctions.items()},
             "lines": sorted([*k, *v] for k, v in self.lines.items()),
+            "grid_checks": {a: g.tx for a, g in self.grid_checks.items()},
             "recent": sorted(f"{c}/{r}" for c, r in self.recent),
         })
 
@@ -364,8 +376,9 @@ class LedgerState:
                            f"the chain holds {len(auction.orders)} for this auction (every "
                            "committed order must be considered)")
         inputs = auction.contract_inputs()
-        if p.get("caps"):  # the DSO's grid caps are contract inputs, visible on-chain
-            inputs["caps"] = p["caps"]
+        caps = self._dso_caps(auction, {k: float(v) for k, v in (p.get("caps") or {}).items()})
+        if caps:  # the DSO's grid caps are contract inputs, visible on-chain
+            inputs["caps"] = caps
         result = contracts.check_result(auction.contract, inputs, p["result"])
         for award in result.get("awards", []):
             amount = eur_to_ueur(float(award["amount_eur"]))
@@ -377,6 +390,42 @@ class LedgerState:
             due = self.lines.get(line, (0, False))[0]
             self._set(self.lines, line, (due + amount, False))
         self._set(self.auctions, auction.id, replace(auction, award=msg.id))
+
+    def _dso_caps(self, auction: Auction, claimed: dict[str, float]) -> dict[str, float]:
+        """The caps an award must honour are the DSO's, from its signed grid check of this
+        auction: caps the DSO did not sign are refused, and so is an award that leaves
+        out caps the DSO imposed."""
+        check = self.grid_checks.get(auction.id)
+        if check is None:
+            if claimed:
+                raise Rejected(Reason.NOT_AUTHORISED, f"award carries grid caps for auction "
+                               f"{auction.id[:16]} but no grid check signed by the DSO is "
+                               "on the chain")
+            return {}
+        if canonical.encode(claimed) != canonical.encode(check.caps):
+            raise Rejected(Reason.CONTRACT_MISMATCH, f"award caps differ from those of the "
+                           f"DSO's grid check {check.tx[:16]} ({len(claimed)} vs "
+                           f"{len(check.caps)} orders capped)")
+        return check.caps
+
+    def _grid_check(self, msg: SignedMessage, *_: Any) -> None:
+        self._role(msg, "dso")
+        p = msg.parameters
+        auction = self.auctions.get(p["auction"])
+        if auction is None:
+            raise Rejected(Reason.INVALID, f"grid check of unknown auction {p['auction'][:16]}")
+        if auction.award is not None:
+            raise Rejected(Reason.INVALID, f"auction {auction.id[:16]} is already awarded")
+        if auction.id in self.grid_checks:
+            raise Rejected(Reason.DOUBLE_SPEND, f"auction {auction.id[:16]} already has the "
+                           f"DSO's grid check {self.grid_checks[auction.id].tx[:16]}")
+        unknown = sorted(set(p["caps"]) - set(auction.orders))
+        if unknown:
+            raise Rejected(Reason.INVALID, f"grid check caps {unknown[0][:16]}, not an order "
+                           f"of auction {auction.id[:16]}")
+        caps = {k: float(v) for k, v in p["caps"].items()}
+        self._set(self.grid_checks, auction.id, GridCheck(msg.id, msg.client_id, caps,
+                                                          p["light"], p["passed"]))
 
     def _payment(self, msg: SignedMessage, *_: Any) -> None:
         p = msg.parameters
@@ -455,4 +504,5 @@ _HANDLERS: dict[str, Callable[..., None]] = {
     T.ORDER: LedgerState._order, T.AWARD: LedgerState._award,
     T.PAYMENT: LedgerState._payment, T.REWARD: LedgerState._reward,
     T.REGISTRY: LedgerState._registry, T.PSEUDONYM: LedgerState._pseudonym,
+    T.GRID_CHECK: LedgerState._grid_check,
 }

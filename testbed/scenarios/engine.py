@@ -368,7 +368,8 @@ class Run:
                                      sell_price=sc.market.sell_price, rules=self.rules)
         self.agg_agent = AggregatorAgent(self.agg_key, self.bus, site.name, resolve=resolve,
                                          rules=self.rules, clock=self.clock.now,
-                                         submit=self._submit if self.nodes else None)
+                                         submit=self._submit if self.nodes else None,
+                                         dso=self.layout.key("dso"))
         physics = {p.name: p.physics(sc.seed) for p in site.prosumers}
         for name, book in self.books.items():
             bat = physics[name].battery
@@ -665,7 +666,7 @@ class Run:
         self.counters["auctions"] += 1
         rounds: list[Any] = []
 
-        def dispatch(req: Order, orders: list[Order]) -> Clearing:
+        def dispatch(req: Order, orders: list[Order]) -> Any:
             if sc.clock.mode == "fast":  # the gate (whole seconds) has closed: move past it
                 self.clock.sim_s = math.ceil(EPOCH + t + GATE_S) - EPOCH
             if self.checker is None:
@@ -676,7 +677,7 @@ class Run:
                           pricing=self.rules.pricing, rules=self.rules,
                           background=self.site.grid.background)
             rounds.append(res)
-            return res.clearing
+            return res  # the agent has the DSO sign this grid check before the award
 
         rnd = await self.agg_agent.auction(
             request.side, request.energy_kwh, request.price, interval + 1,

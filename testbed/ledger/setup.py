@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from testbed.config import SiteConfig
@@ -24,6 +24,7 @@ from testbed.ledger.blocks import Block
 from testbed.ledger.chain import Chain, make_genesis
 from testbed.ledger.identity import KeyPair
 from testbed.ledger.state import MICRO, POOL, Params
+from testbed.market.orders import MarketRules
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,14 @@ def init_ledger(site: SiteConfig, root: Path, *, params: Params | None = None,
                 aggregator_funds_eur: float = 10_000.0, pool_eur: float = 100.0,
                 prosumer_funds_eur: float = 0.0, validators: int | None = None,
                 modes: dict[str, str] | None = None, time: float | None = None,
-                seed: int | None = None, force: bool = False) -> LedgerLayout:
+                seed: int | None = None, force: bool = False,
+                rules: MarketRules | None = None) -> LedgerLayout:
     """Generate keys and a genesis registering every prosumer's meter/HEM; the first
     `validators` prosumers (default: all) also validate. With `seed`, keys are derived
-    from it (reproducible scenario runs; never for a real deployment)."""
+    from it (reproducible scenario runs; never for a real deployment). `rules` (default:
+    `params.market`) are the market rules the chain's auction contract clears under."""
+    if rules is not None:
+        params = replace(params or Params(), market=rules.to_dict())
     layout = LedgerLayout(Path(root))
     if layout.genesis_path.exists() and not force:
         raise FileExistsError(f"{layout.genesis_path} exists; pass force to start a new chain")

@@ -11,6 +11,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from testbed.ledger import canonical, contracts
@@ -18,6 +19,14 @@ from testbed.ledger import transactions as T
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import address_of
 from testbed.ledger.messages import SignedMessage, verify
+from testbed.market.orders import (
+    DEFAULT_RULES,
+    MarketError,
+    MarketRules,
+    Order,
+    Side,
+    validate_order,
+)
 from testbed.market.units import UEUR_PER_EUR, eur_to_ueur
 
 POOL = "tb" + "0" * 40
@@ -42,15 +51,33 @@ class Params:
     max_block_txs: int = 10_000
     round_timeout_s: float = 2.0
     """A silent proposer is replaced by the next in CPF order after this long."""
+    market: dict[str, Any] = field(default_factory=DEFAULT_RULES.to_dict)
+    """The market rules (`MarketRules.to_dict`: pricing, interval, price and energy
+    limits) every auction on this chain runs under: the auction contract reads them from
+    here, so re-executing it never depends on what the agents agreed out of band."""
+
+    def __post_init__(self) -> None:
+        try:
+            rules = MarketRules.from_dict(self.market)
+        except (MarketError, TypeError) as exc:
+            raise ValueError(f"params.market: {exc}") from None
+        object.__setattr__(self, "market", rules.to_dict())
+
+    @cached_property
+    def rules(self) -> MarketRules:
+        return MarketRules.from_dict(self.market)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Params:
+        if "market" not in d:  # a chain made before market rules were in genesis
+            d = {**d, "market": DEFAULT_RULES.to_dict()}
         return cls(**d)
 
     def as_dict(self) -> dict[str, Any]:
         return {"max_skew_s": self.max_skew_s, "max_age_s": self.max_age_s,
                 "cpf_window": self.cpf_window, "block_reward": self.block_reward,
-                "max_block_txs": self.max_block_txs, "round_timeout_s": self.round_timeout_s}
+                "max_block_txs": self.max_block_txs, "round_timeout_s": self.round_timeout_s,
+                "market": dict(self.market)}
 
 
 @dataclass(frozen=True)
@@ -110,16 +137,20 @@ class Auction:
     price: float
     pricing: str
     contract: str
+    rules: dict[str, Any] = field(default_factory=DEFAULT_RULES.to_dict)
+    """The chain's market rules (genesis `params.market`) the contract clears under."""
     orders: tuple[str, ...] = ()
     order_inputs: tuple[dict[str, Any], ...] = ()
     award: str | None = None
 
     def contract_inputs(self) -> dict[str, Any]:
-        """What the auction contract sees: the request and every order committed for it."""
+        """What the auction contract sees: the request, every order committed for it, and
+        the chain's market rules."""
         request = {"order_id": self.id, "address": self.opener, "side": self.side,
                    "energy_kwh": self.energy_kwh, "price": self.price,
                    "interval": self.interval}
-        return {"request": request, "orders": list(self.order_inputs), "pricing": self.pricing}
+        return {"request": request, "orders": list(self.order_inputs), "pricing": self.pricing,
+                "rules": dict(self.rules)}
 
 
 @dataclass
@@ -327,10 +358,21 @@ class LedgerState:
             raise Rejected(Reason.INVALID, f"unknown contract {p['contract']!r}; known: "
                            f"{contracts.names()}")
         bid = p["bid"]
+        rules = self.params.rules
+        if p["pricing"].replace("-", "_") != str(rules.pricing):
+            raise Rejected(Reason.INVALID, f"auction pricing {p['pricing']!r}; this chain's "
+                           f"market rules (genesis) say {str(rules.pricing).replace('_', '-')!r}")
+        try:
+            validate_order(Order(msg.id, msg.client_id, Side(bid["type"]),
+                                 float(bid["energy"]["value"]), float(bid["price"]["value"]),
+                                 p["interval"]), rules)
+        except MarketError as exc:
+            raise Rejected(Reason.INVALID, f"auction request outside the chain's market "
+                           f"rules: {exc}") from None
         self._set(self.auctions, msg.id, Auction(
             msg.id, msg.client_id, p["interval"], p["gate"], bid["type"],
             float(bid["energy"]["value"]), float(bid["price"]["value"]), p["pricing"],
-            p["contract"]))
+            p["contract"], self.params.market))
 
     def _order(self, msg: SignedMessage, *_: Any) -> None:
         p = msg.parameters

@@ -295,7 +295,7 @@ class Run:
         self.layout = init_ledger(
             site, self.dir / "ledger", seed=sc.seed, time=EPOCH + sc.start - 1,
             validators=min(sc.ledger.validators, len(site.prosumers)),
-            prosumer_funds_eur=sc.ledger.prosumer_funds_eur,
+            prosumer_funds_eur=sc.ledger.prosumer_funds_eur, rules=self.rules,
             params=Params(max_skew_s=max(300.0, 2.0 * sc.market.interval_s),
                           max_age_s=max(900.0, 4.0 * sc.market.interval_s),
                           round_timeout_s=max(2.0, sc.market.gate_s)))

@@ -455,6 +455,49 @@ def ledger_wallets(db: DbArg) -> None:
     console.print(table)
 
 
+@ledger_app.command("reveal")
+def ledger_reveal(
+    db: DbArg,
+    audit_key: Annotated[Path, typer.Option("--audit-key", help="The auditor's key (keys/audit.key made by `ledger init`).")],
+) -> None:
+    """Map every pseudonym on the chain back to its owner (needs the audit key), with the
+    owners' wallets including what their pseudonyms hold. Exit 1 if the key opens none."""
+    from .ledger.pseudonyms import load_audit_key, reveal
+    from .ledger.state import MICRO
+
+    try:
+        key = load_audit_key(audit_key)
+    except ValueError as exc:
+        _fail(exc, 2)
+    chain = _open_chain(db)
+    found = reveal(chain.state, key)
+    table = Table(title=f"pseudonyms at height {chain.height}")
+    for col in ("pseudonym", "owner", "owner address", "balance EUR"):
+        table.add_column(col)
+    totals: dict[str, int] = {}
+    for r in found:
+        table.add_row(r.pseudonym, r.owner_name or "(unknown: not this audit key)",
+                      r.owner or "", f"{r.balance / MICRO:,.6f}")
+        if r.owner is not None:
+            totals[r.owner] = totals.get(r.owner, 0) + r.balance
+    console.print(table)
+    if not found:
+        console.print("no pseudonyms on this chain")
+        return
+    owners = Table(title="owners: identity wallet + pseudonym wallets")
+    for col in ("owner", "identity EUR", "pseudonyms EUR", "total EUR"):
+        owners.add_column(col, justify="right" if "EUR" in col else "left")
+    for owner, held in sorted(totals.items()):
+        own = chain.state.balance(owner)
+        owners.add_row(chain.state.identities[owner].name, f"{own / MICRO:,.6f}",
+                       f"{held / MICRO:,.6f}", f"{(own + held) / MICRO:,.6f}")
+    console.print(owners)
+    if not totals:
+        err.print(f"[red]error:[/] {audit_key} opens none of the {len(found)} pseudonyms "
+                  "(not this chain's audit key)", highlight=False)
+        raise typer.Exit(1)
+
+
 @ledger_app.command("node")
 def ledger_node(
     folder: Annotated[Path, typer.Argument(help="Folder made by `testbed ledger init`.")],

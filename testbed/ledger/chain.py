@@ -31,6 +31,7 @@ from testbed.ledger.state import POOL, Entry, LedgerState, Params
 from testbed.ledger.store import Store, StoreDamaged
 
 MAX_ROUNDS = 1000
+MAX_PENDING_PSEUDONYMS = 65536
 
 
 _PRECEDENCE = {T.REGISTRY: -1, T.PSEUDONYM: -1, T.GRID_CHECK: 0.5, T.AWARD: 1, T.PAYMENT: 2}
@@ -99,6 +100,8 @@ class Chain:
         self.store = store
         self.verified: set[str] = set()
         """Ids of transactions whose signature this node has checked (mempool)."""
+        self.pending_pseudonyms: dict[str, tuple[bytes, int, int]] = {}
+        """Pseudonyms certified by transactions in the mempool, not yet on the chain."""
         self.verifier = batch_verifier()
         """Spreads a block's (or a mempool burst's) signature checks over every core."""
         if store is not None and store.height() < 0:
@@ -140,36 +143,61 @@ class Chain:
         return chain
 
     # ------------------------------------------------------------ production
+    def _admission_key(self, msg: SignedMessage) -> bytes | None:
+        """The key a mempool arrival must verify against: the registry's, or that of a
+        pseudonym whose administrator-signed certificate is itself waiting in the mempool
+        (a TCR's order follows its certificate within one block interval; the block's
+        rules still apply the certificate first and check the order against it)."""
+        key = self.state.signer_key(msg)
+        if key is None and msg.client_id in self.pending_pseudonyms:
+            pk, lo, hi = self.pending_pseudonyms[msg.client_id]
+            if lo <= msg.time and (msg.time < hi or msg.operation == T.PAYMENT):
+                key = pk
+        return key
+
+    def _admitted(self, msg: SignedMessage) -> None:
+        self.verified.add(msg.id)
+        if msg.operation == T.PSEUDONYM and msg.client_id == self.state.admin_address:
+            p = msg.parameters
+            pk = bytes.fromhex(p["public_key"])
+            pending = self.pending_pseudonyms
+            pending[address_of(pk)] = (pk, p["valid_from"], p["valid_to"])
+            while len(pending) > MAX_PENDING_PSEUDONYMS:  # oldest first: bounded memory
+                del pending[next(iter(pending))]
+
     def admit(self, msg: SignedMessage) -> None:
         """Mempool admission: shape and signature against the current registry."""
         T.check_shape(msg.operation, msg.parameters)
         if msg.id not in self.verified:
-            messages.verify(msg, lambda a: self.state.public_key(a, msg.time))
-            self.verified.add(msg.id)
+            key = self._admission_key(msg)
+            messages.verify(msg, lambda a: key)
+            self._admitted(msg)
 
     def admit_many(self, msgs: Sequence[SignedMessage]) -> list[Rejected | None]:
         """`admit` for a batch (a burst of mempool arrivals): signatures checked on every
         core. Per message, in order: None if admitted, else why not."""
         errors: list[Rejected | None] = [None] * len(msgs)
-        state, todo = self.state, []
+        keys: dict[str, bytes] = {}
+        todo = []
         for i, msg in enumerate(msgs):
             if msg.id in self.verified:
                 continue
             try:
                 T.check_shape(msg.operation, msg.parameters)
-                if state.public_key(msg.client_id, msg.time) is None:
+                key = self._admission_key(msg)
+                if key is None:
                     raise Rejected(Reason.UNKNOWN_KEY, f"clientId {msg.client_id} is not "
                                    "registered")
             except Rejected as exc:
                 errors[i] = exc
                 continue
+            keys[msg.client_id] = key
             todo.append(i)
-        checked = messages.verify_batch([msgs[i] for i in todo],
-                                        lambda a: state.public_key(a, None),
+        checked = messages.verify_batch([msgs[i] for i in todo], keys.get,
                                         verifier=self.verifier)
         for i, exc in zip(todo, checked, strict=True):
             if exc is None:
-                self.verified.add(msgs[i].id)
+                self._admitted(msgs[i])
             errors[i] = exc
         return errors
 
@@ -187,7 +215,7 @@ class Chain:
                 T.check_shape(m.operation, m.parameters)
             except Rejected:
                 continue
-            if state.public_key(m.client_id, m.time) is not None:
+            if state.signer_key(m) is not None:
                 todo.append(m)
         checked = messages.verify_batch(todo, lambda a: state.public_key(a, None),
                                         verifier=self.verifier)
@@ -327,6 +355,9 @@ class Chain:
             raise
         for m in txs:
             self.verified.discard(m.id)
+            if m.operation == T.PSEUDONYM:
+                self.pending_pseudonyms.pop(address_of(bytes.fromhex(
+                    m.parameters["public_key"])), None)
 
     def commit_raw(self, raw: bytes, tx_raws: Sequence[bytes], cert: bytes, *,
                    now: float | None = None) -> Block:

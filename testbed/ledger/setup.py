@@ -52,6 +52,11 @@ class LedgerLayout:
     def key(self, name: str) -> KeyPair:
         return KeyPair.load(self.key_path(name))
 
+    def audit_key(self) -> bytes:
+        """The auditor's key: maps pseudonyms back to identities (`ledger reveal`)."""
+        from testbed.ledger.pseudonyms import load_audit_key
+        return load_audit_key(self.key_path("audit"))
+
     def validators(self) -> list[str]:
         g = self.genesis()
         return [e["name"] for e in g.header["registry"] if "validator" in e["roles"]]

@@ -186,16 +186,25 @@ class LedgerState:
         """Votes needed to commit: more than two thirds of the registered validators."""
         return 2 * len(self.validators()) // 3 + 1
 
-    def public_key(self, address: str, at: float | None = None) -> bytes | None:
+    def public_key(self, address: str, at: float | None = None, *,
+                   spending: bool = False) -> bytes | None:
+        """The key `address` signs with at time `at` (None: any time). A pseudonym bids
+        only inside its certified window; `spending` (a payment from its wallet) is allowed
+        from the window's start on, so what it earned is never locked in."""
         entry = self.identities.get(address)
         if entry is not None:
             return entry.public_key
         p = self.pseudonyms.get(address)
-        if p is not None and (at is None or p.valid_from <= at < p.valid_to):
+        if p is not None and (at is None or (p.valid_from <= at and (
+                spending or at < p.valid_to))):
             return p.public_key
         if address == self.admin_address:
             return self.admin
         return None
+
+    def signer_key(self, msg: SignedMessage) -> bytes | None:
+        """The registered key `msg` must verify against, at its date and for its kind."""
+        return self.public_key(msg.client_id, msg.time, spending=msg.operation == T.PAYMENT)
 
     def balance(self, address: str) -> int:
         return self.balances.get(address, 0)
@@ -303,8 +312,8 @@ class LedgerState:
                            f"{t - block_time:+.1f} s from its block (allowed "
                            f"-{self.params.max_age_s:g}/+{self.params.max_skew_s:g} s)")
         if not checked:
-            verify(msg, lambda a: self.public_key(a, t))
-        elif self.public_key(msg.client_id, t) is None:
+            verify(msg, lambda a: self.signer_key(msg))
+        elif self.signer_key(msg) is None:
             raise Rejected(Reason.UNKNOWN_KEY, f"clientId {msg.client_id} is not registered")
         key = (msg.client_id, msg.req_id)
         if key in self.recent:

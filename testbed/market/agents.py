@@ -257,8 +257,13 @@ class TCRAgent:
                  battery_params: BatteryParams, battery: Callable[[], BatteryState | float],
                  mode: Mode = Mode.TE, rules: MarketRules = DEFAULT_RULES,
                  clock: Callable[[], float] = _time.time,
-                 on_award: Callable[[float, Side, int], Any] | None = None) -> None:
+                 on_award: Callable[[float, Side, int], Any] | None = None,
+                 pseudonym: Callable[[KeyPair, SignedMessage], KeyPair] | None = None
+                 ) -> None:
         self.key, self.bus, self.site = key, bus, site
+        self.pseudonym = pseudonym
+        """(identity key, auction request) -> the certified pseudonym key to answer it
+        with (`testbed.ledger.pseudonyms.PseudonymDesk.issue`); None: the identity."""
         self.params, self.battery_params, self.battery = params, battery_params, battery
         self.mode, self.rules, self.clock = mode, rules, clock
         self.is_aggregator = is_aggregator
@@ -314,8 +319,9 @@ class TCRAgent:
         if mine is None:
             self.answers[msg.id] = answer
             return
-        order = messages.sign(self.key, T.ORDER, {
-            "address": self.key.address, "cpf": round(self.cpf, 6), "auction": msg.id,
+        signer = self.key if self.pseudonym is None else self.pseudonym(self.key, msg)
+        order = messages.sign(signer, T.ORDER, {
+            "address": signer.address, "cpf": round(self.cpf, 6), "auction": msg.id,
             "bid": _bid(mine.side, mine.energy_kwh, mine.price)}, at=self.clock())
         answer.order = order
         answer.lost = self.lose is not None and self.lose(order)

@@ -52,6 +52,7 @@ from testbed.ledger.blocks import Block
 from testbed.ledger.chain import Chain, verify_store
 from testbed.ledger.identity import KeyPair
 from testbed.ledger.node import LedgerNode
+from testbed.ledger.pseudonyms import PseudonymDesk
 from testbed.ledger.setup import init_ledger
 from testbed.ledger.state import Params
 from testbed.market.agents import AggregatorAgent, TCRAgent
@@ -356,10 +357,14 @@ class Run:
         registry = Chain.open(self.layout.db_path(self.layout.validators()[0])) \
             if not self.nodes else self.nodes[0].chain
         identities = registry.state.identities
+        # prosumers bid under per-auction pseudonyms the administrator certifies
+        self.desk = PseudonymDesk(self.layout.key("admin"), self.layout.audit_key(),
+                                  submit=self._queue if self.nodes else None,
+                                  aliases=self.by_address)
 
         def resolve(address: str) -> bytes | None:
             e = identities.get(address)
-            return e.public_key if e else None
+            return e.public_key if e else self.desk.resolve(address)
 
         self.devices: dict[str, Device] = open_devices(self.emulators.resolved_site())
         self.aggregator = Aggregator(self.schedule, address=self.agg_key.address,
@@ -379,7 +384,8 @@ class Run:
                            is_aggregator=lambda a: a == self.agg_key.address,
                            params=TCRParams(), battery_params=bat,
                            battery=lambda b=book: b.soc if b.soc is not None else 0.0,
-                           mode=Mode(sc.market.mode.lower()), rules=self.rules, clock=self.clock.now)
+                           mode=Mode(sc.market.mode.lower()), rules=self.rules, clock=self.clock.now,
+                           pseudonym=self.desk.issue)
             tcr.lose = lambda order, n=name: self._lose(n, order)
             await tcr.start()
             book.tcr = tcr
@@ -632,14 +638,17 @@ class Run:
                 if not self.nodes:
                     continue
                 for x in s.transfers:
+                    award = award_id if x.kind == TransferKind.ENERGY else None
+                    memo = f"{x.kind} {x.order_id[:16]} interval {x.interval}"
+                    by_pseudonym = self.desk.payments(x.payer, x.payee, x.amount_ueur,
+                                                      award=award, memo=memo,
+                                                      at=self.clock.now())
                     payer = self.agg_key if x.payer == self.agg_key.address else \
                         self.books[self.by_address[x.payer]].key
-                    msg = messages.sign(payer, T.PAYMENT, {
-                        "to": x.payee, "amount": x.amount_ueur,
-                        "award": award_id if x.kind == TransferKind.ENERGY else None,
-                        "memo": f"{x.kind} {x.order_id[:16]} interval {x.interval}"},
-                        at=self.clock.now())
-                    self._queue(msg)
+                    for msg in by_pseudonym or [messages.sign(payer, T.PAYMENT, {
+                            "to": x.payee, "amount": x.amount_ueur, "award": award,
+                            "memo": memo}, at=self.clock.now())]:
+                        self._queue(msg)
 
     def _lose(self, prosumer: str, order: messages.SignedMessage) -> bool:
         lost = loses(self.sc, prosumer, self.clock.sim_s, order.id)

@@ -10,7 +10,7 @@ rules in `state`. Nothing changes unless all of it passes.
 from __future__ import annotations
 
 import time as _time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,14 @@ class Chain:
     def admit_many(self, msgs: Sequence[SignedMessage]) -> list[Rejected | None]:
         """`admit` for a batch (a burst of mempool arrivals): signatures checked on every
         core. Per message, in order: None if admitted, else why not."""
+        return self.admit_start(msgs, caller=True)()
+
+    def admit_start(self, msgs: Sequence[SignedMessage], *, caller: bool = False
+                    ) -> Callable[[], list[Rejected | None]]:
+        """`admit_many` in two steps: the signature checks start on the worker processes
+        and this returns at once, so the node can apply a block meanwhile; calling the
+        result collects the answers and admits (keys are resolved now, as on arrival)."""
+        msgs = list(msgs)
         errors: list[Rejected | None] = [None] * len(msgs)
         keys: dict[str, bytes] = {}
         todo = []
@@ -193,13 +201,17 @@ class Chain:
                 continue
             keys[msg.client_id] = key
             todo.append(i)
-        checked = messages.verify_batch([msgs[i] for i in todo], keys.get,
-                                        verifier=self.verifier)
-        for i, exc in zip(todo, checked, strict=True):
-            if exc is None:
-                self._admitted(msgs[i])
-            errors[i] = exc
-        return errors
+        pending = messages.verify_batch_start([msgs[i] for i in todo], keys.get,
+                                              verifier=self.verifier, caller=caller)
+
+        def collect() -> list[Rejected | None]:
+            for i, exc in zip(todo, pending(), strict=True):
+                if exc is None:
+                    self._admitted(msgs[i])
+                errors[i] = exc
+            return errors
+
+        return collect
 
     def _preverify(self, txs: Sequence[SignedMessage]) -> set[str]:
         """Batch-check the signatures of a block's transactions on every core before the

@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -70,9 +70,10 @@ class BatchVerifier:
     """Ed25519 checks of many signatures on every core, with the same result as one by one.
 
     cryptography's `verify` holds the GIL (measured here: two threads verify slower than
-    one), so the other cores are worker processes. A batch is split: `workers` chunks go to the pool and the
-    caller checks one chunk itself while they run; results come back in input order, so
-    the outcome is deterministic and identical to `verify_many`. Batches smaller than
+    one), so the other cores are worker processes. A batch is split: `workers` chunks go
+    to the pool and the caller checks one chunk itself while they run (`verify`), or
+    all go to the pool while the caller does other work (`start`); results come back in
+    input order, so the outcome is deterministic and identical to `verify_many`. Batches smaller than
     `min_batch` are checked inline (shipping them would cost more than checking them).
     """
 
@@ -94,24 +95,39 @@ class BatchVerifier:
             return self._pool
 
     def verify(self, items: Sequence[SignedItem]) -> list[bool]:
+        """Check now: the caller takes one share while the workers take the others."""
+        return self.start(items, caller=True)()
+
+    def start(self, items: Sequence[SignedItem], *, caller: bool = False
+              ) -> Callable[[], list[bool]]:
+        """Hand the checks to the workers and return at once; calling the result waits
+        for the answers. With `caller`, the caller's own share is checked inside that
+        call; without, all of it goes to the workers, so the caller can do other work
+        meanwhile (a node admitting the next transactions while it applies a block)."""
+        items = list(items)
         n = len(items)
         if self.workers == 0 or n < self.min_batch:
-            return verify_many(items)
-        parts = self.workers + 1
+            return lambda: verify_many(items)
+        parts = self.workers + (1 if caller else 0)
         size = -(-n // parts)
-        chunks = [list(items[i:i + size]) for i in range(0, n, size)]
+        chunks = [items[i:i + size] for i in range(0, n, size)]
+        mine, theirs = (chunks[:1], chunks[1:]) if caller else ([], chunks)
         try:
-            futures = [self._executor().submit(verify_many, c) for c in chunks[1:]]
+            futures = [self._executor().submit(verify_many, c) for c in theirs]
         except (RuntimeError, OSError, BrokenProcessPool):
-            return verify_many(items)  # pool shut down or unavailable: same answer, slower
-        out = verify_many(chunks[0])
-        for i, f in enumerate(futures, start=1):
-            try:
-                out.extend(f.result())
-            except BrokenProcessPool:
-                self.close()
-                out.extend(verify_many(chunks[i]))
-        return out
+            return lambda: verify_many(items)  # no pool: the same answer, slower
+
+        def collect() -> list[bool]:
+            out = verify_many(mine[0]) if mine else []
+            for chunk, f in zip(theirs, futures, strict=True):
+                try:
+                    out.extend(f.result())
+                except BrokenProcessPool:
+                    self.close()
+                    out.extend(verify_many(chunk))
+            return out
+
+        return collect
 
     def close(self) -> None:
         with self._lock:

@@ -79,6 +79,12 @@ class SignedMessage:
         return parse_date(self.date)
 
     def signed_bytes(self) -> bytes:
+        # "signature" sorts last, so the canonical body is the canonical envelope without
+        # its last member: cut it off rather than encode everything again.
+        raw = self.__dict__.get("raw")
+        tail = f',"signature":"{self.signature}"}}'.encode()
+        if raw is not None and raw.endswith(tail):
+            return DOMAIN + raw[:-len(tail)] + b"}"
         return DOMAIN + canonical.encode(self.body())
 
 
@@ -109,7 +115,10 @@ def parse(raw: bytes | str, *, strict: bool = True) -> SignedMessage:
         obj = canonical.decode(raw, strict=strict)
     except canonical.NotCanonical as exc:
         raise Rejected(Reason.MALFORMED, str(exc)) from None
-    return from_dict(obj)
+    msg = from_dict(obj)
+    if strict:  # the bytes are the canonical encoding: no need to encode them again
+        msg.__dict__["raw"] = raw.encode() if isinstance(raw, str) else bytes(raw)
+    return msg
 
 
 def from_dict(obj: Any) -> SignedMessage:
@@ -176,6 +185,14 @@ def verify_batch(msgs: Sequence[SignedMessage], resolve: KeyResolver, *,
     """`verify` for many messages at once, the signature checks spread over every core
     (`identity.BatchVerifier`). Returns, per message and in order, None when it verifies
     or the very refusal `verify` would raise for it."""
+    return verify_batch_start(msgs, resolve, verifier=verifier, caller=True)()
+
+
+def verify_batch_start(msgs: Sequence[SignedMessage], resolve: KeyResolver, *,
+                       verifier: BatchVerifier | None = None, caller: bool = False
+                       ) -> Callable[[], list[Rejected | None]]:
+    """`verify_batch` in two steps: start the checks, collect the answers later."""
+    msgs = list(msgs)
     errors: list[Rejected | None] = [None] * len(msgs)
     items, where = [], []
     for i, msg in enumerate(msgs):
@@ -186,10 +203,15 @@ def verify_batch(msgs: Sequence[SignedMessage], resolve: KeyResolver, *,
             continue
         items.append((public, sig, msg.signed_bytes()))
         where.append(i)
-    for i, ok in zip(where, (verifier or batch_verifier()).verify(items), strict=True):
-        if not ok:
-            errors[i] = _bad_signature(msgs[i])
-    return errors
+    pending = (verifier or batch_verifier()).start(items, caller=caller)
+
+    def collect() -> list[Rejected | None]:
+        for i, ok in zip(where, pending(), strict=True):
+            if not ok:
+                errors[i] = _bad_signature(msgs[i])
+        return errors
+
+    return collect
 
 
 @dataclass

@@ -29,6 +29,9 @@ from testbed.market.orders import (
 )
 from testbed.market.units import UEUR_PER_EUR, eur_to_ueur
 
+_MISSING = object()
+"""An undo entry's old value when the key was absent."""
+
 POOL = "tb" + "0" * 40
 """The incentive pool: funded in genesis, pays block rewards, has no key."""
 
@@ -172,7 +175,8 @@ class LedgerState:
     """(award, payer, payee) -> (amount due, paid): what an award obliges."""
     recent: dict[tuple[str, str], float] = field(default_factory=dict)
     _recent_order: deque[tuple[float, str, str]] = field(default_factory=deque)
-    _undo: list[Callable[[], None]] | None = None
+    _undo: list[Any] | None = None
+    """Journal of changes to undo: (table, key, old value) tuples or callables."""
 
     # ----------------------------------------------------------------- queries
     @property
@@ -223,24 +227,34 @@ class LedgerState:
 
     # ----------------------------------------------------------------- journal
     def _set(self, table: dict, key: Any, value: Any) -> None:
-        if self._undo is not None:
-            if key in table:
-                old = table[key]
-                self._undo.append(lambda: table.__setitem__(key, old))
-            else:
-                self._undo.append(lambda: table.pop(key, None))
+        undo = self._undo
+        if undo is not None:  # (table, key, old value) tuples: the hot path of every rule
+            undo.append((table, key, table.get(key, _MISSING)))
         table[key] = value
 
     def _del(self, table: dict, key: Any) -> None:
         old = table.pop(key)
         if self._undo is not None:
-            self._undo.append(lambda: table.__setitem__(key, old))
+            self._undo.append((table, key, old))
 
     def _attr(self, name: str, value: Any) -> None:
         if self._undo is not None:
             old = getattr(self, name)
             self._undo.append(lambda: setattr(self, name, old))
         setattr(self, name, value)
+
+    @staticmethod
+    def _rollback(undo: list, mark: int = 0) -> None:
+        while len(undo) > mark:
+            entry = undo.pop()
+            if type(entry) is tuple:
+                table, key, old = entry
+                if old is _MISSING:
+                    table.pop(key, None)
+                else:
+                    table[key] = old
+            else:
+                entry()
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
@@ -253,8 +267,7 @@ class LedgerState:
         try:
             yield
         except BaseException:
-            while len(undo) > mark:
-                undo.pop()()
+            self._rollback(undo, mark)
             if not outer:
                 self._undo = None
             raise
@@ -271,8 +284,7 @@ class LedgerState:
             yield
         finally:
             self._undo = None
-            while undo:
-                undo.pop()()
+            self._rollback(undo)
 
     # ------------------------------------------------------------------ money
     def _transfer(self, payer: str, payee: str, amount: int) -> None:

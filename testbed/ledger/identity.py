@@ -77,6 +77,8 @@ class BatchVerifier:
     `min_batch` are checked inline (shipping them would cost more than checking them).
     """
 
+    CHUNKS_PER_WORKER = 4
+
     def __init__(self, workers: int | None = None, *, min_batch: int = 128) -> None:
         self.workers = max(0, (os.cpu_count() or 1) - 1) if workers is None else workers
         self.min_batch = min_batch
@@ -108,18 +110,24 @@ class BatchVerifier:
         n = len(items)
         if self.workers == 0 or n < self.min_batch:
             return lambda: verify_many(items)
-        parts = self.workers + (1 if caller else 0)
-        size = -(-n // parts)
+        # Several chunks per worker: when the caller comes to collect, chunks no worker has
+        # picked up yet are cancelled and checked by the caller, so whoever is free works.
+        parts = self.workers * self.CHUNKS_PER_WORKER + (1 if caller else 0)
+        size = max(self.min_batch // 4, -(-n // parts))
         chunks = [items[i:i + size] for i in range(0, n, size)]
         mine, theirs = (chunks[:1], chunks[1:]) if caller else ([], chunks)
         try:
-            futures = [self._executor().submit(verify_many, c) for c in theirs]
+            pool = self._executor()
+            futures = [pool.submit(verify_many, c) for c in theirs]
         except (RuntimeError, OSError, BrokenProcessPool):
             return lambda: verify_many(items)  # no pool: the same answer, slower
 
         def collect() -> list[bool]:
             out = verify_many(mine[0]) if mine else []
             for chunk, f in zip(theirs, futures, strict=True):
+                if f.cancel():
+                    out.extend(verify_many(chunk))
+                    continue
                 try:
                     out.extend(f.result())
                 except BrokenProcessPool:

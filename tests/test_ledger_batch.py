@@ -99,3 +99,21 @@ def test_admit_many_equals_admit_one_by_one(pool):
         [None if e is None else e.reason for e in single]
     assert [i for i, e in enumerate(batch) if e is not None] == [10, 20, 30]
     assert a.verified == b.verified
+
+
+def test_worker_processes_inherit_no_socket_of_the_caller():
+    """A node's MQTT connection must close when the node closes it: a forked worker holding
+    a copy of the socket would keep it open (the peer would never see EOF)."""
+    import socket
+    a, b = socket.socketpair()
+    v = BatchVerifier(1, min_batch=1)
+    try:
+        k = KeyPair.from_seed(b"s")
+        items = [(k.public, k.sign(bytes([i])), bytes([i])) for i in range(64)]
+        assert v.verify(items) == [True] * 64 and v._pool is not None
+        a.close()
+        b.settimeout(10)
+        assert b.recv(1) == b""  # EOF: no other process holds `a`
+    finally:
+        b.close()
+        v.close()

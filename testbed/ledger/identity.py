@@ -88,11 +88,16 @@ class BatchVerifier:
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                # fork: a worker only runs `verify_many`, touching no lock or socket of
-                # the parent; spawn/forkserver would re-import the caller's __main__
-                # (`python -m testbed` would start the CLI again in each worker).
+                # forkserver: workers fork from a clean server process, so they inherit
+                # none of the caller's sockets (a forked copy of a node's MQTT connection
+                # would keep it open after the node closed it), threads or locks. Like
+                # spawn, it re-imports a calling *script* as __mp_main__: scripts need the
+                # usual `if __name__ == "__main__":` guard (`python -m` packages do not).
                 methods = multiprocessing.get_all_start_methods()
-                ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+                method = "forkserver" if "forkserver" in methods else "spawn"
+                ctx = multiprocessing.get_context(method)
+                if method == "forkserver":
+                    ctx.set_forkserver_preload([__name__])
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
             return self._pool
 

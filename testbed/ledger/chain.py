@@ -447,16 +447,43 @@ def head_certificate(path: Path | str) -> HeadCertificate:
         store.close()
 
 
-def load_against(path: Path | str) -> tuple[HeadCertificate | None, dict[int, str]]:
-    """OTHER for `verify --against`: a peer's store (its head certificate and every block
-    hash, to find forks too) or a head certificate file. Raises ValueError if unusable."""
+@dataclass(frozen=True)
+class Against:
+    """What `verify --against` compares a store with: a peer's store (every block hash, and
+    its blocks to check) or a head certificate file (`head` only)."""
+
+    source: str
+    head: HeadCertificate | None
+    hashes: dict[int, str] = field(default_factory=dict)
+    store: Path | None = None
+
+    def certified(self, height: int) -> HeadCertificate | None:
+        """The peer's block at `height` with its certificate (unverified), if readable."""
+        if self.store is None:
+            return None
+        try:
+            peer = Store(self.store, readonly=True)
+        except ValueError:
+            return None
+        try:
+            b = peer.block(height)
+            return None if b is None else HeadCertificate(Block.parse(b.raw), b.cert)
+        except (ValueError, Rejected):
+            return None
+        finally:
+            peer.close()
+
+
+def load_against(path: Path | str) -> Against:
+    """OTHER for `verify --against`: a peer's store or a head certificate file (`ledger
+    head`). Raises UnusableEvidence if it is neither."""
     path = Path(path)
     try:
         head = path.read_bytes()[:16]
     except OSError as exc:
         raise UnusableEvidence(f"{path}: cannot read ({exc.strerror})") from None
     if not head.startswith(b"SQLite format 3"):
-        return HeadCertificate.parse(path.read_bytes(), source=str(path)), {}
+        return Against(str(path), HeadCertificate.parse(path.read_bytes(), source=str(path)))
     try:
         store = Store(path, readonly=True)
         try:
@@ -469,50 +496,70 @@ def load_against(path: Path | str) -> tuple[HeadCertificate | None, dict[int, st
         cert = head_certificate(path)
     except ValueError:
         cert = None
-    return cert, hashes
+    return Against(str(path), cert, hashes, path)
 
 
-def _check_against(chain: Chain, store: Store, other: tuple[HeadCertificate | None,
-                                                            dict[int, str]]) -> None:
-    """Raise Rejected when OTHER proves this store differs from, or stops short of, the
-    chain: a different hash at a common height, or a certified block beyond our head."""
-    head_cert, hashes = other
+def _certified_by(chain: Chain, evidence: HeadCertificate) -> int:
+    """Votes of this chain's validators (as of its head) on the evidence's block; raises
+    UnusableEvidence when they do not make a commit certificate."""
+    state = chain.state
+    validators = {a: state.identities[a].public_key for a in state.validators()}
+    try:
+        return len(check_certificate(evidence.cert, chain=chain.id, block=evidence.block,
+                                     validators=validators, quorum=state.quorum()))
+    except Rejected as exc:
+        raise UnusableEvidence(f"OTHER's block at height {evidence.block.height} carries no "
+                               f"valid commit certificate for this chain's validators "
+                               f"({exc.detail})") from None
+
+
+def _check_against(chain: Chain, store: Store, other: Against) -> None:
+    """Raise Rejected when OTHER proves this store stops short of the chain (a certified
+    block beyond its head) or holds another block than a certified one at some height;
+    raise UnusableEvidence when OTHER proves nothing (another chain, no valid votes)."""
     top = chain.height
-    for h, theirs in sorted(hashes.items()):
+    theirs0 = other.hashes.get(0)
+    ours0 = store.block(0)
+    if theirs0 is not None and ours0 is not None and theirs0 != ours0.hash:
+        raise UnusableEvidence(f"OTHER holds chain {theirs0[:16]}, this store "
+                               f"{ours0.hash[:16]}")
+    for h, theirs in sorted(other.hashes.items()):
         if h > top:
             break
         ours = store.block(h)
         if ours is not None and ours.hash != theirs:
-            raise Rejected(Reason.BAD_BLOCK, f"block differs from OTHER's ({ours.hash[:16]} vs "
-                           f"{theirs[:16]}): a fork or a rewritten store", height=h)
-    if head_cert is None:
+            evidence = other.certified(h)
+            if evidence is None or evidence.block.hash != theirs:
+                raise UnusableEvidence(f"OTHER's block at height {h} differs and cannot be "
+                                       "read: OTHER is damaged")
+            votes = _certified_by(chain, evidence)
+            raise Rejected(Reason.BAD_BLOCK, f"OTHER holds another block here "
+                           f"({theirs[:16]}, {votes} validator votes) than this store "
+                           f"({ours.hash[:16]}): two blocks certified at one height",
+                           height=h)
+    head = other.head
+    if head is None:
         return
-    block, state = head_cert.block, chain.state
-    if block.header.get("chain") != chain.id:
-        raise Rejected(Reason.BAD_BLOCK, f"OTHER is a head of chain "
-                       f"{str(block.header.get('chain'))[:16]}, this store holds "
-                       f"{chain.id[:16]}", height=0)
-    if block.height <= top:
-        ours = store.block(block.height)
-        if ours is None or ours.hash != block.hash:
-            raise Rejected(Reason.BAD_BLOCK, "block differs from OTHER's certified head",
-                           height=block.height)
+    if head.block.header.get("chain") != chain.id:
+        raise UnusableEvidence(f"OTHER is a head of chain "
+                               f"{str(head.block.header.get('chain'))[:16]}, this store "
+                               f"holds {chain.id[:16]}")
+    if head.block.height <= top:
+        ours = store.block(head.block.height)
+        if ours is None or ours.hash != head.block.hash:
+            votes = _certified_by(chain, head)
+            raise Rejected(Reason.BAD_BLOCK, f"OTHER's certified head ({votes} validator "
+                           "votes) is another block than this store's",
+                           height=head.block.height)
         return
-    validators = {a: state.identities[a].public_key for a in state.validators()}
-    try:
-        votes = check_certificate(head_cert.cert, chain=chain.id, block=block,
-                                  validators=validators, quorum=state.quorum())
-    except Rejected as exc:
-        raise UnusableEvidence(f"OTHER's head at height {block.height} carries no valid commit "
-                         f"certificate for this chain's validators ({exc.detail})") from None
+    votes = _certified_by(chain, head)
     raise Rejected(Reason.BAD_BLOCK, f"missing: the store ends at height {top}, but OTHER "
-                   f"proves height {block.height} was committed ({len(votes)} validator "
+                   f"proves height {head.block.height} was committed ({votes} validator "
                    f"votes): the store is truncated", height=top + 1)
 
 
 def verify_store(path: Path | str, *, genesis: Block | None = None,
-                 against: tuple[HeadCertificate | None, dict[int, str]] | None = None
-                 ) -> VerifyReport:
+                 against: Against | None = None) -> VerifyReport:
     """Recompute every hash, signature, election and contract result of a node database.
 
     Never raises for a damaged file: whatever is wrong (bytes changed, a column of the

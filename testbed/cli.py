@@ -315,6 +315,10 @@ def _open_chain(db: Path) -> Any:
         err.print(f"[red]error:[/] {db}: {exc} (run `testbed ledger verify {db}`)",
                   highlight=False)
         raise typer.Exit(1) from None
+    except Exception as exc:  # a damaged store is bad input, never a traceback
+        err.print(f"[red]error:[/] {db}: unreadable ({type(exc).__name__}: {exc}); run "
+                  f"`testbed ledger verify {db}`", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @ledger_app.command("init")

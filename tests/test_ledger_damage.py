@@ -229,3 +229,17 @@ def test_show_and_wallets_never_modify_the_file(store, tmp_path):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     assert [r[0] for r in con.execute("SELECT name FROM sqlite_master")] == ["notes"]
     con.close()
+
+
+@pytest.mark.parametrize("kind", ["invalid UTF-8 in blocks.hash", "block bytes stored as TEXT",
+                                  "dropped txs table", "empty file", "truncated mid-page"])
+def test_show_and_wallets_on_a_damaged_store_say_so_in_one_line(store, tmp_path, kind):
+    path, _, _ = store
+    copy = tmp_path / "typed.db"
+    shutil.copy(path, copy)
+    TYPED[kind][0](copy)
+    for cmd in ("show", "wallets"):
+        r = runner.invoke(app, ["ledger", cmd, str(copy)])
+        assert r.exit_code == 1, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+        assert r.output.startswith("error:") and "Traceback" not in r.output

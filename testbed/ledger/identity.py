@@ -70,11 +70,12 @@ class BatchVerifier:
     """Ed25519 checks of many signatures on every core, with the same result as one by one.
 
     cryptography's `verify` holds the GIL (measured here: two threads verify slower than
-    one), so the other cores are worker processes. A batch is split: `workers` chunks go
-    to the pool and the caller checks one chunk itself while they run (`verify`), or
-    all go to the pool while the caller does other work (`start`); results come back in
-    input order, so the outcome is deterministic and identical to `verify_many`. Batches smaller than
-    `min_batch` are checked inline (shipping them would cost more than checking them).
+    one), so the other cores are worker processes. A batch is cut into a few chunks per
+    worker and handed to the pool; the caller checks one chunk itself at once (`verify`)
+    or does other work meanwhile (`start`), and on collecting it takes over the chunks no
+    worker has started. Results come back in input order, so the outcome is deterministic
+    and identical to `verify_many`. Batches smaller than `min_batch` are checked inline
+    (shipping them would cost more than checking them).
     """
 
     CHUNKS_PER_WORKER = 4

@@ -37,7 +37,8 @@ def test_batch_matches_one_by_one_in_order(pool):
     expected = [verify_signature(*it) for it in items]
     assert 0 < sum(expected) < len(expected)
     assert pool.verify(items) == expected == verify_many(items)
-    assert pool._pool is not None  # the work really went to a worker process
+    assert pool._pool and pool._pool[0].proc.is_alive()  # the work went to a worker process
+    assert pool._pool[0].received >= 1
     assert BatchVerifier(0).verify(items) == expected
 
 
@@ -110,10 +111,21 @@ def test_worker_processes_inherit_no_socket_of_the_caller():
     try:
         k = KeyPair.from_seed(b"s")
         items = [(k.public, k.sign(bytes([i])), bytes([i])) for i in range(64)]
-        assert v.verify(items) == [True] * 64 and v._pool is not None
+        assert v.verify(items) == [True] * 64 and v._pool
         a.close()
         b.settimeout(10)
         assert b.recv(1) == b""  # EOF: no other process holds `a`
     finally:
         b.close()
         v.close()
+
+
+def test_a_dead_worker_costs_speed_not_answers(pool):
+    k = KeyPair.from_seed(b"d")
+    items = [(k.public, k.sign(bytes([i])), bytes([i ^ (i % 3 == 0)])) for i in range(256)]
+    expected = verify_many(items)
+    pending = pool.start(items)  # all of it on the worker ...
+    pool._pool[0].proc.kill()    # ... which dies before answering (or after: either way)
+    assert pending() == expected
+    assert pool.verify(items) == expected  # and a new worker takes the next batch
+    assert pool._pool and pool._pool[0].proc.is_alive()

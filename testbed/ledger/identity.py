@@ -12,18 +12,19 @@ recomputing the tag for each registered identity (see `reveal_owner`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import hmac
 import multiprocessing
 import os
+import queue
 import re
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -62,33 +63,110 @@ SignedItem = tuple[bytes, bytes, bytes]
 
 
 def verify_many(items: Sequence[SignedItem]) -> list[bool]:
-    """Check each item; runs in a worker process of `BatchVerifier` too (picklable)."""
+    """Check each item, one by one (the reference the batch verifier must equal)."""
     return [verify_signature(pk, sig, data) for pk, sig, data in items]
+
+
+def _pack(items: Sequence[SignedItem]) -> bytes:
+    """Items as one byte string (key 32, signature 64, length 4, data): shipping it to a
+    worker costs a copy, not a pickle of thousands of tuples."""
+    parts = []
+    for pk, sig, data in items:
+        if len(pk) != 32 or len(sig) != 64:  # cannot verify: keep the slot, fail it
+            pk, sig = bytes(32), bytes(64)
+        parts.append(pk + sig + len(data).to_bytes(4, "big") + data)
+    return b"".join(parts)
+
+
+def _verify_packed(buf: bytes) -> bytes:
+    out = bytearray()
+    view, i = memoryview(buf), 0
+    while i < len(buf):
+        n = int.from_bytes(view[i + 96:i + 100], "big")
+        out.append(verify_signature(bytes(view[i:i + 32]), bytes(view[i + 32:i + 96]),
+                                    bytes(view[i + 100:i + 100 + n])))
+        i += 100 + n
+    return bytes(out)
+
+
+def _serve(conn: Any) -> None:
+    """A verifier worker: requests are read by a thread as they come (the caller never
+    blocks on a busy worker), checked in order, and answered as one byte per item."""
+    jobs: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                jobs.put(conn.recv_bytes())
+        except (EOFError, OSError):
+            jobs.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    while (job := jobs.get()) is not None:
+        try:
+            conn.send_bytes(_verify_packed(job))
+        except (EOFError, OSError):
+            return
+
+
+class _Worker:
+    """One worker process and its pipe; answers come back in request order."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True,
+                                name="testbed-verifier")
+        self.proc.start()
+        child.close()
+        self.sent = 0
+        self.received = 0
+        self.answers: dict[int, bytes] = {}
+        self.lock = threading.Lock()
+
+    def send(self, items: list[SignedItem]) -> int:
+        with self.lock:
+            self.conn.send_bytes(_pack(items))
+            self.sent += 1
+            return self.sent
+
+    def answer(self, ticket: int) -> bytes:
+        with self.lock:
+            while ticket not in self.answers:
+                self.received += 1
+                self.answers[self.received] = self.conn.recv_bytes()
+            return self.answers.pop(ticket)
+
+    def close(self) -> None:
+        self.conn.close()
+        self.proc.join(timeout=2)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 class BatchVerifier:
     """Ed25519 checks of many signatures on every core, with the same result as one by one.
 
     cryptography's `verify` holds the GIL (measured here: two threads verify slower than
-    one), so the other cores are worker processes. A batch is cut into a few chunks per
-    worker and handed to the pool; the caller checks one chunk itself at once (`verify`)
-    or does other work meanwhile (`start`), and on collecting it takes over the chunks no
-    worker has started. Results come back in input order, so the outcome is deterministic
-    and identical to `verify_many`. Batches smaller than `min_batch` are checked inline
-    (shipping them would cost more than checking them).
+    one), so the other cores are worker processes, fed through pipes with packed bytes
+    (a pool that pickles tuples cost as much CPU as the checks it saved). A batch is split
+    between the workers and, with `caller`, the caller itself (`verify`); `start` hands it
+    all to the workers so the caller can do other work meanwhile (a node applying a block
+    while the next transactions are checked). Results come back in input order: the
+    outcome is deterministic and identical to `verify_many`. Batches smaller than
+    `min_batch` are checked inline (shipping them would cost more than checking them);
+    a worker that dies is replaced by checking its share inline.
     """
-
-    CHUNKS_PER_WORKER = 4
 
     def __init__(self, workers: int | None = None, *, min_batch: int = 128) -> None:
         self.workers = max(0, (os.cpu_count() or 1) - 1) if workers is None else workers
         self.min_batch = min_batch
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: list[_Worker] = []
         self._lock = threading.Lock()
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def _workers(self) -> list[_Worker]:
         with self._lock:
-            if self._pool is None:
+            if len(self._pool) != self.workers:  # first use, or the count was changed
+                self._close()
                 # forkserver: workers fork from a clean server process, so they inherit
                 # none of the caller's sockets (a forked copy of a node's MQTT connection
                 # would keep it open after the node closed it), threads or locks. Like
@@ -99,8 +177,8 @@ class BatchVerifier:
                 ctx = multiprocessing.get_context(method)
                 if method == "forkserver":
                     ctx.set_forkserver_preload([__name__])
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
-            return self._pool
+                self._pool = [_Worker(ctx) for _ in range(self.workers)]
+            return list(self._pool)
 
     def verify(self, items: Sequence[SignedItem]) -> list[bool]:
         """Check now: the caller takes one share while the workers take the others."""
@@ -109,45 +187,52 @@ class BatchVerifier:
     def start(self, items: Sequence[SignedItem], *, caller: bool = False
               ) -> Callable[[], list[bool]]:
         """Hand the checks to the workers and return at once; calling the result waits
-        for the answers. With `caller`, the caller's own share is checked inside that
-        call; without, all of it goes to the workers, so the caller can do other work
-        meanwhile (a node admitting the next transactions while it applies a block)."""
+        for the answers. With `caller`, the caller checks its own share inside that call."""
         items = list(items)
         n = len(items)
         if self.workers == 0 or n < self.min_batch:
             return lambda: verify_many(items)
-        # Several chunks per worker: when the caller comes to collect, chunks no worker has
-        # picked up yet are cancelled and checked by the caller, so whoever is free works.
-        parts = self.workers * self.CHUNKS_PER_WORKER + (1 if caller else 0)
-        size = max(self.min_batch // 4, -(-n // parts))
+        try:
+            workers = self._workers()
+        except OSError:
+            return lambda: verify_many(items)  # no processes: the same answer, slower
+        parts = len(workers) + (1 if caller else 0)
+        size = -(-n // parts)
         chunks = [items[i:i + size] for i in range(0, n, size)]
         mine, theirs = (chunks[:1], chunks[1:]) if caller else ([], chunks)
-        try:
-            pool = self._executor()
-            futures = [pool.submit(verify_many, c) for c in theirs]
-        except (RuntimeError, OSError, BrokenProcessPool):
-            return lambda: verify_many(items)  # no pool: the same answer, slower
+        tickets: list[tuple[_Worker, int] | None] = []
+        for w, chunk in zip(workers, theirs, strict=False):
+            try:
+                tickets.append((w, w.send(chunk)))
+            except (OSError, ValueError):
+                tickets.append(None)
 
         def collect() -> list[bool]:
             out = verify_many(mine[0]) if mine else []
-            for chunk, f in zip(theirs, futures, strict=True):
-                if f.cancel():
+            for chunk, ticket in zip(theirs, tickets, strict=True):
+                got = None
+                if ticket is not None:
+                    try:
+                        got = ticket[0].answer(ticket[1])
+                    except (EOFError, OSError, ValueError):
+                        self.close()  # a dead worker: new ones next time
+                if got is None or len(got) != len(chunk):
                     out.extend(verify_many(chunk))
-                    continue
-                try:
-                    out.extend(f.result())
-                except BrokenProcessPool:
-                    self.close()
-                    out.extend(verify_many(chunk))
+                else:
+                    out.extend(b == 1 for b in got)
             return out
 
         return collect
 
+    def _close(self) -> None:
+        for w in self._pool:
+            with contextlib.suppress(Exception):
+                w.close()
+        self._pool = []
+
     def close(self) -> None:
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+            self._close()
 
 
 _BATCH = BatchVerifier()

@@ -161,10 +161,13 @@ class BatchVerifier:
         self.workers = max(0, (os.cpu_count() or 1) - 1) if workers is None else workers
         self.min_batch = min_batch
         self._pool: list[_Worker] = []
+        self._owner = os.getpid()
         self._lock = threading.Lock()
 
     def _workers(self) -> list[_Worker]:
         with self._lock:
+            if self._owner != os.getpid():  # a forked child: the pipes are the parent's
+                self._pool, self._owner = [], os.getpid()
             if len(self._pool) != self.workers:  # first use, or the count was changed
                 self._close()
                 # forkserver: workers fork from a clean server process, so they inherit
@@ -232,7 +235,9 @@ class BatchVerifier:
 
     def close(self) -> None:
         with self._lock:
-            self._close()
+            if self._owner == os.getpid():
+                self._close()
+            self._pool = []
 
 
 _BATCH = BatchVerifier()

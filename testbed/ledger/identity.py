@@ -146,9 +146,11 @@ class _Worker:
 class BatchVerifier:
     """Ed25519 checks of many signatures on every core, with the same result as one by one.
 
-    cryptography's `verify` holds the GIL (measured here: two threads verify slower than
-    one), so the other cores are worker processes, fed through pipes with packed bytes
-    (a pool that pickles tuples cost as much CPU as the checks it saved). A batch is split
+    The other cores are worker processes, fed through pipes with packed bytes (a pool that
+    pickles tuples cost as much CPU as the checks it saved). Threads would do only where
+    cryptography's `verify` releases the GIL (measured here with 50.0.2: two threads beat
+    one at low load, not under load), and even then a verifier thread next to a caller
+    busy in Python waits for the GIL after every check, which defeats the overlap. A batch is split
     between the workers and, with `caller`, the caller itself (`verify`); `start` hands it
     all to the workers so the caller can do other work meanwhile (a node applying a block
     while the next transactions are checked). Results come back in input order: the

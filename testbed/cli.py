@@ -330,17 +330,22 @@ DbArg = Annotated[Path, typer.Argument(help="A node's ledger database (nodes/<na
 
 
 def _open_chain(db: Path) -> Any:
+    """A node's chain, replayed from its store opened read-only (the file is not touched)."""
     from .ledger.chain import Chain
     from .ledger.errors import Rejected
 
-    if not db.exists():
+    if not db.is_file():
         err.print(f"[red]error:[/] {db}: no such ledger database", highlight=False)
         raise typer.Exit(2)
     try:
-        return Chain.open(db)
+        return Chain.open(db, readonly=True)
     except (Rejected, ValueError) as exc:
         err.print(f"[red]error:[/] {db}: {exc} (run `testbed ledger verify {db}`)",
                   highlight=False)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # a damaged store is bad input, never a traceback
+        err.print(f"[red]error:[/] {db}: unreadable ({type(exc).__name__}: {exc}); run "
+                  f"`testbed ledger verify {db}`", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -386,21 +391,53 @@ def ledger_init(
 def ledger_verify(
     db: DbArg,
     genesis: Annotated[Path | None, typer.Option(help="Expected genesis.json (pins the chain id).")] = None,
+    against: Annotated[Path | None, typer.Option(help="A peer's store or a head certificate (`ledger head`): catches deleted last blocks.")] = None,
 ) -> None:
     """Recompute every hash, signature, election and contract result. Exit 1 at the first bad height."""
     from .ledger.blocks import Block
-    from .ledger.chain import verify_store
+    from .ledger.chain import load_against, verify_store
+    from .ledger.errors import Rejected
 
-    expected = Block.parse(genesis.read_bytes().strip(), genesis=True) if genesis else None
+    expected = None
+    if genesis is not None:
+        try:
+            expected = Block.parse(genesis.read_bytes().strip(), genesis=True)
+        except (OSError, Rejected) as exc:
+            _fail(ValueError(f"{genesis}: not a genesis block ({exc})"), 2)
     if not db.exists():
         err.print(f"[red]error:[/] {db}: no such ledger database", highlight=False)
         raise typer.Exit(2)
-    report = verify_store(db, genesis=expected)
+    try:
+        other = load_against(against) if against is not None else None
+        report = verify_store(db, genesis=expected, against=other)
+    except ValueError as exc:
+        _fail(ValueError(f"--against: {exc}"), 2)
     if not report.ok:
-        err.print(f"[red]FAILED[/] at height {report.height}: {report.error}", highlight=False)
+        where = "" if report.height is None else f" at height {report.height}"
+        err.print(f"[red]FAILED[/]{where}: {report.error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]ok[/]: chain {report.chain_id[:16]}…, heights 0-{report.height}, "
                   f"{report.txs} transactions verified", highlight=False)
+
+
+@ledger_app.command("head")
+def ledger_head(
+    db: DbArg,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the head certificate here (default: stdout).")] = None,
+) -> None:
+    """The store's head block with its commit certificate: keep it to catch a later truncation
+    with `ledger verify --against`."""
+    from .ledger.chain import head_certificate
+
+    try:
+        raw = head_certificate(db).encode()
+    except (ValueError, OSError) as exc:
+        _fail(exc, 1)
+    if out is None:
+        typer.echo(raw.decode())
+    else:
+        out.write_bytes(raw + b"\n")
+        console.print(f"head certificate written to {out}")
 
 
 @ledger_app.command("show")
@@ -466,6 +503,49 @@ def _node_started(node: Any) -> None:
 
     console.print(f"node {node.name} ({node.key.address}) at height {node.chain.height}; "
                   f"{fault_note(node.n)}", highlight=False)
+
+
+@ledger_app.command("reveal")
+def ledger_reveal(
+    db: DbArg,
+    audit_key: Annotated[Path, typer.Option("--audit-key", help="The auditor's key (keys/audit.key made by `ledger init`).")],
+) -> None:
+    """Map every pseudonym on the chain back to its owner (needs the audit key), with the
+    owners' wallets including what their pseudonyms hold. Exit 1 if the key opens none."""
+    from .ledger.pseudonyms import load_audit_key, reveal
+    from .ledger.state import MICRO
+
+    try:
+        key = load_audit_key(audit_key)
+    except ValueError as exc:
+        _fail(exc, 2)
+    chain = _open_chain(db)
+    found = reveal(chain.state, key)
+    table = Table(title=f"pseudonyms at height {chain.height}")
+    for col in ("pseudonym", "owner", "owner address", "balance EUR"):
+        table.add_column(col)
+    totals: dict[str, int] = {}
+    for r in found:
+        table.add_row(r.pseudonym, r.owner_name or "(unknown: not this audit key)",
+                      r.owner or "", f"{r.balance / MICRO:,.6f}")
+        if r.owner is not None:
+            totals[r.owner] = totals.get(r.owner, 0) + r.balance
+    console.print(table)
+    if not found:
+        console.print("no pseudonyms on this chain")
+        return
+    owners = Table(title="owners: identity wallet + pseudonym wallets")
+    for col in ("owner", "identity EUR", "pseudonyms EUR", "total EUR"):
+        owners.add_column(col, justify="right" if "EUR" in col else "left")
+    for owner, held in sorted(totals.items()):
+        own = chain.state.balance(owner)
+        owners.add_row(chain.state.identities[owner].name, f"{own / MICRO:,.6f}",
+                       f"{held / MICRO:,.6f}", f"{(own + held) / MICRO:,.6f}")
+    console.print(owners)
+    if not totals:
+        err.print(f"[red]error:[/] {audit_key} opens none of the {len(found)} pseudonyms "
+                  "(not this chain's audit key)", highlight=False)
+        raise typer.Exit(1)
 
 
 @ledger_app.command("node")

@@ -26,13 +26,14 @@ class Net:
     chains: list[Chain]
     time: float = T0
     outsider: KeyPair = field(default_factory=lambda: KeyPair.from_seed(b"outsider"))
+    dso: KeyPair = field(default_factory=lambda: KeyPair.from_seed(b"dso"))
 
     @property
     def chain(self) -> Chain:
         return self.chains[0]
 
     def key_of(self, address: str) -> KeyPair:
-        return next(k for k in [*self.validators, self.aggregator, self.admin]
+        return next(k for k in [*self.validators, self.aggregator, self.admin, self.dso]
                     if k.address == address)
 
     def sign(self, key: KeyPair, op: str, params: dict, *, dt: float = 0.0,
@@ -71,6 +72,14 @@ class Net:
         if caps is not None:
             params["caps"] = caps
         return self.sign(self.aggregator, T.AWARD, params)
+
+    def grid_check(self, auction: str, caps: dict, *, key: KeyPair | None = None,
+                   light: str = "amber", rounds: int = 2, passed: bool = True
+                   ) -> SignedMessage:
+        """The DSO's signed verdict on an auction's dispatch (`key`: someone else signs)."""
+        return self.sign(key or self.dso, T.GRID_CHECK, {
+            "auction": auction, "caps": caps, "light": light, "rounds": rounds,
+            "passed": passed})
 
     def open_and_award(self, contract: str, *, seller: KeyPair, price: float = 0.2,
                        energy: float = 5.0) -> tuple[SignedMessage, SignedMessage]:
@@ -118,7 +127,8 @@ def make_net(n: int = 4, *, nodes: int = 2, params: Params | None = None,
     admin = KeyPair.from_seed(b"admin")
     aggregator = KeyPair.from_seed(b"aggregator")
     validators = [KeyPair.from_seed(f"validator-{i}".encode()) for i in range(n)]
-    registry = [T.entry_dict("aggregator", aggregator.public, roles=["aggregator"])]
+    registry = [T.entry_dict("aggregator", aggregator.public, roles=["aggregator"]),
+                T.entry_dict("dso", KeyPair.from_seed(b"dso").public, roles=["dso"])]
     registry += [T.entry_dict(f"house-{i}", k.public, roles=["validator", "meter"],
                               serial=f"SN{i:04d}", mode=(modes[i] if modes else "TE"))
                  for i, k in enumerate(validators)]

@@ -6,7 +6,7 @@ import hashlib
 import math
 
 import pytest
-from ledger_net import make_net
+from ledger_net import T0, make_net
 
 from testbed.ledger import canonical, election, messages
 from testbed.ledger import transactions as T
@@ -373,7 +373,82 @@ def test_an_award_with_grid_caps_re_executes_with_them():
     assert uncapped.dropped[0][1].reason == Reason.CONTRACT_MISMATCH
     bad = net.propose([net.award(req.id, CONTRACT, ids, result, caps={first: -1})])
     assert bad.dropped[0][1].reason == Reason.MALFORMED
-    assert not net.commit([net.award(req.id, CONTRACT, ids, result, caps={first: 0.5})]).dropped
+    # caps are the DSO's: only with its signed grid check of this auction
+    p = net.commit([net.grid_check(req.id, {first: 0.5}),
+                    net.award(req.id, CONTRACT, ids, result, caps={first: 0.5})])
+    assert not p.dropped and [m.operation for m in p.txs] == ["grid-check", "award"]
+
+
+def _capped_auction(net):
+    from testbed.market.auction import CONTRACT
+    gate = int(net.time) + 10
+    req = net.auction(CONTRACT, energy=3.0, price=0.25, interval=3, gate=gate)
+    net.commit([req])
+    orders = [net.order(net.validators[0], req.id, energy=2.0, price=0.10),
+              net.order(net.validators[1], req.id, energy=2.0, price=0.20)]
+    net.commit(orders)
+    net.time = gate + 1
+    caps = {orders[0].id: 0.5}
+    inputs = {**net.chain.state.auctions[req.id].contract_inputs(), "caps": caps}
+    award = net.award(req.id, CONTRACT, [o.id for o in orders], execute(CONTRACT, inputs),
+                      caps=caps)
+    return req, caps, award
+
+
+def test_award_caps_without_the_dsos_signature_are_refused():
+    net = make_net(2)
+    req, caps, award = _capped_auction(net)
+    # no grid check at all: the aggregator's own claim of caps
+    p = net.propose([award])
+    assert p.dropped[0][1].reason == Reason.NOT_AUTHORISED and "DSO" in str(p.dropped[0][1])
+    # a grid check signed by the aggregator (not the DSO) is refused, and so the award
+    p = net.propose([net.grid_check(req.id, caps, key=net.aggregator), award])
+    assert [e.reason for _, e in p.dropped] == [Reason.NOT_AUTHORISED] * 2
+    # a forged DSO signature: the DSO's address, someone else's key
+    good = net.grid_check(req.id, caps)
+    forged = messages.sign(net.outsider, T.GRID_CHECK, dict(good.parameters), at=net.time,
+                           client_id=net.dso.address)
+    p = net.propose([forged, award])
+    assert [e.reason for _, e in p.dropped] == [Reason.BAD_SIGNATURE, Reason.NOT_AUTHORISED]
+    # a block that carries them anyway is refused by every validator (re-execution)
+    for txs in ([award], [forged, award]):
+        block = _forced_block(net, txs)
+        with pytest.raises(Rejected) as exc:
+            net.chains[1].check_proposal(block, txs)
+        assert exc.value.reason in (Reason.NOT_AUTHORISED, Reason.BAD_SIGNATURE)
+    assert net.chain.state.auctions[req.id].award is None
+    # the DSO's caps must be the award's, no more and no fewer
+    net.commit([good])
+    other = {**caps, next(iter(caps)): 0.25}
+    p = net.propose([net.award(req.id, award.parameters["contract"],
+                               award.parameters["orders"], award.parameters["result"],
+                               caps=other)])
+    assert p.dropped[0][1].reason == Reason.CONTRACT_MISMATCH
+    uncapped = net.award(req.id, award.parameters["contract"], award.parameters["orders"],
+                         award.parameters["result"])
+    assert net.propose([uncapped]).dropped[0][1].reason == Reason.CONTRACT_MISMATCH
+    assert not net.commit([award]).dropped
+    assert net.chain.state.grid_checks[req.id].light == "amber"
+
+
+def test_a_grid_check_names_orders_of_its_auction_once():
+    net = make_net(2)
+    req, caps, _ = _capped_auction(net)
+    stray = net.grid_check(req.id, {"ab" * 32: 1.0})
+    assert net.propose([stray]).dropped[0][1].reason == Reason.INVALID
+    bad = net.grid_check(req.id, caps, light="purple")
+    assert net.propose([bad]).dropped[0][1].reason == Reason.MALFORMED
+    assert not net.commit([net.grid_check(req.id, caps)]).dropped
+    again = net.grid_check(req.id, caps, rounds=3)
+    assert net.propose([again]).dropped[0][1].reason == Reason.DOUBLE_SPEND
+
+
+def _forced_block(net, txs):
+    """The elected proposer's block over `txs` as given, bypassing the proposer's checks."""
+    p = net.propose([])
+    net.time -= 1
+    h = dict(p.block.header, merkle=merkle_root([m.id for m in txs]), txs=len(txs))
+    return Block.create(net.key_of(p.block.proposer), h)
 
 
 def test_a_proposal_puts_orders_before_their_award_whatever_the_arrival_order():
@@ -399,3 +474,60 @@ def test_a_proposal_puts_orders_before_their_award_whatever_the_arrival_order():
     assert not p.dropped
     assert [m.operation for m in p.txs][-1] == "award"
     assert len({k for k in net.chain.state.lines if k[0] == award.id}) == 2
+
+
+# ------------------------------------------------------------------ market rules in genesis
+def test_market_rules_live_in_genesis_and_the_contract_clears_under_them():
+    """A chain whose genesis says pay-as-clear and prices up to 0.30 EUR/kWh: auctions
+    must follow it, and the award re-executes under those rules, not the agents' own."""
+    from testbed.market.auction import CONTRACT
+    from testbed.market.orders import MarketRules, Pricing
+    rules = MarketRules(price_max=0.30, pricing=Pricing.PAY_AS_CLEAR, interval_s=300)
+    net = make_net(3, params=Params(market=rules.to_dict()))
+    assert net.genesis.header["params"]["market"] == rules.to_dict()
+    assert net.chain.state.params.rules == rules
+    gate = int(net.time) + 10
+
+    def open_(pricing="pay-as-clear", price=0.25):
+        m = net.auction(CONTRACT, energy=3.0, price=price, interval=3, gate=gate)
+        return net.sign(net.aggregator, T.AUCTION, {**m.parameters, "pricing": pricing})
+    assert net.propose([open_("pay-as-bid")]).dropped[0][1].reason == Reason.INVALID
+    refused = net.propose([open_(price=0.5)]).dropped[0][1]
+    assert refused.reason == Reason.INVALID and "market rules" in refused.detail
+    req = open_()
+    net.commit([req])
+    orders = [net.order(net.validators[0], req.id, energy=2.0, price=0.10),
+              net.order(net.validators[1], req.id, energy=2.0, price=0.20),
+              net.order(net.validators[2], req.id, energy=2.0, price=0.40)]  # above 0.30
+    net.commit(orders)
+    net.time = gate + 1
+    inputs = net.chain.state.auctions[req.id].contract_inputs()
+    assert inputs["rules"] == rules.to_dict()
+    on_chain = execute(CONTRACT, inputs)
+    statuses = {n["address"]: n["status"] for n in on_chain["notices"]}
+    assert statuses[net.validators[2].address] == "rejected"
+    assert {a["price"] for a in on_chain["awards"]} == {0.20}  # uniform clearing price
+    # an aggregator clearing under other rules (the defaults) disagrees with the chain
+    elsewhere = execute(CONTRACT, {**inputs, "rules": None})
+    assert elsewhere != on_chain
+    ids = [o.id for o in orders]
+    assert net.propose([net.award(req.id, CONTRACT, ids, elsewhere)]).dropped[0][1].reason \
+        == Reason.CONTRACT_MISMATCH
+    assert not net.commit([net.award(req.id, CONTRACT, ids, on_chain)]).dropped
+
+
+def test_genesis_with_unusable_market_rules_is_refused():
+    from testbed.ledger.chain import genesis_state, make_genesis
+    net = make_net(2)
+    bad = dict(net.genesis.header["params"], market={"price_min": 5, "price_max": 1})
+    g = make_genesis(net.admin, net.genesis.header["registry"], time=T0,
+                     params=None)
+    header = dict(g.header, params=bad)
+    forged = Block.create(net.admin, header)
+    with pytest.raises(Rejected, match="params.market"):
+        genesis_state(forged)
+    # a genesis from before market rules were in it still opens, with the defaults
+    old = dict(net.genesis.header["params"])
+    del old["market"]
+    state = genesis_state(Block.create(net.admin, dict(g.header, params=old)))
+    assert state.params.market == Params().market

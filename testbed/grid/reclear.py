@@ -17,6 +17,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.ledger import messages
+from testbed.ledger import transactions as T
+from testbed.ledger.identity import KeyPair
+from testbed.ledger.messages import SignedMessage
 from testbed.market.auction import Clearing, clear
 from testbed.market.orders import DEFAULT_RULES, MarketRules, Order, Pricing, Side
 from testbed.market.units import MWH_PER_KWH, to_mwh
@@ -74,6 +78,15 @@ class Reclear:
     def shortfall_kwh(self) -> float:
         """The aggregator's uncovered volume after the grid check."""
         return (to_mwh(self.requested_kwh) - to_mwh(self.cleared_kwh)) / MWH_PER_KWH
+
+    def grid_check(self, dso: KeyPair, auction_id: str, *, at: float) -> SignedMessage:
+        """The DSO's signed verdict on this dispatch, a `grid-check` ledger transaction:
+        the caps it imposes, its traffic light and rounds. An award with caps is valid on
+        the ledger only with it (`state.LedgerState._dso_caps`)."""
+        return messages.sign(dso, T.GRID_CHECK, {
+            "auction": auction_id, "caps": dict(self.clearing.caps),
+            "light": str(self.report.light), "rounds": len(self.rounds),
+            "passed": self.passed}, at=at)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "requested_kwh": self.requested_kwh,

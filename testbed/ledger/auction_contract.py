@@ -1,8 +1,8 @@
 """The market's merit-order auction, registered as a ledger contract.
 
-The ledger hands the contract the auction request and every order committed for it (see
-`state.Auction.contract_inputs`), plus the grid check's DSO caps when the award carries
-them; the market module does the clearing. Pricing names on the ledger are the
+The ledger hands the contract the auction request, every order committed for it and the
+chain's market rules from genesis (see `state.Auction.contract_inputs`), plus the DSO's
+signed grid caps when there are any; the market module does the clearing. Pricing names on the ledger are the
 paper-style `pay-as-bid` / `pay-as-clear`.
 """
 
@@ -18,4 +18,4 @@ from testbed.market.auction import CONTRACT, clear_dict
 def merit_order(inputs: dict[str, Any]) -> dict[str, Any]:
     return clear_dict({"request": inputs["request"], "orders": inputs["orders"],
                        "pricing": str(inputs["pricing"]).replace("-", "_"),
-                       "caps": inputs.get("caps")})
+                       "rules": inputs.get("rules"), "caps": inputs.get("caps")})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 from testbed.ledger import canonical
@@ -29,6 +29,13 @@ HEADER_FIELDS = {"chain", "height", "prev", "time", "round", "proposer", "eviden
 
 
 def merkle_root(tx_ids: Sequence[str]) -> str:
+    """Root over transaction ids. Remembered for the last few lists: a node computes it for
+    the same block when proposing, checking and committing."""
+    return _merkle_root(tuple(tx_ids))
+
+
+@lru_cache(maxsize=8)
+def _merkle_root(tx_ids: tuple[str, ...]) -> str:
     if not tx_ids:
         return hashlib.sha256(b"").hexdigest()
     level = [hashlib.sha256(b"\x00" + bytes.fromhex(t)).digest() for t in tx_ids]

@@ -10,7 +10,7 @@ rules in `state`. Nothing changes unless all of it passes.
 from __future__ import annotations
 
 import time as _time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +25,16 @@ from testbed.ledger.blocks import (
     merkle_root,
 )
 from testbed.ledger.errors import Reason, Rejected
-from testbed.ledger.identity import KeyPair, address_of
+from testbed.ledger.identity import KeyPair, address_of, batch_verifier
 from testbed.ledger.messages import SignedMessage
 from testbed.ledger.state import POOL, Entry, LedgerState, Params
-from testbed.ledger.store import Store
+from testbed.ledger.store import Store, StoreDamaged
 
 MAX_ROUNDS = 1000
+MAX_PENDING_PSEUDONYMS = 65536
 
 
-_PRECEDENCE = {T.REGISTRY: -1, T.PSEUDONYM: -1, T.AWARD: 1, T.PAYMENT: 2}
+_PRECEDENCE = {T.REGISTRY: -1, T.PSEUDONYM: -1, T.GRID_CHECK: 0.5, T.AWARD: 1, T.PAYMENT: 2}
 """Order of operations within a proposal (stable otherwise: arrival order)."""
 
 
@@ -70,8 +71,8 @@ def genesis_state(genesis: Block) -> LedgerState:
             if type(amount) is not int or amount < 0:
                 raise ValueError(f"allocation to {address} must be a non-negative integer")
             state.balances[address] = amount
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Rejected(Reason.BAD_BLOCK, f"genesis: {exc}", height=0) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise Rejected(Reason.BAD_BLOCK, f"genesis: {exc!r}", height=0) from None
     if h.get("height") != 0 or h.get("prev") != ZERO_HASH:
         raise Rejected(Reason.BAD_BLOCK, "genesis must be height 0 with a zero prev",
                        height=0)
@@ -99,6 +100,10 @@ class Chain:
         self.store = store
         self.verified: set[str] = set()
         """Ids of transactions whose signature this node has checked (mempool)."""
+        self.pending_pseudonyms: dict[str, tuple[bytes, int, int]] = {}
+        """Pseudonyms certified by transactions in the mempool, not yet on the chain."""
+        self.verifier = batch_verifier()
+        """Spreads a block's (or a mempool burst's) signature checks over every core."""
         if store is not None and store.height() < 0:
             store.append(0, genesis.hash, genesis.raw, b"[]", [])
 
@@ -111,30 +116,124 @@ class Chain:
         return self.state.height
 
     @classmethod
-    def open(cls, path: Path | str, *, genesis: Block | None = None) -> Chain:
-        """Open a node's database (creating it from `genesis`) and replay it fully checked."""
-        store = Store(path)
-        stored = store.block(0)
-        if stored is None:
-            if genesis is None:
-                raise ValueError(f"{path}: empty ledger database and no genesis given")
-            return cls(genesis, store)
-        g = Block.parse(stored.raw, genesis=True)
-        if genesis is not None and g.hash != genesis.hash:
-            raise ValueError(f"{path}: holds chain {g.hash[:16]}, expected {genesis.hash[:16]}")
-        chain = cls(g, None)
-        for b in store.blocks(1):
-            chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+    def open(cls, path: Path | str, *, genesis: Block | None = None,
+             readonly: bool = False) -> Chain:
+        """Open a node's database (creating it from `genesis`) and replay it fully checked.
+
+        `readonly` opens it through SQLite's read-only URI (`show`, `wallets`): the file is
+        not modified, and a file that is not a ledger store is refused, not converted."""
+        store = Store(path, readonly=readonly)
+        try:
+            stored = store.block(0)
+            if stored is None:
+                if genesis is None or readonly:
+                    raise ValueError(f"{path}: empty ledger database and no genesis given")
+                return cls(genesis, store)
+            g = Block.parse(stored.raw, genesis=True)
+            if genesis is not None and g.hash != genesis.hash:
+                raise ValueError(f"{path}: holds chain {g.hash[:16]}, expected "
+                                 f"{genesis.hash[:16]}")
+            chain = cls(g, None)
+            for b in store.blocks(1):
+                chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+        except BaseException:
+            store.close()
+            raise
         chain.store = store
         return chain
 
     # ------------------------------------------------------------ production
+    def _admission_key(self, msg: SignedMessage) -> bytes | None:
+        """The key a mempool arrival must verify against: the registry's, or that of a
+        pseudonym whose administrator-signed certificate is itself waiting in the mempool
+        (a TCR's order follows its certificate within one block interval; the block's
+        rules still apply the certificate first and check the order against it)."""
+        key = self.state.signer_key(msg)
+        if key is None and msg.client_id in self.pending_pseudonyms:
+            pk, lo, hi = self.pending_pseudonyms[msg.client_id]
+            if lo <= msg.time and (msg.time < hi or msg.operation == T.PAYMENT):
+                key = pk
+        return key
+
+    def _admitted(self, msg: SignedMessage) -> None:
+        self.verified.add(msg.id)
+        if msg.operation == T.PSEUDONYM and msg.client_id == self.state.admin_address:
+            p = msg.parameters
+            pk = bytes.fromhex(p["public_key"])
+            pending = self.pending_pseudonyms
+            pending[address_of(pk)] = (pk, p["valid_from"], p["valid_to"])
+            while len(pending) > MAX_PENDING_PSEUDONYMS:  # oldest first: bounded memory
+                del pending[next(iter(pending))]
+
     def admit(self, msg: SignedMessage) -> None:
         """Mempool admission: shape and signature against the current registry."""
         T.check_shape(msg.operation, msg.parameters)
         if msg.id not in self.verified:
-            messages.verify(msg, lambda a: self.state.public_key(a, msg.time))
-            self.verified.add(msg.id)
+            key = self._admission_key(msg)
+            messages.verify(msg, lambda a: key)
+            self._admitted(msg)
+
+    def admit_many(self, msgs: Sequence[SignedMessage]) -> list[Rejected | None]:
+        """`admit` for a batch (a burst of mempool arrivals): signatures checked on every
+        core. Per message, in order: None if admitted, else why not."""
+        return self.admit_start(msgs, caller=True)()
+
+    def admit_start(self, msgs: Sequence[SignedMessage], *, caller: bool = False
+                    ) -> Callable[[], list[Rejected | None]]:
+        """`admit_many` in two steps: the signature checks start on the worker processes
+        and this returns at once, so the node can apply a block meanwhile; calling the
+        result collects the answers and admits (keys are resolved now, as on arrival)."""
+        msgs = list(msgs)
+        errors: list[Rejected | None] = [None] * len(msgs)
+        keys: dict[str, bytes] = {}
+        todo = []
+        for i, msg in enumerate(msgs):
+            if msg.id in self.verified:
+                continue
+            try:
+                T.check_shape(msg.operation, msg.parameters)
+                key = self._admission_key(msg)
+                if key is None:
+                    raise Rejected(Reason.UNKNOWN_KEY, f"clientId {msg.client_id} is not "
+                                   "registered")
+            except Rejected as exc:
+                errors[i] = exc
+                continue
+            keys[msg.client_id] = key
+            todo.append(i)
+        pending = messages.verify_batch_start([msgs[i] for i in todo], keys.get,
+                                              verifier=self.verifier, caller=caller)
+
+        def collect() -> list[Rejected | None]:
+            for i, exc in zip(todo, pending(), strict=True):
+                if exc is None:
+                    self._admitted(msgs[i])
+                errors[i] = exc
+            return errors
+
+        return collect
+
+    def _preverify(self, txs: Sequence[SignedMessage]) -> set[str]:
+        """Batch-check the signatures of a block's transactions on every core before the
+        rules run one by one. Only good ones are marked; anything else (bad shape, unknown
+        key, a key registered earlier in this block) is left for `state.apply` to refuse
+        in block order with its usual reason, so the outcome is the sequential one.
+        Returns the ids it marked (to forget them if the block fails)."""
+        state, todo = self.state, []
+        for m in txs:
+            if m.id in self.verified:
+                continue
+            try:
+                T.check_shape(m.operation, m.parameters)
+            except Rejected:
+                continue
+            if state.signer_key(m) is not None:
+                todo.append(m)
+        checked = messages.verify_batch(todo, lambda a: state.public_key(a, None),
+                                        verifier=self.verifier)
+        marked = {m.id for m, exc in zip(todo, checked, strict=True) if exc is None}
+        self.verified |= marked
+        return marked
 
     def propose(self, key: KeyPair, txs: Iterable[SignedMessage], *, time: float,
                 round_: int = 0) -> Proposal:
@@ -236,8 +335,13 @@ class Chain:
         """Everything but the certificate; leaves the state as it was (a validator votes
         only after this passes)."""
         self._check_header(block, txs, now)
-        with self.state.trial():
-            self._apply_txs(block, txs)
+        marked = self._preverify(txs)
+        try:
+            with self.state.trial():
+                self._apply_txs(block, txs)
+        except Rejected:
+            self.verified -= marked
+            raise
         self.verified.update(m.id for m in txs)
 
     def commit(self, block: Block, txs: Sequence[SignedMessage], cert: bytes, *,
@@ -251,13 +355,21 @@ class Chain:
                               quorum=state.quorum())
         except Rejected as exc:
             raise exc.at(height=block.height) from None
-        with state.atomic():
-            self._apply_txs(block, txs)
-            if self.store is not None:
-                self.store.append(block.height, block.hash, block.raw, cert,
-                                  [(m.id, m.raw) for m in txs])
+        marked = self._preverify(txs)
+        try:
+            with state.atomic():
+                self._apply_txs(block, txs)
+                if self.store is not None:
+                    self.store.append(block.height, block.hash, block.raw, cert,
+                                      [(m.id, m.raw) for m in txs])
+        except Rejected:
+            self.verified -= marked
+            raise
         for m in txs:
             self.verified.discard(m.id)
+            if m.operation == T.PSEUDONYM:
+                self.pending_pseudonyms.pop(address_of(bytes.fromhex(
+                    m.parameters["public_key"])), None)
 
     def commit_raw(self, raw: bytes, tx_raws: Sequence[bytes], cert: bytes, *,
                    now: float | None = None) -> Block:
@@ -282,56 +394,238 @@ def admin_address(genesis: Block) -> str:
 @dataclass(frozen=True)
 class VerifyReport:
     ok: bool
-    height: int
-    """Last good height when ok; the first bad height otherwise."""
+    height: int | None
+    """Last good height when ok; the first bad height otherwise; None: not a ledger store."""
     chain_id: str
     txs: int
     error: str = ""
 
 
-def verify_store(path: Path | str, *, genesis: Block | None = None) -> VerifyReport:
-    """Recompute every hash, signature, election and contract result of a node database."""
+class UnusableEvidence(ValueError):
+    """`verify --against` was given something that proves nothing (unreadable, forged)."""
+
+
+@dataclass(frozen=True)
+class HeadCertificate:
+    """A committed block's header and its commit certificate: what a peer (or an auditor
+    who saved it) holds as proof that the chain reached `block.height`. `verify --against`
+    uses it to detect a store whose last blocks were deleted."""
+
+    block: Block
+    cert: bytes
+
+    def encode(self) -> bytes:
+        return canonical.encode({"kind": "testbed/head-certificate/v1",
+                                 "block": canonical.decode(self.block.raw),
+                                 "cert": canonical.decode(self.cert)})
+
+    @classmethod
+    def parse(cls, raw: bytes, *, source: str = "head certificate") -> HeadCertificate:
+        try:
+            obj = canonical.decode(raw.strip(), strict=False)
+            if not (isinstance(obj, dict) and obj.get("kind") == "testbed/head-certificate/v1"
+                    and set(obj) == {"kind", "block", "cert"}):
+                raise ValueError("expected {kind: testbed/head-certificate/v1, block, cert}")
+            block = Block.parse(canonical.encode(obj["block"]))
+            return cls(block, canonical.encode(obj["cert"]))
+        except (ValueError, Rejected) as exc:
+            raise UnusableEvidence(f"{source}: not a head certificate ({exc})") from None
+
+
+def head_certificate(path: Path | str) -> HeadCertificate:
+    """The head block and certificate of a store (read-only, unverified: the reader checks)."""
     store = Store(path, readonly=True)
     try:
+        top = store.height()
+        b = store.block(top)
+        if b is None or top < 1:
+            raise ValueError(f"{path}: holds no committed block after genesis")
+        return HeadCertificate(Block.parse(b.raw), b.cert)
+    except Rejected as exc:
+        raise ValueError(f"{path}: head block unreadable ({exc})") from None
+    finally:
+        store.close()
+
+
+@dataclass(frozen=True)
+class Against:
+    """What `verify --against` compares a store with: a peer's store (every block hash, and
+    its blocks to check) or a head certificate file (`head` only)."""
+
+    source: str
+    head: HeadCertificate | None
+    hashes: dict[int, str] = field(default_factory=dict)
+    store: Path | None = None
+
+    def certified(self, height: int) -> HeadCertificate | None:
+        """The peer's block at `height` with its certificate (unverified), if readable."""
+        if self.store is None:
+            return None
+        try:
+            peer = Store(self.store, readonly=True)
+        except ValueError:
+            return None
+        try:
+            b = peer.block(height)
+            return None if b is None else HeadCertificate(Block.parse(b.raw), b.cert)
+        except (ValueError, Rejected):
+            return None
+        finally:
+            peer.close()
+
+
+def load_against(path: Path | str) -> Against:
+    """OTHER for `verify --against`: a peer's store or a head certificate file (`ledger
+    head`). Raises UnusableEvidence if it is neither."""
+    path = Path(path)
+    try:
+        head = path.read_bytes()[:16]
+    except OSError as exc:
+        raise UnusableEvidence(f"{path}: cannot read ({exc.strerror})") from None
+    if not head.startswith(b"SQLite format 3"):
+        return Against(str(path), HeadCertificate.parse(path.read_bytes(), source=str(path)))
+    try:
+        store = Store(path, readonly=True)
+        try:
+            hashes = store.hashes()
+        finally:
+            store.close()
+    except ValueError as exc:
+        raise UnusableEvidence(f"{path}: {exc}") from None
+    try:
+        cert = head_certificate(path)
+    except ValueError:
+        cert = None
+    return Against(str(path), cert, hashes, path)
+
+
+def _certified_by(chain: Chain, evidence: HeadCertificate) -> int:
+    """Votes of this chain's validators (as of its head) on the evidence's block; raises
+    UnusableEvidence when they do not make a commit certificate."""
+    state = chain.state
+    validators = {a: state.identities[a].public_key for a in state.validators()}
+    try:
+        return len(check_certificate(evidence.cert, chain=chain.id, block=evidence.block,
+                                     validators=validators, quorum=state.quorum()))
+    except Rejected as exc:
+        raise UnusableEvidence(f"OTHER's block at height {evidence.block.height} carries no "
+                               f"valid commit certificate for this chain's validators "
+                               f"({exc.detail})") from None
+
+
+def _check_against(chain: Chain, store: Store, other: Against) -> None:
+    """Raise Rejected when OTHER proves this store stops short of the chain (a certified
+    block beyond its head) or holds another block than a certified one at some height;
+    raise UnusableEvidence when OTHER proves nothing (another chain, no valid votes)."""
+    top = chain.height
+    theirs0 = other.hashes.get(0)
+    ours0 = store.block(0)
+    if theirs0 is not None and ours0 is not None and theirs0 != ours0.hash:
+        raise UnusableEvidence(f"OTHER holds chain {theirs0[:16]}, this store "
+                               f"{ours0.hash[:16]}")
+    for h, theirs in sorted(other.hashes.items()):
+        if h > top:
+            break
+        ours = store.block(h)
+        if ours is not None and ours.hash != theirs:
+            evidence = other.certified(h)
+            if evidence is None or evidence.block.hash != theirs:
+                raise UnusableEvidence(f"OTHER's block at height {h} differs and cannot be "
+                                       "read: OTHER is damaged")
+            votes = _certified_by(chain, evidence)
+            raise Rejected(Reason.BAD_BLOCK, f"OTHER holds another block here "
+                           f"({theirs[:16]}, {votes} validator votes) than this store "
+                           f"({ours.hash[:16]}): two blocks certified at one height",
+                           height=h)
+    head = other.head
+    if head is None:
+        return
+    if head.block.header.get("chain") != chain.id:
+        raise UnusableEvidence(f"OTHER is a head of chain "
+                               f"{str(head.block.header.get('chain'))[:16]}, this store "
+                               f"holds {chain.id[:16]}")
+    if head.block.height <= top:
+        ours = store.block(head.block.height)
+        if ours is None or ours.hash != head.block.hash:
+            votes = _certified_by(chain, head)
+            raise Rejected(Reason.BAD_BLOCK, f"OTHER's certified head ({votes} validator "
+                           "votes) is another block than this store's",
+                           height=head.block.height)
+        return
+    votes = _certified_by(chain, head)
+    raise Rejected(Reason.BAD_BLOCK, f"missing: the store ends at height {top}, but OTHER "
+                   f"proves height {head.block.height} was committed ({votes} validator "
+                   f"votes): the store is truncated", height=top + 1)
+
+
+def verify_store(path: Path | str, *, genesis: Block | None = None,
+                 against: Against | None = None) -> VerifyReport:
+    """Recompute every hash, signature, election and contract result of a node database.
+
+    Never raises for a damaged file: whatever is wrong (bytes changed, a column of the
+    wrong type, a dropped table, a truncated or foreign file) comes back as a failed
+    report naming the first bad height, or height None for "not a ledger store".
+    `against` (see `load_against`) also catches a store whose last blocks were deleted."""
+    try:
+        store = Store(path, readonly=True)
+    except (ValueError, OSError) as exc:
+        return VerifyReport(False, None, "", 0, f"not a ledger store ({exc})")
+    at, count, chain_id = 0, 0, ""
+    try:
+        store.snapshot()
         heights = store.heights()
         if not heights or heights[0] != 0:
             return VerifyReport(False, 0, "", 0, "no genesis block at height 0")
         g0 = store.block(0)
-        assert g0 is not None
-        try:
-            g = Block.parse(g0.raw, genesis=True)
-            if g0.hash != g.hash:
-                raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
-                               height=0)
-            if genesis is not None and g.hash != genesis.hash:
-                raise Rejected(Reason.BAD_BLOCK, f"genesis {g.hash[:16]} is not the expected "
-                               f"{genesis.hash[:16]}", height=0)
-            if g0.txs or g0.cert != b"[]":
-                raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes",
-                               height=0)
-            chain = Chain(g)
-        except Rejected as exc:
-            return VerifyReport(False, 0, "", 0, str(exc.at(height=0)))
-        count = 0
+        if g0 is None:
+            raise Rejected(Reason.BAD_BLOCK, "genesis row vanished", height=0)
+        g = Block.parse(g0.raw, genesis=True)
+        if g0.hash != g.hash:
+            raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's", height=0)
+        if genesis is not None and g.hash != genesis.hash:
+            raise Rejected(Reason.BAD_BLOCK, f"genesis {g.hash[:16]} is not the expected "
+                           f"{genesis.hash[:16]}", height=0)
+        if g0.txs or g0.cert != b"[]":
+            raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes",
+                           height=0)
+        chain = Chain(g)
+        chain_id = chain.id
         for expect, h in enumerate(heights[1:], start=1):
+            at = expect
+            if h != expect:
+                raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
             b = store.block(h)
-            assert b is not None
-            try:
-                if h != expect:
-                    raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing",
-                                   height=expect)
-                block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
-                if block.hash != b.hash:
-                    raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
-                                   height=h)
-                for (tid, _), msg_id in zip(b.txs, [canonical.sha256_hex(r) for _, r in b.txs],
-                                            strict=True):
-                    if tid != msg_id:
-                        raise Rejected(Reason.BAD_BLOCK, f"stored tx id {tid[:16]} differs "
-                                       "from its bytes", height=h)
-            except Rejected as exc:
-                return VerifyReport(False, expect, chain.id, count, str(exc.at(height=expect)))
+            if b is None:
+                raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
+            block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+            if block.hash != b.hash:
+                raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
+                               height=h)
+            for tid, raw in b.txs:
+                if tid != canonical.sha256_hex(raw):
+                    raise Rejected(Reason.BAD_BLOCK, f"stored tx id {tid[:16]} differs from "
+                                   "its bytes", height=h)
             count += len(b.txs)
+        at = chain.height + 1
+        stray = store.tx_count() - count
+        if stray:
+            raise Rejected(Reason.BAD_BLOCK, f"{stray} stored transactions belong to no "
+                           "block", height=at)
+        if against is not None:
+            at = chain.height
+            _check_against(chain, store, against)
         return VerifyReport(True, chain.height, chain.id, count)
+    except Rejected as exc:
+        return VerifyReport(False, at if exc.height is None else exc.height, chain_id, count,
+                            str(exc.at(height=at if exc.height is None else exc.height)))
+    except StoreDamaged as exc:
+        return VerifyReport(False, exc.height, chain_id, count, exc.detail)
+    except UnusableEvidence:
+        raise
+    except ValueError as exc:
+        return VerifyReport(False, at, chain_id, count, f"unreadable: {exc}")
+    except Exception as exc:  # damage of a kind nobody foresaw is still a FAILED report
+        return VerifyReport(False, at, chain_id, count,
+                            f"unreadable: {type(exc).__name__}: {exc}")
     finally:
         store.close()

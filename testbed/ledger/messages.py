@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -22,7 +22,14 @@ from typing import Any
 
 from testbed.ledger import canonical
 from testbed.ledger.errors import Reason, Rejected
-from testbed.ledger.identity import KeyPair, address_of, is_address, verify_signature
+from testbed.ledger.identity import (
+    BatchVerifier,
+    KeyPair,
+    address_of,
+    batch_verifier,
+    is_address,
+    verify_signature,
+)
 
 DOMAIN = b"testbed/signed-message/v1\n"
 FIELDS = ("clientId", "date", "operation", "parameters", "reqId", "signature")
@@ -72,6 +79,12 @@ class SignedMessage:
         return parse_date(self.date)
 
     def signed_bytes(self) -> bytes:
+        # "signature" sorts last, so the canonical body is the canonical envelope without
+        # its last member: cut it off rather than encode everything again.
+        raw = self.__dict__.get("raw")
+        tail = f',"signature":"{self.signature}"}}'.encode()
+        if raw is not None and raw.endswith(tail):
+            return DOMAIN + raw[:-len(tail)] + b"}"
         return DOMAIN + canonical.encode(self.body())
 
 
@@ -102,7 +115,10 @@ def parse(raw: bytes | str, *, strict: bool = True) -> SignedMessage:
         obj = canonical.decode(raw, strict=strict)
     except canonical.NotCanonical as exc:
         raise Rejected(Reason.MALFORMED, str(exc)) from None
-    return from_dict(obj)
+    msg = from_dict(obj)
+    if strict:  # the bytes are the canonical encoding: no need to encode them again
+        msg.__dict__["raw"] = raw.encode() if isinstance(raw, str) else bytes(raw)
+    return msg
 
 
 def from_dict(obj: Any) -> SignedMessage:
@@ -139,21 +155,63 @@ def from_dict(obj: Any) -> SignedMessage:
     return msg
 
 
-def verify(msg: SignedMessage, resolve: KeyResolver) -> bytes:
-    """Check the signer is registered and the signature is good; returns the public key."""
+def _key_and_signature(msg: SignedMessage, resolve: KeyResolver) -> tuple[bytes, bytes]:
     public = resolve(msg.client_id)
     if public is None:
         raise Rejected(Reason.UNKNOWN_KEY, f"clientId {msg.client_id} is not registered")
     if address_of(public) != msg.client_id:
         raise Rejected(Reason.UNKNOWN_KEY, f"registered key does not hash to {msg.client_id}")
     try:
-        sig = bytes.fromhex(msg.signature)
+        return public, bytes.fromhex(msg.signature)
     except ValueError:
         raise Rejected(Reason.MALFORMED, "signature is not hex") from None
+
+
+def _bad_signature(msg: SignedMessage) -> Rejected:
+    return Rejected(Reason.BAD_SIGNATURE, f"{msg.operation} from {msg.client_id} "
+                    f"(reqId {msg.req_id}) does not verify against its registered key")
+
+
+def verify(msg: SignedMessage, resolve: KeyResolver) -> bytes:
+    """Check the signer is registered and the signature is good; returns the public key."""
+    public, sig = _key_and_signature(msg, resolve)
     if not verify_signature(public, sig, msg.signed_bytes()):
-        raise Rejected(Reason.BAD_SIGNATURE, f"{msg.operation} from {msg.client_id} "
-                       f"(reqId {msg.req_id}) does not verify against its registered key")
+        raise _bad_signature(msg)
     return public
+
+
+def verify_batch(msgs: Sequence[SignedMessage], resolve: KeyResolver, *,
+                 verifier: BatchVerifier | None = None) -> list[Rejected | None]:
+    """`verify` for many messages at once, the signature checks spread over every core
+    (`identity.BatchVerifier`). Returns, per message and in order, None when it verifies
+    or the very refusal `verify` would raise for it."""
+    return verify_batch_start(msgs, resolve, verifier=verifier, caller=True)()
+
+
+def verify_batch_start(msgs: Sequence[SignedMessage], resolve: KeyResolver, *,
+                       verifier: BatchVerifier | None = None, caller: bool = False
+                       ) -> Callable[[], list[Rejected | None]]:
+    """`verify_batch` in two steps: start the checks, collect the answers later."""
+    msgs = list(msgs)
+    errors: list[Rejected | None] = [None] * len(msgs)
+    items, where = [], []
+    for i, msg in enumerate(msgs):
+        try:
+            public, sig = _key_and_signature(msg, resolve)
+        except Rejected as exc:
+            errors[i] = exc
+            continue
+        items.append((public, sig, msg.signed_bytes()))
+        where.append(i)
+    pending = (verifier or batch_verifier()).start(items, caller=caller)
+
+    def collect() -> list[Rejected | None]:
+        for i, ok in zip(where, pending(), strict=True):
+            if not ok:
+                errors[i] = _bad_signature(msgs[i])
+        return errors
+
+    return collect
 
 
 @dataclass

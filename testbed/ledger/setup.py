@@ -6,6 +6,7 @@ Layout of the ledger folder:
     keys/admin.key        registry administrator (keep offline)
     keys/audit.key        32-byte key that maps pseudonyms back to identities (auditor)
     keys/aggregator.key   the VPP aggregator
+    keys/dso.key          the DSO: signs the grid check of every dispatch (caps, light)
     keys/<prosumer>.key   each prosumer's HEM / certified meter key (validator + meter)
     keys/validator-<k>.key  operator validators beyond the prosumers (no meter), if asked
     nodes/<name>.db       each validator's SQLite store, holding genesis
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from testbed.config import SiteConfig
@@ -25,6 +26,7 @@ from testbed.ledger.blocks import Block
 from testbed.ledger.chain import Chain, make_genesis
 from testbed.ledger.identity import KeyPair
 from testbed.ledger.state import MICRO, POOL, Params
+from testbed.market.orders import MarketRules
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class LedgerLayout:
     def key(self, name: str) -> KeyPair:
         return KeyPair.load(self.key_path(name))
 
+    def audit_key(self) -> bytes:
+        """The auditor's key: maps pseudonyms back to identities (`ledger reveal`)."""
+        from testbed.ledger.pseudonyms import load_audit_key
+        return load_audit_key(self.key_path("audit"))
+
     def validators(self) -> list[str]:
         g = self.genesis()
         return [e["name"] for e in g.header["registry"] if "validator" in e["roles"]]
@@ -61,11 +68,15 @@ def init_ledger(site: SiteConfig, root: Path, *, params: Params | None = None,
                 aggregator_funds_eur: float = 10_000.0, pool_eur: float = 100.0,
                 prosumer_funds_eur: float = 0.0, validators: int | None = None,
                 modes: dict[str, str] | None = None, time: float | None = None,
-                seed: int | None = None, force: bool = False) -> LedgerLayout:
+                seed: int | None = None, force: bool = False,
+                rules: MarketRules | None = None) -> LedgerLayout:
     """Generate keys and a genesis registering every prosumer's meter/HEM; the first
     `validators` prosumers (default: all) also validate, and when `validators` exceeds the
     prosumers, operator nodes `validator-<k>` (no meter) make up the rest. With `seed`, keys are derived
-    from it (reproducible scenario runs; never for a real deployment)."""
+    from it (reproducible scenario runs; never for a real deployment). `rules` (default:
+    `params.market`) are the market rules the chain's auction contract clears under."""
+    if rules is not None:
+        params = replace(params or Params(), market=rules.to_dict())
     layout = LedgerLayout(Path(root))
     if layout.genesis_path.exists() and not force:
         raise FileExistsError(f"{layout.genesis_path} exists; pass force to start a new chain")
@@ -75,16 +86,19 @@ def init_ledger(site: SiteConfig, root: Path, *, params: Params | None = None,
             return KeyPair.generate()
         return KeyPair.from_seed(f"testbed-scenario/{seed}/{site.name}/{name}".encode())
 
-    admin, aggregator = new_key("admin"), new_key("aggregator")
+    admin, aggregator, dso = new_key("admin"), new_key("aggregator"), new_key("dso")
     admin.save(layout.key_path("admin"))
     aggregator.save(layout.key_path("aggregator"))
+    dso.save(layout.key_path("dso"))
     audit = layout.key_path("audit")
     fd = os.open(audit, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write((secrets.token_hex(32) if seed is None else new_key("audit").public.hex())
                  + "\n")
     registry = [T.entry_dict("aggregator", aggregator.public, meter_type="none",
-                             roles=["aggregator"])]
+                             roles=["aggregator"]),
+                T.entry_dict("dso", dso.public, meter_type="none", serial=site.name,
+                             roles=["dso"])]
     n_validators = len(site.prosumers) if validators is None else validators
     funds = {}
     for i, p in enumerate(site.prosumers):

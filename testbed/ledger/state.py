@@ -11,6 +11,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from testbed.ledger import canonical, contracts
@@ -18,7 +19,18 @@ from testbed.ledger import transactions as T
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import address_of
 from testbed.ledger.messages import SignedMessage, verify
+from testbed.market.orders import (
+    DEFAULT_RULES,
+    MarketError,
+    MarketRules,
+    Order,
+    Side,
+    validate_order,
+)
 from testbed.market.units import UEUR_PER_EUR, eur_to_ueur
+
+_MISSING = object()
+"""An undo entry's old value when the key was absent."""
 
 POOL = "tb" + "0" * 40
 """The incentive pool: funded in genesis, pays block rewards, has no key."""
@@ -42,15 +54,33 @@ class Params:
     max_block_txs: int = 10_000
     round_timeout_s: float = 2.0
     """A silent proposer is replaced by the next in CPF order after this long."""
+    market: dict[str, Any] = field(default_factory=DEFAULT_RULES.to_dict)
+    """The market rules (`MarketRules.to_dict`: pricing, interval, price and energy
+    limits) every auction on this chain runs under: the auction contract reads them from
+    here, so re-executing it never depends on what the agents agreed out of band."""
+
+    def __post_init__(self) -> None:
+        try:
+            rules = MarketRules.from_dict(self.market)
+        except (MarketError, TypeError) as exc:
+            raise ValueError(f"params.market: {exc}") from None
+        object.__setattr__(self, "market", rules.to_dict())
+
+    @cached_property
+    def rules(self) -> MarketRules:
+        return MarketRules.from_dict(self.market)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Params:
+        if "market" not in d:  # a chain made before market rules were in genesis
+            d = {**d, "market": DEFAULT_RULES.to_dict()}
         return cls(**d)
 
     def as_dict(self) -> dict[str, Any]:
         return {"max_skew_s": self.max_skew_s, "max_age_s": self.max_age_s,
                 "cpf_window": self.cpf_window, "block_reward": self.block_reward,
-                "max_block_txs": self.max_block_txs, "round_timeout_s": self.round_timeout_s}
+                "max_block_txs": self.max_block_txs, "round_timeout_s": self.round_timeout_s,
+                "market": dict(self.market)}
 
 
 @dataclass(frozen=True)
@@ -82,6 +112,15 @@ class Pseudonym:
 
 
 @dataclass(frozen=True)
+class GridCheck:
+    tx: str
+    dso: str
+    caps: dict[str, float]
+    light: str
+    passed: bool
+
+
+@dataclass(frozen=True)
 class Reading:
     tx: str
     start: int
@@ -101,16 +140,20 @@ class Auction:
     price: float
     pricing: str
     contract: str
+    rules: dict[str, Any] = field(default_factory=DEFAULT_RULES.to_dict)
+    """The chain's market rules (genesis `params.market`) the contract clears under."""
     orders: tuple[str, ...] = ()
     order_inputs: tuple[dict[str, Any], ...] = ()
     award: str | None = None
 
     def contract_inputs(self) -> dict[str, Any]:
-        """What the auction contract sees: the request and every order committed for it."""
+        """What the auction contract sees: the request, every order committed for it, and
+        the chain's market rules."""
         request = {"order_id": self.id, "address": self.opener, "side": self.side,
                    "energy_kwh": self.energy_kwh, "price": self.price,
                    "interval": self.interval}
-        return {"request": request, "orders": list(self.order_inputs), "pricing": self.pricing}
+        return {"request": request, "orders": list(self.order_inputs), "pricing": self.pricing,
+                "rules": dict(self.rules)}
 
 
 @dataclass
@@ -126,11 +169,14 @@ class LedgerState:
     balances: dict[str, int] = field(default_factory=dict)
     readings: dict[str, tuple[Reading, ...]] = field(default_factory=dict)
     auctions: dict[str, Auction] = field(default_factory=dict)
+    grid_checks: dict[str, GridCheck] = field(default_factory=dict)
+    """auction id -> the DSO's signed grid check of its dispatch."""
     lines: dict[tuple[str, str, str], tuple[int, bool]] = field(default_factory=dict)
     """(award, payer, payee) -> (amount due, paid): what an award obliges."""
     recent: dict[tuple[str, str], float] = field(default_factory=dict)
     _recent_order: deque[tuple[float, str, str]] = field(default_factory=deque)
-    _undo: list[Callable[[], None]] | None = None
+    _undo: list[Any] | None = None
+    """Journal of changes to undo: (table, key, old value) tuples or callables."""
 
     # ----------------------------------------------------------------- queries
     @property
@@ -144,16 +190,25 @@ class LedgerState:
         """Votes needed to commit: more than two thirds of the registered validators."""
         return 2 * len(self.validators()) // 3 + 1
 
-    def public_key(self, address: str, at: float | None = None) -> bytes | None:
+    def public_key(self, address: str, at: float | None = None, *,
+                   spending: bool = False) -> bytes | None:
+        """The key `address` signs with at time `at` (None: any time). A pseudonym bids
+        only inside its certified window; `spending` (a payment from its wallet) is allowed
+        from the window's start on, so what it earned is never locked in."""
         entry = self.identities.get(address)
         if entry is not None:
             return entry.public_key
         p = self.pseudonyms.get(address)
-        if p is not None and (at is None or p.valid_from <= at < p.valid_to):
+        if p is not None and (at is None or (p.valid_from <= at and (
+                spending or at < p.valid_to))):
             return p.public_key
         if address == self.admin_address:
             return self.admin
         return None
+
+    def signer_key(self, msg: SignedMessage) -> bytes | None:
+        """The registered key `msg` must verify against, at its date and for its kind."""
+        return self.public_key(msg.client_id, msg.time, spending=msg.operation == T.PAYMENT)
 
     def balance(self, address: str) -> int:
         return self.balances.get(address, 0)
@@ -166,29 +221,40 @@ class LedgerState:
             "readings": {a: [r.tx for r in rs] for a, rs in self.readings.items()},
             "auctions": {a: [x.award, list(x.orders)] for a, x in self.auctions.items()},
             "lines": sorted([*k, *v] for k, v in self.lines.items()),
+            "grid_checks": {a: g.tx for a, g in self.grid_checks.items()},
             "recent": sorted(f"{c}/{r}" for c, r in self.recent),
         })
 
     # ----------------------------------------------------------------- journal
     def _set(self, table: dict, key: Any, value: Any) -> None:
-        if self._undo is not None:
-            if key in table:
-                old = table[key]
-                self._undo.append(lambda: table.__setitem__(key, old))
-            else:
-                self._undo.append(lambda: table.pop(key, None))
+        undo = self._undo
+        if undo is not None:  # (table, key, old value) tuples: the hot path of every rule
+            undo.append((table, key, table.get(key, _MISSING)))
         table[key] = value
 
     def _del(self, table: dict, key: Any) -> None:
         old = table.pop(key)
         if self._undo is not None:
-            self._undo.append(lambda: table.__setitem__(key, old))
+            self._undo.append((table, key, old))
 
     def _attr(self, name: str, value: Any) -> None:
         if self._undo is not None:
             old = getattr(self, name)
             self._undo.append(lambda: setattr(self, name, old))
         setattr(self, name, value)
+
+    @staticmethod
+    def _rollback(undo: list, mark: int = 0) -> None:
+        while len(undo) > mark:
+            entry = undo.pop()
+            if type(entry) is tuple:
+                table, key, old = entry
+                if old is _MISSING:
+                    table.pop(key, None)
+                else:
+                    table[key] = old
+            else:
+                entry()
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
@@ -201,8 +267,7 @@ class LedgerState:
         try:
             yield
         except BaseException:
-            while len(undo) > mark:
-                undo.pop()()
+            self._rollback(undo, mark)
             if not outer:
                 self._undo = None
             raise
@@ -219,8 +284,7 @@ class LedgerState:
             yield
         finally:
             self._undo = None
-            while undo:
-                undo.pop()()
+            self._rollback(undo)
 
     # ------------------------------------------------------------------ money
     def _transfer(self, payer: str, payee: str, amount: int) -> None:
@@ -246,16 +310,22 @@ class LedgerState:
     # ---------------------------------------------------------- transactions
     def apply(self, msg: SignedMessage, *, block_time: float, height: int, proposer: str,
               index: int, verified: set[str] | frozenset[str] = frozenset()) -> None:
-        """Check one transaction against every rule, then apply it. Raises Rejected."""
-        T.check_shape(msg.operation, msg.parameters)
+        """Check one transaction against every rule, then apply it. Raises Rejected.
+
+        `verified` holds ids whose shape and signature this node has already checked
+        (mempool admission, a batch verification): both are pure functions of the
+        message's bytes, so they are not repeated; that the key is still registered is."""
+        checked = msg.id in verified
+        if not checked:
+            T.check_shape(msg.operation, msg.parameters)
         t = msg.time
         if t > block_time + self.params.max_skew_s or t < block_time - self.params.max_age_s:
             raise Rejected(Reason.STALE, f"{msg.operation} dated {msg.date} is "
                            f"{t - block_time:+.1f} s from its block (allowed "
                            f"-{self.params.max_age_s:g}/+{self.params.max_skew_s:g} s)")
-        if msg.id not in verified:
-            verify(msg, lambda a: self.public_key(a, t))
-        elif self.public_key(msg.client_id, t) is None:
+        if not checked:
+            verify(msg, lambda a: self.signer_key(msg))
+        elif self.signer_key(msg) is None:
             raise Rejected(Reason.UNKNOWN_KEY, f"clientId {msg.client_id} is not registered")
         key = (msg.client_id, msg.req_id)
         if key in self.recent:
@@ -309,10 +379,21 @@ class LedgerState:
             raise Rejected(Reason.INVALID, f"unknown contract {p['contract']!r}; known: "
                            f"{contracts.names()}")
         bid = p["bid"]
+        rules = self.params.rules
+        if p["pricing"].replace("-", "_") != str(rules.pricing):
+            raise Rejected(Reason.INVALID, f"auction pricing {p['pricing']!r}; this chain's "
+                           f"market rules (genesis) say {str(rules.pricing).replace('_', '-')!r}")
+        try:
+            validate_order(Order(msg.id, msg.client_id, Side(bid["type"]),
+                                 float(bid["energy"]["value"]), float(bid["price"]["value"]),
+                                 p["interval"]), rules)
+        except MarketError as exc:
+            raise Rejected(Reason.INVALID, f"auction request outside the chain's market "
+                           f"rules: {exc}") from None
         self._set(self.auctions, msg.id, Auction(
             msg.id, msg.client_id, p["interval"], p["gate"], bid["type"],
             float(bid["energy"]["value"]), float(bid["price"]["value"]), p["pricing"],
-            p["contract"]))
+            p["contract"], self.params.market))
 
     def _order(self, msg: SignedMessage, *_: Any) -> None:
         p = msg.parameters
@@ -358,8 +439,9 @@ class LedgerState:
                            f"the chain holds {len(auction.orders)} for this auction (every "
                            "committed order must be considered)")
         inputs = auction.contract_inputs()
-        if p.get("caps"):  # the DSO's grid caps are contract inputs, visible on-chain
-            inputs["caps"] = p["caps"]
+        caps = self._dso_caps(auction, {k: float(v) for k, v in (p.get("caps") or {}).items()})
+        if caps:  # the DSO's grid caps are contract inputs, visible on-chain
+            inputs["caps"] = caps
         result = contracts.check_result(auction.contract, inputs, p["result"])
         for award in result.get("awards", []):
             amount = eur_to_ueur(float(award["amount_eur"]))
@@ -371,6 +453,42 @@ class LedgerState:
             due = self.lines.get(line, (0, False))[0]
             self._set(self.lines, line, (due + amount, False))
         self._set(self.auctions, auction.id, replace(auction, award=msg.id))
+
+    def _dso_caps(self, auction: Auction, claimed: dict[str, float]) -> dict[str, float]:
+        """The caps an award must honour are the DSO's, from its signed grid check of this
+        auction: caps the DSO did not sign are refused, and so is an award that leaves
+        out caps the DSO imposed."""
+        check = self.grid_checks.get(auction.id)
+        if check is None:
+            if claimed:
+                raise Rejected(Reason.NOT_AUTHORISED, f"award carries grid caps for auction "
+                               f"{auction.id[:16]} but no grid check signed by the DSO is "
+                               "on the chain")
+            return {}
+        if canonical.encode(claimed) != canonical.encode(check.caps):
+            raise Rejected(Reason.CONTRACT_MISMATCH, f"award caps differ from those of the "
+                           f"DSO's grid check {check.tx[:16]} ({len(claimed)} vs "
+                           f"{len(check.caps)} orders capped)")
+        return check.caps
+
+    def _grid_check(self, msg: SignedMessage, *_: Any) -> None:
+        self._role(msg, "dso")
+        p = msg.parameters
+        auction = self.auctions.get(p["auction"])
+        if auction is None:
+            raise Rejected(Reason.INVALID, f"grid check of unknown auction {p['auction'][:16]}")
+        if auction.award is not None:
+            raise Rejected(Reason.INVALID, f"auction {auction.id[:16]} is already awarded")
+        if auction.id in self.grid_checks:
+            raise Rejected(Reason.DOUBLE_SPEND, f"auction {auction.id[:16]} already has the "
+                           f"DSO's grid check {self.grid_checks[auction.id].tx[:16]}")
+        unknown = sorted(set(p["caps"]) - set(auction.orders))
+        if unknown:
+            raise Rejected(Reason.INVALID, f"grid check caps {unknown[0][:16]}, not an order "
+                           f"of auction {auction.id[:16]}")
+        caps = {k: float(v) for k, v in p["caps"].items()}
+        self._set(self.grid_checks, auction.id, GridCheck(msg.id, msg.client_id, caps,
+                                                          p["light"], p["passed"]))
 
     def _payment(self, msg: SignedMessage, *_: Any) -> None:
         p = msg.parameters
@@ -449,4 +567,5 @@ _HANDLERS: dict[str, Callable[..., None]] = {
     T.ORDER: LedgerState._order, T.AWARD: LedgerState._award,
     T.PAYMENT: LedgerState._payment, T.REWARD: LedgerState._reward,
     T.REGISTRY: LedgerState._registry, T.PSEUDONYM: LedgerState._pseudonym,
+    T.GRID_CHECK: LedgerState._grid_check,
 }

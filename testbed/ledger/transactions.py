@@ -24,8 +24,10 @@ PAYMENT = "payment"
 REWARD = "reward"
 REGISTRY = "registry"
 PSEUDONYM = "pseudonym"
+GRID_CHECK = "grid-check"
 
-ROLES = frozenset({"validator", "meter", "aggregator"})
+ROLES = frozenset({"validator", "meter", "aggregator", "dso"})
+LIGHTS = frozenset({"green", "amber", "red"})
 MODES = frozenset({"TE", "RE", "RE+TE"})
 PRICINGS = frozenset({"pay-as-bid", "pay-as-clear"})
 SIDES = frozenset({"buy", "sell"})
@@ -157,11 +159,29 @@ def _award(c: _Check) -> None:
     if not isinstance(c._get("result"), dict):
         raise _fail(c.op, "result", "an object (the contract's output)", c._get("result"))
     if "caps" in c.params:  # the grid check's DSO caps: order id -> kWh (testbed.grid)
-        caps = c._get("caps")
-        if not isinstance(caps, dict):
-            raise _fail(c.op, "caps", "an object {order id: kWh}", caps)
-        for oid in caps:
-            c.number(f"caps.{oid}", 0.0, 1e6)
+        _caps(c)
+
+
+def _caps(c: _Check) -> None:
+    caps = c._get("caps")
+    if not isinstance(caps, dict):
+        raise _fail(c.op, "caps", "an object {order id: kWh}", caps)
+    for oid in caps:
+        if not (len(oid) == 64 and set(oid) <= _HEX):
+            raise _fail(c.op, "caps", "order ids (64 hex) as keys", oid)
+        c.number(f"caps.{oid}", 0.0, MAX_ENERGY_KWH)
+
+
+def _grid_check(c: _Check) -> None:
+    """The DSO's verdict on an auction's dispatch: caps it imposes, traffic light, how
+    many re-clear rounds it took, whether the final dispatch is acceptable."""
+    c.keys("", {"auction", "caps", "light", "rounds", "passed"})
+    c.tx_id("auction")
+    _caps(c)
+    c.choice("light", LIGHTS)
+    c.integer("rounds", 1, 1000)
+    if type(c._get("passed")) is not bool:
+        raise _fail(c.op, "passed", "true or false", c._get("passed"))
 
 
 def _payment(c: _Check) -> None:
@@ -214,7 +234,7 @@ def _pseudonym(c: _Check) -> None:
 
 SCHEMAS: dict[str, Callable[[_Check], None]] = {
     READING: _reading, AUCTION: _auction, ORDER: _order, AWARD: _award, PAYMENT: _payment,
-    REWARD: _reward, REGISTRY: _registry, PSEUDONYM: _pseudonym,
+    REWARD: _reward, REGISTRY: _registry, PSEUDONYM: _pseudonym, GRID_CHECK: _grid_check,
 }
 
 

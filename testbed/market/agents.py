@@ -25,7 +25,7 @@ import math
 import time as _time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from testbed.bus import topics
 from testbed.bus.client import BusClient, BusMessage
@@ -107,16 +107,30 @@ class Round:
     orders: list[SignedMessage]
     clearing: Clearing
     award: SignedMessage
+    grid_check: SignedMessage | None = None
+    """The DSO's signed grid check of the dispatch (when `dispatch` ran one)."""
+
+
+class GridDispatch(Protocol):
+    """What a grid-checked dispatch returns (`testbed.grid.reclear.Reclear`)."""
+
+    clearing: Clearing
+
+    def grid_check(self, dso: KeyPair, auction_id: str, *, at: float) -> SignedMessage: ...
 
 
 class AggregatorAgent:
     def __init__(self, key: KeyPair, bus: BusClient, site: str, *, resolve: KeyResolver,
                  rules: MarketRules = DEFAULT_RULES, clock: Callable[[], float] = _time.time,
-                 submit: Callable[[SignedMessage], Any] | None = None) -> None:
+                 submit: Callable[[SignedMessage], Any] | None = None,
+                 dso: KeyPair | None = None) -> None:
         self.key, self.bus, self.site, self.rules, self.clock = key, bus, site, rules, clock
         self.inbox = Inbox(resolve, clock)
         self.submit = submit
         """Also hand every message to the ledger (e.g. `LedgerNode.submit`)."""
+        self.dso = dso
+        """The DSO's key: signs the grid check of a dispatch before its award is recorded
+        (the ledger takes caps only from a DSO-signed grid check)."""
 
     async def _record(self, msg: SignedMessage) -> None:
         if self.submit is not None:
@@ -140,8 +154,8 @@ class AggregatorAgent:
                       gate_s: float = 1.0, wait_s: float | None = None,
                       pricing: Pricing | None = None,
                       expect: Callable[[str], int | None] | None = None,
-                      dispatch: Callable[[Order, list[Order]], Clearing] | None = None
-                      ) -> Round:
+                      dispatch: Callable[[Order, list[Order]], Clearing | GridDispatch]
+                      | None = None) -> Round:
         """Publish a request, collect answers until the gate closes, clear and publish.
 
         The gate is `gate_s` after now on the agent's clock, the time the ledger checks
@@ -153,7 +167,8 @@ class AggregatorAgent:
         (None: not yet known): the wait then ends as soon as they are in, which is how a
         fast-mode scenario runs hundreds of auctions without waiting out wall-clock gates.
         `dispatch(request, orders)` replaces the plain clearing, e.g. with the grid
-        check's re-clear (its DSO caps go into the award). Orders are recorded to the
+        check's re-clear; when it returns the grid check (a `GridDispatch`), the DSO
+        signs it and it is recorded before the award, whose caps it backs. Orders are recorded to the
         ledger after the gate, sorted by id, so a replayed run commits the same blocks.
         """
         pricing = pricing or self.rules.pricing
@@ -210,9 +225,18 @@ class AggregatorAgent:
         orders.sort(key=lambda o: o.order_id)
         for msg in received:
             await self._record(msg)
-        clearing = (dispatch(req_order, orders) if dispatch is not None
-                    else clear(req_order, orders, pricing, rules=self.rules))
+        result = (dispatch(req_order, orders) if dispatch is not None
+                  else clear(req_order, orders, pricing, rules=self.rules))
+        grid = None if isinstance(result, Clearing) else result
+        clearing = result if grid is None else grid.clearing
         await self._until(gate)  # the ledger takes an award only in a block after the gate
+        check = None
+        if grid is not None and self.dso is not None:
+            check = grid.grid_check(self.dso, request.id, at=self.clock())
+            await self._record(check)
+        elif clearing.caps:
+            log.warning("auction %s: grid caps without a DSO key to sign them; the ledger "
+                        "will refuse the award", request.id[:12])
         params: dict[str, Any] = {"auction": request.id, "contract": CONTRACT,
                                   "orders": [m.id for m in received],
                                   "result": clearing.to_dict()}
@@ -221,7 +245,7 @@ class AggregatorAgent:
         award = messages.sign(self.key, T.AWARD, params, at=self.clock())
         await self._record(award)
         await self.bus.publish(topics.market_awards(self.site, interval), award.raw)
-        return Round(request, received, clearing, award)
+        return Round(request, received, clearing, award, check)
 
 
 @dataclass
@@ -246,8 +270,13 @@ class TCRAgent:
                  battery_params: BatteryParams, battery: Callable[[], BatteryState | float],
                  mode: Mode = Mode.TE, rules: MarketRules = DEFAULT_RULES,
                  clock: Callable[[], float] = _time.time,
-                 on_award: Callable[[float, Side, int], Any] | None = None) -> None:
+                 on_award: Callable[[float, Side, int], Any] | None = None,
+                 pseudonym: Callable[[KeyPair, SignedMessage], KeyPair] | None = None
+                 ) -> None:
         self.key, self.bus, self.site = key, bus, site
+        self.pseudonym = pseudonym
+        """(identity key, auction request) -> the certified pseudonym key to answer it
+        with (`testbed.ledger.pseudonyms.PseudonymDesk.issue`); None: the identity."""
         self.params, self.battery_params, self.battery = params, battery_params, battery
         self.mode, self.rules, self.clock = mode, rules, clock
         self.is_aggregator = is_aggregator
@@ -305,8 +334,9 @@ class TCRAgent:
         if mine is None:
             self.answers[msg.id] = answer
             return
-        order = messages.sign(self.key, T.ORDER, {
-            "address": self.key.address, "cpf": round(self.cpf, 6), "auction": msg.id,
+        signer = self.key if self.pseudonym is None else self.pseudonym(self.key, msg)
+        order = messages.sign(signer, T.ORDER, {
+            "address": signer.address, "cpf": round(self.cpf, 6), "auction": msg.id,
             "bid": _bid(mine.side, mine.energy_kwh, mine.price)}, at=self.clock())
         answer.order = order
         answer.lost = self.lose is not None and self.lose(order)

@@ -40,6 +40,7 @@ from testbed.clock import EPOCH, Clock
 from testbed.config import ConfigError, InfluxConfig, SiteConfig, load_site
 from testbed.devices.site import SiteEmulators, open_devices
 from testbed.ledger.chain import Chain
+from testbed.ledger.pseudonyms import PseudonymDesk
 from testbed.ledger.setup import init_ledger
 from testbed.ledger.state import Params
 from testbed.ledger.validators import Validators
@@ -165,20 +166,25 @@ class Run:
         self.layout = init_ledger(
             site, self.dir / "ledger", seed=sc.seed, time=EPOCH + sc.start - 1,
             validators=sc.ledger.validators,
-            prosumer_funds_eur=sc.ledger.prosumer_funds_eur,
+            prosumer_funds_eur=sc.ledger.prosumer_funds_eur, rules=self.rules,
             params=Params(max_skew_s=max(300.0, 2.0 * sc.market.interval_s),
                           max_age_s=max(900.0, 4.0 * sc.market.interval_s),
                           round_timeout_s=max(2.0, sc.market.gate_s)))
         self.keys = {p.name: self.layout.key(p.name) for p in site.prosumers}
         self.agg_key = self.layout.key("aggregator")
+        self.owners = {k.address: n for n, k in self.keys.items()}
+        """The run's address book: ledger address -> prosumer, pseudonyms included as
+        the desk issues them (settlement and the grid check locate bidders by it)."""
         emulators = SiteEmulators(site, free_ports=True, start_s=sc.start)
         self.env = Environment(emulators.physics, *self.profiles)
         self.accounting = Accounting(self.keys, self.schedule, sc.market.interval_s)
-        self.settlement = SettlementPhase(self.rules, {k.address: n for n, k in self.keys.items()})
+        self.settlement = SettlementPhase(self.rules, self.owners)
         self.feeder = Feeder(self.checker, site.grid.background) if self.checker else None
         self.market = MarketRound(sc, st, self.clock, self.rules, self.schedule, self.agg_key,
-                                  self.keys, self.checker, site.grid.background)
+                                  self.keys, self.checker, site.grid.background,
+                                  owners=self.owners)
         self.ledger: LedgerPhase | None = None
+        self.desk: PseudonymDesk | None = None
         try:
             await emulators.start(clock=False)
             async with open_bus(self.broker) as bus:
@@ -217,10 +223,14 @@ class Run:
         else:
             first = self.layout.validators()[0]
             identities = Chain.open(self.layout.db_path(first)).state.identities
+        # prosumers bid under per-auction pseudonyms the administrator certifies
+        desk = self.desk = PseudonymDesk(self.layout.key("admin"), self.layout.audit_key(),
+                                         submit=self.ledger.queue if self.ledger else None,
+                                         aliases=self.owners)
 
         def resolve(address: str) -> bytes | None:
             e = identities.get(address)
-            return e.public_key if e else None
+            return e.public_key if e else desk.resolve(address)
 
         self.devices = DeviceIO(site, open_devices(emulators.resolved_site()), self.store,
                                 emulators)
@@ -229,7 +239,8 @@ class Run:
                      and self.devices.battery(p.name) is not None}
         try:
             await self.market.start(bus, site.name, resolve, batteries,
-                                    self.ledger.submit if self.ledger else None)
+                                    self.ledger.submit if self.ledger else None,
+                                    dso=self.layout.key("dso"), pseudonym=desk.issue)
             await self.devices.connect()
             await self._loop()
         finally:
@@ -302,7 +313,7 @@ class Run:
                              for c in closed.certified})
         if self.ledger is not None:
             self.ledger.payments(((x, p.award_id) for p in paid for x in p.transfers),
-                                 at=self.clock.now())
+                                 at=self.clock.now(), desk=self.desk)
             self.ledger.readings(interval, ((c.prosumer, c.production_kwh, c.consumption_kwh)
                                   for c in closed.certified), at=self.clock.now())
         if closed.row is not None:

@@ -15,6 +15,7 @@ from testbed.clock import EPOCH
 from testbed.ledger import messages
 from testbed.ledger import transactions as T
 from testbed.ledger.identity import KeyPair
+from testbed.ledger.pseudonyms import PseudonymDesk
 from testbed.ledger.validators import Validators
 from testbed.market.settlement import Transfer, TransferKind
 from testbed.telemetry.store import RunStore
@@ -64,13 +65,23 @@ class LedgerPhase:
                 "duration_s": self.interval_s, "production_kwh": round(prod, 6),
                 "consumption_kwh": round(cons, 6)}, at=at))
 
-    def payments(self, transfers: Iterable[tuple[Transfer, str]], at: float) -> None:
-        """Settlement transfers, each signed by its payer: (transfer, award id)."""
+    def queue(self, msg: messages.SignedMessage) -> None:
+        """A transaction that must reach the chain before the next one submitted (a
+        pseudonym's certificate before the order it signs)."""
+        self._outbox.append(msg)
+
+    def payments(self, transfers: Iterable[tuple[Transfer, str]], at: float,
+                 desk: PseudonymDesk | None = None) -> None:
+        """Settlement transfers, each signed by its payer: (transfer, award id). A payer
+        that is a pseudonym pays through `desk` (its owner's top-up first)."""
         for x, award_id in transfers:
-            self._outbox.append(messages.sign(self.by_address[x.payer], T.PAYMENT, {
-                "to": x.payee, "amount": x.amount_ueur,
-                "award": award_id if x.kind == TransferKind.ENERGY else None,
-                "memo": f"{x.kind} {x.order_id[:16]} interval {x.interval}"}, at=at))
+            award = award_id if x.kind == TransferKind.ENERGY else None
+            memo = f"{x.kind} {x.order_id[:16]} interval {x.interval}"
+            by_pseudonym = desk.payments(x.payer, x.payee, x.amount_ueur, award=award,
+                                         memo=memo, at=at) if desk is not None else []
+            self._outbox.extend(by_pseudonym or [messages.sign(
+                self.by_address[x.payer], T.PAYMENT, {"to": x.payee, "amount": x.amount_ueur,
+                                                      "award": award, "memo": memo}, at=at)])
 
     async def interval_end(self, interval: int, t: float) -> None:
         """The elected validator proposes once every submitted transaction has reached it

@@ -17,7 +17,7 @@ from typing import Any
 from testbed.bus.client import BusClient
 from testbed.clock import EPOCH, Clock
 from testbed.grid.check import GridChecker
-from testbed.grid.reclear import award_power_w, reclear
+from testbed.grid.reclear import Reclear, award_power_w, reclear
 from testbed.ledger.identity import KeyPair
 from testbed.ledger.messages import SignedMessage
 from testbed.market.agents import AggregatorAgent, TCRAgent
@@ -50,12 +50,16 @@ class RoundResult:
 class MarketRound:
     def __init__(self, sc: Scenario, store: RunStore, clock: Clock, rules: MarketRules,
                  schedule: Schedule, aggregator_key: KeyPair, keys: Mapping[str, KeyPair],
-                 checker: GridChecker | None = None, background: float = 1.0) -> None:
+                 checker: GridChecker | None = None, background: float = 1.0,
+                 owners: Mapping[str, str] | None = None) -> None:
         self.sc, self.store, self.clock, self.rules = sc, store, clock, rules
         self.key = aggregator_key
         self.keys = dict(keys)
-        self.owner = {k.address: n for n, k in self.keys.items()}
-        """ledger address -> prosumer."""
+        self.owner = owners if owners is not None else {k.address: n
+                                                        for n, k in self.keys.items()}
+        """ledger address -> prosumer; the run's address book, which also knows the
+        pseudonyms its prosumers bid under (the aggregator is told where its bidders
+        connect to the feeder, not who they are)."""
         self.checker, self.background = checker, background
         self.aggregator = Aggregator(schedule, address=aggregator_key.address,
                                      threshold_kwh=sc.market.threshold_kwh,
@@ -74,18 +78,24 @@ class MarketRound:
 
     async def start(self, bus: BusClient, site: str, resolve: Callable[[str], bytes | None],
                     batteries: Mapping[str, BatteryParams],
-                    submit: Callable[[SignedMessage], Awaitable[None]] | None) -> None:
-        """Start the aggregator's agent and a TCR for every prosumer with a battery."""
+                    submit: Callable[[SignedMessage], Awaitable[None]] | None, *,
+                    dso: KeyPair | None = None,
+                    pseudonym: Callable[[KeyPair, SignedMessage], KeyPair] | None = None
+                    ) -> None:
+        """Start the aggregator's agent and a TCR for every prosumer with a battery.
+        `dso` signs each grid-checked dispatch (the award's caps are valid on the ledger
+        only with it); `pseudonym` gives each TCR the certified pseudonym it answers an
+        auction under."""
         sc = self.sc
         self.agent = AggregatorAgent(self.key, bus, site, resolve=resolve, rules=self.rules,
-                                     clock=self.clock.now, submit=submit)
+                                     clock=self.clock.now, submit=submit, dso=dso)
         for name, bat in batteries.items():
             tcr = TCRAgent(self.keys[name], bus, site, resolve=resolve,
                            is_aggregator=lambda a: a == self.key.address,
                            params=TCRParams(), battery_params=bat,
                            battery=lambda n=name: self.soc.get(n) or 0.0,
                            mode=Mode(sc.market.mode.lower()), rules=self.rules,
-                           clock=self.clock.now)
+                           clock=self.clock.now, pseudonym=pseudonym)
             tcr.lose = lambda order, n=name: self._lose(n, order)
             await tcr.start()
             self.tcrs[name] = tcr
@@ -150,7 +160,7 @@ class MarketRound:
         self.counters["auctions"] += 1
         rounds: list[Any] = []
 
-        def dispatch(req: Order, orders: list[Order]) -> Clearing:
+        def dispatch(req: Order, orders: list[Order]) -> Clearing | Reclear:
             if fast:  # the gate (whole seconds) has closed: move past it
                 self.clock.advance_to(math.ceil(EPOCH + t + GATE_S) - EPOCH)
             if self.checker is None:
@@ -160,7 +170,7 @@ class MarketRound:
                           base_q=base_q, pricing=self.rules.pricing, rules=self.rules,
                           background=self.background)
             rounds.append(res)
-            return res.clearing
+            return res  # the agent has the DSO sign this grid check before the award
 
         rnd = await self.agent.auction(
             request.side, request.energy_kwh, request.price, interval + 1,

@@ -20,7 +20,7 @@ from testbed.devices.faults import FaultProxy
 from testbed.devices.modbus import ModbusLink, SunSpecDevice
 from testbed.devices.site import SiteEmulators, open_devices
 from testbed.devices.sunspec import RegisterMap
-from testbed.scenarios.engine import FAULT_AFTER
+from testbed.scenarios.phases.devices import FAULT_AFTER
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,11 @@ def _write(tmp_path: Path, site: dict[str, Any], sc: dict[str, Any]) -> Path:
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ({"clock": {"mode": "fast"}}, r"s.yaml: clock.mode: a fast clock cannot drive real "
+    ({"clock": {"mode": "fast"}}, r"clock.mode: a fast clock cannot drive real "
                                   r"devices (house-1-battery)"),
     ({"clock": {"mode": "realtime", "speed": 60},
       "events": [{"kind": "device-offline", "at": "12:10", "device": "house-1-battery"}]},
-     r"s.yaml: events[0].device: device-offline can only fault an emulated device; "
+     r"events[0].device: device-offline can only fault an emulated device; "
      r"'house-1-battery' is real"),
 ])
 def test_real_devices_refuse_a_fast_clock_and_device_events_before_anything_starts(
@@ -79,16 +80,17 @@ def test_real_devices_refuse_a_fast_clock_and_device_events_before_anything_star
     res = runner.invoke(app, ["run", str(path), "--out", str(out), "-q"])
     assert res.exit_code == 2, res.output
     assert expected in " ".join(res.output.split())
+    assert re.search(r"s\.yaml:\d+: ", res.output), res.output  # file and line named
     assert len(res.output.strip().splitlines()) <= 3  # one message, no traceback
     assert not out.exists()  # no folder, no run.db, no keys
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ({"profiles": {"irradiance": {"file": "irr.csv"}}}, "irr.csv:1: a irradiance profile needs"),
+    ({"profiles": {"irradiance": {"file": "irr.csv"}}}, "irr.csv:2: time: the irradiance profile needs at least two rows"),
     ({"events": [{"kind": "load-spike", "at": "12:00", "prosumer": "house-9", "extra_w": 5}]},
      "load-spike for unknown prosumer 'house-9'"),
     ({"events": [{"kind": "message-loss", "at": "12:00", "prosumer": "house-9"}]},
-     "s.yaml: events[0].prosumer: message-loss names unknown prosumer 'house-9'"),
+     "events[0].prosumer: message-loss for unknown prosumer 'house-9'"),
 ])
 def test_bad_profiles_and_events_leave_nothing_on_disk(tmp_path: Path, extra: dict[str, Any],
                                                        expected: str) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 from testbed.bus.broker import open_bus
 from testbed.bus.client import BusClient
 from testbed.clock import EPOCH, Clock
-from testbed.config import ConfigError, InfluxConfig, SiteConfig, load_site
+from testbed.config import ConfigError, InfluxConfig, SiteConfig, load_site, locate
 from testbed.devices.site import SiteEmulators, open_devices
 from testbed.ledger.chain import Chain
 from testbed.ledger.pseudonyms import PseudonymDesk
@@ -51,7 +51,7 @@ from testbed.telemetry.store import RunStore
 
 from . import expectations
 from .expectations import Verdict, evaluate
-from .model import DeviceEvent, MessageLossEvent, Scenario
+from .model import DeviceEvent, Scenario
 from .phases.accounting import Accounting
 from .phases.devices import DeviceIO, StepReadings
 from .phases.environment import Environment, unreached
@@ -398,27 +398,26 @@ class Run:
 
 def check_rules(sc: Scenario, site: SiteConfig) -> None:
     """What a scenario may do on a site, checked before anything starts (a ConfigError
-    naming the scenario file and field): a fast clock never drives real devices; device
-    events name emulated devices of the site; events name its prosumers."""
-    where = sc.source or sc.name
+    naming the scenario file, line and field): a fast clock never drives real devices;
+    device events name emulated devices of the site. (Events naming prosumers are checked
+    with the load profile, `profiles.load_fn`.)"""
+
+    def where(*loc: str | int) -> str:
+        return locate(sc.source, loc) if sc.source else f"{sc.name}: {'.'.join(map(str, loc))}"
+
     devices = {d.name: d for _, d in site.devices()}
     real = sorted(n for n, d in devices.items() if not d.emulated)
     if real and sc.clock.mode == "fast":
-        raise ConfigError(f"{where}: clock.mode: a fast clock cannot drive real devices "
+        raise ConfigError(f"{where('clock', 'mode')}: a fast clock cannot drive real devices "
                           f"({', '.join(real)}); use mode: realtime")
-    prosumers = {p.name for p in site.prosumers}
     for i, e in enumerate(sc.events):
-        if isinstance(e, MessageLossEvent) and e.prosumer not in (None, *prosumers):
-            raise ConfigError(f"{where}: events[{i}].prosumer: message-loss names unknown "
-                              f"prosumer {e.prosumer!r} (prosumers: "
-                              f"{', '.join(sorted(prosumers))})")
         if not isinstance(e, DeviceEvent):
             continue
         if e.device not in devices:
-            raise ConfigError(f"{where}: events[{i}].device: {e.kind} names unknown "
+            raise ConfigError(f"{where('events', i, 'device')}: {e.kind} names unknown "
                               f"device {e.device!r} (devices: {', '.join(sorted(devices))})")
         if not devices[e.device].emulated:
-            raise ConfigError(f"{where}: events[{i}].device: {e.kind} can only fault an "
+            raise ConfigError(f"{where('events', i, 'device')}: {e.kind} can only fault an "
                               f"emulated device; {e.device!r} is real (emulated: false)")
 
 

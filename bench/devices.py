@@ -107,7 +107,7 @@ from testbed.devices.opcua import (
     make_certificates,
 )
 from testbed.physics.models import BatteryParams, LoadParams, MeterParams, PVParams
-from testbed.scenarios.engine import FAULT_AFTER
+from testbed.scenarios.phases.devices import FAULT_AFTER
 
 HOST = "127.0.0.1"
 UNITS_PER_PORT = 240

@@ -9,6 +9,7 @@ the clock's own interface."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ class MarketRound:
         self.dispatch_ok = True
         self.orders_after_fault: list[str] = []
         self.faulted: set[str] = set()
+        self._answered = asyncio.Event()
+        """Set by every TCR once it has decided its answer: the fast-clock auction waits
+        on it, not on a poll."""
 
     async def start(self, bus: BusClient, site: str, resolve: Callable[[str], bytes | None],
                     batteries: Mapping[str, BatteryParams],
@@ -97,6 +101,7 @@ class MarketRound:
                            mode=Mode(sc.market.mode.lower()), rules=self.rules,
                            clock=self.clock.now, pseudonym=pseudonym)
             tcr.lose = lambda order, n=name: self._lose(n, order)
+            tcr.on_answer = self._answered.set
             await tcr.start()
             self.tcrs[name] = tcr
 
@@ -179,7 +184,8 @@ class MarketRound:
             gate_s=GATE_S if fast else sc.market.gate_s * sc.clock.speed,
             wait_s=FAST_WAIT_S if fast else sc.market.gate_s,
             pricing=self.rules.pricing,
-            expect=self._expected_answers if fast else None, dispatch=dispatch)
+            expect=self._expected_answers if fast else None, dispatch=dispatch,
+            answered=self._answered if fast else None)
         c = rnd.clearing
         self.counters["orders_received"] += len(rnd.orders)
         self.aggregator.commit(c)

@@ -270,12 +270,25 @@ class _DeviceBase(_Strict):
         return f"{self.host}:{self.port}{rtu} unit {self.unit}"
 
 
-class PVDevice(_DeviceBase):
+class _InverterBase(_DeviceBase):
+    emulated_models: Literal["legacy", "ieee1547", "both"] = "legacy"
+    """The SunSpec maps an emulated inverter or battery serves: legacy (103/120/123,
+    802/124), ieee1547 (701-713 with IEEE 1547-2018 behaviour from OpenDER) or both."""
+
+    @model_validator(mode="after")
+    def _emulated_models(self) -> _InverterBase:
+        if self.emulated_models != "legacy" and (not self.emulated or self.protocol != "modbus"):
+            raise ValueError("emulated_models: ieee1547/both is served by emulated Modbus "
+                             "devices only (emulated: true, protocol: modbus)")
+        return self
+
+
+class PVDevice(_InverterBase):
     kind: Literal[DeviceKind.PV]
     params: PVConfig = PVConfig()
 
 
-class BatteryDevice(_DeviceBase):
+class BatteryDevice(_InverterBase):
     kind: Literal[DeviceKind.BATTERY]
     params: BatteryConfig = BatteryConfig()
 

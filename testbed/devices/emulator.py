@@ -29,6 +29,7 @@ from dataclasses import replace
 
 from testbed.physics.models import (
     BatteryParams,
+    Behaviour,
     ClampReason,
     LoadParams,
     MeterParams,
@@ -71,12 +72,18 @@ class EmulatedProsumer:
         self.state = ProsumerState.initial(params, t_s)
         self.version = 0
         """Bumped on every change so devices re-encode their maps only when needed."""
+        self.pv_behaviour: Behaviour | None = None
+        self.battery_behaviour: Behaviour | None = None
+        """IEEE 1547 behaviour of an emulated inverter serving 70x models (`emulator1547`)."""
 
     def step(self, dt_s: float, irradiance_w_m2: float, load_w: float, *,
-             external_w: float = 0.0, voltage_v: float | None = None) -> None:
+             external_w: float = 0.0, voltage_v: float | None = None,
+             frequency_hz: float | None = None) -> None:
         self.state = prosumer_step(self.params, self.state, irradiance_w_m2=irradiance_w_m2,
                                    load_w=load_w, dt_s=dt_s, key=self.name,
-                                   external_w=external_w, voltage_v=voltage_v)
+                                   external_w=external_w, voltage_v=voltage_v,
+                                   frequency_hz=frequency_hz, pv_behaviour=self.pv_behaviour,
+                                   battery_behaviour=self.battery_behaviour)
         self.version += 1
 
     def update(self, **changes: object) -> None:
@@ -119,6 +126,13 @@ class EmulatedDevice:
     def check(self, p: PointDef, value: float | int | str | None) -> None:
         """Kind-specific range checks; raise WriteRefused."""
 
+    def check_all(self, trial: RegisterMap, changes: Mapping[tuple[int, str], object]) -> None:
+        """Checks across points (a curve to adopt, one reactive mode at a time), on the map
+        as it would be after the write; raise WriteRefused."""
+
+    def applied(self, changes: Mapping[tuple[int, str], object]) -> None:
+        """After the written registers are stored (adoption of curves, reversion timers)."""
+
     # -- shared
     def refresh(self) -> None:
         if self._encoded_version != self.prosumer.version:
@@ -149,9 +163,11 @@ class EmulatedDevice:
             _check_generic(p, trial.get_raw(inst.id, p.name))
             self.check(p, value)
             changes[(inst.id, p.name)] = value
+        self.check_all(trial, changes)
         self.apply(changes)
         self.map.registers[start: start + len(values)] = values
         self._encoded_version = -1
+        self.applied(changes)
         self.refresh()
 
     def write_point(self, model_id: int, point: str, value: float | int | str) -> None:
@@ -471,29 +487,41 @@ class EmulatedSite:
         self.prosumers[name] = pr
         return pr
 
-    def add_device(self, name: str, kind: str, prosumer: str, serial: str | None = None) -> EmulatedDevice:
+    def add_device(self, name: str, kind: str, prosumer: str, serial: str | None = None, *,
+                   maps: str = "legacy") -> EmulatedDevice:
+        """`maps`: legacy (1xx/8xx models), ieee1547 (701-713 with OpenDER behaviour) or
+        both; meters are always legacy."""
         if name in self.devices:
             raise ValueError(f"device {name!r} already exists")
         try:
             cls = DEVICE_CLASSES[kind]
         except KeyError:
             raise SunSpecError(f"no emulator for device kind {kind!r}") from None
+        if maps != "legacy":
+            from .emulator1547 import make_device
+
+            dev = make_device(kind, name, self.prosumers[prosumer], serial or f"TB-{name}",
+                              maps)  # type: ignore[arg-type]
+            self.devices[name] = dev
+            return dev
         dev = cls(name, self.prosumers[prosumer], serial or f"TB-{name}")
         self.devices[name] = dev
         return dev
 
     def step(self, dt_s: float, *, external_w: Mapping[str, float] | None = None,
-             voltage_v: Mapping[str, float] | None = None) -> None:
+             voltage_v: Mapping[str, float] | None = None,
+             frequency_hz: Mapping[str, float] | None = None) -> None:
         """Advance every prosumer's physics by `dt_s` of simulated time. `external_w`:
         prosumer -> measured output of its real devices (+ = generation or discharge),
         which its emulated meter adds; `voltage_v`: prosumer -> terminal voltage from the
         feeder's power flow, which its emulated meter and inverters show."""
         t = self.t_s + dt_s
         irr = self.irradiance(t)
-        ext, volts = external_w or {}, voltage_v or {}
+        ext, volts, freqs = external_w or {}, voltage_v or {}, frequency_hz or {}
         for pr in self.prosumers.values():
             pr.step(dt_s, irr, self.load(pr.name, pr.params.load, t),
-                    external_w=ext.get(pr.name, 0.0), voltage_v=volts.get(pr.name))
+                    external_w=ext.get(pr.name, 0.0), voltage_v=volts.get(pr.name),
+                    frequency_hz=freqs.get(pr.name))
         self.t_s = t
 
     async def run(self, tick_s: float = 1.0, speed: float = 1.0,

@@ -104,7 +104,8 @@ class SiteEmulators:
                 self.endpoints[d.name] = Endpoint(d.name, d.kind, p.name, d.protocol, d.host,
                                                   d.port, d.unit, False, d.transport, serial_port)
                 continue
-            dev = self.physics.add_device(d.name, d.kind.value, p.name)
+            dev = self.physics.add_device(d.name, d.kind.value, p.name,
+                                          maps=getattr(d, "emulated_models", "legacy"))
             host = self.host_override or d.host
             where: str | int = serial_port or (d.port if d.port else f"auto:{p.name}")
             key = (d.protocol, d.transport, host, where)

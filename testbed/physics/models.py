@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 
 def seeded_noise(seed: int, key: str, t_s: float) -> float:
@@ -87,6 +89,8 @@ class PVState:
     energy_wh: float = 0.0
     """Lifetime AC energy delivered (SunSpec 103 `WH`)."""
     status: InverterStatus = InverterStatus.SLEEPING
+    q_var: float = 0.0
+    """Reactive power, + injects vars; 0 unless an IEEE 1547 behaviour sets it."""
 
 
 def pv_command(state: PVState, *, limit_pct: float | None = None,
@@ -194,6 +198,8 @@ class BatteryState:
     discharged_wh: float = 0.0
     """Lifetime AC energy delivered (E_dis summed)."""
     status: ChargeStatus = ChargeStatus.HOLDING
+    q_var: float = 0.0
+    """Reactive power, + injects vars; 0 unless an IEEE 1547 behaviour sets it."""
 
     @classmethod
     def initial(cls, p: BatteryParams) -> BatteryState:
@@ -386,14 +392,30 @@ class ProsumerState:
         )
 
 
+Behaviour = Callable[[Any, float, float, float], Any]
+"""(device state, terminal V, terminal Hz, dt s) -> device state."""
+
+
 def prosumer_step(p: ProsumerParams, s: ProsumerState, *, irradiance_w_m2: float,
                   load_w: float, dt_s: float, key: str = "", external_w: float = 0.0,
-                  voltage_v: float | None = None) -> ProsumerState:
+                  voltage_v: float | None = None, frequency_hz: float | None = None,
+                  pv_behaviour: Behaviour | None = None,
+                  battery_behaviour: Behaviour | None = None) -> ProsumerState:
     """Advance one connection point by `dt_s`: devices first, then the meter sees their sum
-    (plus `external_w` of real devices beside them; `voltage_v` from the feeder, if any)."""
+    (plus `external_w` of real devices beside them; `voltage_v` from the feeder, if any).
+
+    A behaviour (the IEEE 1547 functions of `der1547`) turns a device's physics output
+    into what its inverter delivers, given the terminal voltage and frequency: the feeder's
+    (or a scenario event's) when given, else what the meter showed the step before."""
     t = s.t_s + dt_s
     pv = pv_step(p.pv, s.pv, irradiance_w_m2, dt_s) if p.pv and s.pv else None
     bat = battery_step(p.battery, s.battery, dt_s) if p.battery and s.battery else None
+    v_term = voltage_v if voltage_v is not None else s.meter.voltage_v
+    f_term = frequency_hz if frequency_hz is not None else s.meter.frequency_hz
+    if pv is not None and pv_behaviour is not None:
+        pv = pv_behaviour(pv, v_term, f_term, dt_s)
+    if bat is not None and battery_behaviour is not None:
+        bat = battery_behaviour(bat, v_term, f_term, dt_s)
     meter = meter_step(
         p.meter, s.meter, load_w=load_w, pv_w=pv.ac_w if pv else 0.0,
         battery_w=bat.power_w if bat else 0.0, dt_s=dt_s, t_s=t, key=key + ".meter",

@@ -317,11 +317,12 @@ class Ieee1547Device:
             if n:
                 _adopt(m, mid, int(n))
                 m.set_raw(mid, rslt, 1)
-            if (mid, "Ena") in changes or n:
+            if (mid, "Ena") in changes or (mid, "RvrtTms") in changes or n:
                 tms = m.get_raw(mid, "RvrtTms") or 0
                 self._timers[(mid, "curve")] = t + tms if tms and m.get_raw(mid, "Ena") else None
         for ena in REVERTS_704:
-            touched = any(_REVERT_TRIGGERS.get(p) == ena for (mm, p) in changes if mm == 704)
+            touched = any(_REVERT_TRIGGERS.get(p) == ena or p == REVERTS_704[ena][0]
+                          for (mm, p) in changes if mm == 704)
             if touched:
                 tms = m.get_raw(704, REVERTS_704[ena][0]) or 0
                 self._timers[(704, ena)] = t + tms if tms else None

@@ -90,16 +90,27 @@ class PVState:
     """Lifetime AC energy delivered (SunSpec 103 `WH`)."""
     status: InverterStatus = InverterStatus.SLEEPING
     q_var: float = 0.0
-    """Reactive power, + injects vars; 0 unless an IEEE 1547 behaviour sets it."""
+    """Reactive power, + injects vars (over-excited), - absorbs."""
+    pf_setpoint: float | None = None
+    """Constant power factor (SunSpec 123 `OutPFSet` with `OutPFSet_Ena`): + over-excited
+    (injects vars), - under-excited (absorbs); None = unity."""
+
+
+PF_UNSET = object()
 
 
 def pv_command(state: PVState, *, limit_pct: float | None = None,
-               limit_enabled: bool | None = None, connected: bool | None = None) -> PVState:
-    """Apply a curtailment or connection command; out-of-range values are refused, not clamped."""
+               limit_enabled: bool | None = None, connected: bool | None = None,
+               pf: Any = PF_UNSET) -> PVState:
+    """Apply a curtailment, connection or power-factor command (`pf` None = unity);
+    out-of-range values are refused, not clamped."""
     if limit_pct is not None and not 0.0 <= limit_pct <= 100.0:
         raise ValueError(f"limit_pct must be within 0..100 %, got {limit_pct}")
+    if pf is not PF_UNSET and pf is not None and not 0.0 < abs(pf) <= 1.0:
+        raise ValueError(f"pf must be within -1..1 and not 0, got {pf}")
     return replace(
         state,
+        pf_setpoint=state.pf_setpoint if pf is PF_UNSET else pf,
         limit_pct=state.limit_pct if limit_pct is None else float(limit_pct),
         limit_enabled=state.limit_enabled if limit_enabled is None else bool(limit_enabled),
         connected=state.connected if connected is None else bool(connected),
@@ -116,6 +127,8 @@ def pv_step(p: PVParams, s: PVState, irradiance_w_m2: float, dt_s: float) -> PVS
     delta = target_pct - s.effective_limit_pct
     effective = s.effective_limit_pct + max(-max_move, min(max_move, delta))
     cap_w = effective / 100.0 * p.rating_w if s.connected else 0.0
+    if s.pf_setpoint is not None:  # at a fixed PF the apparent power stays within the rating
+        cap_w = min(cap_w, p.rating_w * abs(s.pf_setpoint))
     ac_w = min(available_w, cap_w)
     if not s.connected:
         status = InverterStatus.OFF
@@ -126,8 +139,12 @@ def pv_step(p: PVParams, s: PVState, irradiance_w_m2: float, dt_s: float) -> PVS
     else:
         status = InverterStatus.MPPT
     dc_used = ac_w / p.efficiency if ac_w > 0 else 0.0
+    q_var = 0.0
+    if s.pf_setpoint is not None and ac_w > 0:
+        pf = abs(s.pf_setpoint)
+        q_var = math.copysign(ac_w * math.sqrt(1.0 - pf * pf) / pf, s.pf_setpoint)
     return replace(
-        s, ac_w=ac_w, dc_w=dc_used, effective_limit_pct=effective,
+        s, ac_w=ac_w, dc_w=dc_used, effective_limit_pct=effective, q_var=q_var,
         energy_wh=s.energy_wh + ac_w * dt_s / 3600.0, status=status,
     )
 

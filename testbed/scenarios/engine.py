@@ -176,7 +176,7 @@ class Run:
         """The run's address book: ledger address -> prosumer, pseudonyms included as
         the desk issues them (settlement and the grid check locate bidders by it)."""
         emulators = SiteEmulators(site, free_ports=True, start_s=sc.start)
-        self.env = Environment(emulators.physics, *self.profiles)
+        self.env = Environment(emulators.physics, *self.profiles, events=sc.events)
         self.accounting = Accounting(self.keys, self.schedule, sc.market.interval_s)
         self.settlement = SettlementPhase(self.rules, self.owners)
         self.feeder = Feeder(self.checker, site.grid.background) if self.checker else None

@@ -504,7 +504,10 @@ class EmulatedMeter(EmulatedDevice):
     model_name = "Smart meter emulator"
 
     def init_map(self, m: RegisterMap) -> None:
-        peak = max(15000.0, self.prosumer.params.load.peak_w * 3)
+        pp = self.prosumer.params
+        behind = pp.load.peak_w + (pp.pv.rating_w if pp.pv else 0.0) + (
+            pp.battery.max_discharge_w if pp.battery else 0.0)
+        peak = max(15000.0, pp.load.peak_w * 3, 1.2 * behind)  # export of a large PV fits
         w_sf = scale_factor_for(peak)
         m.set_raw(203, "A_SF", scale_factor_for(peak / (3 * 200.0)))
         m.set_raw(203, "V_SF", -1)

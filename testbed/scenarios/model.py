@@ -307,7 +307,8 @@ class Scenario(_Strict):
 
 
 BUNDLED = {"demo": "demo.yaml", "cloudy-afternoon": "cloudy-afternoon.yaml",
-           "evening-surplus": "evening-surplus.yaml", "device-fault": "device-fault.yaml"}
+           "evening-surplus": "evening-surplus.yaml", "device-fault": "device-fault.yaml",
+           "volt-var-far-end": "volt-var-far-end.yaml"}
 
 
 def bundled_scenario_path(name: str) -> Path:

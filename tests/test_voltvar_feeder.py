@@ -72,7 +72,7 @@ async def test_volt_var_holds_the_far_end_bus_in_band_where_unity_pf_does_not(tm
     assert unity[0][0] == pytest.approx(vv[0][0], abs=1e-9)  # same start (no Q yet)
     assert all(v <= 1.05 for v, *_ in vv[1:])  # volt-var: inside from the first response on
     assert unity[-1][0] - vv[-1][0] > 0.005
-    for v, p, q, seen in vv[1:]:
+    for _v, p, q, seen in vv[1:]:
         assert p > 45000  # the export is (almost) all still there
         # Q per the Category B curve at the voltage the inverter saw, within IEEE 1547.1's
         # minimum accuracy (2 % of the rating), measured through the driver

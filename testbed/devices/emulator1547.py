@@ -618,9 +618,10 @@ class EmulatedBattery1547(Ieee1547Device, EmulatedBattery):
         self._sync_settings()
 
     def _bat_behaviour(self, bat: BatteryState, v: float, f: float, dt_s: float) -> BatteryState:
-        """P stays the battery physics' (SOC-limited) power; OpenDER gives Q."""
-        _, q = self._behave(bat, v, f, dt_s, bat.power_w)
-        return replace(bat, q_var=q)
+        """OpenDER shapes the commanded power (limit, droop) and gives Q; the battery
+        physics then delivers it within its SOC and rate limits."""
+        p, q = self._behave(bat, v, f, dt_s, bat.setpoint_w)
+        return replace(bat, setpoint_w=p, q_var=q)
 
     def init_map(self, m: RegisterMap) -> None:
         if self.legacy:

@@ -425,14 +425,18 @@ def prosumer_step(p: ProsumerParams, s: ProsumerState, *, irradiance_w_m2: float
     into what its inverter delivers, given the terminal voltage and frequency: the feeder's
     (or a scenario event's) when given, else what the meter showed the step before."""
     t = s.t_s + dt_s
-    pv = pv_step(p.pv, s.pv, irradiance_w_m2, dt_s) if p.pv and s.pv else None
-    bat = battery_step(p.battery, s.battery, dt_s) if p.battery and s.battery else None
     v_term = voltage_v if voltage_v is not None else s.meter.voltage_v
     f_term = frequency_hz if frequency_hz is not None else s.meter.frequency_hz
+    pv = pv_step(p.pv, s.pv, irradiance_w_m2, dt_s) if p.pv and s.pv else None
     if pv is not None and pv_behaviour is not None:
         pv = pv_behaviour(pv, v_term, f_term, dt_s)
-    if bat is not None and battery_behaviour is not None:
-        bat = battery_behaviour(bat, v_term, f_term, dt_s)
+    bat = None
+    if p.battery and s.battery:
+        if battery_behaviour is None:
+            bat = battery_step(p.battery, s.battery, dt_s)
+        else:  # the inverter's functions shape the command; SOC limits still clamp it
+            shaped = battery_behaviour(s.battery, v_term, f_term, dt_s)
+            bat = replace(battery_step(p.battery, shaped, dt_s), setpoint_w=s.battery.setpoint_w)
     meter = meter_step(
         p.meter, s.meter, load_w=load_w, pv_w=pv.ac_w if pv else 0.0,
         battery_w=bat.power_w if bat else 0.0, dt_s=dt_s, t_s=t, key=key + ".meter",

@@ -61,8 +61,8 @@ def violations(group, path: str = "") -> list[str]:
 
 
 def test_pysunspec2_scans_1547_inverter_and_battery_without_violations(em):
-    expected = {"pv": [1, 701, 702, 703, 704, 705, 706, 711, 712],
-                "bat": [1, 701, 702, 703, 704, 705, 711, 713]}
+    expected = {"pv": [1, 701, 704, 702, 703, 705, 706, 711, 712],
+                "bat": [1, 701, 704, 713, 702, 703, 705, 711]}
     for name, models in expected.items():
         dev = scan(em, name)
         assert [k for k in dev.models if isinstance(k, int)] == models
@@ -80,7 +80,7 @@ def test_legacy_and_both_maps(site):
     with BackgroundEmulators(site_1547("both"), clock=False) as em:
         dev = scan(em, "pv")
         assert [k for k in dev.models if isinstance(k, int)] == [
-            1, 103, 120, 123, 701, 702, 703, 704, 705, 706, 711, 712]
+            1, 103, 120, 123, 701, 704, 702, 703, 705, 706, 711, 712]
         dev.close()
     with BackgroundEmulators(site, clock=False) as em:  # default stays legacy
         dev = scan(em, "pv")

@@ -87,15 +87,16 @@ def layout(kind: str, maps: MapChoice) -> tuple[int | ModelDef, ...]:
     legacy = {"pv": (103, 120, 123), "battery": (802, 124)}[kind]
     if maps == "legacy":
         return (1, *legacy)
-    ieee: list[int | ModelDef] = [701, 702, 703, 704]
+    # What a poll reads first and together: 701 measurements, 704 controls (and 713
+    # storage) side by side, so a driver covers them in two requests; ratings, enter
+    # service and the curves after them.
+    ieee: list[int | ModelDef] = [701, 704, *((713,) if kind == "battery" else ()), 702, 703]
     curves = (705, 706, 711, 712) if kind == "pv" else (705, 711)
     for mid in curves:
         spec = CURVES.get(mid)
         counts = {"NCtl": N_ENTRIES} if spec is None else {spec.count: N_ENTRIES,
                                                              "NPt": spec.npt}
         ieee.append(expand(model_def(mid), 100_000, counts))
-    if kind == "battery":
-        ieee.append(713)
     return (1, *(legacy if maps == "both" else ()), *ieee)
 
 

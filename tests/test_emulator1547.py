@@ -61,8 +61,9 @@ def violations(group, path: str = "") -> list[str]:
 
 
 def test_pysunspec2_scans_1547_inverter_and_battery_without_violations(em):
-    expected = {"pv": [1, 701, 704, 702, 703, 705, 706, 711, 712],
-                "bat": [1, 701, 704, 713, 702, 703, 705, 711]}
+    trips = [707, 708, 709, 710]
+    expected = {"pv": [1, 701, 704, 702, 703, 705, 706, 711, 712, *trips],
+                "bat": [1, 701, 704, 713, 702, 703, 705, 711, *trips]}
     for name, models in expected.items():
         dev = scan(em, name)
         assert [k for k in dev.models if isinstance(k, int)] == models
@@ -80,7 +81,7 @@ def test_legacy_and_both_maps(site):
     with BackgroundEmulators(site_1547("both"), clock=False) as em:
         dev = scan(em, "pv")
         assert [k for k in dev.models if isinstance(k, int)] == [
-            1, 103, 120, 123, 701, 704, 702, 703, 705, 706, 711, 712]
+            1, 103, 120, 123, 701, 704, 702, 703, 705, 706, 711, 712, 707, 708, 709, 710]
         dev.close()
     with BackgroundEmulators(site, clock=False) as em:  # default stays legacy
         dev = scan(em, "pv")
@@ -240,3 +241,47 @@ def test_scenario_voltage_and_frequency_events_drive_the_terminals():
     assert 0 < q[0] < q[1] < q[2] and q[2] > 0.35 * 5000  # injection grows with the ramp
     p_droop = seen[at + 419][0]  # 50.5 Hz: droop takes (0.5 - 0.036) / (50 x 0.05) of rating
     assert p_droop == pytest.approx(5000 * (1 - 0.464 / 2.5), abs=0.02 * 5000)
+
+
+def test_adopted_must_trip_curve_trips_and_the_default_rides_through(em):
+    dev = scan(em, "pv")
+    hv = dev.models[708][0]
+    assert [round(p.V.cvalue, 1) for p in hv.Crv[0].MustTrip.Pt] == [110.0, 120.0]
+    inv = em.emulators.physics.devices["pv"]
+    m701 = dev.models[701][0]
+    em.call(_hold(inv, 230 * 1.09))
+    em.step(1.0, 5)
+    m701.read()
+    assert m701.InvSt.value == 3 and m701.W.cvalue > 4000  # 1.09 p.u. is inside the default
+    curve = hv.Crv[1].MustTrip
+    curve.Pt[0].V.cvalue, curve.Pt[0].Tms.cvalue = 108.0, 1.0  # below 1547's OV1 range
+    curve.Pt[1].V.cvalue, curve.Pt[1].Tms.cvalue = 120.0, 0.16
+    hv.Crv[1].write()
+    hv.AdptCrvReq.value = 2
+    with pytest.raises(ModbusClientException):
+        hv.write()
+    em.step(1.0, 3)
+    m701.read()
+    assert m701.InvSt.value == 3  # nothing changed: still riding through 1.09 p.u.
+    em.call(_hold(inv, 230 * 1.115))  # above OV1 (1.10) ...
+    em.step(1.0, 1)
+    m701.read()
+    assert m701.InvSt.value == 7  # ... for less than its 2 s: momentary cessation (STANDBY)
+    curve.Pt[0].V.cvalue, curve.Pt[0].Tms.cvalue = 111.0, 1.0  # OV1 1.11 p.u., 1 s
+    hv.Crv[1].write()
+    hv.AdptCrvReq.value = 2
+    hv.write()
+    em.call(_hold(inv, 230 * 1.105))
+    em.step(1.0, 4)
+    m701.read()
+    assert m701.InvSt.value != 0  # 1.105 p.u. is below the adopted OV1 1.11: no trip
+    em.call(_hold(inv, 230 * 1.12))
+    em.step(1.0, 3)
+    m701.read()
+    assert m701.InvSt.value == 0 and m701.W.cvalue == 0 and m701.ConnSt.value == 0  # tripped
+    hv.read()
+    assert [p.V.cvalue for p in hv.Crv[0].MustTrip.Pt] == [111.0, 120.0]
+    hv.Ena.value = 0
+    with pytest.raises(ModbusClientException):
+        hv.write()
+    dev.close()

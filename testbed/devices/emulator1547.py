@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from testbed.physics.der1547 import VOLT_VAR_B, Der1547, Settings1547
+from testbed.physics.der1547 import VOLT_VAR_B, Der1547, Settings1547, trip_problems
 from testbed.physics.models import BatteryState, PVState
 
 from .emulator import (
@@ -65,6 +65,12 @@ CURVES: dict[int, CurveSpec] = {
     706: CurveSpec("NCrv", 2, "V", "W", 0),  # W_MAX_PCT
     712: CurveSpec("NCrv", 3, "W", "Var", 1),
 }
+TRIPS: dict[int, tuple[str, str, str]] = {  # model -> (x point, level 1, level 2)
+    707: ("V", "UV1", "UV2"), 708: ("V", "OV1", "OV2"),
+    709: ("Hz", "UF1", "UF2"), 710: ("Hz", "OF1", "OF2"),
+}
+"""Trip models: MustTrip point 1 is the level-1 setting (longer clearing time), point 2
+the level-2 one, as IEEE 1547 Tables 11-12 and 15 list them."""
 REACTIVE_MODES = ((704, "PFWInjEna"), (704, "VarSetEna"), (705, "Ena"), (712, "Ena"))
 REVERTS_704 = {  # enable point -> (timer, remaining, [(point, revert point)])
     "PFWInjEna": ("PFWInjRvrtTms", "PFWInjRvrtRem",
@@ -97,6 +103,8 @@ def layout(kind: str, maps: MapChoice) -> tuple[int | ModelDef, ...]:
         counts = {"NCtl": N_ENTRIES} if spec is None else {spec.count: N_ENTRIES,
                                                              "NPt": spec.npt}
         ieee.append(expand(model_def(mid), 100_000, counts))
+    ieee += [expand(model_def(mid), 100_000, {"NCrvSet": N_ENTRIES - 1, "NPt": 2})
+             for mid in TRIPS]
     return (1, *(legacy if maps == "both" else ()), *ieee)
 
 
@@ -193,6 +201,26 @@ class Ieee1547Device:
             m.set_raw(mid, "RvrtCtl" if mid == 711 else "RvrtCrv", 1)
             for i in range(1, N_ENTRIES + 1):
                 self._default_entry(m, mid, i)
+        defaults = self.der.trip_defaults()
+        for mid, (x, one, two) in TRIPS.items():
+            m.set_raw(mid, "V_SF" if x == "V" else "Hz_SF", -1 if x == "V" else -2)
+            m.set_raw(mid, "Tms_SF", -2)
+            m.set_raw(mid, "Ena", 1)
+            m.set_raw(mid, "AdptCrvReq", 0)
+            m.set_raw(mid, "AdptCrvRslt", 1)
+            m.set_raw(mid, "NPt", 2)
+            m.set_raw(mid, "NCrvSet", N_ENTRIES - 1)
+            for i in range(1, N_ENTRIES):
+                c = f"Crv[{i}]."
+                m.set_raw(mid, c + "ReadOnly", 1 if i == 1 else 0)
+                for part in ("MustTrip", "MayTrip"):  # may trip: the same region
+                    m.set_raw(mid, f"{c}{part}.ActPt", 2)
+                    for j, name in ((1, one), (2, two)):
+                        level, t = defaults[name]
+                        value = 100.0 * level if x == "V" else pm.f_nominal + level
+                        m.set(mid, f"{c}{part}.Pt[{j}].{x}", value)
+                        m.set(mid, f"{c}{part}.Pt[{j}].Tms", t)
+                m.set_raw(mid, f"{c}MomCess.ActPt", 0)
         if 713 in self._served:
             b = self.prosumer.params.battery
             assert b is not None
@@ -281,9 +309,15 @@ class Ieee1547Device:
                 _range(p, value, -Q_MAX_PU * self.rating_w, Q_MAX_PU * self.rating_w)
             if name in ("VarSetPct", "VarSetPctRvrt"):
                 _range(p, value, -100.0, 100.0)
+        if mid in TRIPS:
+            if name == "Ena" and value != 1:
+                raise WriteRefused(f"{mid}.Ena: trip protection cannot be disabled")
+            if ".MayTrip." in name or ".MomCess." in name:
+                raise WriteRefused(f"{mid}.{name}: may-trip and momentary-cessation regions "
+                                   "are not adjustable here (the must-trip curve is)")
         if mid == 711 and name.endswith(".PMin") and value:
             raise WriteRefused("711.PMin: only 0 (no minimum) is supported")
-        if mid in (705, 706, 711, 712) and name.startswith(("Crv[1].", "Ctl[1].")):
+        if mid in (705, 706, 711, 712, *TRIPS) and name.startswith(("Crv[1].", "Ctl[1].")):
             raise WriteRefused(f"{mid}.{name}: entry 1 is the active one (read-only); write "
                                "entry 2 or 3 and request its adoption")
         if mid == 705 and name.endswith("VRefAutoEna") and value:
@@ -300,6 +334,13 @@ class Ieee1547Device:
             rv = changes.get((mid, "RvrtCtl" if mid == 711 else "RvrtCrv"))
             if rv is not None and not 1 <= int(rv) <= N_ENTRIES:
                 raise WriteRefused(f"{mid}: revert entry {rv} is not 1..{N_ENTRIES}")
+        for mid in TRIPS:
+            n = changes.get((mid, "AdptCrvReq"))
+            if n:
+                if not 1 <= int(n) < N_ENTRIES:
+                    raise WriteRefused(f"{mid}.AdptCrvReq: {n} is not a curve set "
+                                       f"(1..{N_ENTRIES - 1})")
+                _trip_valid(trial, mid, int(n), self.prosumer.params.meter.f_nominal)
         on = [f"{m}.{p}" for m, p in REACTIVE_MODES
               if m in self._served and trial.get_raw(m, p) == 1]
         if self.legacy and self.kind == "pv" and trial.get_raw(123, "OutPFSet_Ena") == 1:
@@ -321,6 +362,11 @@ class Ieee1547Device:
             if (mid, "Ena") in changes or (mid, "RvrtTms") in changes or n:
                 tms = m.get_raw(mid, "RvrtTms") or 0
                 self._timers[(mid, "curve")] = t + tms if tms and m.get_raw(mid, "Ena") else None
+        for mid in TRIPS:
+            n = changes.get((mid, "AdptCrvReq"))
+            if n:
+                _adopt(m, mid, int(n))
+                m.set_raw(mid, "AdptCrvRslt", 1)
         for ena in REVERTS_704:
             touched = any(_REVERT_TRIGGERS.get(p) == ena or p == REVERTS_704[ena][0]
                           for (mm, p) in changes if mm == 704)
@@ -535,7 +581,39 @@ def settings_from_map(m: RegisterMap, served: set[int], rating_w: float, legacy:
                      float(m.get(703, "ESVHi") or 105.0) / 100.0)
     kw["es_f_hz_from_nominal"] = (float(m.get(703, "ESHzLo") or f_nom - 0.5) - f_nom,
                                   float(m.get(703, "ESHzHi") or f_nom + 0.1) - f_nom)
+    trip = []
+    for mid, (x, one, two) in TRIPS.items():
+        if mid not in served:
+            continue
+        for j, name in ((1, one), (2, two)):
+            level = float(m.get(mid, f"Crv[1].MustTrip.Pt[{j}].{x}") or 0.0)
+            t = float(m.get(mid, f"Crv[1].MustTrip.Pt[{j}].Tms") or 0.0)
+            trip.append((name, level / 100.0 if x == "V" else level - f_nom, t))
+    kw["trip"] = tuple(trip)
     return Settings1547(**kw)
+
+
+def _trip_valid(m: RegisterMap, mid: int, n: int, f_nom: float) -> None:
+    """A must-trip curve OpenDER can take: two points, level 2 beyond level 1 and faster."""
+    x, one, _ = TRIPS[mid]
+    c = f"Crv[{n}].MustTrip."
+    if m.get_raw(mid, c + "ActPt") != 2:
+        raise WriteRefused(f"{mid}.{c}ActPt must be 2 (level 1 and level 2)")
+    (l1, t1), (l2, t2) = ((m.get(mid, f"{c}Pt[{j}].{x}"), m.get(mid, f"{c}Pt[{j}].Tms"))
+                          for j in (1, 2))
+    if None in (l1, t1, l2, t2):
+        raise WriteRefused(f"{mid}.{c}: both points need {x} and Tms")
+    beyond = l2 > l1 if one[0] == "O" else l2 < l1  # type: ignore[operator]
+    if not beyond or not t2 <= t1:  # type: ignore[operator]
+        raise WriteRefused(f"{mid}.{c}: point 2 must lie beyond point 1 ({x} {l1} -> {l2}) "
+                           f"and clear no slower (Tms {t1} -> {t2})")
+    two = TRIPS[mid][2]
+    trip = tuple((name, float(lv) / 100.0 if x == "V" else float(lv) - f_nom, float(t))
+                 for name, lv, t in ((one, l1, t1), (two, l2, t2)))
+    bad = trip_problems(trip, f_nom)
+    if bad:
+        raise WriteRefused(f"{mid}.{c}: outside the settings IEEE 1547-2018 allows "
+                           f"({', '.join(bad)})")
 
 
 class EmulatedInverter1547(Ieee1547Device, EmulatedInverter):

@@ -61,6 +61,10 @@ class Settings1547:
     es_ramp_s: float = 300.0
     es_v_pu: Point = (0.917, 1.05)
     es_f_hz_from_nominal: Point = (-0.5, 0.1)
+    trip: tuple[tuple[str, float, float], ...] = ()
+    """Must-trip settings: (OV1 | OV2 | UV1 | UV2 | OF1 | OF2 | UF1 | UF2, level, clearing
+    time s); V levels per unit, frequency levels in Hz from nominal. Empty: OpenDER's
+    defaults for the device's category."""
 
 
 VOLT_VAR_B: tuple[Point, Point, Point, Point] = ((0.92, 0.44), (0.98, 0.0), (1.02, 0.0),
@@ -138,7 +142,24 @@ class Der1547:
         f.ES_V_LOW, f.ES_V_HIGH = s.es_v_pu
         f.ES_F_LOW = OPENDER_F_NOM + s.es_f_hz_from_nominal[0] * fs
         f.ES_F_HIGH = OPENDER_F_NOM + s.es_f_hz_from_nominal[1] * fs
+        for name, level, t in s.trip:
+            if name[1] == "V":
+                setattr(f, f"{name}_TRIP_V", level)
+            else:
+                setattr(f, f"{name}_TRIP_F", OPENDER_F_NOM + level * fs)
+            setattr(f, f"{name}_TRIP_T", t)
         self.settings = s
+
+    def trip_defaults(self) -> dict[str, tuple[float, float]]:
+        """OpenDER's must-trip settings: name -> (level, clearing time), V per unit and
+        frequency from nominal in this device's Hz."""
+        f, out = self._der.der_file, {}
+        for name in ("OV1", "OV2", "UV1", "UV2"):
+            out[name] = (float(getattr(f, f"{name}_TRIP_V")), float(getattr(f, f"{name}_TRIP_T")))
+        for name in ("OF1", "OF2", "UF1", "UF2"):
+            hz = (float(getattr(f, f"{name}_TRIP_F")) - OPENDER_F_NOM) / self._fs
+            out[name] = (hz, float(getattr(f, f"{name}_TRIP_T")))
+        return out
 
     def step(self, dt_s: float, *, v: float, f_hz: float, p_w: float) -> tuple[float, float]:
         """Advance by `dt_s` with terminal phase voltage `v`, frequency `f_hz` and `p_w`: the
@@ -155,6 +176,43 @@ class Der1547:
         p, q = d.run()
         self.p_w, self.q_var, self.status = float(p), float(q), str(d.der_status)
         return self.p_w, self.q_var
+
+
+_SCRATCH: list[DER] = []
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.failed: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "check failed for" in msg:
+            self.failed.append(msg.split("check failed for", 1)[1].split(".")[0].strip())
+
+
+def trip_problems(trip: tuple[tuple[str, float, float], ...], f_nom: float = 50.0) -> list[str]:
+    """The must-trip settings (as `Settings1547.trip`) outside the ranges IEEE 1547-2018
+    allows, by OpenDER's own setting checks (it only logs them)."""
+    if not _SCRATCH:
+        _SCRATCH.append(DER_PV(NP_VA_MAX=1000.0, NP_P_MAX=1000.0, NP_Q_MAX_INJ=440.0,
+                               NP_Q_MAX_ABS=440.0))
+    f = _SCRATCH[0].der_file
+    fs = OPENDER_F_NOM / f_nom
+    collect = _Collect()
+    root = logging.getLogger()
+    root.addHandler(collect)
+    try:
+        for name, level, t in trip:
+            if name[1] == "V":
+                setattr(f, f"{name}_TRIP_V", level)
+            else:
+                setattr(f, f"{name}_TRIP_F", OPENDER_F_NOM + level * fs)
+            setattr(f, f"{name}_TRIP_T", t)
+    finally:
+        root.removeHandler(collect)
+    return collect.failed
 
 
 def volt_var_q_pu(curve: tuple[Point, ...], v_pu: float) -> float:

@@ -34,7 +34,7 @@ def em():
 def scan(em: BackgroundEmulators, name: str) -> ss_client.SunSpecModbusClientDeviceTCP:
     ep = em.endpoints[name]
     dev = ss_client.SunSpecModbusClientDeviceTCP(slave_id=ep.unit, ipaddr=ep.host,
-                                                 ipport=ep.port, timeout=2)
+                                                 ipport=ep.port, timeout=10)
     dev.scan()
     return dev
 

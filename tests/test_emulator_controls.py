@@ -25,7 +25,7 @@ def em(site):
 def scan(em, name):
     ep = em.endpoints[name]
     dev = ss_client.SunSpecModbusClientDeviceTCP(slave_id=ep.unit, ipaddr=ep.host,
-                                                 ipport=ep.port, timeout=2)
+                                                 ipport=ep.port, timeout=10)
     dev.scan()
     return dev
 

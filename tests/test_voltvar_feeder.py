@@ -78,3 +78,28 @@ async def test_volt_var_holds_the_far_end_bus_in_band_where_unity_pf_does_not(tm
         # rating (the standard's MRA is 5 %), measured through the driver
         assert q == pytest.approx(volt_var_q_pu(VOLT_VAR_B, seen) * RATING, abs=0.02 * RATING)
     assert vv[-1][2] < -5000
+
+
+def test_bundled_scenario_runs_and_its_report_plots_q_per_prosumer(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from testbed.cli import app
+    from testbed.dashboards.report import figures, open_run
+
+    res = CliRunner().invoke(app, ["run", "volt-var-far-end", "--fast", "-q", "--no-report",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    # the first step's flow is at unity PF (no voltage fed back yet): above 1.05 p.u.;
+    # every later one holds the band
+    assert summary["grid"]["vm_max_pu"] > 1.05
+    db, files = open_run(run)
+    vm = [r[0] for r in db.execute("SELECT vm_max_pu FROM feeder ORDER BY t")]
+    assert vm[0] > 1.05 and all(v <= 1.05 for v in vm[1:])
+    sections = {s.key: s for s in figures(db, files)}
+    db.close()
+    q = [t for t in sections["prosumers"].figure.data if t.yaxis == "y2"]
+    assert [t.name for t in q] == ["far"] and min(q[0].y) < -5000

@@ -118,14 +118,33 @@ def test_cli_writes_junit_and_exits_by_the_verdict(tmp_path):
     site = tmp_path / "site.yaml"
     site.write_text(site_1547().model_dump_json())
     out = tmp_path / "j.xml"
+    page = tmp_path / "c.html"
     res = CliRunner().invoke(app, ["conformance", str(site), "pv", "-t", "volt-var",
-                                   "--junit", str(out)])
+                                   "-t", "frequency-droop", "--junit", str(out),
+                                   "--html", str(page)])
     assert res.exit_code == 0, res.output
     doc = ET.parse(out).getroot()
-    assert doc.get("tests") == "1" and doc.find("testcase").get("classname").endswith("5.14.4")
+    assert doc.get("tests") == "2" and doc.find("testcase").get("classname").endswith("5.14.4")
+    text = page.read_text()
+    assert text.count("Plotly.newPlot(") == 2 and "<script src" not in text
+    assert "5.14.4 Voltage-reactive power (volt-var): PASS" in text and "V 1.09 p.u." in text
     res = CliRunner().invoke(app, ["conformance", str(site), "meter"])
     assert res.exit_code == 2 and "need a Modbus SunSpec inverter" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["conformance", str(site), "pv", "-t", "nope"])
     assert res.exit_code == 2 and "unknown test nope" in res.output
     assert set(PROCEDURES) == {"constant-pf", "volt-var", "active-power-limit",
                                "frequency-droop"}
+
+
+async def test_manual_source_prompts_the_operator_for_each_change():
+    from testbed.conformance.source import ManualSource
+
+    asked: list[str] = []
+    src = ManualSource(230.0, 50.0, ask=asked.append)
+    await src.set_voltage(253.0)
+    await src.set_frequency(50.3)
+    t0 = src.now()
+    await src.wait(0.05)
+    assert src.now() - t0 >= 0.05
+    assert asked == ["Set the grid source to 253.0 V phase-to-neutral (1.100 p.u.), then "
+                     "press Enter: ", "Set the grid source to 50.300 Hz, then press Enter: "]

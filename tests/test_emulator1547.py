@@ -82,6 +82,19 @@ def test_legacy_and_both_maps(site):
         dev = scan(em, "pv")
         assert [k for k in dev.models if isinstance(k, int)] == [
             1, 103, 120, 123, 701, 704, 702, 703, 705, 706, 711, 712, 707, 708, 709, 710]
+        ctl = dev.models[123][0]  # a legacy client's PF command drives the 1547 behaviour
+        ctl.OutPFSet.cvalue, ctl.OutPFSet_Ena.value = -0.9, 1
+        ctl.write()
+        em.step(1.0, 20)
+        m701, m103 = dev.models[701][0], dev.models[103][0]
+        m701.read()
+        m103.read()
+        assert m701.Var.cvalue == pytest.approx(-m701.W.cvalue * 0.4843, rel=0.02)
+        assert m103.VAr.cvalue == pytest.approx(m701.Var.cvalue, abs=20)
+        vv = dev.models[705][0]
+        vv.Ena.value = 1  # a second reactive power mode beside 123's PF
+        with pytest.raises(ModbusClientException):
+            vv.write()
         dev.close()
     with BackgroundEmulators(site, clock=False) as em:  # default stays legacy
         dev = scan(em, "pv")

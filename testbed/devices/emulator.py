@@ -93,8 +93,9 @@ class EmulatedProsumer:
                                    frequency_hz=frequency_hz, pv_behaviour=self.pv_behaviour,
                                    battery_behaviour=self.battery_behaviour)
         self.version += 1
-        for tick in list(self.timers):
-            tick(self.state.t_s)
+        if self.timers:
+            for tick in list(self.timers):
+                tick(self.state.t_s)
 
     def update(self, **changes: object) -> None:
         self.state = replace(self.state, **changes)

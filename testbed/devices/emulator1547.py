@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from testbed.physics.der1547 import VOLT_VAR_B, Der1547, Settings1547, trip_problems
-from testbed.physics.models import BatteryState, PVState
+from testbed.physics.models import BatteryState, PVState, battery_command
 
 from .emulator import (
     EmulatedBattery,
@@ -477,7 +477,36 @@ class Ieee1547Device:
         or a scenario event); None gives it back to the feeder and meter."""
         self._v_override, self._f_override = voltage_v, frequency_hz
 
-    def _setup_1547(self) -> None:
+    # -- the EmulatedDevice hooks, shared by the inverter and the battery (the legacy
+    # class after this mixin in the MRO handles the 1xx/8xx models)
+    def init_map(self, m: RegisterMap) -> None:
+        if self.legacy:
+            super().init_map(m)  # type: ignore[misc]
+        self._init_1547(m)
+
+    def check(self, p: PointDef, value: Any) -> None:
+        if p.model_id < 700:
+            super().check(p, value)  # type: ignore[misc]
+        else:
+            self._check_1547(p, value)
+
+    def check_all(self, trial: RegisterMap, changes: Mapping[tuple[int, str], Any]) -> None:
+        self._check_all_1547(trial, changes)
+
+    def apply(self, changes: Mapping[tuple[int, str], Any]) -> None:
+        if self.legacy and any(mid < 700 for mid, _ in changes):
+            super().apply(changes)  # type: ignore[misc]
+
+    def applied(self, changes: Mapping[tuple[int, str], Any]) -> None:
+        self._applied_1547(changes)
+
+    def _setup_1547(self, kind: str, prosumer: EmulatedProsumer, maps: MapChoice,
+                    rating_w: float) -> None:
+        self.legacy = maps == "both"
+        self.models = layout(kind, maps)  # type: ignore[misc]
+        self._served = {m if isinstance(m, int) else m.id for m in self.models}
+        self.rating_w = rating_w
+        self.prosumer = prosumer
         pm = self.prosumer.params.meter
         self._timers: dict[tuple[int, str], float | None] = {}
         self._terminal = (pm.v_nominal, pm.f_nominal)
@@ -624,12 +653,7 @@ class EmulatedInverter1547(Ieee1547Device, EmulatedInverter):
     def __init__(self, name: str, prosumer: EmulatedProsumer, serial: str, *,
                  maps: MapChoice = "ieee1547") -> None:
         assert prosumer.params.pv is not None, "prosumer has no PV parameters"
-        self.legacy = maps == "both"
-        self.models = layout("pv", maps)  # type: ignore[assignment]
-        self._served = {m if isinstance(m, int) else m.id for m in self.models}
-        self.rating_w = prosumer.params.pv.rating_w
-        self.prosumer = prosumer
-        self._setup_1547()
+        self._setup_1547("pv", prosumer, maps, prosumer.params.pv.rating_w)
         prosumer.pv_behaviour = self._pv_behaviour
         super().__init__(name, prosumer, serial)
         self._sync_settings()
@@ -643,37 +667,12 @@ class EmulatedInverter1547(Ieee1547Device, EmulatedInverter):
         return replace(pv, ac_w=p, q_var=q, energy_wh=energy,
                        dc_w=p / self.params.efficiency if p > 0 else 0.0)
 
-    def init_map(self, m: RegisterMap) -> None:
-        if self.legacy:
-            super().init_map(m)
-        self._init_1547(m)
-
     def fill(self, m: RegisterMap) -> None:
         pv = self.prosumer.state.pv
         assert pv is not None
         if self.legacy:
             super().fill(m)
-            m.set(103, "VAr", pv.q_var)
-            va = math.hypot(pv.ac_w, pv.q_var)
-            m.set(103, "VA", va)
-            m.set(103, "PF", 100.0 * pv.ac_w / va if va > 0 else 100.0)
         self._fill_1547(m, pv.ac_w, pv.q_var, getattr(self, "_available", pv.ac_w))
-
-    def check(self, p: PointDef, value: Any) -> None:
-        if p.model_id < 700:
-            super().check(p, value)
-        else:
-            self._check_1547(p, value)
-
-    def check_all(self, trial: RegisterMap, changes: Mapping[tuple[int, str], Any]) -> None:
-        self._check_all_1547(trial, changes)
-
-    def apply(self, changes: Mapping[tuple[int, str], Any]) -> None:
-        if self.legacy:
-            super().apply(changes)
-
-    def applied(self, changes: Mapping[tuple[int, str], Any]) -> None:
-        self._applied_1547(changes)
 
 
 class EmulatedBattery1547(Ieee1547Device, EmulatedBattery):
@@ -684,14 +683,9 @@ class EmulatedBattery1547(Ieee1547Device, EmulatedBattery):
 
     def __init__(self, name: str, prosumer: EmulatedProsumer, serial: str, *,
                  maps: MapChoice = "ieee1547") -> None:
-        assert prosumer.params.battery is not None, "prosumer has no battery parameters"
-        self.legacy = maps == "both"
-        self.models = layout("battery", maps)  # type: ignore[assignment]
-        self._served = {m if isinstance(m, int) else m.id for m in self.models}
         b = prosumer.params.battery
-        self.rating_w = max(b.max_charge_w, b.max_discharge_w)
-        self.prosumer = prosumer
-        self._setup_1547()
+        assert b is not None, "prosumer has no battery parameters"
+        self._setup_1547("battery", prosumer, maps, max(b.max_charge_w, b.max_discharge_w))
         prosumer.battery_behaviour = self._bat_behaviour
         super().__init__(name, prosumer, serial)
         self._sync_settings()
@@ -702,11 +696,6 @@ class EmulatedBattery1547(Ieee1547Device, EmulatedBattery):
         p, q = self._behave(bat, v, f, dt_s, bat.setpoint_w)
         return replace(bat, setpoint_w=p, q_var=q)
 
-    def init_map(self, m: RegisterMap) -> None:
-        if self.legacy:
-            super().init_map(m)
-        self._init_1547(m)
-
     def fill(self, m: RegisterMap) -> None:
         b = self.prosumer.state.battery
         assert b is not None
@@ -715,23 +704,12 @@ class EmulatedBattery1547(Ieee1547Device, EmulatedBattery):
         self._fill_1547(m, b.power_w, b.q_var, b.power_w)
 
     def check(self, p: PointDef, value: Any) -> None:
-        if p.model_id < 700:
-            super().check(p, value)
-        else:
-            self._check_1547(p, value)
-            if p.model_id == 704 and p.name in ("WSet", "WSetRvrt"):
-                bp = self.params
-                _range(p, value, -bp.max_charge_w, bp.max_discharge_w)
-
-    def check_all(self, trial: RegisterMap, changes: Mapping[tuple[int, str], Any]) -> None:
-        self._check_all_1547(trial, changes)
-
-    def apply(self, changes: Mapping[tuple[int, str], Any]) -> None:
-        if self.legacy and any(mid < 700 for mid, _ in changes):
-            super().apply(changes)
+        super().check(p, value)
+        if p.model_id == 704 and p.name in ("WSet", "WSetRvrt"):
+            _range(p, value, -self.params.max_charge_w, self.params.max_discharge_w)
 
     def applied(self, changes: Mapping[tuple[int, str], Any]) -> None:
-        self._applied_1547(changes)
+        super().applied(changes)
         if any(mid == 704 and p.startswith("WSet") for mid, p in changes):
             self._command_wset()
 
@@ -741,8 +719,6 @@ class EmulatedBattery1547(Ieee1547Device, EmulatedBattery):
             self._command_wset()
 
     def _command_wset(self) -> None:
-        from testbed.physics.models import battery_command
-
         b = self.prosumer.state.battery
         assert b is not None
         ena = self.map.get_raw(704, "WSetEna") == 1

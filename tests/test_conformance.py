@@ -15,7 +15,8 @@ from testbed.cli import app
 from testbed.conformance.procedures import PROCEDURES, run_tests
 from testbed.conformance.runner import conform, junit_xml
 from testbed.conformance.source import EmulatorSource
-from testbed.devices.emulator import EmulatedSite, prosumer_params
+from testbed.devices.driver import DeviceError
+from testbed.devices.emulator import EmulatedDevice, EmulatedInverter, EmulatedSite, prosumer_params
 from testbed.devices.emulator1547 import EmulatedInverter1547
 from testbed.devices.modbus import SunSpecDevice
 from testbed.devices.modbus_link import ModbusLink
@@ -51,7 +52,7 @@ class IgnoresLimit(EmulatedInverter1547):
         self.der.apply(replace(self.der.settings, p_limit_pu=None))
 
 
-async def run_against(cls: type[EmulatedInverter1547], names: list[str] | None = None):
+async def run_against(cls: type[EmulatedDevice], names: list[str] | None = None):
     site = EmulatedSite(t0_s=12 * 3600.0)
     pr = site.add_prosumer("p", prosumer_params(PVParams(rating_w=5000.0), None))
     inv = cls("inv", pr, "TB-inv")
@@ -60,7 +61,8 @@ async def run_against(cls: type[EmulatedInverter1547], names: list[str] | None =
     port = await server.start()
     dev = SunSpecDevice("inv", ModbusLink("127.0.0.1", port), 1, "pv")
     try:
-        return {r.id: r for r in await run_tests(dev, EmulatorSource(site, inv), names)}
+        source = EmulatorSource(site, inv) if isinstance(inv, EmulatedInverter1547) else None
+        return {r.id: r for r in await run_tests(dev, source, names)}  # type: ignore[arg-type]
     finally:
         await dev.close()
         await server.stop()
@@ -148,3 +150,9 @@ async def test_manual_source_prompts_the_operator_for_each_change():
     assert src.now() - t0 >= 0.05
     assert asked == ["Set the grid source to 253.0 V phase-to-neutral (1.100 p.u.), then "
                      "press Enter: ", "Set the grid source to 50.300 Hz, then press Enter: "]
+
+
+async def test_a_device_without_the_1547_models_is_a_clear_error():
+    with pytest.raises(DeviceError, match=r"need the IEEE 1547 models 701, 702 and 704; "
+                                          r"the device serves \[1, 103, 120, 123\]"):
+        await run_against(EmulatedInverter)

@@ -90,7 +90,11 @@ class Ctx:
     """A battery: the tests that need output command full discharge (704 WSet) first."""
 
     async def setup(self) -> None:
-        self.storage = 713 in {m.id for m in self.dev.models}
+        ids = {m.id for m in self.dev.models}
+        if not {701, 702, 704} <= ids:
+            raise DeviceError(f"{self.dev.name}: the conformance tests need the IEEE 1547 "
+                              f"models 701, 702 and 704; the device serves {sorted(ids)}")
+        self.storage = 713 in ids
         r702 = await self.dev.read_model(702)
         self.rating_w = float(r702.get("WMaxRtg") or r702.get("WMax") or 0.0)
         self.var_max = float(r702.get("VarMaxInjRtg") or r702.get("VarMaxInj") or

@@ -298,3 +298,26 @@ def test_adopted_must_trip_curve_trips_and_the_default_rides_through(em):
     with pytest.raises(ModbusClientException):
         hv.write()
     dev.close()
+
+
+@pytest.mark.parametrize("device, message", [
+    ({"name": "x", "kind": "pv", "protocol": "opcua", "port": 0, "emulated_models": "ieee1547"},
+     "served by emulated Modbus devices only"),
+    ({"name": "x", "kind": "pv", "port": 0, "emulated_functions": ["volt-var"]},
+     "emulated_functions need emulated_models: ieee1547 or both"),
+    ({"name": "x", "kind": "battery", "port": 0, "emulated_models": "ieee1547",
+      "emulated_functions": ["volt-watt"]}, "a battery emulator serves volt-var and freq-droop"),
+    ({"name": "x", "kind": "pv", "port": 0, "emulated_models": "1547"}, "emulated_models"),
+])
+def test_site_file_errors_name_the_field(tmp_path, device, message):
+    import yaml
+
+    from testbed.config import ConfigError, load_site
+
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "prosumers": [{"name": "p",
+                                                                 "devices": [device]}]}))
+    with pytest.raises(ConfigError) as err:
+        load_site(str(path))
+    text = " ".join(str(err.value).split())
+    assert str(path) in text and message in text

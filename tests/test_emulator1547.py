@@ -321,3 +321,16 @@ def test_site_file_errors_name_the_field(tmp_path, device, message):
         load_site(str(path))
     text = " ".join(str(err.value).split())
     assert str(path) in text and message in text
+
+
+def test_grid_event_naming_an_unknown_prosumer_is_refused_before_the_run():
+    from testbed.config import ConfigError, load_site
+    from testbed.scenarios.engine import check_rules
+    from testbed.scenarios.model import Scenario
+
+    sc = Scenario.model_validate({
+        "name": "steps", "site": "demo", "start": "12:00", "duration": "1h",
+        "events": [{"kind": "voltage-step", "at": "12:01", "v_pu": 1.08, "prosumer": "nobody"}]})
+    with pytest.raises(ConfigError, match=r"events\[0\].prosumer: voltage-step names unknown "
+                                          r"prosumer 'nobody'"):
+        check_rules(sc, load_site("demo"))

@@ -51,7 +51,7 @@ from testbed.telemetry.store import RunStore
 
 from . import expectations
 from .expectations import Verdict, evaluate
-from .model import DeviceEvent, MessageLossEvent, Scenario
+from .model import DeviceEvent, GridEvent, MessageLossEvent, Scenario
 from .phases.accounting import Accounting
 from .phases.devices import DeviceIO, StepReadings
 from .phases.environment import Environment, unreached
@@ -408,8 +408,8 @@ def check_rules(sc: Scenario, site: SiteConfig) -> None:
                           f"({', '.join(real)}); use mode: realtime")
     prosumers = {p.name for p in site.prosumers}
     for i, e in enumerate(sc.events):
-        if isinstance(e, MessageLossEvent) and e.prosumer not in (None, *prosumers):
-            raise ConfigError(f"{where}: events[{i}].prosumer: message-loss names unknown "
+        if isinstance(e, MessageLossEvent | GridEvent) and e.prosumer not in (None, *prosumers):
+            raise ConfigError(f"{where}: events[{i}].prosumer: {e.kind} names unknown "
                               f"prosumer {e.prosumer!r} (prosumers: "
                               f"{', '.join(sorted(prosumers))})")
         if not isinstance(e, DeviceEvent):

@@ -103,3 +103,20 @@ def test_bundled_scenario_runs_and_its_report_plots_q_per_prosumer(tmp_path):
     db.close()
     q = [t for t in sections["prosumers"].figure.data if t.yaxis == "y2"]
     assert [t.name for t in q] == ["far"] and min(q[0].y) < -5000
+
+
+def test_grafana_run_dashboard_plots_p_q_v_per_prosumer():
+    import json
+
+    path = Path(__file__).parent.parent / "lab" / "grafana" / "dashboards" / "testbed-run.json"
+    dash = json.loads(path.read_text())  # test_dashboards checks it is the current export
+    panels = {p["title"]: p for p in dash["panels"] if p["type"] != "row"}
+    q = panels["Reactive power per inverter"]
+    assert q["fieldConfig"]["defaults"]["unit"] == "voltampreact"
+    assert all('r._field == "q_var"' in t["query"] for t in q["targets"])
+    assert {'r.kind == "pv"', 'r.kind == "battery"'} <= {
+        k for t in q["targets"] for k in ('r.kind == "pv"', 'r.kind == "battery"') if k in t["query"]}
+    v = panels["Voltage per prosumer"]
+    assert 'r._field == "voltage_v"' in v["targets"][0]["query"]
+    assert '"prosumer"' in v["targets"][0]["query"]
+    assert "Net power per prosumer" in panels

@@ -58,6 +58,13 @@ What is measured (all in one run, against the same server)
        engine does), requests per poll, drops, late rounds. Target: >= 90 % per device,
        none faulted.
 
+    4. IEEE 1547 behaviour (`--ieee1547`). The PV inverters and batteries serve the IEEE
+       1547 models (701-713, `emulated_models: ieee1547`) with OpenDER stepping each of
+       them every second (PV inverters with volt-var on), so the 1 Hz capacity above is
+       physics plus Modbus in the one server process (one core). Also reported: the
+       physics alone, one 1 s step of all hosted devices timed in this process, as devices
+       per core at 1 Hz (target >= 1000).
+
 Output: tables (rich) and, as the last line on stdout, one JSON object with all figures
 (also written to `--json PATH`). `--check` exits 1 when a target is missed.
 """
@@ -188,21 +195,24 @@ def bench_security(certs: str | None) -> OpcUaSecurity:
 
 
 def _server_main(n_devices: int, conn: Connection, protocol: str = "modbus",
-                 certs: str | None = None) -> None:
+                 certs: str | None = None, ieee1547: bool = False) -> None:
     """Entry point of the server process: host `n_devices`, report ports, serve until told."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)
     try:
-        asyncio.run(_serve(n_devices, conn, protocol, certs))
+        asyncio.run(_serve(n_devices, conn, protocol, certs, ieee1547))
     except Exception as exc:  # report startup failures instead of dying silently
         with contextlib.suppress(OSError):
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
         raise
 
 
-def build_site(n_devices: int) -> tuple[EmulatedSite, list[dict[int, EmulatedDevice]]]:
-    """The physics and, per port, {unit: device}: inverter, battery, meter, inverter, ..."""
+def build_site(n_devices: int, ieee1547: bool = False
+               ) -> tuple[EmulatedSite, list[dict[int, EmulatedDevice]]]:
+    """The physics and, per port, {unit: device}: inverter, battery, meter, inverter, ...
+    With `ieee1547` the inverters and batteries serve 701-713 with OpenDER behaviour (the
+    PV inverters' volt-var on)."""
     site = EmulatedSite()
     per_port: list[dict[int, EmulatedDevice]] = []
     for i in range(n_devices):
@@ -214,14 +224,18 @@ def build_site(n_devices: int) -> tuple[EmulatedSite, list[dict[int, EmulatedDev
         if i % UNITS_PER_PORT == 0:
             per_port.append({})
         kind = KINDS[i % 3]
-        per_port[-1][i % UNITS_PER_PORT + 1] = site.add_device(f"{kind}{i}", kind, f"p{i // 3}")
+        maps = "ieee1547" if ieee1547 and kind != "meter" else "legacy"
+        dev = site.add_device(f"{kind}{i}", kind, f"p{i // 3}", maps=maps)
+        if maps == "ieee1547" and kind == "pv":
+            dev.write_point(705, "Ena", 1)
+        per_port[-1][i % UNITS_PER_PORT + 1] = dev
     site.step(PERIOD_S)  # live values from the first read on
     return site, per_port
 
 
 async def _serve(n_devices: int, conn: Connection, protocol: str = "modbus",
-                 certs: str | None = None) -> None:
-    site, per_port = build_site(n_devices)
+                 certs: str | None = None, ieee1547: bool = False) -> None:
+    site, per_port = build_site(n_devices, ieee1547)
     servers: list[Any]
     if protocol == "opcua":
         servers = [OpcUaEmulatorServer(HOST, 0, {d.name: d for d in devices.values()},
@@ -248,11 +262,11 @@ async def _serve(n_devices: int, conn: Connection, protocol: str = "modbus",
 
 @contextlib.contextmanager
 def device_server(n_devices: int, timeout_s: float = 300.0, protocol: str = "modbus",
-                  certs: str | None = None) -> Iterator[ServerInfo]:
+                  certs: str | None = None, ieee1547: bool = False) -> Iterator[ServerInfo]:
     """Start the server process, yield what it hosts, and always stop it again."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_server_main, args=(n_devices, child, protocol, certs),
+    proc = ctx.Process(target=_server_main, args=(n_devices, child, protocol, certs, ieee1547),
                        name="bench-device-server", daemon=True)
     proc.start()
     child.close()
@@ -749,6 +763,7 @@ class Settings:
     fault_rounds: int = 0
     drop_every: int = 10
     opcua_mode: str = "poll"
+    ieee1547: bool = False
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -759,7 +774,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         return Settings(max_devices, args.rounds or 3, steps, 0, min(60, max_devices),
                         args.sat_seconds or 0.5, args.sat_reps or 1, args.protocol,
                         min(args.fault_devices or 60, max_devices), args.fault_rounds or 10,
-                        args.drop_every, args.opcua_mode)
+                        args.drop_every, args.opcua_mode, args.ieee1547)
     max_devices = args.max_devices or (2000 if opcua else 8000)
     steps = (sorted({n for n in (100, 250, 500, 750, 1000, 1500) if n < max_devices} | {max_devices})
              if opcua else capacity_steps(max_devices))
@@ -767,7 +782,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     min(args.sat_devices, max_devices), args.sat_seconds or 2.0,
                     args.sat_reps or 3, args.protocol,
                     min(args.fault_devices or 1000, max_devices), args.fault_rounds or 30,
-                    args.drop_every, args.opcua_mode)
+                    args.drop_every, args.opcua_mode, args.ieee1547)
+
+
+def physics_1547(n_devices: int, steps: int = 10) -> dict[str, Any]:
+    """One 1 s physics step of `n_devices` (IEEE 1547 inverters and batteries with OpenDER,
+    legacy meters), timed in this process: the emulation's cost without Modbus."""
+    site, _ = build_site(n_devices, ieee1547=True)
+    n_1547 = sum(1 for d in site.devices.values() if d.kind != "meter")
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        site.step(PERIOD_S)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    return {"devices": n_devices, "ieee1547_devices": n_1547,
+            "step_ms_median": round(1000 * step_s, 2),
+            "us_per_1547_device": round(1e6 * step_s / max(1, n_1547), 1),
+            "devices_per_core_at_1hz": int(n_devices / step_s) if step_s > 0 else None,
+            "target": TARGET_DEVICES}
 
 
 def poll_table(results: list[PollResult], rounds: int) -> Table:
@@ -825,7 +858,11 @@ async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
             else "Modbus")
     console.print(f"[bold]bench/devices.py[/]: {s.max_devices} emulated devices ({what}) in a server "
                   f"process on {math.ceil(s.max_devices / UNITS_PER_PORT)} ports of {HOST}")
-    with device_server(s.max_devices, protocol=s.protocol, certs=certs) as server:
+    if s.ieee1547:
+        console.print("IEEE 1547 behaviour on: PV inverters and batteries serve 701-713 with "
+                      "OpenDER (PV volt-var on)")
+    with device_server(s.max_devices, protocol=s.protocol, certs=certs,
+                       ieee1547=s.ieee1547) as server:
         setup_s = time.perf_counter() - t_start
         poller = Poller(s.protocol, bench_security(certs) if certs else None, s.opcua_mode)
         try:
@@ -869,6 +906,15 @@ async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
                 "device, none faulted")
     console.print(poll_table(results, s.rounds))
 
+    phys = None
+    if s.ieee1547:
+        phys = physics_1547(s.max_devices)
+        console.print(
+            f"IEEE 1547 physics alone: one 1 s step of {phys['devices']} devices "
+            f"({phys['ieee1547_devices']} with OpenDER) takes {phys['step_ms_median']:.1f} ms "
+            f"({phys['us_per_1547_device']:.0f} us per OpenDER device) -> "
+            f"{phys['devices_per_core_at_1hz']:,} devices per core at 1 Hz "
+            f"(target >= {TARGET_DEVICES})")
     largest = max((r.n for r in results if r.on_time), default=0)
     capped = largest == s.max_devices
     total_s = time.perf_counter() - t_start
@@ -893,6 +939,7 @@ async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
         "poll": [r.summary() for r in sorted(results, key=lambda r: r.n)],
         "requests_per_device_read": round(reqs_per_dev, 3),
         "faulty_link": faulty,
+        "ieee1547": phys,
         **({"opcua_mode": s.opcua_mode, "notifications_per_s": round(notifications_per_s, 1),
             "values_per_read": round(values_per_req, 2),
             "ours_values_per_s": round(sat.ours.median_rps * values_per_req, 1),
@@ -951,6 +998,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opcua-mode", choices=("poll", "subscribe"), default="poll",
                     help="OPC UA: one Read per read() (default), or monitored items at a 1 s "
                          "publishing interval with read() answered from them")
+    ap.add_argument("--ieee1547", action="store_true",
+                    help="inverters and batteries serve 701-713 with OpenDER behaviour on")
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)

@@ -856,6 +856,63 @@ def telemetry_backfill(
                       + ("" if res.points else ": nothing was missing"), highlight=False)
 
 
+@app.command("conformance")
+def conformance(
+    site: SiteArg,
+    name: Annotated[str, typer.Argument(help="Device name in the site file (an IEEE 1547 "
+                                             "inverter or battery, SunSpec 701-713).")],
+    test: Annotated[list[str] | None, typer.Option(
+        "--test", "-t", help="constant-pf, volt-var, active-power-limit, frequency-droop "
+                             "(repeatable; default: all).")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here.")] = None,
+    html_out: Annotated[Path | None, typer.Option(
+        "--html", help="Write a page with each test's P, Q, V and f plotted per step.")] = None,
+    v_nom: Annotated[float, typer.Option("--v-nom", min=1, help="Real device: nominal "
+                                         "phase-to-neutral voltage of the grid source.")] = 230.0,
+    f_nom: Annotated[float, typer.Option("--f-nom", min=1, help="Real device: nominal "
+                                         "frequency of the grid source.")] = 50.0,
+) -> None:
+    """IEEE 1547.1-2020 tests through the driver; exit 1 if one fails.
+
+    An emulated device runs on the simulated clock with its terminal voltage and frequency
+    driven by the test (seconds); a real device runs in real time and the operator sets
+    the grid source when prompted (see the README on plugging in an AC source)."""
+    from testbed.conformance.runner import (
+        ConformanceError,
+        check_names,
+        conform,
+        html_report,
+        write_junit,
+    )
+
+    cfg = _site(site)
+    try:
+        names = check_names(test)
+    except ConformanceError as exc:
+        _fail(exc, 2)
+
+    async def go() -> Any:
+        try:
+            return await conform(cfg, name, names, nominal=(v_nom, f_nom))
+        except ConformanceError as exc:
+            _fail(exc, 2)
+
+    results = _run(go())
+    table = Table(title=f"IEEE 1547.1-2020: {name}")
+    for col in ("clause", "test", "result", "reason"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.id, r.name, "[green]PASS[/]" if r.passed else "[red]FAIL[/]",
+                      escape(r.reason))
+    console.print(table)
+    if junit is not None:
+        write_junit(results, f"{cfg.name}.{name}", junit)
+    if html_out is not None:
+        html_out.write_text(html_report(results, f"{cfg.name}.{name}"))
+    if not all(r.passed for r in results):
+        raise typer.Exit(1)
+
+
 @app.command("run")
 def run(
     scenario: Annotated[str, typer.Argument(help="Scenario file, or a bundled scenario name "

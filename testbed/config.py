@@ -270,12 +270,35 @@ class _DeviceBase(_Strict):
         return f"{self.host}:{self.port}{rtu} unit {self.unit}"
 
 
-class PVDevice(_DeviceBase):
+class _InverterBase(_DeviceBase):
+    emulated_models: Literal["legacy", "ieee1547", "both"] = "legacy"
+    """The SunSpec maps an emulated inverter or battery serves: legacy (103/120/123,
+    802/124), ieee1547 (701-713 with IEEE 1547-2018 behaviour from OpenDER) or both."""
+
+    emulated_functions: list[Literal["volt-var", "volt-watt", "watt-var", "freq-droop"]] = []
+    """IEEE 1547 functions an emulated ieee1547/both device starts with enabled (705, 706,
+    712, 711 `Ena`), at the standard's Category B default settings."""
+
+    @model_validator(mode="after")
+    def _emulated_models(self) -> _InverterBase:
+        if self.emulated_models != "legacy" and (not self.emulated or self.protocol != "modbus"):
+            raise ValueError("emulated_models: ieee1547/both is served by emulated Modbus "
+                             "devices only (emulated: true, protocol: modbus)")
+        if self.emulated_functions and self.emulated_models == "legacy":
+            raise ValueError("emulated_functions need emulated_models: ieee1547 or both")
+        if self.kind == DeviceKind.BATTERY and set(self.emulated_functions) & {  # type: ignore[attr-defined]
+                "volt-watt", "watt-var"}:
+            raise ValueError("emulated_functions: a battery emulator serves volt-var and "
+                             "freq-droop only")
+        return self
+
+
+class PVDevice(_InverterBase):
     kind: Literal[DeviceKind.PV]
     params: PVConfig = PVConfig()
 
 
-class BatteryDevice(_DeviceBase):
+class BatteryDevice(_InverterBase):
     kind: Literal[DeviceKind.BATTERY]
     params: BatteryConfig = BatteryConfig()
 
@@ -781,7 +804,7 @@ def load_model(model: type[BaseModel], text: str, source: str,
 
 
 LIBRARY = "testbed.scenarios.library"
-BUNDLED_SITES = {"demo": "demo-site.yaml"}
+BUNDLED_SITES = {"demo": "demo-site.yaml", "far-end": "far-end-site.yaml"}
 
 
 def library_file(file: str) -> Path:

@@ -32,7 +32,7 @@ def test_engineering_writes_command_the_physics(site):
 
 
 @pytest.mark.parametrize("device, model, point, value, message", [
-    ("x-battery", 124, "InWRte", 101.0, "outside 0..100"),
+    ("x-battery", 124, "InWRte", 101.0, "outside -100..100"),
     ("x-battery", 124, "StorCtl_Mod", 4, "bits 0x4 are not defined"),
     ("x-battery", 802, "SoC", 10.0, "read-only"),
     ("x-pv", 123, "WMaxLim_Ena", 2, "is not one of"),

@@ -107,7 +107,7 @@ def test_report_renders_every_figure_offline_without_errors(opened: Opened, run:
     db, files = open_run(run)
     n_figures = sum(s.figure is not None for s in figures(db, files))
     db.close()
-    assert n_figures == 5
+    assert n_figures == 6
     assert opened.errors == []
     assert opened.remote == []  # nothing fetched: no CDN, fonts or tiles
     page = opened.page
@@ -127,7 +127,7 @@ def test_report_is_one_self_contained_file(run: Path) -> None:
     ours = text.replace(get_plotlyjs(), "")  # the bundle names map tile servers it never asks
     assert "* plotly.js v" not in ours and "<script src" not in ours and "<link" not in ours
     assert "http:" not in ours and "https:" not in ours
-    assert ours.count("Plotly.newPlot(") == 5
+    assert ours.count("Plotly.newPlot(") == 6
 
 
 def test_screenshot_is_not_blank(opened: Opened, tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_unfinished_run_renders_from_the_store_with_a_notice(run: Path, tmp_path
     text = build_report(d)
     assert "run did not finish (no summary.json)" in text
     assert "INCOMPLETE" in text and "PASS: every" not in text
-    assert text.count("Plotly.newPlot(") == 5
+    assert text.count("Plotly.newPlot(") == 6
 
 
 def test_empty_tables_say_so_instead_of_plotting(run: Path, tmp_path: Path) -> None:
@@ -215,7 +215,7 @@ def test_empty_tables_say_so_instead_of_plotting(run: Path, tmp_path: Path) -> N
     assert "The grid check is disabled for this run" in text
     assert "The ledger is disabled for this run" in text
     assert "No faults or other events in this run" in text
-    assert text.count("Plotly.newPlot(") == 2  # schedule and batteries
+    assert text.count("Plotly.newPlot(") == 3  # schedule, batteries, prosumers
 
 
 def test_store_text_is_escaped(run: Path, tmp_path: Path) -> None:

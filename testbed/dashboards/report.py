@@ -227,8 +227,9 @@ def figures(db: sqlite3.Connection, files: RunFiles) -> list[Section]:
     prosumers += [r[0] for r in _q(db, "SELECT DISTINCT prosumer FROM cpf")]
     colours = _colours(prosumers)
     return [_schedule(db, files, span, end), _auctions(db, span),
-            _batteries(db, files, bucket, colours, span, end), _feeder(db, files, bucket, span),
-            _ledger(db, files, colours, span)]
+            _batteries(db, files, bucket, colours, span, end),
+            _prosumers_pqv(db, files, bucket, colours, span, end),
+            _feeder(db, files, bucket, span), _ledger(db, files, colours, span)]
 
 
 def _schedule(db: sqlite3.Connection, files: RunFiles, span: float, end: float | None
@@ -377,6 +378,50 @@ def _batteries(db: sqlite3.Connection, files: RunFiles, bucket: float | None,
     fig.update_yaxes(range=[0, 105], row=1, col=1)
     _style(fig, 600, span)
     return Section("batteries", title, fig, note=note)
+
+
+def _prosumers_pqv(db: sqlite3.Connection, files: RunFiles, bucket: float | None,
+                   colours: dict[str, str], span: float, end: float | None) -> Section:
+    """Per prosumer, where it meets the feeder: net P at the meter, the inverters' Q (the
+    IEEE 1547 functions at work) and the voltage the feeder gave it."""
+    title = "Prosumers: P, Q and V at the connection point"
+    tc = _tcol(bucket)
+    p_rows = _q(db, f"SELECT {tc} AS tt, prosumer, AVG(value) FROM measurements WHERE "
+                    "kind = 'meter' AND name = 'p_w' GROUP BY prosumer, tt ORDER BY tt")
+    q_rows = _q(db, f"SELECT {tc} AS tt, prosumer, SUM(value) / COUNT(DISTINCT t) FROM "
+                    "measurements WHERE kind IN ('pv', 'battery') AND name = 'q_var' "
+                    "GROUP BY prosumer, tt ORDER BY tt")
+    v_rows = _q(db, f"SELECT {tc} AS tt, prosumer, AVG(value) FROM measurements WHERE "
+                    "kind = 'meter' AND name = 'voltage_v' GROUP BY prosumer, tt ORDER BY tt")
+    if not (p_rows or q_rows or v_rows):
+        return Section("prosumers", title, note="No meter or inverter measurement was recorded.")
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.09,
+                        subplot_titles=("Net power at the meter (W, + import / - export)",
+                                        "Reactive power of the inverters (var, + injected)",
+                                        "Voltage at the meter (V)"))
+    names = sorted({r[1] for rows in (p_rows, q_rows, v_rows) for r in rows})
+    fleet = len(names) > MAX_TRACES
+    note = _bucket_note(bucket, "")
+    for row, rows in ((1, p_rows), (2, q_rows), (3, v_rows)):
+        if fleet:
+            by_t: dict[Any, list[float]] = {}
+            for t, _, v in rows:
+                by_t.setdefault(t, []).append(v)
+            ts = sorted(by_t)
+            band = [(t, sum(by_t[t]) / len(by_t[t]), min(by_t[t]), max(by_t[t])) for t in ts]
+            _band(fig, band, f"{len(names)} prosumers", row=row, col=1)
+            continue
+        for name in names:
+            pts = [(t, v) for t, n, v in rows if n == name]
+            fig.add_scatter(x=_x(_col(pts, 0)), y=_col(pts, 1), mode="lines",
+                            name=html.escape(name), legendgroup=name, showlegend=row == 1,
+                            line={"color": colours.get(name, "#1f77b4")}, row=row, col=1)
+    if fleet:
+        note += f"{len(names)} prosumers: shown as a fleet (mean and min-max band)."
+    _mark_events(db, fig)
+    _shade_scenario(fig, files.scenario, end)
+    _style(fig, 700, span)
+    return Section("prosumers", title, fig, note=note)
 
 
 def _band(fig: go.Figure, rows: Sequence[tuple[Any, ...]], name: str, row: int, col: int

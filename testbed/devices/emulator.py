@@ -10,10 +10,15 @@ server in `modbus.py` asks a device to `refresh()` its map before a read and to
 SunSpec conventions of the emulators (documented in the README):
 - Inverter: models 1, 103, 120, 123. `WMaxLimPct` (0-100 % of `WRtg`) with
   `WMaxLim_Ena`=1 curtails; the limit ramps at the inverter's ramp rate. `Conn`=0
-  disconnects (no output, `St` OFF).
+  disconnects (no output, `St` OFF). `OutPFSet` (|PF| >= 0.9; + over-excited, injects
+  vars; - under-excited) with `OutPFSet_Ena`=1 holds that power factor (P capped so VA
+  stays within `WRtg`). A command whose `*_RvrtTms` is set reverts when that many
+  simulated seconds pass (limit off, unity PF, reconnected).
 - Battery: models 1, 802, 124. 802 `W` is + discharge / - charge. The power setpoint is
   124 `StorCtl_Mod` bit 1 (DISCHARGE) with `OutWRte` % of the rated discharge power,
-  and/or bit 0 (CHARGE) with `InWRte` % of `WChaMax`; no bit set holds at 0 W. A setpoint
+  and/or bit 0 (CHARGE) with `InWRte` % of `WChaMax`; no bit set holds at 0 W. Rates are
+  signed (-100..100 %: a negative `OutWRte` charges). `InOutWRte_RvrtTms` reverts to
+  holding; 802 `SetOp`=2 (DISCONNECT) holds 0 W and shows `State` DISCONNECTED. A setpoint
   the battery cannot follow is clamped: 802 `State` = SOC PROTECTION and `Evt1` warning
   bits (UNDER_SOC_MIN_WARNING, OVER_SOC_MAX_WARNING, OVER_CHARGE/DISCHARGE_CURRENT_WARNING).
 - Meter: models 1, 203, balanced three-phase; `W` + import / - export.
@@ -28,7 +33,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from testbed.physics.models import (
+    PF_UNSET,
     BatteryParams,
+    Behaviour,
     ClampReason,
     LoadParams,
     MeterParams,
@@ -49,7 +56,7 @@ SQRT3 = math.sqrt(3.0)
 
 INVERTER_ST = {"OFF": 1, "SLEEPING": 2, "MPPT": 4, "THROTTLED": 5}
 CHA_ST = {"OFF": 1, "EMPTY": 2, "DISCHARGING": 3, "CHARGING": 4, "FULL": 5, "HOLDING": 6}
-BAT_STATE_CONNECTED, BAT_STATE_SOC_PROTECTION = 3, 5
+BAT_STATE_DISCONNECTED, BAT_STATE_CONNECTED, BAT_STATE_SOC_PROTECTION = 1, 3, 5
 EVT1_BITS = {  # SunSpec 802 Evt1 symbol values (bit positions)
     ClampReason.CHARGE_RATE: 6,
     ClampReason.DISCHARGE_RATE: 8,
@@ -71,13 +78,24 @@ class EmulatedProsumer:
         self.state = ProsumerState.initial(params, t_s)
         self.version = 0
         """Bumped on every change so devices re-encode their maps only when needed."""
+        self.pv_behaviour: Behaviour | None = None
+        self.battery_behaviour: Behaviour | None = None
+        """IEEE 1547 behaviour of an emulated inverter serving 70x models (`emulator1547`)."""
+        self.timers: list[Callable[[float], None]] = []
+        """Devices' reversion timers, called with the simulated time after each step."""
 
     def step(self, dt_s: float, irradiance_w_m2: float, load_w: float, *,
-             external_w: float = 0.0, voltage_v: float | None = None) -> None:
+             external_w: float = 0.0, voltage_v: float | None = None,
+             frequency_hz: float | None = None) -> None:
         self.state = prosumer_step(self.params, self.state, irradiance_w_m2=irradiance_w_m2,
                                    load_w=load_w, dt_s=dt_s, key=self.name,
-                                   external_w=external_w, voltage_v=voltage_v)
+                                   external_w=external_w, voltage_v=voltage_v,
+                                   frequency_hz=frequency_hz, pv_behaviour=self.pv_behaviour,
+                                   battery_behaviour=self.battery_behaviour)
         self.version += 1
+        if self.timers:
+            for tick in list(self.timers):
+                tick(self.state.t_s)
 
     def update(self, **changes: object) -> None:
         self.state = replace(self.state, **changes)
@@ -119,7 +137,37 @@ class EmulatedDevice:
     def check(self, p: PointDef, value: float | int | str | None) -> None:
         """Kind-specific range checks; raise WriteRefused."""
 
+    def check_all(self, trial: RegisterMap, changes: Mapping[tuple[int, str], object]) -> None:
+        """Checks across points (a curve to adopt, one reactive mode at a time), on the map
+        as it would be after the write; raise WriteRefused."""
+
+    def applied(self, changes: Mapping[tuple[int, str], object]) -> None:
+        """After the written registers are stored (adoption of curves, reversion timers)."""
+
+    def revert(self, key: str) -> None:
+        """A reversion timer armed with `arm(key, ...)` ran out."""
+
     # -- shared
+    def arm(self, key: str, seconds: float | None) -> None:
+        """Start (or, with 0/None, stop) the reversion timer `key` on the simulated clock."""
+        due = getattr(self, "_due", None)
+        if due is None:
+            due = self._due = {}
+        if seconds:
+            due[key] = self.prosumer.state.t_s + float(seconds)
+            if self._tick_due not in self.prosumer.timers:
+                self.prosumer.timers.append(self._tick_due)
+        else:
+            due.pop(key, None)
+
+    def _tick_due(self, t_s: float) -> None:
+        for key, at in list(self._due.items()):
+            if t_s + 1e-9 >= at:
+                del self._due[key]
+                self.revert(key)
+        if not self._due:
+            self.prosumer.timers.remove(self._tick_due)
+
     def refresh(self) -> None:
         if self._encoded_version != self.prosumer.version:
             self.fill(self.map)
@@ -149,9 +197,11 @@ class EmulatedDevice:
             _check_generic(p, trial.get_raw(inst.id, p.name))
             self.check(p, value)
             changes[(inst.id, p.name)] = value
+        self.check_all(trial, changes)
         self.apply(changes)
         self.map.registers[start: start + len(values)] = values
         self._encoded_version = -1
+        self.applied(changes)
         self.refresh()
 
     def write_point(self, model_id: int, point: str, value: float | int | str) -> None:
@@ -241,9 +291,10 @@ class EmulatedInverter(EmulatedDevice):
             m.set(103, ph, v * SQRT3)
         m.set(103, "W", pv.ac_w)
         m.set(103, "Hz", s.meter.frequency_hz)
-        m.set(103, "VA", pv.ac_w)
-        m.set(103, "VAr", 0.0)
-        m.set(103, "PF", 100.0)
+        va = math.hypot(pv.ac_w, pv.q_var)
+        m.set(103, "VA", va)
+        m.set(103, "VAr", pv.q_var)
+        m.set(103, "PF", math.copysign(100.0 * pv.ac_w / va, pv.q_var or 1.0) if va > 0 else 100.0)
         m.set(103, "WH", math.floor(pv.energy_wh))
         dcv = 400.0 if pv.dc_w > 0 else 0.0
         m.set(103, "DCV", dcv)
@@ -256,12 +307,16 @@ class EmulatedInverter(EmulatedDevice):
         m.set(123, "WMaxLimPct", pv.limit_pct)
         m.set_raw(123, "WMaxLim_Ena", int(pv.limit_enabled))
         m.set_raw(123, "Conn", int(pv.connected))
+        m.set_raw(123, "OutPFSet_Ena", int(pv.pf_setpoint is not None))
 
     def check(self, p: PointDef, value: float | int | str | None) -> None:
         if p.model_id == 123 and p.name == "WMaxLimPct":
             _in_range(p, value, 0.0, 100.0)
         if p.model_id == 123 and p.name == "OutPFSet":
             _in_range(p, value, -1.0, 1.0)
+            if abs(float(value or 0.0)) < 0.9 - 1e-9:  # type: ignore[arg-type]
+                raise WriteRefused(f"{p.name}: {value} below the rated power factor 0.9 "
+                                   "(120 PFRtgQ1..Q4)")
 
     def apply(self, changes: Mapping[tuple[int, str], float | int | str | None]) -> None:
         pv = self.prosumer.state.pv
@@ -269,12 +324,37 @@ class EmulatedInverter(EmulatedDevice):
         limit = changes.get((123, "WMaxLimPct"))
         ena = changes.get((123, "WMaxLim_Ena"))
         conn = changes.get((123, "Conn"))
-        if limit is None and ena is None and conn is None:
+        pf_set, pf_ena = changes.get((123, "OutPFSet")), changes.get((123, "OutPFSet_Ena"))
+        pf: object = PF_UNSET
+        if pf_set is not None or pf_ena is not None:
+            on = bool(pf_ena) if pf_ena is not None else pv.pf_setpoint is not None
+            value = pf_set if pf_set is not None else self.map.get(123, "OutPFSet")
+            pf = float(value) if on and value is not None else None  # type: ignore[arg-type]
+        if limit is None and ena is None and conn is None and pf is PF_UNSET:
+            self._arm_reverts(changes)
             return
         self.prosumer.update(pv=pv_command(
             pv, limit_pct=None if limit is None else float(limit),
             limit_enabled=None if ena is None else bool(ena),
-            connected=None if conn is None else bool(conn)))
+            connected=None if conn is None else bool(conn), pf=pf))
+        self._arm_reverts(changes)
+
+    def _arm_reverts(self, changes: Mapping[tuple[int, str], object]) -> None:
+        """SunSpec 123: a command with its RvrtTms set reverts when the time runs out; a
+        write of the command or of RvrtTms (clients write either first) starts the timer."""
+        for keys, timer in ((("WMaxLimPct", "WMaxLim_Ena"), "WMaxLimPct_RvrtTms"),
+                            (("OutPFSet", "OutPFSet_Ena"), "OutPFSet_RvrtTms"),
+                            (("Conn",), "Conn_RvrtTms")):
+            if any((123, k) in changes for k in (*keys, timer)):
+                tms = changes.get((123, timer), self.map.get_raw(123, timer))
+                self.arm(timer, tms)  # type: ignore[arg-type]
+
+    def revert(self, key: str) -> None:
+        pv = self.prosumer.state.pv
+        assert pv is not None
+        back = {"WMaxLimPct_RvrtTms": {"limit_enabled": False}, "OutPFSet_RvrtTms": {"pf": None},
+                "Conn_RvrtTms": {"connected": True}}[key]
+        self.prosumer.update(pv=pv_command(pv, **back))  # type: ignore[arg-type]
 
 
 class EmulatedBattery(EmulatedDevice):
@@ -289,6 +369,8 @@ class EmulatedBattery(EmulatedDevice):
         # The 124 control registers are the device's command state; the power setpoint
         # is derived from them, so a partial update (rate first, mode later) is kept.
         self.storctl_mod, self.out_pct, self.in_pct = 0, 0.0, 0.0
+        self.connected = True
+        """802 SetOp: CONNECT (1) or DISCONNECT (2); disconnected, the battery holds 0 W."""
         super().__init__(name, prosumer, serial)
 
     @property
@@ -359,7 +441,9 @@ class EmulatedBattery(EmulatedDevice):
         m.set_raw(802, "ChaSt", CHA_ST[b.status.value])
         m.set_raw(124, "ChaSt", CHA_ST[b.status.value])
         soc_clamp = b.clamp_reason in (ClampReason.SOC_MIN, ClampReason.SOC_MAX)
-        m.set_raw(802, "State", BAT_STATE_SOC_PROTECTION if soc_clamp else BAT_STATE_CONNECTED)
+        m.set_raw(802, "State", BAT_STATE_DISCONNECTED if not self.connected else
+                  BAT_STATE_SOC_PROTECTION if soc_clamp else BAT_STATE_CONNECTED)
+        m.set_raw(802, "SetOp", 1 if self.connected else 2)
         m.set_raw(802, "Evt1", 1 << EVT1_BITS[b.clamp_reason] if b.clamp_reason else 0)
         m.set(802, "V", v)
         m.set(802, "VMax", self.nominal_v * 1.1)
@@ -378,24 +462,40 @@ class EmulatedBattery(EmulatedDevice):
 
     def check(self, p: PointDef, value: float | int | str | None) -> None:
         if p.model_id == 124 and p.name in ("OutWRte", "InWRte"):
-            _in_range(p, value, 0.0, 100.0)
+            _in_range(p, value, -100.0, 100.0)  # signed: SunSpec 124 allows -100..100 %
         elif p.model_id == 124 and p.name == "WChaMax":
             _in_range(p, value, 0.0, self.params.max_charge_w)
         elif (p.model_id, p.name) in ((124, "MinRsvPct"), (802, "SocRsvMax"), (802, "SoCRsvMin")):
             _in_range(p, value, self.params.soc_min * 100, self.params.soc_max * 100)
 
     def apply(self, changes: Mapping[tuple[int, str], float | int | str | None]) -> None:
-        b = self.prosumer.state.battery
-        assert b is not None
         self.wchamax = float(changes.get((124, "WChaMax"), self.wchamax) or 0.0)
         self.storctl_mod = int(changes.get((124, "StorCtl_Mod"), self.storctl_mod) or 0)
         self.out_pct = float(changes.get((124, "OutWRte"), self.out_pct) or 0.0)
         self.in_pct = float(changes.get((124, "InWRte"), self.in_pct) or 0.0)
+        if (802, "SetOp") in changes:
+            self.connected = changes[(802, "SetOp")] != 2
+        if any((124, k) in changes for k in ("StorCtl_Mod", "OutWRte", "InWRte",
+                                             "InOutWRte_RvrtTms")):
+            tms = changes.get((124, "InOutWRte_RvrtTms"), self.map.get_raw(124, "InOutWRte_RvrtTms"))
+            self.arm("InOutWRte_RvrtTms", tms)  # type: ignore[arg-type]
+        self._command()
+
+    def revert(self, key: str) -> None:
+        """InOutWRte_RvrtTms ran out: back to holding (no charge or discharge command)."""
+        self.storctl_mod, self.out_pct, self.in_pct = 0, 0.0, 0.0
+        self._command()
+
+    def _command(self) -> None:
+        b = self.prosumer.state.battery
+        assert b is not None
         setpoint = 0.0
         if self.storctl_mod & 0b10:  # DISCHARGE
             setpoint += self.out_pct / 100.0 * self.params.max_discharge_w
         if self.storctl_mod & 0b01:  # CHARGE
             setpoint -= self.in_pct / 100.0 * self.wchamax
+        if not self.connected:
+            setpoint = 0.0
         self.prosumer.update(battery=battery_command(b, setpoint))
 
 
@@ -405,7 +505,10 @@ class EmulatedMeter(EmulatedDevice):
     model_name = "Smart meter emulator"
 
     def init_map(self, m: RegisterMap) -> None:
-        peak = max(15000.0, self.prosumer.params.load.peak_w * 3)
+        pp = self.prosumer.params
+        behind = pp.load.peak_w + (pp.pv.rating_w if pp.pv else 0.0) + (
+            pp.battery.max_discharge_w if pp.battery else 0.0)
+        peak = max(15000.0, pp.load.peak_w * 3, 1.2 * behind)  # export of a large PV fits
         w_sf = scale_factor_for(peak)
         m.set_raw(203, "A_SF", scale_factor_for(peak / (3 * 200.0)))
         m.set_raw(203, "V_SF", -1)
@@ -433,9 +536,12 @@ class EmulatedMeter(EmulatedDevice):
         m.set(203, "W", mt.net_w)
         for ph in ("WphA", "WphB", "WphC"):
             m.set(203, ph, mt.net_w / 3)
-        m.set(203, "VA", abs(mt.net_w))
-        m.set(203, "VAR", 0.0)
-        m.set(203, "PF", 100.0)
+        s = self.prosumer.state
+        q_in = (s.pv.q_var if s.pv else 0.0) + (s.battery.q_var if s.battery else 0.0)
+        va = math.hypot(mt.net_w, q_in)
+        m.set(203, "VA", va)
+        m.set(203, "VAR", -q_in)  # the meter counts + import: vars the inverters inject are -
+        m.set(203, "PF", 100.0 * abs(mt.net_w) / va if q_in and va > 0 else 100.0)
         m.set(203, "TotWhImp", math.floor(mt.import_wh))
         m.set(203, "TotWhExp", math.floor(mt.export_wh))
 
@@ -471,29 +577,41 @@ class EmulatedSite:
         self.prosumers[name] = pr
         return pr
 
-    def add_device(self, name: str, kind: str, prosumer: str, serial: str | None = None) -> EmulatedDevice:
+    def add_device(self, name: str, kind: str, prosumer: str, serial: str | None = None, *,
+                   maps: str = "legacy") -> EmulatedDevice:
+        """`maps`: legacy (1xx/8xx models), ieee1547 (701-713 with OpenDER behaviour) or
+        both; meters are always legacy."""
         if name in self.devices:
             raise ValueError(f"device {name!r} already exists")
         try:
             cls = DEVICE_CLASSES[kind]
         except KeyError:
             raise SunSpecError(f"no emulator for device kind {kind!r}") from None
+        if maps != "legacy":
+            from .emulator1547 import make_device
+
+            dev = make_device(kind, name, self.prosumers[prosumer], serial or f"TB-{name}",
+                              maps)  # type: ignore[arg-type]
+            self.devices[name] = dev
+            return dev
         dev = cls(name, self.prosumers[prosumer], serial or f"TB-{name}")
         self.devices[name] = dev
         return dev
 
     def step(self, dt_s: float, *, external_w: Mapping[str, float] | None = None,
-             voltage_v: Mapping[str, float] | None = None) -> None:
+             voltage_v: Mapping[str, float] | None = None,
+             frequency_hz: Mapping[str, float] | None = None) -> None:
         """Advance every prosumer's physics by `dt_s` of simulated time. `external_w`:
         prosumer -> measured output of its real devices (+ = generation or discharge),
         which its emulated meter adds; `voltage_v`: prosumer -> terminal voltage from the
         feeder's power flow, which its emulated meter and inverters show."""
         t = self.t_s + dt_s
         irr = self.irradiance(t)
-        ext, volts = external_w or {}, voltage_v or {}
+        ext, volts, freqs = external_w or {}, voltage_v or {}, frequency_hz or {}
         for pr in self.prosumers.values():
             pr.step(dt_s, irr, self.load(pr.name, pr.params.load, t),
-                    external_w=ext.get(pr.name, 0.0), voltage_v=volts.get(pr.name))
+                    external_w=ext.get(pr.name, 0.0), voltage_v=volts.get(pr.name),
+                    frequency_hz=freqs.get(pr.name))
         self.t_s = t
 
     async def run(self, tick_s: float = 1.0, speed: float = 1.0,

@@ -20,6 +20,13 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import NoSuchIdException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.pdu.device import (
+    DeviceInformation,
+    DeviceInformationFactory,
+    ModbusDeviceIdentification,
+)
+from pymodbus.pdu.mei_message import ReadDeviceInformationRequest, ReadDeviceInformationResponse
+from pymodbus.pdu.other_message import ReportDeviceIdRequest, ReportDeviceIdResponse
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
@@ -37,6 +44,8 @@ class _StrictSimCore(SimCore):
     behind a gateway that stopped answering (a scenario's fault event)."""
 
     silent: set[int] = set()
+    identities: dict[int, ModbusDeviceIdentification] = {}
+    """Unit -> identity from its SunSpec model 1 (FC43/14 and FC17 answer per unit)."""
 
     async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):
         if device_id not in self.devices or device_id in self.silent:
@@ -66,6 +75,55 @@ class _Refusal(ModbusPDU):
         return ExceptionResponse(self.function_code, self.code)
 
 
+def identity(dev: EmulatedDevice) -> ModbusDeviceIdentification:
+    """Modbus device identification objects from the device's SunSpec model 1: vendor Mn,
+    product code and model name Md, revision Vr; serial number SN as private object 0x80."""
+    m = dev.map
+
+    def text(point: str) -> str:
+        return str(m.get_raw(1, point) or "")
+
+    ident = ModbusDeviceIdentification(info_name={
+        "VendorName": text("Mn"), "ProductCode": text("Md"), "MajorMinorRevision": text("Vr"),
+        "ProductName": text("Md"), "ModelName": text("Md"),
+        "UserApplicationName": "testbed SunSpec emulator"})
+    ident[0x80] = text("SN")
+    return ident
+
+
+class _Identified:
+    """Mixin: the identity of the addressed unit instead of pymodbus' process-wide one."""
+
+    @staticmethod
+    def _identity(context: Any, device_id: int) -> ModbusDeviceIdentification:
+        ident = getattr(context, "identities", {}).get(device_id)
+        if ident is None or device_id in getattr(context, "silent", ()):
+            raise NoSuchIdException(f"unit {device_id}")
+        return ident
+
+
+class _DeviceInformation(_Identified, ReadDeviceInformationRequest):
+    async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
+        ident = self._identity(context, device_id)
+        if not 0x01 <= self.read_code <= 0x04:
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_VALUE)
+        control = type("Control", (), {"Identity": ident})
+        info = DeviceInformationFactory.get(control, self.read_code, self.object_id)
+        if self.read_code == DeviceInformation.SPECIFIC and not info.get(self.object_id):
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_ADDRESS)
+        return ReadDeviceInformationResponse(read_code=self.read_code, information=info,
+                                             dev_id=device_id, transaction_id=self.transaction_id)
+
+
+class _ReportDeviceId(_Identified, ReportDeviceIdRequest):
+    async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
+        ident = self._identity(context, device_id)
+        parts = [ident[k] for k in (0, 1, 2, 0x80)]
+        data = b"-".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
+        return ReportDeviceIdResponse(identifier=data, dev_id=device_id,
+                                      transaction_id=self.transaction_id)
+
+
 _MAX_QUANTITY = {3: 125, 4: 125, 16: 123, 23: 125}
 """Registers per request as the Modbus specification allows (FC23: the read part)."""
 
@@ -84,7 +142,12 @@ class _StrictDecoder(DecodePDU):
                 (count,) = struct.unpack_from(">H", frame, 3)
                 if not 1 <= count <= _MAX_QUANTITY[fc]:
                     return _Refusal(fc, ExcCodes.ILLEGAL_VALUE)
-        return super().decode(frame)
+        pdu = super().decode(frame)
+        if type(pdu) is ReadDeviceInformationRequest:
+            pdu.__class__ = _DeviceInformation
+        elif type(pdu) is ReportDeviceIdRequest:
+            pdu.__class__ = _ReportDeviceId
+        return pdu
 
 
 def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
@@ -157,6 +220,7 @@ class ModbusEmulatorServer:
             server = ModbusTcpServer(sims, framer=framer, address=(self.host, self.requested_port))
         server.context.__class__ = _StrictSimCore
         server.context.silent = self.silent
+        server.context.identities = {unit: identity(dev) for unit, dev in self.devices.items()}
         server.decoder.__class__ = _StrictDecoder
         if self.serial is not None:
             try:

@@ -67,6 +67,10 @@ def emulated_physics(p: ProsumerConfig, seed: int) -> ProsumerParams:
                    battery=None if DeviceKind.BATTERY in real else params.battery)
 
 
+FUNCTION_MODELS = {"volt-var": 705, "volt-watt": 706, "watt-var": 712, "freq-droop": 711}
+"""Site-file names of the IEEE 1547 functions -> the SunSpec model whose `Ena` starts them."""
+
+
 class SiteEmulators:
     """Every emulated device of a site, served on its configured (or a free) port.
 
@@ -104,7 +108,10 @@ class SiteEmulators:
                 self.endpoints[d.name] = Endpoint(d.name, d.kind, p.name, d.protocol, d.host,
                                                   d.port, d.unit, False, d.transport, serial_port)
                 continue
-            dev = self.physics.add_device(d.name, d.kind.value, p.name)
+            dev = self.physics.add_device(d.name, d.kind.value, p.name,
+                                          maps=getattr(d, "emulated_models", "legacy"))
+            for function in getattr(d, "emulated_functions", ()):
+                dev.write_point(FUNCTION_MODELS[function], "Ena", 1)
             host = self.host_override or d.host
             where: str | int = serial_port or (d.port if d.port else f"auto:{p.name}")
             key = (d.protocol, d.transport, host, where)

@@ -347,12 +347,14 @@ class RegisterMap:
     registers: list[int]
 
     @classmethod
-    def build(cls, model_ids: Iterable[int], base: int = 40000) -> RegisterMap:
-        """Lay out `SunS`, then each model (ID, L, points), then the end model."""
+    def build(cls, model_ids: Iterable[int | ModelDef], base: int = 40000) -> RegisterMap:
+        """Lay out `SunS`, then each model (ID, L, points), then the end model. A model
+        with repeating groups is given as its `expand`ed definition."""
         regs: list[int] = list(SUNS_MARKER)
         models: list[ModelInstance] = []
-        for mid in model_ids:
-            md = model_def(mid)
+        for m in model_ids:
+            md = m if isinstance(m, ModelDef) else model_def(m)
+            mid = md.id
             address = base + len(regs)
             block = [0] * (md.length + 2)
             for p in md.points.values():

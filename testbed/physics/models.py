@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 
 def seeded_noise(seed: int, key: str, t_s: float) -> float:
@@ -87,15 +89,28 @@ class PVState:
     energy_wh: float = 0.0
     """Lifetime AC energy delivered (SunSpec 103 `WH`)."""
     status: InverterStatus = InverterStatus.SLEEPING
+    q_var: float = 0.0
+    """Reactive power, + injects vars (over-excited), - absorbs."""
+    pf_setpoint: float | None = None
+    """Constant power factor (SunSpec 123 `OutPFSet` with `OutPFSet_Ena`): + over-excited
+    (injects vars), - under-excited (absorbs); None = unity."""
+
+
+PF_UNSET = object()
 
 
 def pv_command(state: PVState, *, limit_pct: float | None = None,
-               limit_enabled: bool | None = None, connected: bool | None = None) -> PVState:
-    """Apply a curtailment or connection command; out-of-range values are refused, not clamped."""
+               limit_enabled: bool | None = None, connected: bool | None = None,
+               pf: Any = PF_UNSET) -> PVState:
+    """Apply a curtailment, connection or power-factor command (`pf` None = unity);
+    out-of-range values are refused, not clamped."""
     if limit_pct is not None and not 0.0 <= limit_pct <= 100.0:
         raise ValueError(f"limit_pct must be within 0..100 %, got {limit_pct}")
+    if pf is not PF_UNSET and pf is not None and not 0.0 < abs(pf) <= 1.0:
+        raise ValueError(f"pf must be within -1..1 and not 0, got {pf}")
     return replace(
         state,
+        pf_setpoint=state.pf_setpoint if pf is PF_UNSET else pf,
         limit_pct=state.limit_pct if limit_pct is None else float(limit_pct),
         limit_enabled=state.limit_enabled if limit_enabled is None else bool(limit_enabled),
         connected=state.connected if connected is None else bool(connected),
@@ -112,6 +127,8 @@ def pv_step(p: PVParams, s: PVState, irradiance_w_m2: float, dt_s: float) -> PVS
     delta = target_pct - s.effective_limit_pct
     effective = s.effective_limit_pct + max(-max_move, min(max_move, delta))
     cap_w = effective / 100.0 * p.rating_w if s.connected else 0.0
+    if s.pf_setpoint is not None:  # at a fixed PF the apparent power stays within the rating
+        cap_w = min(cap_w, p.rating_w * abs(s.pf_setpoint))
     ac_w = min(available_w, cap_w)
     if not s.connected:
         status = InverterStatus.OFF
@@ -122,8 +139,12 @@ def pv_step(p: PVParams, s: PVState, irradiance_w_m2: float, dt_s: float) -> PVS
     else:
         status = InverterStatus.MPPT
     dc_used = ac_w / p.efficiency if ac_w > 0 else 0.0
+    q_var = 0.0
+    if s.pf_setpoint is not None and ac_w > 0:
+        pf = abs(s.pf_setpoint)
+        q_var = math.copysign(ac_w * math.sqrt(1.0 - pf * pf) / pf, s.pf_setpoint)
     return replace(
-        s, ac_w=ac_w, dc_w=dc_used, effective_limit_pct=effective,
+        s, ac_w=ac_w, dc_w=dc_used, effective_limit_pct=effective, q_var=q_var,
         energy_wh=s.energy_wh + ac_w * dt_s / 3600.0, status=status,
     )
 
@@ -194,6 +215,8 @@ class BatteryState:
     discharged_wh: float = 0.0
     """Lifetime AC energy delivered (E_dis summed)."""
     status: ChargeStatus = ChargeStatus.HOLDING
+    q_var: float = 0.0
+    """Reactive power, + injects vars; 0 unless an IEEE 1547 behaviour sets it."""
 
     @classmethod
     def initial(cls, p: BatteryParams) -> BatteryState:
@@ -386,14 +409,34 @@ class ProsumerState:
         )
 
 
+Behaviour = Callable[[Any, float, float, float], Any]
+"""(device state, terminal V, terminal Hz, dt s) -> device state."""
+
+
 def prosumer_step(p: ProsumerParams, s: ProsumerState, *, irradiance_w_m2: float,
                   load_w: float, dt_s: float, key: str = "", external_w: float = 0.0,
-                  voltage_v: float | None = None) -> ProsumerState:
+                  voltage_v: float | None = None, frequency_hz: float | None = None,
+                  pv_behaviour: Behaviour | None = None,
+                  battery_behaviour: Behaviour | None = None) -> ProsumerState:
     """Advance one connection point by `dt_s`: devices first, then the meter sees their sum
-    (plus `external_w` of real devices beside them; `voltage_v` from the feeder, if any)."""
+    (plus `external_w` of real devices beside them; `voltage_v` from the feeder, if any).
+
+    A behaviour (the IEEE 1547 functions of `der1547`) turns a device's physics output
+    into what its inverter delivers, given the terminal voltage and frequency: the feeder's
+    (or a scenario event's) when given, else what the meter showed the step before."""
     t = s.t_s + dt_s
+    v_term = voltage_v if voltage_v is not None else s.meter.voltage_v
+    f_term = frequency_hz if frequency_hz is not None else s.meter.frequency_hz
     pv = pv_step(p.pv, s.pv, irradiance_w_m2, dt_s) if p.pv and s.pv else None
-    bat = battery_step(p.battery, s.battery, dt_s) if p.battery and s.battery else None
+    if pv is not None and pv_behaviour is not None:
+        pv = pv_behaviour(pv, v_term, f_term, dt_s)
+    bat = None
+    if p.battery and s.battery:
+        if battery_behaviour is None:
+            bat = battery_step(p.battery, s.battery, dt_s)
+        else:  # the inverter's functions shape the command; SOC limits still clamp it
+            shaped = battery_behaviour(s.battery, v_term, f_term, dt_s)
+            bat = replace(battery_step(p.battery, shaped, dt_s), setpoint_w=s.battery.setpoint_w)
     meter = meter_step(
         p.meter, s.meter, load_w=load_w, pv_w=pv.ac_w if pv else 0.0,
         battery_w=bat.power_w if bat else 0.0, dt_s=dt_s, t_s=t, key=key + ".meter",

@@ -51,7 +51,7 @@ from testbed.telemetry.store import RunStore
 
 from . import expectations
 from .expectations import Verdict, evaluate
-from .model import DeviceEvent, Scenario
+from .model import DeviceEvent, GridEvent, Scenario
 from .phases.accounting import Accounting
 from .phases.devices import DeviceIO, StepReadings
 from .phases.environment import Environment, unreached
@@ -176,7 +176,7 @@ class Run:
         """The run's address book: ledger address -> prosumer, pseudonyms included as
         the desk issues them (settlement and the grid check locate bidders by it)."""
         emulators = SiteEmulators(site, free_ports=True, start_s=sc.start)
-        self.env = Environment(emulators.physics, *self.profiles)
+        self.env = Environment(emulators.physics, *self.profiles, events=sc.events)
         self.accounting = Accounting(self.keys, self.schedule, sc.market.interval_s)
         self.settlement = SettlementPhase(self.rules, self.owners)
         self.feeder = Feeder(self.checker, site.grid.background) if self.checker else None
@@ -399,8 +399,9 @@ class Run:
 def check_rules(sc: Scenario, site: SiteConfig) -> None:
     """What a scenario may do on a site, checked before anything starts (a ConfigError
     naming the scenario file, line and field): a fast clock never drives real devices;
-    device events name emulated devices of the site. (Events naming prosumers are checked
-    with the load profile, `profiles.load_fn`.)"""
+    device events name emulated devices of the site; grid events name its prosumers.
+    (Load-spike and message-loss events are checked with the load profile,
+    `profiles.load_fn`.)"""
 
     def where(*loc: str | int) -> str:
         return locate(sc.source, loc) if sc.source else f"{sc.name}: {'.'.join(map(str, loc))}"
@@ -410,7 +411,12 @@ def check_rules(sc: Scenario, site: SiteConfig) -> None:
     if real and sc.clock.mode == "fast":
         raise ConfigError(f"{where('clock', 'mode')}: a fast clock cannot drive real devices "
                           f"({', '.join(real)}); use mode: realtime")
+    prosumers = {p.name for p in site.prosumers}
     for i, e in enumerate(sc.events):
+        if isinstance(e, GridEvent) and e.prosumer not in (None, *prosumers):
+            raise ConfigError(f"{where('events', i, 'prosumer')}: {e.kind} names unknown "
+                              f"prosumer {e.prosumer!r} (prosumers: "
+                              f"{', '.join(sorted(prosumers))})")
         if not isinstance(e, DeviceEvent):
             continue
         if e.device not in devices:

@@ -128,7 +128,42 @@ class MessageLossEvent(_Timed):
     """Share of the prosumer's market orders lost (seeded draw per order)."""
 
 
-Event = Annotated[CloudEvent | LoadSpikeEvent | DeviceEvent | MessageLossEvent,
+class VoltageStepEvent(_Timed):
+    """The grid voltage at a prosumer's connection point held at `v_pu` of nominal (a
+    step for IEEE 1547 tests; it overrides the feeder's voltage while active)."""
+
+    kind: Literal["voltage-step"]
+    prosumer: str | None = None
+    """None: every prosumer."""
+    v_pu: Annotated[float, Field(ge=0.0, le=1.5)]
+
+
+class VoltageRampEvent(_Timed):
+    """The connection-point voltage moving linearly from `from_pu` to `to_pu` over
+    `duration` (then released back to the feeder)."""
+
+    kind: Literal["voltage-ramp"]
+    prosumer: str | None = None
+    from_pu: Annotated[float, Field(ge=0.0, le=1.5)]
+    to_pu: Annotated[float, Field(ge=0.0, le=1.5)]
+    duration: Duration
+
+    def v_pu(self, t_s: float) -> float:
+        x = min(1.0, max(0.0, (t_s - self.at) / self.duration))
+        return self.from_pu + (self.to_pu - self.from_pu) * x
+
+
+class FrequencyStepEvent(_Timed):
+    """The grid frequency at a prosumer's connection point held at `f_hz`."""
+
+    kind: Literal["frequency-step"]
+    prosumer: str | None = None
+    f_hz: Annotated[float, Field(ge=40.0, le=70.0)]
+
+
+GridEvent = VoltageStepEvent | VoltageRampEvent | FrequencyStepEvent
+Event = Annotated[CloudEvent | LoadSpikeEvent | DeviceEvent | MessageLossEvent
+                  | VoltageStepEvent | VoltageRampEvent | FrequencyStepEvent,
                   Field(discriminator="kind")]
 
 
@@ -272,7 +307,8 @@ class Scenario(_Strict):
 
 
 BUNDLED = {"demo": "demo.yaml", "cloudy-afternoon": "cloudy-afternoon.yaml",
-           "evening-surplus": "evening-surplus.yaml", "device-fault": "device-fault.yaml"}
+           "evening-surplus": "evening-surplus.yaml", "device-fault": "device-fault.yaml",
+           "volt-var-far-end": "volt-var-far-end.yaml"}
 
 
 def bundled_scenario_path(name: str) -> Path:

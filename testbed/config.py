@@ -692,9 +692,12 @@ def _line_index(text: str | yaml.Node | None) -> dict[tuple[str | int, ...], int
     return lines
 
 
-def locate(source: str, loc: tuple[str | int, ...]) -> str:
+def locate(source: str | None, loc: tuple[str | int, ...]) -> str:
     """`FILE:LINE: FIELD` for a field of a file already loaded (best effort: `FILE: FIELD`
-    if the file cannot be read again), for checks made after validation."""
+    if the file cannot be read again; `FIELD` for a model built in code, `source` None),
+    for checks made after validation."""
+    if source is None:
+        return _fmt_loc(loc)
     where = source
     try:
         lines = _line_index(read_bounded(Path(source), MAX_FILE_BYTES))

@@ -404,7 +404,7 @@ def check_rules(sc: Scenario, site: SiteConfig) -> None:
     `profiles.load_fn`.)"""
 
     def where(*loc: str | int) -> str:
-        return locate(sc.source, loc) if sc.source else f"{sc.name}: {'.'.join(map(str, loc))}"
+        return locate(sc.source, loc) if sc.source else f"{sc.name}: {locate(None, loc)}"
 
     devices = {d.name: d for _, d in site.devices()}
     real = sorted(n for n, d in devices.items() if not d.emulated)

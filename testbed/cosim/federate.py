@@ -56,6 +56,7 @@ class Federate:
         self.interruptible = interruptible
         self.broker = broker
         init = f"--federates=1 --broker_address={broker_address(broker)} --timeout={timeout_s}s"
+        init += " --loglevel=error"
         self._init = init
         self.fed: Any = None
         self.pubs: dict[str, Any] = {}

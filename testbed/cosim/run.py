@@ -273,14 +273,17 @@ class LocalFederation:
         return [p.pid for p in (self.broker, *self.shards.values()) if p is not None]
 
     def stop(self, grace_s: float = 5.0) -> None:
+        """Each process gets `grace_s` to end on its own (shards do once the run has
+        left the federation, the broker once all have), then SIGTERM, then SIGKILL."""
         procs = [*self.shards.values(), *([self.broker] if self.broker else [])]
+        deadline = time.monotonic() + grace_s
         for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.send_signal(sig)
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()) if sig is None else 2.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue

@@ -200,19 +200,19 @@ class Run:
         self.desk: PseudonymDesk | None = None
         self.cosim: RunFederate | None = None
         self.lost: FederateLost | None = None
-        federation: LocalFederation | None = None
+        self.federation: LocalFederation | None = None
         try:
             if self.helics is not None or self.shards is not None:
                 from testbed.cosim.run import LocalFederation, RunFederate
                 broker = self.helics
                 if self.shards is not None:
-                    federation = LocalFederation(sc.site, self.shards, sc.seed,
-                                                 log_dir=self.dir / "cosim")
+                    federation = self.federation = LocalFederation(
+                        sc.site, self.shards, sc.seed, log_dir=self.dir / "cosim")
                     broker = federation.start()
                 assert broker is not None
                 self.cosim = RunFederate(site, broker)
-                if federation is not None:
-                    self.cosim.fed.watch = federation.watch
+                if self.federation is not None:
+                    self.cosim.fed.watch = self.federation.watch
                 served = await self.cosim.start()
             else:
                 await emulators.start(clock=False)
@@ -223,8 +223,8 @@ class Run:
             await emulators.stop()
             if self.cosim is not None:
                 self.cosim.close()
-            if federation is not None:
-                federation.stop()
+            if self.federation is not None:
+                self.federation.stop()
         st.put_meta("finished_at", datetime.now(UTC).isoformat())
         st.put_meta("wall_s", f"{_time.perf_counter() - wall0:.3f}")
         summary = self._summary(_time.perf_counter() - wall0)

@@ -1,0 +1,164 @@
+"""HELICS co-simulation: emulator shards and the run as federates over a real
+`helics_broker` on loopback, each shard its own process serving real Modbus servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from testbed.cli import app
+from testbed.config import load_site
+from testbed.cosim.errors import CosimError
+from testbed.scenarios.engine import Run
+from testbed.scenarios.model import load_scenario
+from testbed.telemetry.store import dump
+
+runner = CliRunner()
+
+
+def _broker() -> str | None:
+    from testbed.cosim.run import helics_broker_binary
+    try:
+        return helics_broker_binary()
+    except CosimError:
+        return None
+
+
+needs_broker = pytest.mark.skipif(_broker() is None, reason="helics_broker is not installed "
+                                  "(pip install helics)")
+
+
+def rows_of(run_dir: Path) -> list[tuple[str, tuple]]:
+    """The store's rows, wall-clock columns aside and the emulators' loopback ports (free
+    ones, different in any two runs, named in read-error details) masked."""
+    return [(t, tuple(re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", v)
+                      if isinstance(v, str) else v for v in row))
+            for t, row in dump(run_dir / "run.db")]
+
+
+def short(name: str, start: str, duration_s: float):
+    """A bundled scenario cut to `duration_s` from `start`, grid and ledger on."""
+    sc = load_scenario(name)
+    return sc.model_copy(update={"start": float(int(start[:2]) * 3600 + int(start[3:]) * 60),
+                                 "duration": duration_s})
+
+
+def test_shards_deal_the_prosumers_round_robin() -> None:
+    from testbed.cosim.shard import parse_shard, shard_prosumers, shard_site
+
+    site = load_site("demo")
+    assert shard_prosumers(site, 1, 2) == ["house-1", "house-3"]
+    assert shard_prosumers(site, 2, 2) == ["house-2"]
+    assert sorted(p for k in (1, 2, 3, 4) for p in shard_prosumers(site, k, 4)) == \
+        ["house-1", "house-2", "house-3"]
+    assert [d.name for _, d in shard_site(site, 2, 2).devices()] == \
+        ["house-2-pv", "house-2-battery", "house-2-meter"]
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("0/2", "3/2", "2", "a/b", "1/0"):
+        with pytest.raises(CosimError, match="expected K/N"):
+            parse_shard(bad)
+
+
+def test_a_forged_endpoint_is_refused_cheaply() -> None:
+    from testbed.cosim.run import _endpoint
+
+    assert _endpoint("pv", '{"host": "10.0.0.2", "port": 502, "unit": 1}')["port"] == 502
+    for text in ("", "[1]", '{"host": "x", "port": 70000}', '{"host": "", "port": 1}',
+                 '{"port": 502}', "{" * 10_000):
+        with pytest.raises(CosimError, match="expected JSON with host and port"):
+            _endpoint("pv", text)
+
+
+def test_cli_refuses_a_bad_shard_or_broker() -> None:
+    r = runner.invoke(app, ["devices", "serve", "demo", "--shard", "3/2",
+                            "--helics", "127.0.0.1:1"])
+    assert r.exit_code == 2 and "expected K/N with 1 <= K <= N" in r.output
+    r = runner.invoke(app, ["devices", "serve", "demo", "--shard", "1/2"])
+    assert r.exit_code == 2 and "--shard K/N needs --helics" in r.output
+    r = runner.invoke(app, ["devices", "serve", "demo", "--helics", "nowhere"])
+    assert r.exit_code == 2 and "expected HOST:PORT of a helics_broker" in r.output
+
+
+@needs_broker
+async def test_one_and_two_shards_replay_the_single_process_run(tmp_path: Path) -> None:
+    """Same seed, fast clock: the run store is the same row for row (wall-clock columns
+    aside) without HELICS, with one shard and with two; a device event (a battery that
+    stops answering) is played by the shard that serves it."""
+    sc = short("device-fault", "12:00", 3600.0)
+    alone = await Run(sc, out=tmp_path / "a", report=False).execute()
+    rows = rows_of(alone.run_dir)
+    assert alone.summary["faults"] and alone.summary["faults"][0]["device"] == "house-1-battery"
+    for n in (1, 2):
+        run = Run(sc, out=tmp_path / f"s{n}", report=False, shards=n)
+        result = await run.execute()
+        assert result.summary["cosim"] == {"broker": "local", "shards": n, "lost_devices": [],
+                                           "error": None}
+        assert rows_of(result.run_dir) == rows, f"{n} shards"
+        assert run.federation is not None
+        assert all(p.poll() is not None for p in (run.federation.broker,
+                                                  *run.federation.shards.values()))
+        logs = (result.run_dir / "cosim" / f"shard-{n}of{n}.log").read_text()
+        assert f"the run ended after {sc.steps} steps" in logs
+
+
+def _children() -> list[int]:
+    """Processes whose parent is this one."""
+    me, out = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@needs_broker
+async def test_a_killed_shard_ends_the_run_cleanly(tmp_path: Path) -> None:
+    """SIGKILL of shard 1/2 at step 10: the run ends at the next step, names the devices
+    that shard served, keeps every step before it, and leaves no process behind."""
+    sc = short("demo", "11:00", 3600.0)
+    before = set(_children())
+    run: Run
+
+    def progress(k: int, n: int, info: dict) -> None:
+        if k == 10:
+            assert run.federation is not None
+            os.kill(run.federation.shards[1].pid, signal.SIGKILL)
+
+    run = Run(sc, out=tmp_path, report=False, shards=2, progress=progress)
+    result = await run.execute()
+    cosim = result.summary["cosim"]
+    assert cosim["lost_devices"] == sorted(f"house-{i}-{k}" for i in (1, 3)
+                                           for k in ("battery", "meter", "pv"))
+    assert "shard 1/2 exited (-9)" in cosim["error"]
+    assert result.summary["passed"] is False
+    rows = list(dump(result.run_dir / "run.db"))
+    steps = [r for t, r in rows if t == "steps"]
+    assert [s[0] for s in steps] == list(range(1, 11))
+    lost = [r for t, r in rows if t == "events" and r[1] == "federate-lost"]
+    assert len(lost) == 1 and "house-1-pv" in lost[0][3]
+    t10 = sc.start + 10 * sc.step
+    assert max(r[0] for t, r in rows if t == "measurements") == t10
+    assert set(_children()) - before == set()
+
+
+@needs_broker
+def test_cli_run_with_shards(tmp_path: Path) -> None:
+    scen = tmp_path / "short.yaml"
+    text = (Path(__file__).parents[1] / "testbed/scenarios/library/demo.yaml").read_text()
+    scen.write_text(text.replace("duration: 4h", "duration: 1h"))
+    r = runner.invoke(app, ["run", str(scen), "--shards", "2", "--fast", "-q", "--no-report",
+                            "--out", str(tmp_path / "runs")])
+    (run,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["cosim"]["shards"] == 2 and summary["cosim"]["lost_devices"] == []
+    assert "run ended early" not in r.output
+    assert "the run ended after 60 steps" in (run / "cosim" / "shard-2of2.log").read_text()

@@ -938,6 +938,10 @@ def run(
     shards: Annotated[int | None, typer.Option(
         "--shards", help="Start a HELICS broker and this many emulator shard processes on "
         "this machine (free loopback ports).")] = None,
+    feeder_federate: Annotated[bool, typer.Option(
+        "--feeder-federate", help="The feeder's power flow in its own HELICS federate (with "
+        "--shards: started here; with --helics: `python -m testbed.cosim.feeder SITE "
+        "--helics ...`, or your grid simulator on the same keys).")] = False,
 ) -> None:
     """Play a deviation scenario end to end; exit 1 if an expectation is not met.
 
@@ -956,7 +960,8 @@ def run(
         runner_args: dict[str, Any] = {"out": out, "broker": broker, "seed": seed,
                                        "speed": speed, "fast": fast, "report": report,
                                        "influx_token": influx_token,
-                                       "helics": helics, "shards": shards}
+                                       "helics": helics, "shards": shards,
+                                       "feeder_federate": feeder_federate}
         if influx_url is not None:
             runner_args["influx"] = _influx(influx_url, influx_org, influx_bucket)
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from testbed.config import SiteConfig
+from testbed.grid.limits import GridLimits
 
 from . import names
 from .errors import CosimError, FederateLost
 from .federate import CORE, Federate, inputs_time, read_time
+from .feeder import RemoteFeeder
 from .shard import emulated_prosumers
 
 PROBE_TIMEOUT_S = 1.0
@@ -54,12 +56,18 @@ def _endpoint(device: str, text: str | None) -> dict[str, Any]:
 class RunFederate:
     """The run's side of the federation (emulated devices served by shards)."""
 
-    def __init__(self, site: SiteConfig, broker: str) -> None:
+    def __init__(self, site: SiteConfig, broker: str, *,
+                 feeder_limits: GridLimits | None = None) -> None:
+        """`feeder_limits`: a feeder federate power-flows the feeder (`self.feeder`)."""
         self.site = site
         self.broker = broker
         self.prosumers = emulated_prosumers(site)
         self.devices = [d.name for _, d in site.devices() if d.emulated]
         self.fed = Federate("testbed-run", broker)
+        self.feeder: RemoteFeeder | None = None
+        if feeder_limits is not None:
+            self.feeder = RemoteFeeder(self.fed, site.name, [p.name for p in site.prosumers],
+                                       feeder_limits)
         self.endpoints: dict[str, dict[str, Any]] = {}
         self._state: dict[str, str] = {}
         self._sent: dict[str, str] = {}
@@ -79,6 +87,8 @@ class RunFederate:
                 fed.publish_to(names.state(s, d), "string")
                 for key in (names.p_w(s, d), names.q_var(s, d), names.endpoint(s, d)):
                     fed.subscribe(key)
+            if self.feeder is not None:
+                self.feeder.register()
             await fed.enter()
             missing = []
             for d in self.devices:
@@ -198,12 +208,16 @@ class LocalFederation:
     Each is this process's child; `stop()` ends them all (SIGTERM, then SIGKILL)."""
 
     def __init__(self, site: str, n: int, seed: int, *, log_dir: Path,
-                 federates: int | None = None) -> None:
+                 feeder_background: float | None = None, feeder: bool = False) -> None:
         if n < 1:
             raise CosimError(f"--shards {n}: expected at least 1")
         self.site, self.n, self.seed = site, n, seed
         self.log_dir = log_dir
-        self.federates = n + 1 if federates is None else federates
+        self.feeder_args = ([] if feeder_background is None
+                            else ["--background", repr(feeder_background)])
+        self.federates = n + 1 + feeder
+        self.with_feeder = feeder
+        self.feeder: subprocess.Popen[bytes] | None = None
         self.broker: subprocess.Popen[bytes] | None = None
         self.shards: dict[int, subprocess.Popen[bytes]] = {}
         self.address = ""
@@ -220,16 +234,15 @@ class LocalFederation:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             self._wait_broker(port)
             for k in range(1, self.n + 1):
-                out = open(self.log_dir / f"shard-{k}of{self.n}.log", "wb")  # noqa: SIM115
-                self.shards[k] = subprocess.Popen(
-                    [sys.executable, "-m", "testbed", "devices", "serve", self.site,
-                     "--shard", f"{k}/{self.n}", "--helics", self.address, "--free-ports",
-                     "--seed", str(self.seed), "--quiet"],
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                        p for p in (str(Path(__file__).resolve().parents[2]),
-                                    os.environ.get("PYTHONPATH")) if p)})
-                out.close()
+                self.shards[k] = self._child(
+                    f"shard-{k}of{self.n}.log",
+                    ["-m", "testbed", "devices", "serve", self.site, "--shard", f"{k}/{self.n}",
+                     "--helics", self.address, "--free-ports", "--seed", str(self.seed),
+                     "--quiet"])
+            if self.with_feeder:
+                self.feeder = self._child("feeder.log", [
+                    "-m", "testbed.cosim.feeder", self.site, "--helics", self.address,
+                    *self.feeder_args])
         except BaseException:
             self.stop()
             raise
@@ -252,6 +265,16 @@ class LocalFederation:
             time.sleep(0.05)
         raise CosimError(f"helics_broker did not listen on 127.0.0.1:{port} within {limit_s:g} s")
 
+    def _child(self, log: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """This interpreter running `args`, with this package first on its path."""
+        with open(self.log_dir / log, "wb") as out:
+            return subprocess.Popen(
+                [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(Path(__file__).resolve().parents[2]),
+                                os.environ.get("PYTHONPATH")) if p)})
+
     def dead(self) -> list[int]:
         """Shards whose process has ended."""
         return [k for k, p in self.shards.items() if p.poll() is not None]
@@ -260,6 +283,8 @@ class LocalFederation:
         """What `Federate.watch` asks: a dead shard or broker, with its log's last line."""
         gone = [(f"shard {k}/{self.n}", f"shard-{k}of{self.n}.log", self.shards[k])
                 for k in self.dead()]
+        if self.feeder is not None and self.feeder.poll() is not None:
+            gone.append(("the feeder federate", "feeder.log", self.feeder))
         if self.broker is not None and self.broker.poll() is not None:
             gone.append(("helics_broker", "helics_broker.log", self.broker))
         if not gone:
@@ -270,12 +295,13 @@ class LocalFederation:
                 + (f": {lines[-1].strip()[:200]}" if lines else ""))
 
     def pids(self) -> list[int]:
-        return [p.pid for p in (self.broker, *self.shards.values()) if p is not None]
+        return [p.pid for p in (self.broker, self.feeder, *self.shards.values())
+                if p is not None]
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Each process gets `grace_s` to end on its own (shards do once the run has
         left the federation, the broker once all have), then SIGTERM, then SIGKILL."""
-        procs = [*self.shards.values(), *([self.broker] if self.broker else [])]
+        procs = [p for p in (*self.shards.values(), self.feeder, self.broker) if p is not None]
         deadline = time.monotonic() + grace_s
         for p in procs:
             for sig in (None, signal.SIGTERM, signal.SIGKILL):

@@ -24,6 +24,7 @@ seed writes the same store (wall-clock columns aside).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import statistics
@@ -95,6 +96,7 @@ class Run:
                  speed: float | None = None, fast: bool = False,
                  influx: InfluxConfig | None = None, influx_token: str | None = None,
                  report: bool = True, helics: str | None = None, shards: int | None = None,
+                 feeder_federate: bool = False,
                  progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> None:
         updates: dict[str, Any] = {}
         if seed is not None:
@@ -122,6 +124,11 @@ class Run:
         if helics is not None and shards is not None:
             raise ConfigError("--helics and --shards: give one (--shards starts its own "
                               "broker; --helics joins shards started elsewhere)")
+        self.feeder_federate = feeder_federate
+        """The feeder's power flow in its own HELICS federate (`cosim.feeder`)."""
+        if feeder_federate and helics is None and shards is None:
+            raise ConfigError("--feeder-federate: the feeder federate joins a HELICS "
+                              "federation; give --shards N or --helics BROKER")
         if shards is not None and shards < 1:
             raise ConfigError(f"--shards {shards}: expected at least 1")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -207,10 +214,16 @@ class Run:
                 broker = self.helics
                 if self.shards is not None:
                     federation = self.federation = LocalFederation(
-                        sc.site, self.shards, sc.seed, log_dir=self.dir / "cosim")
+                        sc.site, self.shards, sc.seed, log_dir=self.dir / "cosim",
+                        feeder=self.feeder_federate and self.checker is not None,
+                        feeder_background=sc.grid.background)
                     broker = federation.start()
                 assert broker is not None
-                self.cosim = RunFederate(site, broker)
+                remote = self.feeder_federate and self.checker is not None
+                self.cosim = RunFederate(site, broker, feeder_limits=(
+                    self.checker.limits if remote and self.checker else None))
+                if self.cosim.feeder is not None:
+                    self.feeder = self.cosim.feeder  # type: ignore[assignment]
                 if self.federation is not None:
                     self.cosim.fed.watch = self.federation.watch
                 served = await self.cosim.start()
@@ -287,7 +300,6 @@ class Run:
 
     async def _loop(self) -> None:
         sc, clock = self.sc, self.clock
-        iv = sc.market.interval_s
         events = [e for e in sc.events if isinstance(e, DeviceEvent)]
         vm_pu: dict[str, float] = {}
         real: dict[str, Any] = {}
@@ -297,41 +309,53 @@ class Run:
             late = await clock.tick(k)
             t0 = sc.start + (k - 1) * sc.step
             t1 = t0 + sc.step
-            await self.devices.events(t0, events)
-            if self.cosim is not None:
-                try:
-                    await self.cosim.step(t0, sc.step, self.env.physics,
-                                          self.env.volts(vm_pu), external_w(real))
-                except FederateLost as exc:
-                    self._federate_lost(t1, exc)
-                    break
-            else:
-                self.env.step(t1, sc.step, vm_pu=vm_pu, measured=real)
-            clock.advance_to(t1)
-            readings = await self.devices.step(t1, sc.step)
-            for name in readings.faulted:
-                self.market.exclude(name)
-            for name in readings.recovered:
-                self.market.exclude(name, False)
-            net_import = self.accounting.step(t1, sc.step, readings.metered)
-            self.market.step(t1, sc.step, net_import, readings.soc)
-            if self.feeder is not None:
-                flow = self.feeder.step(t1, sc.step, *_injections(readings))
-                self.store.insert("feeder", flow.row)
-                vm_pu = dict(flow.vm_pu)
-            real = dict(readings.real)
-            if round(t1) % iv == 0:
-                await self._interval_end(int(round(t1)) // iv - 1, t1, readings)
-            self.store.insert("steps", {"step": k, "t": t1, "late_ms": late,
-                                        "wall": _time.time()})
-            self.store.commit()
-            if self.progress:
-                self.progress(k, sc.steps, {"t": t1, "auctions": self.market.counters["auctions"],
-                                            "blocks": self.ledger.blocks if self.ledger else 0})
+            try:
+                vm_pu, real = await self._step(k, t0, t1, vm_pu, real, events, late)
+            except FederateLost as exc:
+                self._federate_lost(t1, exc)
+                break
         if self._round is not None:
             await self._round
             self._round = None
             self.store.commit()
+
+    async def _step(self, k: int, t0: float, t1: float, vm_pu: dict[str, float],
+                    real: dict[str, Any], events: list[DeviceEvent], late: float | None,
+                    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """One step's data flow; returns the voltages and real devices' power the next
+        step's environment takes."""
+        sc, clock = self.sc, self.clock
+        iv = sc.market.interval_s
+        await self.devices.events(t0, events)
+        if self.cosim is not None:
+            await self.cosim.step(t0, sc.step, self.env.physics, self.env.volts(vm_pu),
+                                  external_w(real))
+        else:
+            self.env.step(t1, sc.step, vm_pu=vm_pu, measured=real)
+        clock.advance_to(t1)
+        readings = await self.devices.step(t1, sc.step)
+        for name in readings.faulted:
+            self.market.exclude(name)
+        for name in readings.recovered:
+            self.market.exclude(name, False)
+        net_import = self.accounting.step(t1, sc.step, readings.metered)
+        self.market.step(t1, sc.step, net_import, readings.soc)
+        if self.feeder is not None:
+            flow = self.feeder.step(t1, sc.step, *_injections(readings))
+            if inspect.isawaitable(flow):  # a feeder federate (cosim.feeder)
+                flow = await flow
+            self.store.insert("feeder", flow.row)
+            vm_pu = dict(flow.vm_pu)
+        real = dict(readings.real)
+        if round(t1) % iv == 0:
+            await self._interval_end(int(round(t1)) // iv - 1, t1, readings)
+        self.store.insert("steps", {"step": k, "t": t1, "late_ms": late,
+                                    "wall": _time.time()})
+        self.store.commit()
+        if self.progress:
+            self.progress(k, sc.steps, {"t": t1, "auctions": self.market.counters["auctions"],
+                                        "blocks": self.ledger.blocks if self.ledger else 0})
+        return vm_pu, real
 
     def _federate_lost(self, t: float, exc: FederateLost) -> None:
         """End the run at this step: the store keeps every step before it."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -89,13 +90,14 @@ def test_cli_refuses_a_bad_shard_or_broker() -> None:
 async def test_one_and_two_shards_replay_the_single_process_run(tmp_path: Path) -> None:
     """Same seed, fast clock: the run store is the same row for row (wall-clock columns
     aside) without HELICS, with one shard and with two; a device event (a battery that
-    stops answering) is played by the shard that serves it."""
-    sc = short("device-fault", "12:00", 3600.0)
+    stops answering) is played by the shard that serves it. With two shards the feeder is
+    a federate too (its own process)."""
+    sc = short("device-fault", "12:15", 1800.0)
     alone = await Run(sc, out=tmp_path / "a", report=False).execute()
     rows = rows_of(alone.run_dir)
     assert alone.summary["faults"] and alone.summary["faults"][0]["device"] == "house-1-battery"
-    for n in (1, 2):
-        run = Run(sc, out=tmp_path / f"s{n}", report=False, shards=n)
+    for n, grid in ((1, False), (2, True)):
+        run = Run(sc, out=tmp_path / f"s{n}", report=False, shards=n, feeder_federate=grid)
         result = await run.execute()
         assert result.summary["cosim"] == {"broker": "local", "shards": n, "lost_devices": [],
                                            "error": None}
@@ -105,6 +107,8 @@ async def test_one_and_two_shards_replay_the_single_process_run(tmp_path: Path) 
                                                   *run.federation.shards.values()))
         logs = (result.run_dir / "cosim" / f"shard-{n}of{n}.log").read_text()
         assert f"the run ended after {sc.steps} steps" in logs
+    feeder = (result.run_dir / "cosim" / "feeder.log").read_text()
+    assert f"feeder federate: the run ended after {sc.steps} steps" in feeder
 
 
 def _children() -> list[int]:
@@ -162,3 +166,62 @@ def test_cli_run_with_shards(tmp_path: Path) -> None:
     assert summary["cosim"]["shards"] == 2 and summary["cosim"]["lost_devices"] == []
     assert "run ended early" not in r.output
     assert "the run ended after 60 steps" in (run / "cosim" / "shard-2of2.log").read_text()
+
+
+@needs_broker
+def test_external_broker_two_shards_and_a_users_grid_federate(tmp_path: Path) -> None:
+    """A helics_broker, two `devices serve --shard` processes and the example grid
+    federate (examples/feeder_federate.py, V = 1 + k * P) as separate processes; the run
+    joins with --helics: every feeder row is the example's model of the measured
+    injections, and the shards served every step."""
+    import subprocess
+    import sys
+
+    from testbed.cosim.run import free_port, helics_broker_binary
+
+    sc = short("demo", "11:00", 1800.0)
+    site = load_site(sc.site)
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    logs = {n: tmp_path / f"{n}.log" for n in ("broker", "s1", "s2", "feeder")}
+    cmds = {"broker": [helics_broker_binary(), "--coretype", "tcpss", "-f", "4", "--port",
+                       str(port), "--local_interface", "127.0.0.1", "--loglevel", "error"],
+            "s1": [sys.executable, "-m", "testbed", "devices", "serve", sc.site, "--shard",
+                   "1/2", "--helics", addr, "--free-ports", "--seed", str(sc.seed), "-q"],
+            "s2": [sys.executable, "-m", "testbed", "devices", "serve", sc.site, "--shard",
+                   "2/2", "--helics", addr, "--free-ports", "--seed", str(sc.seed), "-q"],
+            "feeder": [sys.executable, str(root / "examples" / "feeder_federate.py"),
+                       site.name, *(p.name for p in site.prosumers), "--helics", addr]}
+    procs = {}
+    try:
+        for name, cmd in cmds.items():
+            with open(logs[name], "wb") as out:
+                procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                               env=env, cwd=tmp_path)
+        result = asyncio.run(Run(sc, out=tmp_path / "runs", report=False, helics=addr,
+                                 feeder_federate=True).execute())
+        for p in procs.values():
+            p.wait(20)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert result.summary["cosim"]["lost_devices"] == []
+    rows = list(dump(result.run_dir / "run.db"))
+    feeder = {r[0]: r for t, r in rows if t == "feeder"}
+    meters: dict[float, list[float]] = {}
+    for t, r in rows:
+        if t == "measurements" and r[3] == "meter" and r[4] == "p_w":
+            meters.setdefault(r[0], []).append(-r[5])
+    assert len(feeder) == sc.steps == len(meters)
+    for t, inj in meters.items():
+        _, light, vm_min, vm_max, _, _, losses, import_w = feeder[t]
+        assert light == "green" and losses == 0.0
+        assert vm_max == pytest.approx(1 + 0.002 * max(inj) / 1000, abs=1e-9)
+        assert vm_min == pytest.approx(1 + 0.002 * min(inj) / 1000, abs=1e-9)
+        assert import_w == pytest.approx(-sum(inj), abs=1e-6)
+    assert f"example feeder: {sc.steps} steps" in logs["feeder"].read_text()
+    assert f"the run ended after {sc.steps} steps" in logs["s2"].read_text()

@@ -28,6 +28,7 @@ What is measured
        every device over Modbus. CPU counts the children (shards, broker); the ratio is
        the single-process wall time over the sharded one (> 1: sharding pays); the run
        store is compared with the single-process one (wall-clock columns aside).
+       `--feeder-federate`: the feeder's power flow in its own federate process too.
 
 Output: tables (rich) and, as the last line on stdout, one JSON object with all figures
 (also written to `--json PATH`). `--check` exits 1 when a target is missed.
@@ -125,7 +126,7 @@ def same_store(a: str, b: str) -> bool:
 
 
 def run(sc: Scenario, out: Path, profile: str | None = None,
-        shards: int | None = None) -> dict[str, Any]:
+        shards: int | None = None, feeder_federate: bool = False) -> dict[str, Any]:
     IdleSelector.idle_s, IdleSelector.waits = 0.0, 0
     prof = None
     if profile:
@@ -134,7 +135,8 @@ def run(sc: Scenario, out: Path, profile: str | None = None,
         prof.enable()
     t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu_s()
     with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(IdleSelector())) as r:
-        res = r.run(Run(sc, out=out, report=False, shards=shards).execute())
+        res = r.run(Run(sc, out=out, report=False, shards=shards,
+                                feeder_federate=feeder_federate).execute())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     children = children_cpu_s() - k0
     cpu += children
@@ -169,6 +171,8 @@ def main() -> int:
     ap.add_argument("--profile", metavar="PATH", help="cProfile the fast run into PATH")
     ap.add_argument("--shards", type=int, nargs="+", default=[],
                     help="also the fast run with its emulators in N HELICS shard processes")
+    ap.add_argument("--feeder-federate", action="store_true",
+                    help="with --shards: the feeder's power flow in its own federate too")
     args = ap.parse_args()
     hours = args.hours or (2.0 if args.quick else 24.0)
     rt_s = args.realtime_s or (60 if args.quick else 120)
@@ -181,7 +185,7 @@ def main() -> int:
         sharded = []
         for n in args.shards:
             sh = run(scenario(big, start=start, duration=hours * 3600, step=60),
-                     folder / f"fast-{n}", shards=n)
+                     folder / f"fast-{n}", shards=n, feeder_federate=args.feeder_federate)
             sh["same_store"] = same_store(fast["run_dir"], sh["run_dir"])
             sh["ratio"] = fast["wall_s"] / sh["wall_s"]
             sharded.append(sh)
@@ -207,7 +211,8 @@ def main() -> int:
               f"{fast['auctions']} ({fast['cleared']})", str(fast["blocks"]), str(fast["txs"]),
               "-")
     for sh in sharded:
-        t.add_row(f"fast, {sh['shards']} HELICS shards", str(args.prosumers), str(sh["steps"]),
+        t.add_row(f"fast, {sh['shards']} HELICS shards"
+                  + (" + feeder federate" if args.feeder_federate else ""), str(args.prosumers), str(sh["steps"]),
                   f"{sh['wall_s']:.1f}", f"{sh['cpu_s']:.1f}", f"{sh['cpu_share']:.2f}",
                   f"{sh['idle_s']:.2f}", f"{sh['ms_per_step']:.1f}",
                   f"{sh['auctions']} ({sh['cleared']})", str(sh["blocks"]), str(sh["txs"]), "-")

@@ -225,3 +225,33 @@ def test_external_broker_two_shards_and_a_users_grid_federate(tmp_path: Path) ->
         assert import_w == pytest.approx(-sum(inj), abs=1e-6)
     assert f"example feeder: {sc.steps} steps" in logs["feeder"].read_text()
     assert f"the run ended after {sc.steps} steps" in logs["s2"].read_text()
+
+
+@needs_broker
+async def test_four_shards_replay_the_single_process_run(tmp_path: Path) -> None:
+    """Eight prosumers dealt over four shard processes (two each), grid off: the same
+    store as in one process."""
+    import yaml
+
+    from testbed.scenarios.model import Scenario
+
+    prosumers = [{"name": f"p{i}", "load": {"base_w": 250 + 10 * i, "peak_w": 2200 + 100 * i},
+                  "devices": [
+                      {"name": f"p{i}-pv", "kind": "pv", "port": 20000 + i, "unit": 1,
+                       "params": {"rating_w": 3000 + 500 * (i % 5)}},
+                      {"name": f"p{i}-battery", "kind": "battery", "port": 20000 + i,
+                       "unit": 2, "params": {"capacity_wh": 8000, "soc_init": 0.4 + 0.1 * (i % 5)}},
+                      {"name": f"p{i}-meter", "kind": "meter", "port": 20000 + i, "unit": 3}]}
+                 for i in range(8)]
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"name": "eight", "prosumers": prosumers}))
+    sc = Scenario.model_validate({"name": "eight", "site": str(site), "seed": 5,
+                                  "start": "11:00", "duration": "15m", "step": 60,
+                                  "forecast": {"pv_bias_pct": 15}, "grid": {"enabled": False},
+                                  "market": {"buy_price": 0.4}, "ledger": {"validators": 4}})
+    alone = await Run(sc, out=tmp_path / "a", report=False).execute()
+    four = await Run(sc, out=tmp_path / "b", report=False, shards=4).execute()
+    assert four.summary["cosim"]["lost_devices"] == []
+    assert rows_of(four.run_dir) == rows_of(alone.run_dir)
+    logs = sorted((four.run_dir / "cosim").glob("shard-*of4.log"))
+    assert len(logs) == 4 and all("the run ended after 15 steps" in p.read_text() for p in logs)

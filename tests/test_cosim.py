@@ -255,3 +255,20 @@ async def test_four_shards_replay_the_single_process_run(tmp_path: Path) -> None
     assert rows_of(four.run_dir) == rows_of(alone.run_dir)
     logs = sorted((four.run_dir / "cosim").glob("shard-*of4.log"))
     assert len(logs) == 4 and all("the run ended after 15 steps" in p.read_text() for p in logs)
+
+
+def test_a_malformed_feeder_check_ends_the_run_naming_the_key() -> None:
+    from testbed.cosim.errors import FederateLost
+    from testbed.cosim.feeder import _check
+
+    good = {"converged": True, "light": "amber", "vm_min_pu": 0.95, "vm_max_pu": 1.02,
+            "max_line_pct": None, "max_trafo_pct": 40, "losses_w": 12.5, "import_w": -3e3}
+    assert _check(json.dumps(good)) == good
+    for bad, why in (({**good, "converged": 1}, "converged must be true or false"),
+                     ({**good, "light": "blue"}, "light must be green, amber or red"),
+                     ({**good, "losses_w": "1"}, "losses_w must be a finite number"),
+                     ({**good, "vm_min_pu": 1e400}, "vm_min_pu must be a finite number")):
+        with pytest.raises(FederateLost, match=why):
+            _check(json.dumps(bad))
+    with pytest.raises(FederateLost, match="feeder/check"):
+        _check("not json")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -188,13 +189,30 @@ class RunFederate:
 
 
 def helics_broker_binary() -> str:
-    """The `helics_broker` the pip package installs beside this interpreter, or on PATH."""
+    """The `helics_broker` binary of the pip package (not its Python launcher, which would
+    leave the real broker behind when it is killed), or the one on PATH."""
+    try:
+        import helics
+        real = Path(helics.__file__).parent / "install" / "bin" / "helics_broker"
+    except ImportError:
+        real = Path("/nonexistent")
     here = Path(sys.executable).parent / "helics_broker"
-    found = str(here) if here.exists() else shutil.which("helics_broker")
+    found = (str(real) if real.exists() else str(here) if here.exists()
+             else shutil.which("helics_broker"))
     if not found:
         raise CosimError("helics_broker not found beside the interpreter or on PATH "
                          "(pip install helics)")
     return found
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the run's process dies, even by SIGKILL
+    (Linux prctl PR_SET_PDEATHSIG), so no shard or broker outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -231,7 +249,8 @@ class LocalFederation:
             self.broker = subprocess.Popen(
                 [helics_broker_binary(), "--coretype", CORE, "-f", str(self.federates),
                  "--port", str(port), "--local_interface", "127.0.0.1", "--loglevel", "error"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             self._wait_broker(port)
             for k in range(1, self.n + 1):
                 self.shards[k] = self._child(
@@ -271,6 +290,7 @@ class LocalFederation:
             return subprocess.Popen(
                 [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(
                     p for p in (str(Path(__file__).resolve().parents[2]),
                                 os.environ.get("PYTHONPATH")) if p)})

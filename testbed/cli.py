@@ -166,8 +166,12 @@ def _serve_shard(cfg: Any, broker: str, shard: str, *, free_ports: bool, host: s
     async def go() -> int:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        def stop() -> None:  # a blocked time request returns at once, then the task ends
+            sh.fed.abort("stopped by a signal")
+            task.cancel()  # type: ignore[union-attr]
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+            loop.add_signal_handler(sig, stop)
         endpoints = await sh.start(endpoints_json)
         try:
             if not quiet:

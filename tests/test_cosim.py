@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -158,14 +159,14 @@ async def test_a_killed_shard_ends_the_run_cleanly(tmp_path: Path) -> None:
 def test_cli_run_with_shards(tmp_path: Path) -> None:
     scen = tmp_path / "short.yaml"
     text = (Path(__file__).parents[1] / "testbed/scenarios/library/demo.yaml").read_text()
-    scen.write_text(text.replace("duration: 4h", "duration: 1h"))
+    scen.write_text(text.replace("duration: 4h", "duration: 30m"))
     r = runner.invoke(app, ["run", str(scen), "--shards", "2", "--fast", "-q", "--no-report",
                             "--out", str(tmp_path / "runs")])
     (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["cosim"]["shards"] == 2 and summary["cosim"]["lost_devices"] == []
     assert "run ended early" not in r.output
-    assert "the run ended after 60 steps" in (run / "cosim" / "shard-2of2.log").read_text()
+    assert "the run ended after 30 steps" in (run / "cosim" / "shard-2of2.log").read_text()
 
 
 @needs_broker
@@ -272,3 +273,84 @@ def test_a_malformed_feeder_check_ends_the_run_naming_the_key() -> None:
             _check(json.dumps(bad))
     with pytest.raises(FederateLost, match="feeder/check"):
         _check("not json")
+
+
+@needs_broker
+async def test_a_killed_feeder_federate_ends_the_run_cleanly(tmp_path: Path) -> None:
+    sc = short("demo", "11:00", 1800.0)
+    run: Run
+
+    def progress(k: int, n: int, info: dict) -> None:
+        if k == 5:
+            assert run.federation is not None and run.federation.feeder is not None
+            os.kill(run.federation.feeder.pid, signal.SIGKILL)
+
+    run = Run(sc, out=tmp_path, report=False, shards=1, feeder_federate=True,
+              progress=progress)
+    result = await run.execute()
+    cosim = result.summary["cosim"]
+    assert "the feeder federate exited (-9)" in cosim["error"]
+    assert cosim["lost_devices"] == []  # the shard still answers
+    steps = [r for t, r in dump(result.run_dir / "run.db") if t == "steps"]
+    assert len(steps) == 5
+    assert all(p.poll() is not None for p in (run.federation.broker, run.federation.feeder,
+                                              *run.federation.shards.values()))
+
+
+@needs_broker
+def test_no_shard_outlives_a_killed_run(tmp_path: Path) -> None:
+    """SIGKILL of `testbed run --shards 2` itself: its broker and shards end too."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).parents[1]
+    run = subprocess.Popen([sys.executable, "-m", "testbed", "run", "demo", "--fast",
+                            "--shards", "2", "-q", "--no-report", "--out", str(tmp_path)],
+                           env={**os.environ, "PYTHONPATH": str(root)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        kids: list[int] = []
+        for _ in range(600):  # until the broker and both shards are up and stepping
+            kids = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                    if _ppid(p) == run.pid]
+            if len(kids) == 3 and _steps(tmp_path) >= 3:
+                break
+            time.sleep(0.05)
+        assert len(kids) == 3
+    finally:
+        run.kill()
+        run.wait()
+    for _ in range(600):
+        alive = [k for k in kids if Path(f"/proc/{k}").exists()
+                 and _state(k) != "Z"]
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert alive == []
+
+
+def _steps(out: Path) -> int:
+    """Steps the run in `out` has committed so far (0 before its store exists)."""
+    import sqlite3
+    for db in out.glob("*/run.db"):
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
+                return int(c.execute("SELECT COUNT(*) FROM steps").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+    return 0
+
+
+def _ppid(stat: Path) -> int:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"

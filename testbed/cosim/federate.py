@@ -148,6 +148,13 @@ class Federate:
         """Ask for time `t`; returns the granted time (MAXTIME once the federation ends)."""
         return float(await self._call(f"time request {t:g}", h.helicsFederateRequestTime, t))
 
+    def abort(self, why: str) -> None:
+        """Fail this federate now (a signal): a call blocked in a worker thread returns
+        with an error instead of waiting for the broker."""
+        if self.fed is not None:
+            with contextlib.suppress(h.HelicsException):
+                h.helicsFederateLocalError(self.fed, -1, why)
+
     def close(self) -> None:
         """Leave the federation (a blocked time request in a worker thread returns); the
         federate is freed unless a call is still in flight (then the process frees it)."""

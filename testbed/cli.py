@@ -154,7 +154,12 @@ def serve(
 def _serve_shard(cfg: Any, broker: str, shard: str, *, free_ports: bool, host: str | None,
                  advertise: str | None, endpoints_json: Path | None, quiet: bool) -> None:
     """`devices serve --helics`: one emulator shard as a HELICS federate."""
-    from .cosim.errors import CosimError
+    from .cosim.errors import CosimError, need_helics
+
+    try:
+        need_helics()
+    except CosimError as exc:
+        _fail(exc, 2)
     from .cosim.shard import Shard, parse_shard
 
     try:

@@ -25,10 +25,10 @@ runner = CliRunner()
 
 
 def _broker() -> str | None:
-    from testbed.cosim.run import helics_broker_binary
     try:
+        from testbed.cosim.run import helics_broker_binary
         return helics_broker_binary()
-    except CosimError:
+    except (CosimError, ImportError):
         return None
 
 

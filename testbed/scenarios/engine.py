@@ -39,7 +39,7 @@ from testbed.bus.broker import open_bus
 from testbed.bus.client import BusClient
 from testbed.clock import EPOCH, Clock
 from testbed.config import ConfigError, InfluxConfig, SiteConfig, load_site
-from testbed.cosim.errors import FederateLost
+from testbed.cosim.errors import FederateLost, need_helics
 from testbed.devices.site import SiteEmulators, open_devices
 from testbed.ledger.chain import Chain
 from testbed.ledger.pseudonyms import PseudonymDesk
@@ -131,6 +131,8 @@ class Run:
                               "federation; give --shards N or --helics BROKER")
         if shards is not None and shards < 1:
             raise ConfigError(f"--shards {shards}: expected at least 1")
+        if helics is not None or shards is not None:
+            need_helics()  # before anything is created
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         self.run_id = f"{sc.name}-s{sc.seed}-{stamp}"
         self.dir = Path(out) / self.run_id

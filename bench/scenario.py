@@ -2,7 +2,7 @@
 
 Run:  python bench/scenario.py [--prosumers 50] [--hours 24] [--devices 200]
                                [--realtime-s 120] [--quick] [--json PATH] [--check]
-                               [--fast-only] [--profile PATH]
+                               [--fast-only] [--profile PATH] [--shards N [N ...]]
 
 What is measured
     1. fast: a synthetic site of N prosumers (PV + battery + meter each, Modbus/SunSpec
@@ -22,6 +22,14 @@ What is measured
        ledger on. Tick lateness p50/p99/max (target p99 < 10 ms) and drift (the last
        tick's wall time against its deadline: the clock uses absolute deadlines).
 
+    3. sharded (`--shards N ...`): the fast run again with its emulators in N HELICS
+       shard processes (`testbed run --shards N`: a helics_broker and N
+       `testbed devices serve --shard K/N --helics` federates), the drivers still reading
+       every device over Modbus. CPU counts the children (shards, broker); the ratio is
+       the single-process wall time over the sharded one (> 1: sharding pays); the run
+       store is compared with the single-process one (wall-clock columns aside).
+       `--feeder-federate`: the feeder's power flow in its own federate process too.
+
 Output: tables (rich) and, as the last line on stdout, one JSON object with all figures
 (also written to `--json PATH`). `--check` exits 1 when a target is missed.
 """
@@ -33,6 +41,8 @@ import asyncio
 import json
 import os
 import platform
+import re
+import resource
 import selectors
 import sys
 import tempfile
@@ -100,24 +110,44 @@ class IdleSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
             IdleSelector.waits += 1
 
 
-def run(sc: Scenario, out: Path, profile: str | None = None) -> dict[str, Any]:
+def children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def same_store(a: str, b: str) -> bool:
+    """Row for row, wall-clock columns aside and loopback ports masked."""
+    from testbed.telemetry.store import dump
+
+    def rows(d: str) -> list[Any]:
+        return [(t, tuple(re.sub(r"127\.0\.0\.1:\d+", "PORT", v) if isinstance(v, str)
+                          else v for v in row)) for t, row in dump(Path(d) / "run.db")]
+    return rows(a) == rows(b)
+
+
+def run(sc: Scenario, out: Path, profile: str | None = None,
+        shards: int | None = None, feeder_federate: bool = False) -> dict[str, Any]:
     IdleSelector.idle_s, IdleSelector.waits = 0.0, 0
     prof = None
     if profile:
         import cProfile
         prof = cProfile.Profile()
         prof.enable()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu_s()
     with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(IdleSelector())) as r:
-        res = r.run(Run(sc, out=out, report=False).execute())
+        res = r.run(Run(sc, out=out, report=False, shards=shards,
+                                feeder_federate=feeder_federate).execute())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    children = children_cpu_s() - k0
+    cpu += children
     if prof is not None:
         import pstats
         prof.disable()
         prof.dump_stats(profile)
         pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(20)
     s = res.summary
-    return {"wall_s": wall, "cpu_s": cpu, "cpu_share": cpu / wall if wall else None,
+    return {"wall_s": wall, "cpu_s": cpu, "children_cpu_s": children, "shards": shards,
+            "cosim": s.get("cosim"), "uncommitted": s["ledger"]["uncommitted"], "cpu_share": cpu / wall if wall else None,
             "idle_s": IdleSelector.idle_s, "idle_waits": IdleSelector.waits,
             "steps": s["steps"], "ms_per_step": wall / s["steps"] * 1e3,
             "auctions": s["market"]["auctions"], "cleared": s["market"]["cleared"],
@@ -139,6 +169,10 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     ap.add_argument("--fast-only", action="store_true", help="skip the real-time run")
     ap.add_argument("--profile", metavar="PATH", help="cProfile the fast run into PATH")
+    ap.add_argument("--shards", type=int, nargs="+", default=[],
+                    help="also the fast run with its emulators in N HELICS shard processes")
+    ap.add_argument("--feeder-federate", action="store_true",
+                    help="with --shards: the feeder's power flow in its own federate too")
     args = ap.parse_args()
     hours = args.hours or (2.0 if args.quick else 24.0)
     rt_s = args.realtime_s or (60 if args.quick else 120)
@@ -148,6 +182,13 @@ def main() -> int:
         start = "00:00" if hours >= 24 else "11:00"
         fast = run(scenario(big, start=start, duration=hours * 3600, step=60), folder / "fast",
                    args.profile)
+        sharded = []
+        for n in args.shards:
+            sh = run(scenario(big, start=start, duration=hours * 3600, step=60),
+                     folder / f"fast-{n}", shards=n, feeder_federate=args.feeder_federate)
+            sh["same_store"] = same_store(fast["run_dir"], sh["run_dir"])
+            sh["ratio"] = fast["wall_s"] / sh["wall_s"]
+            sharded.append(sh)
         n_rt = max(1, args.devices // 3)
         rt: dict[str, Any] = {"wall_s": 0.0, "cpu_s": 0.0, "steps": 0, "ms_per_step": 0.0,
                               "auctions": 0, "cleared": 0, "blocks": 0, "txs": 0,
@@ -169,6 +210,12 @@ def main() -> int:
               f"{fast['ms_per_step']:.1f}",
               f"{fast['auctions']} ({fast['cleared']})", str(fast["blocks"]), str(fast["txs"]),
               "-")
+    for sh in sharded:
+        t.add_row(f"fast, {sh['shards']} HELICS shards"
+                  + (" + feeder federate" if args.feeder_federate else ""), str(args.prosumers), str(sh["steps"]),
+                  f"{sh['wall_s']:.1f}", f"{sh['cpu_s']:.1f}", f"{sh['cpu_share']:.2f}",
+                  f"{sh['idle_s']:.2f}", f"{sh['ms_per_step']:.1f}",
+                  f"{sh['auctions']} ({sh['cleared']})", str(sh["blocks"]), str(sh["txs"]), "-")
     t.add_row(f"realtime {rt_s} s @ 1 s", f"{n_rt} ({3 * n_rt} devices)", str(rt["steps"]),
               f"{rt['wall_s']:.1f}", f"{rt['cpu_s']:.1f}",
               f"{rt['cpu_s'] / rt['wall_s']:.2f}" if rt["wall_s"] else "-",
@@ -177,6 +224,12 @@ def main() -> int:
               f"{lat.get('p50_ms', 0):.2f} / {lat.get('p99_ms', 0):.2f} / "
               f"{lat.get('max_ms', 0):.2f}")
     console.print(t)
+    for sh in sharded:
+        console.print(f"{sh['shards']} shards: x{sh['ratio']:.2f} the single-process speed "
+                      f"(wall {fast['wall_s']:.1f} s -> {sh['wall_s']:.1f} s; CPU of the shards "
+                      f"and broker {sh['children_cpu_s']:.1f} s); run store "
+                      f"{'identical' if sh['same_store'] else 'DIFFERENT'}; "
+                      f"{sh['uncommitted']} ledger transactions uncommitted", highlight=False)
     projected = fast["wall_s"] * 24 / hours
     ok_fast = projected < TARGET_FAST_S
     ok_rt = bool(lat) and lat["p99_ms"] < TARGET_P99_MS
@@ -189,6 +242,7 @@ def main() -> int:
                "fast": {**fast, "hours": hours, "prosumers": args.prosumers,
                         "projected_24h_s": projected},
                "realtime": {**rt, "devices": 3 * n_rt, "seconds": rt_s},
+               "sharded": sharded,
                "targets": {"fast_24h_s": TARGET_FAST_S, "p99_ms": TARGET_P99_MS},
                "targets_met": {"fast": ok_fast, "realtime": ok_rt}}
     print(json.dumps(figures, separators=(",", ":"), default=str), flush=True)

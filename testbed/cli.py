@@ -82,9 +82,23 @@ def serve(
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")] = None,
     endpoints_json: Annotated[Path | None, typer.Option("--endpoints-json", help="Also write the endpoint table here (JSON).")] = None,
     live: Annotated[bool, typer.Option(help="Show the emulated physics live (power, SOC, meter).")] = False,
+    helics: Annotated[str | None, typer.Option("--helics", help="Join the HELICS broker at HOST:PORT as an emulator shard: the physics advance when the run's inputs arrive (README, HELICS).")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="K/N: serve shard K of N of the site's emulated prosumers (with --helics).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the site's emulation seed (a run's --seed).")] = None,
+    advertise: Annotated[str | None, typer.Option(help="With --helics: the host name the run reaches this shard's devices at (default: the listen address).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No endpoint table.")] = False,
 ) -> None:
-    """Start every emulated device of SITE and serve until Ctrl-C or SIGTERM."""
+    """Start every emulated device of SITE and serve until Ctrl-C or SIGTERM; with
+    --helics, serve shard K/N as a HELICS federate until the run ends."""
     cfg = _site(site)
+    if seed is not None:
+        cfg = cfg.model_copy(update={"emulation": cfg.emulation.model_copy(update={"seed": seed})})
+    if shard is not None and helics is None:
+        _fail(ValueError("--shard K/N needs --helics HOST:PORT (the broker the run joins)"), 2)
+    if helics is not None:
+        _serve_shard(cfg, helics, shard or "1/1", free_ports=free_ports, host=host,
+                     advertise=advertise, endpoints_json=endpoints_json, quiet=quiet)
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False)])
     if speed is not None:
@@ -135,6 +149,54 @@ def serve(
         console.print("stopped")
 
     _run(go())
+
+
+def _serve_shard(cfg: Any, broker: str, shard: str, *, free_ports: bool, host: str | None,
+                 advertise: str | None, endpoints_json: Path | None, quiet: bool) -> None:
+    """`devices serve --helics`: one emulator shard as a HELICS federate."""
+    from .cosim.errors import CosimError, need_helics
+
+    try:
+        need_helics()
+    except CosimError as exc:
+        _fail(exc, 2)
+    from .cosim.shard import Shard, parse_shard
+
+    try:
+        k, n = parse_shard(shard)
+        sh = Shard(cfg, k, n, broker, free_ports=free_ports, host=host, advertise=advertise)
+    except CosimError as exc:
+        _fail(exc, 2)
+
+    async def go() -> int:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        def stop() -> None:  # a blocked time request returns at once, then the task ends
+            sh.fed.abort("stopped by a signal")
+            task.cancel()  # type: ignore[union-attr]
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        endpoints = await sh.start(endpoints_json)
+        try:
+            if not quiet:
+                console.print(f"shard {k}/{n} of site {cfg.name}: {len(sh.emulators.devices)} "
+                              f"devices of {', '.join(p.name for p in sh.site.prosumers)}; "
+                              f"federate of {broker}", highlight=False)
+                for name, ep in endpoints.items():
+                    console.print(f"  {name}: {ep.address}", highlight=False)
+            return await sh.run()
+        finally:
+            await sh.stop()
+
+    try:
+        steps = _run(go())
+    except CosimError as exc:
+        _fail(exc, 1)
+    except asyncio.CancelledError:
+        console.print(f"shard {k}/{n}: stopped by a signal")
+        raise typer.Exit(0) from None
+    console.print(f"shard {k}/{n}: the run ended after {steps} steps", highlight=False)
 
 
 def _physics_table(emulators: SiteEmulators) -> Table:
@@ -936,6 +998,16 @@ def run(
     influx_bucket: InfluxBucket = None,
     report: Annotated[bool, typer.Option(help="Write report.html into the run directory.")
                       ] = True,
+    helics: Annotated[str | None, typer.Option(
+        "--helics", help="HELICS broker HOST:PORT whose emulator shards (`testbed devices "
+        "serve SITE --shard K/N --helics ...`) serve the emulated devices.")] = None,
+    shards: Annotated[int | None, typer.Option(
+        "--shards", help="Start a HELICS broker and this many emulator shard processes on "
+        "this machine (free loopback ports).")] = None,
+    feeder_federate: Annotated[bool, typer.Option(
+        "--feeder-federate", help="The feeder's power flow in its own HELICS federate (with "
+        "--shards: started here; with --helics: `python -m testbed.cosim.feeder SITE "
+        "--helics ...`, or your grid simulator on the same keys).")] = False,
 ) -> None:
     """Play a deviation scenario end to end; exit 1 if an expectation is not met.
 
@@ -944,6 +1016,7 @@ def run(
     (`testbed telemetry backfill` writes what it missed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .cosim.errors import CosimError
     from .grid import GridError
     from .scenarios.engine import Run, junit_xml
     from .scenarios.model import load_scenario
@@ -952,7 +1025,9 @@ def run(
         sc = load_scenario(scenario)
         runner_args: dict[str, Any] = {"out": out, "broker": broker, "seed": seed,
                                        "speed": speed, "fast": fast, "report": report,
-                                       "influx_token": influx_token}
+                                       "influx_token": influx_token,
+                                       "helics": helics, "shards": shards,
+                                       "feeder_federate": feeder_federate}
         if influx_url is not None:
             runner_args["influx"] = _influx(influx_url, influx_org, influx_bucket)
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -970,6 +1045,8 @@ def run(
             result = _run(Run(sc, progress=tick, **runner_args).execute())
     except (ConfigError, GridError) as exc:
         _fail(exc, 2)
+    except CosimError as exc:
+        _fail(exc, 1)
     console.print(_summary_table(result.summary))
     for v in result.verdicts:
         mark = "[green]PASS[/]" if v.ok else "[red]FAIL[/]"
@@ -991,7 +1068,12 @@ def run(
     if junit is not None:
         junit.parent.mkdir(parents=True, exist_ok=True)
         junit.write_text(junit_xml(result))
-    raise typer.Exit(0 if result.ok else 1)
+    lost = result.summary.get("cosim", {}).get("error")
+    if lost:
+        err.print(f"[red]error:[/] run ended early: {escape(lost)}; lost devices: "
+                  f"{', '.join(result.summary['cosim']['lost_devices']) or 'none'}",
+                  highlight=False)
+    raise typer.Exit(0 if result.ok and not lost else 1)
 
 
 def _summary_table(s: dict[str, Any]) -> Table:

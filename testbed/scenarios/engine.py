@@ -24,6 +24,7 @@ seed writes the same store (wall-clock columns aside).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import statistics
@@ -32,12 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.bus.broker import open_bus
 from testbed.bus.client import BusClient
 from testbed.clock import EPOCH, Clock
 from testbed.config import ConfigError, InfluxConfig, SiteConfig, load_site, locate
+from testbed.cosim.errors import FederateLost, need_helics
 from testbed.devices.site import SiteEmulators, open_devices
 from testbed.ledger.chain import Chain
 from testbed.ledger.pseudonyms import PseudonymDesk
@@ -53,13 +55,16 @@ from . import expectations
 from .expectations import Verdict, evaluate
 from .model import DeviceEvent, GridEvent, Scenario
 from .phases.accounting import Accounting
-from .phases.devices import DeviceIO, StepReadings
-from .phases.environment import Environment, unreached
+from .phases.devices import DeviceEvents, DeviceIO, StepReadings
+from .phases.environment import Environment, external_w, unreached
 from .phases.feeder import Feeder
 from .phases.ledger import LedgerPhase
 from .phases.market import MarketRound, RoundResult
 from .phases.settlement import Due, SettlementPhase
 from .profiles import forecast_schedule, irradiance_fn, load_fn
+
+if TYPE_CHECKING:
+    from testbed.cosim.run import LocalFederation, RunFederate
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,8 @@ class Run:
                  broker: str | None = None, seed: int | None = None,
                  speed: float | None = None, fast: bool = False,
                  influx: InfluxConfig | None = None, influx_token: str | None = None,
-                 report: bool = True,
+                 report: bool = True, helics: str | None = None, shards: int | None = None,
+                 feeder_federate: bool = False,
                  progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> None:
         updates: dict[str, Any] = {}
         if seed is not None:
@@ -111,6 +117,22 @@ class Run:
         """Where the run's time series go (flags over the site file's `telemetry.influx`)."""
         self.influx_token = influx_token
         self.report = report
+        self.helics = helics
+        """HELICS broker (HOST:PORT) whose shards serve the emulated devices; with
+        `shards`, the run starts a broker and that many shard processes itself."""
+        self.shards = shards
+        if helics is not None and shards is not None:
+            raise ConfigError("--helics and --shards: give one (--shards starts its own "
+                              "broker; --helics joins shards started elsewhere)")
+        self.feeder_federate = feeder_federate
+        """The feeder's power flow in its own HELICS federate (`cosim.feeder`)."""
+        if feeder_federate and helics is None and shards is None:
+            raise ConfigError("--feeder-federate: the feeder federate joins a HELICS "
+                              "federation; give --shards N or --helics BROKER")
+        if shards is not None and shards < 1:
+            raise ConfigError(f"--shards {shards}: expected at least 1")
+        if helics is not None or shards is not None:
+            need_helics()  # before anything is created
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         self.run_id = f"{sc.name}-s{sc.seed}-{stamp}"
         self.dir = Path(out) / self.run_id
@@ -185,18 +207,45 @@ class Run:
                                   owners=self.owners)
         self.ledger: LedgerPhase | None = None
         self.desk: PseudonymDesk | None = None
+        self.cosim: RunFederate | None = None
+        self.lost: FederateLost | None = None
+        self.federation: LocalFederation | None = None
         try:
-            await emulators.start(clock=False)
+            if self.helics is not None or self.shards is not None:
+                from testbed.cosim.run import LocalFederation, RunFederate
+                broker = self.helics
+                if self.shards is not None:
+                    federation = self.federation = LocalFederation(
+                        sc.site, self.shards, sc.seed, log_dir=self.dir / "cosim",
+                        feeder=self.feeder_federate and self.checker is not None,
+                        feeder_background=sc.grid.background)
+                    broker = federation.start()
+                assert broker is not None
+                remote = self.feeder_federate and self.checker is not None
+                self.cosim = RunFederate(site, broker, feeder_limits=(
+                    self.checker.limits if remote and self.checker else None))
+                if self.cosim.feeder is not None:
+                    self.feeder = self.cosim.feeder  # type: ignore[assignment]
+                if self.federation is not None:
+                    self.cosim.fed.watch = self.federation.watch
+                served = await self.cosim.start()
+            else:
+                await emulators.start(clock=False)
+                served = emulators.resolved_site()
             async with open_bus(self.broker) as bus:
-                await self._with_bus(bus, emulators)
+                await self._with_bus(bus, served, self.cosim or emulators)
         finally:
             await emulators.stop()
+            if self.cosim is not None:
+                self.cosim.close()
+            if self.federation is not None:
+                self.federation.stop()
         st.put_meta("finished_at", datetime.now(UTC).isoformat())
         st.put_meta("wall_s", f"{_time.perf_counter() - wall0:.3f}")
         summary = self._summary(_time.perf_counter() - wall0)
         verdicts = evaluate(sc, summary)
         summary["expectations"] = [v.to_dict() for v in verdicts]
-        summary["passed"] = all(v.ok for v in verdicts)
+        summary["passed"] = all(v.ok for v in verdicts) and self.lost is None
         st.put_meta("passed", json.dumps(summary["passed"]))
         st.close()
         if sink is not None:
@@ -212,7 +261,8 @@ class Run:
                           "`testbed report %s` makes it again", exc, self.dir)
         return RunResult(self.dir, summary, verdicts)
 
-    async def _with_bus(self, bus: BusClient, emulators: SiteEmulators) -> None:
+    async def _with_bus(self, bus: BusClient, served: SiteConfig,
+                        emulators: DeviceEvents) -> None:
         sc, site = self.sc, self.site
         if sc.ledger.enabled:
             validators = await Validators.start(self.layout, bus, site.name,
@@ -232,8 +282,7 @@ class Run:
             e = identities.get(address)
             return e.public_key if e else desk.resolve(address)
 
-        self.devices = DeviceIO(site, open_devices(emulators.resolved_site()), self.store,
-                                emulators)
+        self.devices = DeviceIO(site, open_devices(served), self.store, emulators)
         batteries = {p.name: bat for p in site.prosumers
                      if (bat := p.physics(sc.seed).battery) is not None
                      and self.devices.battery(p.name) is not None}
@@ -253,7 +302,6 @@ class Run:
 
     async def _loop(self) -> None:
         sc, clock = self.sc, self.clock
-        iv = sc.market.interval_s
         events = [e for e in sc.events if isinstance(e, DeviceEvent)]
         vm_pu: dict[str, float] = {}
         real: dict[str, Any] = {}
@@ -263,33 +311,61 @@ class Run:
             late = await clock.tick(k)
             t0 = sc.start + (k - 1) * sc.step
             t1 = t0 + sc.step
-            await self.devices.events(t0, events)
-            self.env.step(t1, sc.step, vm_pu=vm_pu, measured=real)
-            clock.advance_to(t1)
-            readings = await self.devices.step(t1, sc.step)
-            for name in readings.faulted:
-                self.market.exclude(name)
-            for name in readings.recovered:
-                self.market.exclude(name, False)
-            net_import = self.accounting.step(t1, sc.step, readings.metered)
-            self.market.step(t1, sc.step, net_import, readings.soc)
-            if self.feeder is not None:
-                flow = self.feeder.step(t1, sc.step, *_injections(readings))
-                self.store.insert("feeder", flow.row)
-                vm_pu = dict(flow.vm_pu)
-            real = dict(readings.real)
-            if round(t1) % iv == 0:
-                await self._interval_end(int(round(t1)) // iv - 1, t1, readings)
-            self.store.insert("steps", {"step": k, "t": t1, "late_ms": late,
-                                        "wall": _time.time()})
-            self.store.commit()
-            if self.progress:
-                self.progress(k, sc.steps, {"t": t1, "auctions": self.market.counters["auctions"],
-                                            "blocks": self.ledger.blocks if self.ledger else 0})
+            try:
+                vm_pu, real = await self._step(k, t0, t1, vm_pu, real, events, late)
+            except FederateLost as exc:
+                self._federate_lost(t1, exc)
+                break
         if self._round is not None:
             await self._round
             self._round = None
             self.store.commit()
+
+    async def _step(self, k: int, t0: float, t1: float, vm_pu: dict[str, float],
+                    real: dict[str, Any], events: list[DeviceEvent], late: float | None,
+                    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """One step's data flow; returns the voltages and real devices' power the next
+        step's environment takes."""
+        sc, clock = self.sc, self.clock
+        iv = sc.market.interval_s
+        await self.devices.events(t0, events)
+        if self.cosim is not None:
+            await self.cosim.step(t0, sc.step, self.env.physics, self.env.volts(vm_pu),
+                                  external_w(real))
+        else:
+            self.env.step(t1, sc.step, vm_pu=vm_pu, measured=real)
+        clock.advance_to(t1)
+        readings = await self.devices.step(t1, sc.step)
+        for name in readings.faulted:
+            self.market.exclude(name)
+        for name in readings.recovered:
+            self.market.exclude(name, False)
+        net_import = self.accounting.step(t1, sc.step, readings.metered)
+        self.market.step(t1, sc.step, net_import, readings.soc)
+        if self.feeder is not None:
+            flow = self.feeder.step(t1, sc.step, *_injections(readings))
+            if inspect.isawaitable(flow):  # a feeder federate (cosim.feeder)
+                flow = await flow
+            self.store.insert("feeder", flow.row)
+            vm_pu = dict(flow.vm_pu)
+        real = dict(readings.real)
+        if round(t1) % iv == 0:
+            await self._interval_end(int(round(t1)) // iv - 1, t1, readings)
+        self.store.insert("steps", {"step": k, "t": t1, "late_ms": late,
+                                    "wall": _time.time()})
+        self.store.commit()
+        if self.progress:
+            self.progress(k, sc.steps, {"t": t1, "auctions": self.market.counters["auctions"],
+                                        "blocks": self.ledger.blocks if self.ledger else 0})
+        return vm_pu, real
+
+    def _federate_lost(self, t: float, exc: FederateLost) -> None:
+        """End the run at this step: the store keeps every step before it."""
+        self.lost = exc
+        log.error("run ended at t=%g s: %s (lost: %s)", t, exc, ", ".join(exc.devices) or "none")
+        self.store.event(t, "federate-lost", None,
+                         f"{exc}; lost devices: {', '.join(exc.devices) or 'none'}")
+        self.store.commit()
 
     async def _interval_end(self, interval: int, t: float, readings: StepReadings) -> None:
         """Close the interval's books now; run its market round (auction, setpoints,
@@ -391,6 +467,10 @@ class Run:
                          "ledger_uncommitted": uncommitted,
                          "read_errors": self.devices.read_errors,
                          "setpoint_errors": self.devices.setpoint_errors},
+            **({"cosim": {"broker": self.helics or "local", "shards": self.shards,
+                          "lost_devices": self.lost.devices if self.lost else [],
+                          "error": str(self.lost) if self.lost else None}}
+               if self.helics is not None or self.shards is not None else {}),
             "faults": [{**f, "orders_after_fault": len(self.market.orders_after_fault)}
                        for f in self.devices.faults],
         }

@@ -13,11 +13,10 @@ import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from testbed.config import SiteConfig
 from testbed.devices.driver import Device, DeviceError, Reading
-from testbed.devices.site import SiteEmulators
 from testbed.telemetry.store import RunStore
 
 from ..model import DeviceEvent
@@ -26,6 +25,17 @@ from .accounting import Metered
 FAULT_AFTER = 2
 """Consecutive failed reads before a device counts as faulted."""
 MEASUREMENT_COLS = ("t", "device", "prosumer", "kind", "name", "value")
+
+
+class DeviceEvents(Protocol):
+    """Who plays device events: the run's emulators, or the HELICS shards serving them
+    (`cosim.run.RunFederate`)."""
+
+    def silence(self, device: str, silent: bool = True) -> None: ...
+
+    async def offline(self, device: str) -> None: ...
+
+    async def online(self, device: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,7 @@ def _num(values: Mapping[str, Any], key: str) -> float:
 
 class DeviceIO:
     def __init__(self, site: SiteConfig, devices: Mapping[str, Device], store: RunStore,
-                 emulators: SiteEmulators | None = None) -> None:
+                 emulators: DeviceEvents | None = None) -> None:
         self.devices = dict(devices)
         self.store = store
         self.emulators = emulators

@@ -16,7 +16,8 @@ from testbed.grid.check import GridChecker, GridReport
 
 @dataclass(frozen=True)
 class FeederStep:
-    report: GridReport
+    report: GridReport | None
+    """None when a feeder federate did the power flow (`cosim.feeder`)."""
     vm_pu: Mapping[str, float]
     """Voltage (p.u.) at each prosumer's connection bus; empty when the flow failed."""
     row: dict[str, Any]

@@ -1024,6 +1024,7 @@ def sweep(
 ) -> None:
     """Run every point of a sweep on Dask; skip points already done (resumable); write
     results.parquet, results.csv and report.html. Exit 1 if a point failed."""
+    import pandas as pd
     from rich.progress import (
         BarColumn,
         Progress,
@@ -1033,6 +1034,7 @@ def sweep(
     )
 
     from .sweeps import load_sweep, plan, run_sweep, write_results
+    from .sweeps.results import missing_kpis
 
     try:
         sw = load_sweep(file)
@@ -1051,6 +1053,7 @@ def sweep(
             res = run_sweep(sw, points, out, scheduler=scheduler, workers=workers,
                             progress=tick)
         files = write_results(sw, points, res.folder)
+        missing = missing_kpis(sw, pd.read_parquet(files["parquet"]))
     except ConfigError as exc:
         _fail(exc, 2)
     console.print(f"{sw.name}: {len(points)} points, {res.count('done')} run, "
@@ -1059,6 +1062,8 @@ def sweep(
     for key, s in res.status.items():
         if s["status"] == "failed":
             err.print(f"[red]failed[/] {key}: {escape(s['error'])}", highlight=False)
+    for k in missing:
+        err.print(f"[yellow]warning[/] kpis: {k!r} is in no run's summary.json", highlight=False)
     console.print(f"results: {files['parquet']} {files['csv']}\nreport: {files['report']}",
                   highlight=False)
     raise typer.Exit(1 if res.count("failed") else 0)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from testbed.config import (
     MAX_FILE_BYTES,
@@ -45,6 +45,7 @@ from testbed.config import (
     locate,
     read_bounded,
 )
+from testbed.scenarios.engine import check_rules
 from testbed.scenarios.model import BUNDLED, Scenario, load_scenario
 
 MAX_POINTS = 10_000
@@ -52,11 +53,12 @@ MAX_POINTS = 10_000
 MAX_VALUES = 10_000
 """Values of one grid axis."""
 
-_SEG = r"[A-Za-z_][A-Za-z0-9_]*"
+_SEG = r"[A-Za-z0-9_][A-Za-z0-9_-]*"
 _SEL = r"\[(?:\*|\d+|[A-Za-z0-9_.-]+(?:=[A-Za-z0-9_.-]+)?)\]"
 PATH = rf"^{_SEG}(?:{_SEL})*(?:\.{_SEG}(?:{_SEL})*)*$"
 _TOKEN = re.compile(rf"\.?({_SEG})|({_SEL})")
-DEFAULT_KPIS = ("deviation.covered_share", "deviation.reduced", "market.cleared",
+DEFAULT_KPIS = ("deviation.covered_share", "deviation.before_kwh", "deviation.after_kwh",
+                "market.cleared",
                 "market.energy_traded_kwh", "market.value_eur", "market.price_mean",
                 "grid.auctions_re_cleared", "grid.vm_min_pu", "grid.vm_max_pu",
                 "ledger.blocks", "passed")
@@ -66,7 +68,16 @@ SUMMARY_KEYS = ("run_id", "scenario", "seed", "site", "steps", "step_s", "start_
                 "grid", "messages", "faults", "expectations", "passed", "telemetry")
 """Top-level keys of a run's summary.json: a KPI path starts with one of them."""
 
-Path_ = Annotated[str, Field(pattern=PATH, max_length=256)]
+
+
+def _path(value: str) -> str:
+    if not re.match(PATH, value):
+        raise ValueError("expected a dotted path such as market.pricing, seed or "
+                         "site.prosumers[house-1].load.base_w")
+    return value
+
+
+Path_ = Annotated[str, Field(max_length=256), AfterValidator(_path)]
 
 
 class Sample(BaseModel):
@@ -226,7 +237,7 @@ class _Base:
             try:
                 _apply(data, _tokens(p), v)
             except _Miss as exc:
-                raise ConfigError(f"{locate(src, where[p])}: {p}: {exc}") from None
+                raise ConfigError(f"{locate(src, where[p])}: {exc}") from None
         try:
             sc = Scenario.model_validate(data, context={"base": Path(self.scenario.source).parent})
         except ValidationError as exc:
@@ -240,7 +251,7 @@ class _Base:
                 try:
                     _apply(site_data, _tokens(p)[1:], v)
                 except _Miss as exc:
-                    raise ConfigError(f"{locate(src, where[p])}: {p}: {exc}") from None
+                    raise ConfigError(f"{locate(src, where[p])}: {exc}") from None
             try:
                 site = SiteConfig.model_validate(site_data, context={
                     "base": Path(site.source).parent if site.source else None})
@@ -255,6 +266,10 @@ class _Base:
                 f"({', '.join(real)}; emulated: false): a sweep runs its points in parallel "
                 "and one device cannot serve two runs at once; sweep emulated sites only, "
                 "or play real hardware one run at a time with `testbed run`")
+        try:
+            check_rules(sc, site)
+        except ConfigError as exc:
+            raise ConfigError(f"{locate(src, fallback)}: {exc}") from None
         return Point(point_key(overrides), dict(overrides), sc.model_dump(mode="json"),
                      site_data, self.scenario.source,
                      point_key({"scenario": self.data, "site": base_site}))
@@ -276,7 +291,7 @@ def plan(sweep: Sweep) -> list[Point]:
     src = sweep.source
     for i, k in enumerate(sweep.kpis):
         if k.split(".")[0].split("[")[0] not in SUMMARY_KEYS:
-            raise ConfigError(f"{locate(src, ('kpis', i))}: kpis[{i}]: {k!r} is not in a "
+            raise ConfigError(f"{locate(src, ('kpis', i))}: {k!r} is not in a "
                               f"run's summary.json (top-level keys: {', '.join(SUMMARY_KEYS)})")
     n = max(1, len(sweep.points))
     for values in sweep.grid.values():

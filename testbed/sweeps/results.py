@@ -37,6 +37,8 @@ def kpi_value(summary: dict[str, Any], path: str) -> Any:
         if tok.startswith("[") and isinstance(node, list):
             sel = tok[1:-1]
             node = node[int(sel)] if sel.isdigit() and int(sel) < len(node) else None
+        elif tok.startswith("[") and isinstance(node, dict):  # a key with dots: [house.1]
+            node = node.get(tok[1:-1])
         elif isinstance(node, dict):
             node = node.get(tok)
         else:
@@ -82,6 +84,12 @@ def sweep_table(sweep: Sweep, points: list[Point], folder: Path) -> pd.DataFrame
         if len(kinds - {int, float}) and len(kinds) > 1:
             df[col] = df[col].map(lambda v: None if v is None else str(v))
     return df
+
+
+def missing_kpis(sweep: Sweep, df: pd.DataFrame) -> list[str]:
+    """KPIs that no finished run's summary.json has (a misspelt path, most likely)."""
+    done = df[df["status"] == "done"]
+    return [k for k in sweep.kpis if len(done) and done[k].isna().all()]
 
 
 def swept_paths(points: list[Point]) -> list[str]:

@@ -1035,6 +1035,7 @@ def sweep(
 
     from .sweeps import load_sweep, plan, run_sweep, write_results
     from .sweeps.results import missing_kpis
+    from .sweeps.runner import SchedulerError
 
     try:
         sw = load_sweep(file)
@@ -1056,6 +1057,8 @@ def sweep(
         missing = missing_kpis(sw, pd.read_parquet(files["parquet"]))
     except ConfigError as exc:
         _fail(exc, 2)
+    except SchedulerError as exc:
+        _fail(exc, 1)
     console.print(f"{sw.name}: {len(points)} points, {res.count('done')} run, "
                   f"{res.count('skipped')} already done, {res.count('failed')} failed "
                   f"({res.wall_s:.1f} s on {res.workers or 0} workers)", highlight=False)

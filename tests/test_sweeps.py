@@ -231,3 +231,66 @@ def test_bad_sweep_files_exit_2_with_one_line(tmp_path, text, where, what):
     assert "\n" not in line and "Traceback" not in line
     assert where in line and what in line, line
     assert not (tmp_path / "out").exists()  # nothing created before the file is valid
+
+
+def test_plan_keys_sample_and_site_overrides(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: s\nbase: demo\nset: {duration: 1h}\n"
+        "grid:\n  seed: [1, 2, 3, 4, 5]\n  market.pricing: [pay_as_bid, pay_as_clear]\n"
+        "  site.prosumers[*].devices[kind=battery].params.capacity_wh: [5000, 20000]\n"
+        "points:\n  - {}\n  - site.prosumers[house-2].load.peak_w: 5000\n"
+        "sample: {n: 7, seed: 3}\n")
+    points = plan(load_sweep(path))
+    assert len(points) == 7
+    again = plan(load_sweep(path))
+    assert [p.key for p in again] == [p.key for p in points]  # seeded, stable keys
+    path.write_text(path.read_text().replace("seed: 3}", "seed: 4}"))
+    assert [p.key for p in plan(load_sweep(path))] != [p.key for p in points]
+    for p in points:
+        assert p.scenario["duration"] == 3600.0 and p.scenario["seed"] == p.overrides["seed"]
+        assert p.scenario["market"]["pricing"] == p.overrides["market.pricing"]
+        cap = p.overrides["site.prosumers[*].devices[kind=battery].params.capacity_wh"]
+        bats = [d for q in p.site["prosumers"] for d in q["devices"] if d["kind"] == "battery"]
+        assert [b["params"]["capacity_wh"] for b in bats] == [cap] * 3
+        peaks = [q["load"]["peak_w"] for q in p.site["prosumers"]]
+        assert peaks[1] == (5000 if "site.prosumers[house-2].load.peak_w" in p.overrides
+                            else 3500)
+        assert peaks[0] == 2800  # only house-2's load was overridden
+    # the whole grid without a sample: 5 x 2 x 2 x 2 points, all distinct
+    path.write_text(path.read_text().replace("sample: {n: 7, seed: 4}\n", ""))
+    full = plan(load_sweep(path))
+    assert len({p.key for p in full}) == 40
+    assert {p.key for p in points} <= {p.key for p in full}
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    csv = tmp_path / "irr.csv"
+    csv.write_text("time,ghi\n0,0\n43200,900\n86400,0\n")
+    path = tmp_path / "f.yaml"
+    path.write_text("name: f\nbase: demo\nset: {duration: 15m}\ngrid: {seed: [1]}\n"
+                    "points:\n  - {}\n  - {profiles.irradiance: {file: irr.csv}}\n"
+                    "kpis: [market.auctions]\n")
+    out = tmp_path / "out"
+    cmd = ["sweep", str(path), "--out", str(out), "--workers", "2", "-q"]
+    csv.rename(tmp_path / "gone.csv")
+    r = CliRunner().invoke(app, cmd, env={"COLUMNS": "400"})  # checked up front: exit 2
+    assert r.exit_code == 2 and "f.yaml:7: points[1].profiles.irradiance" in r.output
+    assert "irr.csv" in r.output and not out.exists()
+    (tmp_path / "gone.csv").rename(csv)
+    sweep = load_sweep(path)
+    points = plan(sweep)  # the file is there when the sweep is planned
+    csv.unlink()  # and gone when its run starts
+    res = run_sweep(sweep, points, out, workers=2)
+    assert res.count("done") == 1 and res.count("failed") == 1
+    write_results(sweep, points, res.folder)
+    table = pd.read_csv(out / "f" / "results.csv").set_index("status")
+    assert table.loc["failed", "error"].startswith("ConfigError: ")
+    assert "irr.csv" in table.loc["failed", "error"]
+    assert table.loc["done", "market.auctions"] == 1
+    failed = out / "f" / "points" / table.loc["failed", "point"]
+    assert "Traceback" in (failed / "error.txt").read_text()
+    csv.write_text("time,ghi\n0,0\n43200,900\n86400,0\n")  # fixed: a rerun retries it only
+    r = CliRunner().invoke(app, cmd, env={"COLUMNS": "400"})
+    assert r.exit_code == 0 and "2 points, 1 run, 1 already done, 0 failed" in r.output
+    assert not (failed / "error.txt").exists()

@@ -188,8 +188,10 @@ def _apply(node: Any, tokens: list[str], value: Any, done: str = "") -> None:
         node[tok] = copy.deepcopy(value)
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
+def first_error(exc: ValidationError) -> str:
+    """The error that got furthest into the input (of a union's alternatives, the one
+    the value was meant for)."""
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
     loc = ".".join(str(p) for p in err["loc"] if not re.search(r"[\[\]()]", str(p)))
     text = repr(err.get("input"))
     got = "" if isinstance(err.get("input"), dict | list) else (
@@ -239,10 +241,12 @@ class _Base:
             except _Miss as exc:
                 raise ConfigError(f"{locate(src, where[p])}: {exc}") from None
         try:
-            sc = Scenario.model_validate(data, context={"base": Path(self.scenario.source).parent})
+            # the base's own files are absolute already: relative ones are the overrides',
+            # resolved against the sweep file's folder
+            sc = Scenario.model_validate(data, context={"base": self.folder})
         except ValidationError as exc:
             raise ConfigError(f"{locate(src, self._blame(exc, overrides, where, fallback))}: "
-                              f"scenario: {_first_error(exc)}") from None
+                              f"scenario: {first_error(exc)}") from None
         site_data = None
         site, base_site = self.site(sc.site, where.get("site", ("base",)))
         if site_over:
@@ -253,11 +257,10 @@ class _Base:
                 except _Miss as exc:
                     raise ConfigError(f"{locate(src, where[p])}: {exc}") from None
             try:
-                site = SiteConfig.model_validate(site_data, context={
-                    "base": Path(site.source).parent if site.source else None})
+                site = SiteConfig.model_validate(site_data, context={"base": self.folder})
             except ValidationError as exc:
                 raise ConfigError(f"{locate(src, self._blame(exc, overrides, where, fallback, 'site.'))}"
-                                  f": site: {_first_error(exc)}") from None
+                                  f": site: {first_error(exc)}") from None
             site_data = site.model_dump(mode="json")
         real = sorted(d.name for _, d in site.devices() if not d.emulated)
         if real:
@@ -278,7 +281,7 @@ class _Base:
     def _blame(exc: ValidationError, overrides: dict[str, Any],
                where: dict[str, tuple[str | int, ...]], fallback: tuple[str | int, ...],
                prefix: str = "") -> tuple[str | int, ...]:
-        loc = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        loc = ".".join(str(p) for p in max(exc.errors(), key=lambda e: len(e["loc"]))["loc"])
         for p in overrides:
             bare = re.sub(r"\[[^\]]*\]", "", p.removeprefix(prefix)) if p.startswith(prefix) else ""
             if bare and (loc.startswith(bare) or bare.startswith(loc or "\0")):

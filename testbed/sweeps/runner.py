@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from testbed.config import ConfigError
 
-from .model import Point, Sweep
+from .model import Point, Sweep, first_error
 
 SITE_FILE = "site.json"
 """A point's overridden site (JSON is YAML: the site loader reads it with its checks)."""
@@ -73,12 +75,19 @@ def run_point(point_dir: str, scenario: dict[str, Any], source: str,
         sc._source = source
         result = asyncio.run(Run(sc, out=folder, report=report).execute())
     except Exception as exc:  # recorded with its error; the sweep goes on
-        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
+        error = _describe(exc, source)
         _write_atomic(folder / "error.txt", error + "\n\n" + traceback.format_exc())
         return {"status": "failed", "run_dir": "", "error": error,
                 "wall_s": time.perf_counter() - t0}
     return {"status": "done", "run_dir": result.run_dir.name, "error": "",
             "wall_s": time.perf_counter() - t0}
+
+
+def _describe(exc: BaseException, source: str) -> str:
+    """One line for the results table (the traceback goes to error.txt)."""
+    if isinstance(exc, ValidationError):  # the scenario changed under the sweep (a file)
+        return f"ConfigError: {source}: {first_error(exc)}"[:2000]
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
 
 
 @dataclass
@@ -123,6 +132,10 @@ def prepare(sweep: Sweep, points: list[Point], out: Path) -> Path:
     return folder
 
 
+class SchedulerError(RuntimeError):
+    """The Dask scheduler given cannot be reached."""
+
+
 def _client(scheduler: str | None, workers: int | None) -> Any:
     from distributed import Client, LocalCluster
 
@@ -130,7 +143,7 @@ def _client(scheduler: str | None, workers: int | None) -> Any:
         try:
             return Client(scheduler, timeout="10s")
         except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"--scheduler {scheduler}: cannot reach it ({exc})") from None
+            raise SchedulerError(f"--scheduler {scheduler}: cannot reach it ({exc})") from None
     n = workers or os.cpu_count() or 1
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                            dashboard_address=None, silence_logs=40)
@@ -178,7 +191,7 @@ def run_sweep(sweep: Sweep, points: list[Point], out: Path = Path("sweeps"), *,
                 try:
                     outcome = fut.result()
                 except Exception as exc:  # the worker died (KilledWorker) or similar
-                    error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
+                    error = _describe(exc, todo[0].source)
                     _write_atomic(folder / "points" / key / "error.txt", error + "\n")
                     outcome = {"status": "failed", "run_dir": "", "error": error,
                                "wall_s": 0.0}

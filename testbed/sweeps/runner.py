@@ -66,7 +66,7 @@ def run_point(point_dir: str, scenario: dict[str, Any], source: str,
         if child.is_dir():  # a half-written run of a killed sweep
             shutil.rmtree(child)
     (folder / "error.txt").unlink(missing_ok=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         if site is not None:
             _write_atomic(folder / SITE_FILE, json.dumps(site, indent=1, sort_keys=True))
@@ -78,9 +78,9 @@ def run_point(point_dir: str, scenario: dict[str, Any], source: str,
         error = _describe(exc, source)
         _write_atomic(folder / "error.txt", error + "\n\n" + traceback.format_exc())
         return {"status": "failed", "run_dir": "", "error": error,
-                "wall_s": time.perf_counter() - t0}
+                "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0}
     return {"status": "done", "run_dir": result.run_dir.name, "error": "",
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0}
 
 
 def _describe(exc: BaseException, source: str) -> str:
@@ -95,7 +95,8 @@ class SweepOutcome:
     folder: Path
     points: list[Point]
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """key -> {status: done|failed|skipped, run_dir, error, wall_s}"""
+    """key -> {status: done|failed|skipped, run_dir, error, wall_s, cpu_s (the worker
+    process's CPU time over the run)}"""
     wall_s: float = 0.0
     workers: int = 0
 

@@ -27,6 +27,12 @@ from .runner import completed_run
 
 MAX_AXIS_PLOTS = 6
 """Swept parameters plotted against each KPI (the first ones; the table has them all)."""
+MAX_CATEGORIES = 12
+"""A swept parameter with at most this many values plots as a box per value."""
+
+
+def _short(path: str, n: int = 30) -> str:
+    return path if len(path) <= n else "…" + path[-(n - 1):]
 
 
 def kpi_value(summary: dict[str, Any], path: str) -> Any:
@@ -123,22 +129,26 @@ def kpi_figure(df: pd.DataFrame, kpi: str, params: list[str]) -> go.Figure | Non
         return None
     params = params[:MAX_AXIS_PLOTS]
     fig = make_subplots(rows=1, cols=1 + len(params), shared_yaxes=True,
-                        subplot_titles=["distribution", *params], horizontal_spacing=0.04)
-    fig.add_trace(go.Histogram(y=ys, name=kpi, marker_color="#1f77b4", showlegend=False),
-                  row=1, col=1)
+                        subplot_titles=["distribution", *map(_short, params)],
+                        horizontal_spacing=0.04)
+    fig.add_trace(go.Histogram(y=ys, name=kpi, marker_color="#1f77b4", showlegend=False,
+                               nbinsy=min(30, max(5, len(ys)))), row=1, col=1)
     links = list(done["run_dir"].map(lambda r: f"{r}/report.html" if r else ""))
     hover = list(done["point"])
     for c, param in enumerate(params, start=2):
         xs = list(done[param])
-        numeric = _numeric(xs)
-        fig.add_trace(go.Box(
-            x=xs if numeric else [str(x) for x in xs], y=ys, boxpoints="all", jitter=0.3,
-            pointpos=0, name=param, showlegend=False, marker_color="#ff7f0e",
-            line_color="rgba(0,0,0,0)" if numeric else "#ff7f0e",
-            fillcolor="rgba(0,0,0,0)", customdata=links, text=hover,
-            hovertemplate=f"{param}=%{{x}}<br>{kpi}=%{{y}}<br>point %{{text}}<extra></extra>"),
-            row=1, col=c)
-        fig.update_xaxes(type="linear" if numeric else "category", row=1, col=c)
+        values = sorted({x for x in xs if x is not None}, key=lambda v: (str(type(v)), v))
+        common = {"y": ys, "customdata": links, "text": hover, "showlegend": False,
+                  "name": param, "marker_color": "#ff7f0e",
+                  "hovertemplate": f"{param}=%{{x}}<br>{kpi}=%{{y}}<br>point %{{text}}"
+                                   "<extra></extra>"}
+        if _numeric(xs) and len(values) > MAX_CATEGORIES:  # a scatter over a number line
+            fig.add_trace(go.Scatter(x=xs, mode="markers", **common), row=1, col=c)
+        else:  # a box per value, every point shown
+            fig.add_trace(go.Box(x=[str(x) for x in xs], boxpoints="all", jitter=0.3,
+                                 pointpos=0, **common), row=1, col=c)
+            fig.update_xaxes(type="category", categoryorder="array",
+                             categoryarray=[str(v) for v in values], row=1, col=c)
     fig.update_yaxes(title_text=kpi, row=1, col=1)
     fig.update_layout(template="plotly_white", height=340, margin={"l": 60, "r": 20,
                                                                    "t": 40, "b": 40})

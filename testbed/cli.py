@@ -1048,7 +1048,8 @@ def sweep(
             task = bar.add_task(sw.name, total=len(points), info="")
 
             def tick(_: str, done: int, failed: int, skipped: int, total: int) -> None:
-                bar.update(task, completed=done + failed + skipped, info=(
+                # the bar and its ETA count this session's runs; skipped ones took no time
+                bar.update(task, total=total - skipped, completed=done + failed, info=(
                     f"done {done + skipped}/{total}  failed {failed}  skipped {skipped}"))
 
             res = run_sweep(sw, points, out, scheduler=scheduler, workers=workers,
@@ -1059,6 +1060,9 @@ def sweep(
         _fail(exc, 2)
     except SchedulerError as exc:
         _fail(exc, 1)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: `testbed sweep {file}` again resumes it", highlight=False)
+        raise typer.Exit(130) from None
     console.print(f"{sw.name}: {len(points)} points, {res.count('done')} run, "
                   f"{res.count('skipped')} already done, {res.count('failed')} failed "
                   f"({res.wall_s:.1f} s on {res.workers or 0} workers)", highlight=False)

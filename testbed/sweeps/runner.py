@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import time
@@ -147,7 +148,7 @@ def _client(scheduler: str | None, workers: int | None) -> Any:
             raise SchedulerError(f"--scheduler {scheduler}: cannot reach it ({exc})") from None
     n = workers or os.cpu_count() or 1
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=40)
+                           dashboard_address=None, silence_logs=logging.CRITICAL)
     return Client(cluster)
 
 

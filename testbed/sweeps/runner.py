@@ -12,6 +12,7 @@ file system, as on any cluster).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -182,10 +183,14 @@ def run_sweep(sweep: Sweep, points: list[Point], out: Path = Path("sweeps"), *,
         try:
             res.workers = len(client.scheduler_info().get("workers", {}))
             futures, keys = [], {}
+            # the folder in the task key: two sweeps of the same name into two folders,
+            # on one shared scheduler, are two sets of tasks (Dask shares equal keys)
+            where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
             for p in todo:
                 fut = client.submit(run_point, str((folder / "points" / p.key).resolve()),
                                     p.scenario, p.source, p.site, sweep.report,
-                                    key=f"sweep-{sweep.name}-{p.key}", pure=False, retries=0)
+                                    key=f"sweep-{sweep.name}-{p.key}-{where}", pure=False,
+                                    retries=0)
                 futures.append(fut)
                 keys[fut.key] = p.key
             for fut in as_completed(futures):

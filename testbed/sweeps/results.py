@@ -157,7 +157,8 @@ def kpi_figure(df: pd.DataFrame, kpi: str, params: list[str]) -> go.Figure | Non
 
 def _table_html(df: pd.DataFrame) -> str:
     e = html.escape
-    head = "".join(f"<th>{e(str(c))}</th>" for c in df.columns if c != "run_dir")
+    head = "".join(f'<th title="{e(str(c))}">{e(_short(str(c), 24))}</th>'
+                   for c in df.columns if c != "run_dir")
     body = []
     for _, row in df.iterrows():
         cells = []

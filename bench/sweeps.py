@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -45,6 +46,12 @@ from testbed.sweeps.runner import completed_run
 console = Console(width=None if sys.stdout.isatty() else 120)
 TARGET = 1.8
 VOLATILE = ("run_id", "clock")
+
+
+def _children_cpu() -> float:
+    """CPU time of the exited children (the LocalCluster's worker processes, once closed)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def sweep_file(folder: Path, hours: float) -> Path:
@@ -81,8 +88,10 @@ def main() -> int:
         serial_cpu = time.process_time() - cpu0
         load_sweep_avg = os.getloadavg()[0]
         t0 = time.perf_counter()
+        children0 = _children_cpu()
         res = run_sweep(sweep, points, folder / "sweeps", workers=args.workers)
         sweep_s = time.perf_counter() - t0
+        sweep_cpu = time.process_time() - cpu0 - serial_cpu + _children_cpu() - children0
         equal = res.count("done") == len(points)
         for p, want in zip(points, serial, strict=True):
             run = completed_run(res.folder / "points" / p.key)
@@ -94,6 +103,7 @@ def main() -> int:
         "runs": len(points), "hours_per_run": hours, "cores": os.cpu_count(),
         "workers": res.workers, "serial_s": round(serial_s, 2),
         "serial_cpu_s": round(serial_cpu, 2), "sweep_s": round(sweep_s, 2),
+        "sweep_cpu_s": round(sweep_cpu, 2),
         "sweep_run_wall_s": round(sum(s["wall_s"] for s in res.status.values()), 2),
         "sweep_run_cpu_s": round(sum(s.get("cpu_s", 0.0) for s in res.status.values()), 2),
         "speedup": round(serial_s / sweep_s, 2), "target": TARGET,
@@ -107,6 +117,7 @@ def main() -> int:
               f"{sweep_s:.1f} s on {res.workers} workers")
     t.add_row("CPU of the runs: serial / in the workers",
               f"{serial_cpu:.1f} s / {figures['sweep_run_cpu_s']:.1f} s")
+    t.add_row("CPU of the whole sweep (workers, imports, Dask)", f"{sweep_cpu:.1f} s")
     t.add_row("speed-up", f"{serial_s / sweep_s:.2f} x (target >= {TARGET})")
     t.add_row("summaries equal run for run", str(equal))
     t.add_row("load average before serial / sweep", f"{load_serial:.2f} / {load_sweep_avg:.2f}")

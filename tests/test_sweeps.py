@@ -24,7 +24,7 @@ from testbed.sweeps import load_sweep, plan, run_sweep, write_results
 from testbed.sweeps.runner import completed_run
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
 BIN = Path(sys.executable).parent
 VOLATILE = ("run_id", "clock")
 """Summary fields that differ between two identical runs (id, wall-clock timings)."""

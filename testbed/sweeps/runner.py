@@ -12,6 +12,7 @@ file system, as on any cluster).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -153,6 +154,13 @@ def _client(scheduler: str | None, workers: int | None) -> Any:
     return Client(cluster)
 
 
+def _close(client: Any, own: bool) -> None:
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if own and cluster is not None:
+        cluster.close()
+
+
 def run_sweep(sweep: Sweep, points: list[Point], out: Path = Path("sweeps"), *,
               scheduler: str | None = None, workers: int | None = None,
               progress: Progress | None = None) -> SweepOutcome:
@@ -177,10 +185,15 @@ def run_sweep(sweep: Sweep, points: list[Point], out: Path = Path("sweeps"), *,
     tick("start")
     t0 = time.perf_counter()
     if todo:
+        import dask
         from distributed import as_completed
 
-        client = _client(scheduler, workers)
-        try:
+        with contextlib.ExitStack() as stack:
+            # non-daemonic local workers (restarted ones too): a run may start processes
+            # of its own (the ledger's batch verifier), which a daemonic process may not
+            stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
+            client = _client(scheduler, workers)
+            stack.callback(_close, client, own=not scheduler)
             res.workers = len(client.scheduler_info().get("workers", {}))
             futures, keys = [], {}
             # the folder in the task key: two sweeps of the same name into two folders,
@@ -204,11 +217,6 @@ def run_sweep(sweep: Sweep, points: list[Point], out: Path = Path("sweeps"), *,
                                "wall_s": 0.0}
                 res.status[key] = outcome
                 tick(outcome["status"])
-        finally:
-            cluster = getattr(client, "cluster", None)
-            client.close()
-            if cluster is not None and not scheduler:
-                cluster.close()
     res.wall_s = time.perf_counter() - t0
     return res
 

@@ -189,9 +189,12 @@ def run_sweep(sweep: Sweep, points: list[Point], out: Path = Path("sweeps"), *,
         from distributed import as_completed
 
         with contextlib.ExitStack() as stack:
-            # non-daemonic local workers (restarted ones too): a run may start processes
-            # of its own (the ledger's batch verifier), which a daemonic process may not
-            stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
+            # local workers (restarted ones too): non-daemonic, as a run may start
+            # processes of its own (the ledger's batch verifier), which a daemonic process
+            # may not; without the statistical profiler, which samples every thread's
+            # stack 100 times a second for a dashboard a sweep does not open
+            stack.enter_context(dask.config.set({"distributed.worker.daemon": False,
+                                                 "distributed.worker.profile.enabled": False}))
             client = _client(scheduler, workers)
             stack.callback(_close, client, own=not scheduler)
             res.workers = len(client.scheduler_info().get("workers", {}))

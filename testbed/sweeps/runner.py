@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
@@ -31,6 +32,9 @@ from testbed.config import ConfigError
 
 from .model import Point, Sweep, first_error
 
+FORKSERVER = ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+              else "spawn")
+"""How local workers start: forked from a server process that imported testbed once."""
 SITE_FILE = "site.json"
 """A point's overridden site (JSON is YAML: the site loader reads it with its checks)."""
 
@@ -102,6 +106,8 @@ class SweepOutcome:
     process's CPU time over the run)}"""
     wall_s: float = 0.0
     workers: int = 0
+    worker_cpu_s: float = 0.0
+    """CPU time of the worker processes since they started (all their work, Dask's too)."""
 
     def count(self, status: str) -> int:
         return sum(1 for s in self.status.values() if s["status"] == status)
@@ -141,7 +147,9 @@ class SchedulerError(RuntimeError):
 
 
 def _client(scheduler: str | None, workers: int | None) -> Any:
+    import dask
     from distributed import Client, LocalCluster
+    from distributed.utils import get_mp_context
 
     if scheduler:
         try:
@@ -149,6 +157,13 @@ def _client(scheduler: str | None, workers: int | None) -> Any:
         except (OSError, TimeoutError) as exc:
             raise SchedulerError(f"--scheduler {scheduler}: cannot reach it ({exc})") from None
     n = workers or os.cpu_count() or 1
+    if dask.config.get("distributed.worker.multiprocessing-method") == "forkserver":
+        # the workers fork from a server that has imported the run engine once, instead
+        # of each starting an interpreter and importing it again
+        ctx = get_mp_context()
+        ctx.set_forkserver_preload(["distributed", "testbed.sweeps.runner",
+                                    "testbed.scenarios.engine", "testbed.grid.feeder",
+                                    "testbed.dashboards.report"])
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                            dashboard_address=None, silence_logs=logging.CRITICAL)
     return Client(cluster)
@@ -193,8 +208,10 @@ def run_sweep(sweep: Sweep, points: list[Point], out: Path = Path("sweeps"), *,
             # processes of its own (the ledger's batch verifier), which a daemonic process
             # may not; without the statistical profiler, which samples every thread's
             # stack 100 times a second for a dashboard a sweep does not open
-            stack.enter_context(dask.config.set({"distributed.worker.daemon": False,
-                                                 "distributed.worker.profile.enabled": False}))
+            stack.enter_context(dask.config.set({
+                "distributed.worker.daemon": False,
+                "distributed.worker.profile.enabled": False,
+                "distributed.worker.multiprocessing-method": FORKSERVER}))
             client = _client(scheduler, workers)
             stack.callback(_close, client, own=not scheduler)
             res.workers = len(client.scheduler_info().get("workers", {}))
@@ -220,6 +237,8 @@ def run_sweep(sweep: Sweep, points: list[Point], out: Path = Path("sweeps"), *,
                                "wall_s": 0.0}
                 res.status[key] = outcome
                 tick(outcome["status"])
+            with contextlib.suppress(Exception):  # a figure, not a result
+                res.worker_cpu_s = sum(client.run(time.process_time).values())
     res.wall_s = time.perf_counter() - t0
     return res
 

@@ -206,11 +206,15 @@ def run_sweep(sweep: Sweep, points: list[Point], out: Path = Path("sweeps"), *,
         with contextlib.ExitStack() as stack:
             # local workers (restarted ones too): non-daemonic, as a run may start
             # processes of its own (the ledger's batch verifier), which a daemonic process
-            # may not; without the statistical profiler, which samples every thread's
-            # stack 100 times a second for a dashboard a sweep does not open
+            # may not; and quiet beside the run's thread: no statistical profiler (100
+            # stack samples a second), event-loop health checks every 1 s instead of 20 ms,
+            # the system monitor every 5 s (measured: runs cost 9-28 % more CPU in a
+            # worker with the defaults, 6 % without)
             stack.enter_context(dask.config.set({
                 "distributed.worker.daemon": False,
                 "distributed.worker.profile.enabled": False,
+                "distributed.admin.tick.interval": "1s",
+                "distributed.admin.system-monitor.interval": "5s",
                 "distributed.worker.multiprocessing-method": FORKSERVER}))
             client = _client(scheduler, workers)
             stack.callback(_close, client, own=not scheduler)

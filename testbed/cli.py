@@ -1143,3 +1143,73 @@ def init(folder: Annotated[Path, typer.Argument(help="Folder to write site.yaml 
     text = bundled_scenario_path("demo").read_text().replace("site: demo", "site: site.yaml")
     scen.write_text(text)
     console.print(f"wrote {site} and {scen}; run it with: testbed run {scen}")
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@app.command("sweep")
+def sweep(
+    file: Annotated[Path, typer.Argument(help="Sweep file (YAML): base scenario, overrides, "
+                                         "KPIs.")],
+    scheduler: Annotated[str | None, typer.Option(
+        help="A Dask scheduler (tcp://HOST:8786); default: a local cluster, one process "
+        "per core.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, max=1024, help="Worker processes of the local cluster (default: cores).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for sweeps (this one goes to OUT/NAME).")
+                   ] = Path("sweeps"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run every point of a sweep on Dask; skip points already done (resumable); write
+    results.parquet, results.csv and report.html. Exit 1 if a point failed."""
+    import pandas as pd
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .sweeps import load_sweep, plan, run_sweep, write_results
+    from .sweeps.results import missing_kpis
+    from .sweeps.runner import SchedulerError
+
+    try:
+        sw = load_sweep(file)
+        points = plan(sw)
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                       TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                       disable=quiet)
+        with bar:
+            task = bar.add_task(sw.name, total=len(points), info="")
+
+            def tick(_: str, done: int, failed: int, skipped: int, total: int) -> None:
+                # the bar and its ETA count this session's runs; skipped ones took no time
+                bar.update(task, total=total - skipped, completed=done + failed, info=(
+                    f"done {done + skipped}/{total}  failed {failed}  skipped {skipped}"))
+
+            res = run_sweep(sw, points, out, scheduler=scheduler, workers=workers,
+                            progress=tick)
+        files = write_results(sw, points, res.folder)
+        missing = missing_kpis(sw, pd.read_parquet(files["parquet"]))
+    except ConfigError as exc:
+        _fail(exc, 2)
+    except SchedulerError as exc:
+        _fail(exc, 1)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: `testbed sweep {file}` again resumes it", highlight=False)
+        raise typer.Exit(130) from None
+    console.print(f"{sw.name}: {len(points)} points, {res.count('done')} run, "
+                  f"{res.count('skipped')} already done, {res.count('failed')} failed "
+                  f"({res.wall_s:.1f} s on {res.workers or 0} workers)", highlight=False)
+    for key, s in res.status.items():
+        if s["status"] == "failed":
+            err.print(f"[red]failed[/] {key}: {escape(s['error'])}", highlight=False)
+    for k in missing:
+        err.print(f"[yellow]warning[/] kpis: {k!r} is in no run's summary.json", highlight=False)
+    console.print(f"results: {files['parquet']} {files['csv']}\nreport: {files['report']}",
+                  highlight=False)
+    raise typer.Exit(1 if res.count("failed") else 0)

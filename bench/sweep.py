@@ -1,6 +1,6 @@
 """Sweep benchmark: 16 demo runs one after the other vs `testbed sweep` on a LocalCluster.
 
-Run:  python bench/sweeps.py [--hours 4] [--workers N] [--quick] [--json PATH] [--check]
+Run:  python bench/sweep.py [--hours 4] [--workers N] [--quick] [--json PATH] [--check]
 
 What is measured
     The 16 points of 4 seeds x 2 pricings x 2 thresholds of the bundled demo (3 prosumers,

@@ -191,15 +191,13 @@ class AggregatorAgent:
             deadline = asyncio.get_running_loop().time() + (gate_s if wait_s is None
                                                              else wait_s)
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                if answered is not None:
+                    answered.clear()  # before reading `expect`: a later answer sets it again
                 want = expect(request.id) if expect is not None else None
                 if want is not None and len(received) >= want:
                     break
                 try:
                     if expect is not None and answered is not None:
-                        answered.clear()
-                        if expect(request.id) is not None \
-                                and len(received) >= (expect(request.id) or 0):
-                            break
                         m = await _next_or_event(sub, answered, left)
                         if m is None:
                             continue

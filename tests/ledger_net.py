@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import signal
+import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from testbed.ledger import election, messages
 from testbed.ledger import transactions as T
@@ -137,3 +140,30 @@ def make_net(n: int = 4, *, nodes: int = 2, params: Params | None = None,
     chains = [Chain.open(s, genesis=genesis) if stores else Chain(genesis)
               for s in (stores or [None] * nodes)]
     return Net(admin, aggregator, validators, genesis, chains)
+
+
+def stored_chain(folder: Path, blocks: int) -> Net:
+    """A chain stored in folder/a.db and folder/b.db (closed): `blocks` blocks of readings
+    and a payment each, then an auction and its award."""
+    net = make_net(4, stores=[str(folder / "a.db"), str(folder / "b.db")])
+    for h in range(blocks):
+        net.time += 60
+        txs = [net.reading(k, 0.5 + 0.1 * i, 0.7) for i, k in enumerate(net.validators)]
+        txs.append(net.pay(net.aggregator, net.validators[h % 4].address, 1000 + h))
+        assert not net.commit(txs).dropped
+    net.open_and_award("test/first-come-v1", seller=net.validators[0])
+    for c in net.chains:
+        c.store.close()
+    return net
+
+
+def stop_processes(procs: Iterable[subprocess.Popen]) -> None:
+    """SIGTERM every node process, then reap each (SIGKILL after 10 s)."""
+    procs = list(procs)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ledger_net import stop_processes
 
 from testbed.bus import topics
 from testbed.bus.broker import MosquittoBroker, find_mosquitto
@@ -116,13 +117,7 @@ async def test_sigkilled_proposer_costs_at_most_a_round_and_catches_up(tmp_path)
                 props.close()
                 props = await client.subscribe(topics.block_filter("demo", "proposal"))
         finally:
-            for p in procs.values():
-                p.send_signal(signal.SIGTERM)
-            for p in procs.values():
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_processes(procs.values())
     assert all(r is not None and r <= 1 for r in rounds), rounds
     heads = {head(layout, n) for n in names}
     assert len(heads) == 1, heads

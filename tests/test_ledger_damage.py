@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ledger_net import make_net
+from ledger_net import make_net, stored_chain
 from typer.testing import CliRunner
 
 from testbed.cli import app
@@ -24,16 +24,7 @@ runner = CliRunner()
 def store(tmp_path_factory):
     """A stored chain of 8 blocks: readings, payments, an auction and its award."""
     d = tmp_path_factory.mktemp("damage")
-    net = make_net(4, stores=[str(d / "a.db"), str(d / "b.db")])
-    for h in range(5):
-        net.time += 60
-        txs = [net.reading(k, 0.5 + 0.1 * i, 0.7) for i, k in enumerate(net.validators)]
-        txs.append(net.pay(net.aggregator, net.validators[h % 4].address, 1000 + h))
-        assert not net.commit(txs).dropped
-    net.open_and_award("test/first-come-v1", seller=net.validators[0])
-    for c in net.chains:
-        c.store.close()
-    return d / "a.db", d / "b.db", net
+    return d / "a.db", d / "b.db", stored_chain(d, blocks=5)
 
 
 def content(path) -> list:

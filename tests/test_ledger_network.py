@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ledger_net import stop_processes
 
 from testbed.bus import topics
 from testbed.bus.broker import EmbeddedBroker, MosquittoBroker
@@ -185,13 +186,7 @@ async def test_killed_node_restarts_and_catches_up_over_mosquitto(tmp_path):
                     break
                 await asyncio.sleep(0.3)
         finally:
-            for p in procs.values():
-                p.send_signal(signal.SIGTERM)
-            for p in procs.values():
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_processes(procs.values())
     heads = _heads(layout, names)
     assert len(set(heads.values())) == 1, heads
     for n in names:

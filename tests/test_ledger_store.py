@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from ledger_net import make_net
+from ledger_net import make_net, stored_chain
 
 from testbed.ledger.chain import Chain, verify_store
 
@@ -18,16 +18,7 @@ from testbed.ledger.chain import Chain, verify_store
 def ledger_db(tmp_path_factory):
     """A stored chain of 12 blocks with readings, payments, an auction and its award."""
     d = tmp_path_factory.mktemp("ledger")
-    net = make_net(4, stores=[str(d / "a.db"), str(d / "b.db")])
-    for h in range(12):
-        net.time += 60
-        txs = [net.reading(k, 0.5 + 0.1 * i, 0.7) for i, k in enumerate(net.validators)]
-        txs.append(net.pay(net.aggregator, net.validators[h % 4].address, 1000 + h))
-        assert not net.commit(txs).dropped
-    net.open_and_award("test/first-come-v1", seller=net.validators[0])
-    for c in net.chains:
-        c.store.close()
-    return d / "a.db", net
+    return d / "a.db", stored_chain(d, blocks=12)
 
 
 def test_reopening_replays_to_the_same_head(ledger_db):

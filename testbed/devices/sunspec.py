@@ -381,6 +381,14 @@ class RegisterMap:
         self._sf: dict[tuple[int, str], int] = {}
         """Scale-factor exponents; SF points are read-only on the wire, so only `_store`
         (behind `set_raw` and `set`) changes them, and it drops the cache."""
+        self._ints: dict[tuple[int, str], tuple[int, int, str | int | None, int, int]] = {
+            key: (i, p.size, p.sf, int(p.codec.lo), int(p.codec.hi))
+            for key, (i, p) in self._slots.items()
+            if p.codec.how == "int" and p.type != "sunssf"
+        }
+        """Integer points (all but scale factors): (index, size, SF, lo, hi). An emulator
+        refills its map on every physics step, so `set`/`set_raw` store these without
+        struct: a big-endian two's-complement value split into 16-bit registers."""
 
     # -- lookup
     def model(self, model_id: int) -> ModelInstance:
@@ -411,8 +419,28 @@ class RegisterMap:
 
     # -- raw access
     def set_raw(self, model_id: int, point: str, raw: int | float | str | None) -> None:
+        fast = self._ints.get((model_id, point))
+        if fast is not None and raw is not None and not isinstance(raw, str) \
+                and fast[3] <= raw <= fast[4]:
+            self._put(fast[0], fast[1], int(raw))
+            return
         i, p = self.slot(model_id, point)
         self._store(i, p, raw)
+
+    def _put(self, i: int, size: int, raw: int) -> None:
+        """An in-range integer into `size` registers from index i, as `encode_raw` does."""
+        regs = self.registers
+        if size == 1:
+            regs[i] = raw & 0xFFFF
+        elif size == 2:
+            raw &= 0xFFFFFFFF
+            regs[i] = raw >> 16
+            regs[i + 1] = raw & 0xFFFF
+        else:
+            raw &= (1 << 16 * size) - 1
+            for k in range(size - 1, -1, -1):
+                regs[i + k] = raw & 0xFFFF
+                raw >>= 16
 
     def get_raw(self, model_id: int, point: str) -> int | float | str | None:
         i, p = self.slot(model_id, point)
@@ -433,6 +461,20 @@ class RegisterMap:
 
     def set(self, model_id: int, point: str, value: float | int | str | None) -> None:
         """Store an engineering value, applying the point's scale factor (saturating)."""
+        fast = self._ints.get((model_id, point))
+        if fast is not None and value is not None and not isinstance(value, str):
+            i, size, sf, lo, hi = fast
+            if sf is None:
+                if lo <= value <= hi:
+                    self._put(i, size, int(value))
+                    return
+            else:
+                exp = sf if isinstance(sf, int) else self._sf.get((model_id, sf))
+                if exp is None:
+                    exp = self.scale_of(model_id, self._slots[(model_id, point)][1])
+                raw = round(float(value) / 10.0 ** exp)
+                self._put(i, size, lo if raw < lo else hi if raw > hi else raw)
+                return
         i, p = self.slot(model_id, point)
         c = p.codec
         if value is not None and c.how == "int" and p.sf is not None:

@@ -27,6 +27,12 @@ from pymodbus.pdu.device import (
 )
 from pymodbus.pdu.mei_message import ReadDeviceInformationRequest, ReadDeviceInformationResponse
 from pymodbus.pdu.other_message import ReportDeviceIdRequest, ReportDeviceIdResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersRequest,
+    ReadInputRegistersResponse,
+)
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
@@ -172,6 +178,39 @@ class _ReportDeviceId(_Identified, ReportDeviceIdRequest):
                                       transaction_id=self.transaction_id)
 
 
+class _PackedHolding(ReadHoldingRegistersResponse):
+    """The same bytes as pymodbus' response, packed in one call (pymodbus appends one
+    2-byte pack per register: the largest part of encoding a poll's answer)."""
+
+    def encode(self) -> bytes:
+        n = len(self.registers)
+        return struct.pack(f">B{n}H", 2 * n, *self.registers)
+
+
+class _PackedInput(ReadInputRegistersResponse):
+    encode = _PackedHolding.encode
+
+
+class _ReadRegisters:
+    """Mixin: a register read whose answer is packed in one call."""
+
+    packed: type[ModbusPDU]
+
+    async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
+        response = await super().datastore_update(context, device_id)  # type: ignore[misc]
+        if not response.isError():
+            response.__class__ = self.packed
+        return response
+
+
+class _ReadHolding(_ReadRegisters, ReadHoldingRegistersRequest):
+    packed = _PackedHolding
+
+
+class _ReadInput(_ReadRegisters, ReadInputRegistersRequest):
+    packed = _PackedInput
+
+
 _MAX_QUANTITY = {3: 125, 4: 125, 16: 123, 23: 125}
 """Registers per request as the Modbus specification allows (FC23: the read part)."""
 
@@ -191,7 +230,11 @@ class _StrictDecoder(DecodePDU):
                 if not 1 <= count <= _MAX_QUANTITY[fc]:
                     return _Refusal(fc, ExcCodes.ILLEGAL_VALUE)
         pdu = super().decode(frame)
-        if type(pdu) is ReadDeviceInformationRequest:
+        if type(pdu) is ReadHoldingRegistersRequest:
+            pdu.__class__ = _ReadHolding
+        elif type(pdu) is ReadInputRegistersRequest:
+            pdu.__class__ = _ReadInput
+        elif type(pdu) is ReadDeviceInformationRequest:
             pdu.__class__ = _DeviceInformation
         elif type(pdu) is ReportDeviceIdRequest:
             pdu.__class__ = _ReportDeviceId

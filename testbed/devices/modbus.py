@@ -259,8 +259,8 @@ class SunSpecDevice(Device):
         """Read the planned spans and view each wanted model's registers (decoded lazily)."""
         chunks = []
         for address, count in reads:
-            regs = await self.link.read(address, count, self.unit, **self._kw)
-            chunks.append((address, len(regs), struct.pack(f">{len(regs)}H", *regs)))
+            data = await self.link.read_bytes(address, count, self.unit, **self._kw)
+            chunks.append((address, len(data) // 2, data))
         out: dict[int, ModelValues] = {}
         for i, m in enumerate(self.models):
             if m.id not in ids or m.definition is None or m.id in out:

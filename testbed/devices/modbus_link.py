@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse
+from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 
 from .driver import DeviceError, DeviceUnavailable
 
@@ -53,6 +55,22 @@ def _serial_reason(s: SerialSettings) -> str:
     except (serial.SerialException, ValueError, OSError) as exc:
         return f"cannot open the serial port: {exc}"
     return "cannot open the serial port"
+
+
+class _HoldingRegisters(ReadHoldingRegistersResponse):
+    """pymodbus' answer to a holding-register read, decoded in one unpack (pymodbus
+    unpacks register by register) and keeping the bytes as they came (`raw`), which the
+    SunSpec decoder reads point by point: no list built only to be packed again."""
+
+    raw: bytes = b""
+
+    def decode(self, data: bytes) -> None:
+        if (data_len := int(data[0])) >= len(data):  # the check and error of pymodbus
+            raise ModbusIOException(f"byte_count {data_len} > length of packet {len(data)}",
+                                    function_code=self.function_code)
+        n = data_len // 2
+        self.raw = bytes(data[1: 1 + 2 * n])
+        self.registers = list(struct.unpack_from(f">{n}H", data, 1))
 
 
 RTU_QUIET_S = 0.5
@@ -126,6 +144,7 @@ class ModbusLink:
         else:
             framer = FramerType.RTU if self.framer == "rtu" else FramerType.SOCKET
             client = AsyncModbusTcpClient(self.host, port=self.port, framer=framer, **kw)
+        client.register(_HoldingRegisters)
         ctx = client.ctx
         lost = ctx.callback_disconnected
 
@@ -228,13 +247,21 @@ class ModbusLink:
                     continue
                 cls = GatewayTargetSilent if code in GATEWAY_SILENT else ModbusExceptionReply
                 raise cls(address, count, unit, code)
-            return rr.registers if fn == "read" else None
+            return rr if fn == "read" else None
         raise AssertionError("unreachable")
 
     async def read(self, address: int, count: int, unit: int, *, timeout_s: float | None = None,
                    retries: int = 0, hint: str = "") -> list[int]:
         """Holding registers; `hint` says which site-file field raises the timeout."""
-        return await self._request("read", address, count, unit, timeout_s, retries, hint)
+        rr = await self._request("read", address, count, unit, timeout_s, retries, hint)
+        return rr.registers
+
+    async def read_bytes(self, address: int, count: int, unit: int, *,
+                         timeout_s: float | None = None, retries: int = 0, hint: str = "") -> bytes:
+        """Holding registers as the big-endian bytes of the answer (what SunSpec decodes)."""
+        rr = await self._request("read", address, count, unit, timeout_s, retries, hint)
+        raw = getattr(rr, "raw", None)
+        return raw if raw is not None else struct.pack(f">{len(rr.registers)}H", *rr.registers)
 
     async def write(self, address: int, values: Sequence[int], unit: int, *,
                     timeout_s: float | None = None, retries: int = 0, hint: str = "") -> None:

@@ -495,6 +495,9 @@ class RegisterMap:
         return raw * 10.0 ** self.scale_of(model_id, p)
 
 
+_MISSING: Any = object()
+
+
 class ModelValues(Mapping[str, Any]):
     """A model's values in engineering units, each decoded on first access.
 
@@ -519,24 +522,34 @@ class ModelValues(Mapping[str, Any]):
     def from_registers(cls, definition: ModelDef, regs: Sequence[int]) -> ModelValues:
         return cls(definition, struct.pack(f">{len(regs)}H", *regs))
 
-    def __getitem__(self, name: str) -> Any:
-        cache = self._cache
-        if name in cache:
-            return cache[name]
-        offset, value_struct, how, unimpl, sf = self._slots[name]
-        value = _finish(how, unimpl, value_struct.unpack_from(self._data, self._offset + offset)[0])
-        if value is not None and sf is not None:
-            exp = sf if isinstance(sf, int) else self.get(sf)
-            if exp:
-                value = value * 10.0 ** exp
-        cache[name] = value
+    def get(self, name: str, default: Any = None) -> Any:
+        """The point's engineering value (None: not implemented), `default` when the model
+        has no such point. The driver's per-poll path: one call per point, no exception."""
+        value = self._cache.get(name, _MISSING)
+        if value is not _MISSING:
+            return value
+        slot = self._slots.get(name)
+        if slot is None:
+            return default
+        offset, value_struct, how, unimpl, sf = slot
+        value = value_struct.unpack_from(self._data, self._offset + offset)[0]
+        if how == "int":  # the common case of _finish, inline
+            if value == unimpl:
+                value = None
+            elif sf is not None:
+                exp = sf if type(sf) is int else self.get(sf)
+                if exp:
+                    value = value * 10.0 ** exp
+        else:
+            value = _finish(how, unimpl, value)
+        self._cache[name] = value
         return value
 
-    def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            return default
+    def __getitem__(self, name: str) -> Any:
+        value = self.get(name, _MISSING)
+        if value is _MISSING:
+            raise KeyError(name)
+        return value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.definition.points)

@@ -72,6 +72,13 @@ class _HoldingRegisters(ReadHoldingRegistersResponse):
         self.raw = bytes(data[1: 1 + 2 * n])
         self.registers = list(struct.unpack_from(f">{n}H", data, 1))
 
+    def __str__(self) -> str:
+        """Short: pymodbus formats every decoded answer for a debug line, log level or not
+        (11 us of a read of ~100 registers, a sixth of a bare client's CPU per read); the raw frame is
+        in pymodbus' own debug dump."""
+        return (f"{type(self).__name__}(dev_id={self.dev_id}, "
+                f"transaction_id={self.transaction_id}, registers={len(self.registers)})")
+
 
 RTU_QUIET_S = 0.5
 """After an RTU timeout the link stays quiet this long (at most the timeout): RTU frames

@@ -1020,7 +1020,7 @@ async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
                       f"per read, {sat.devices} devices), ratio {sat.ratio:.3f}[/]")
     console.print(
         f"\n[bold]largest N on time at 1 Hz: {largest}[/]"
-        f"{' (= --max-devices: the limit is higher)' if capped else ''}; "
+        f"{' (= --max-devices, the cap of the search: the limit may be higher)' if capped else ''}; "
         f"[bold]ours {sat.ours.median_rps:,.0f} req/s vs bare {sat.bare.median_rps:,.0f} req/s, "
         f"ratio {sat.ratio:.3f}[/]"
         + (f"; poller CPU {sat.ours.cpu_us_per_request:.0f} us/request vs bare "

@@ -389,6 +389,8 @@ class RegisterMap:
         """Integer points (all but scale factors): (index, size, SF, lo, hi). An emulator
         refills its map on every physics step, so `set`/`set_raw` store these without
         struct: a big-endian two's-complement value split into 16-bit registers."""
+        self._unit: dict[tuple[int, str], float] = {}
+        """Per scaled point, 10 ** its SF exponent; dropped with `_sf`."""
 
     # -- lookup
     def model(self, model_id: int) -> ModelInstance:
@@ -461,7 +463,8 @@ class RegisterMap:
 
     def set(self, model_id: int, point: str, value: float | int | str | None) -> None:
         """Store an engineering value, applying the point's scale factor (saturating)."""
-        fast = self._ints.get((model_id, point))
+        key = (model_id, point)
+        fast = self._ints.get(key)
         if fast is not None and value is not None and not isinstance(value, str):
             i, size, sf, lo, hi = fast
             if sf is None:
@@ -469,11 +472,15 @@ class RegisterMap:
                     self._put(i, size, int(value))
                     return
             else:
-                exp = sf if isinstance(sf, int) else self._sf.get((model_id, sf))
-                if exp is None:
-                    exp = self.scale_of(model_id, self._slots[(model_id, point)][1])
-                raw = round(float(value) / 10.0 ** exp)
-                self._put(i, size, lo if raw < lo else hi if raw > hi else raw)
+                unit = self._unit.get(key)
+                if unit is None:
+                    unit = self._unit[key] = 10.0 ** self.scale_of(model_id, self._slots[key][1])
+                raw = round(float(value) / unit)
+                raw = lo if raw < lo else hi if raw > hi else raw
+                if size == 1:
+                    self.registers[i] = raw & 0xFFFF
+                else:
+                    self._put(i, size, raw)
                 return
         i, p = self.slot(model_id, point)
         c = p.codec
@@ -485,6 +492,7 @@ class RegisterMap:
     def _store(self, i: int, p: PointDef, raw: int | float | str | None) -> None:
         if p.type == "sunssf":
             self._sf.clear()
+            self._unit.clear()
         self.registers[i: i + p.size] = encode_raw(p, raw)
 
     def get(self, model_id: int, point: str) -> float | int | str | None:

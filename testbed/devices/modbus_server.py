@@ -10,6 +10,7 @@ changes nothing. Malformed requests get the exceptions the Modbus specification 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import struct
@@ -247,8 +248,14 @@ class _Handler(ServerRequestHandler):
     pymodbus goes through `run_coroutine_threadsafe`, i.e. a wake-up write to the loop's
     self-pipe and two more loop passes per request, though it is on the loop's thread."""
 
+    tasks: set[asyncio.Task] | None = None
+
     def handle_later(self) -> None:
-        self.loop.create_task(self.handle_request())
+        if self.tasks is None:
+            self.tasks = set()
+        task = self.loop.create_task(self.handle_request())
+        self.tasks.add(task)  # a strong reference until done, as asyncio asks
+        task.add_done_callback(self.tasks.discard)
 
 
 def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:

@@ -1,18 +1,20 @@
 """The federation's naming scheme (the interface another federate implements).
 
-Every key is `testbed/<site>/<object>/<quantity>`, a HELICS global publication:
+Every key is `testbed/<site>/...`: HELICS global publications and endpoints. Per step,
+the run and the emulator shards exchange one value and one message per shard (not one
+per device quantity: HELICS's cost is per publication, and a 50-prosumer site had ~450):
 
-inputs of the emulator shards (published by the run, subscribed by the shards)
-    testbed/<site>/dt_s                     double, s, the step to advance by
-    testbed/<site>/irradiance_w_m2          double, W/m2, plane of array, the whole site
-    testbed/<site>/<prosumer>/load_w        double, W, household load of the prosumer
-    testbed/<site>/<prosumer>/v_v           double, V, terminal voltage (NaN: nominal)
-    testbed/<site>/<prosumer>/external_w    double, W, real devices behind its meter
-    testbed/<site>/<device>/state           string: online | offline | silent
-outputs of the emulator shards
-    testbed/<site>/<device>/p_w             double, W (+ generation/discharge; meter: + import)
-    testbed/<site>/<device>/q_var           double, var
-    testbed/<site>/<device>/endpoint        string (JSON): where the device answers
+inputs of the emulator shards (published by the run, subscribed by every shard)
+    testbed/<site>/inputs                   string (JSON), once per step:
+        {"t0": s, "dt": s, "irradiance_w_m2": W/m2 (plane of array, the whole site),
+         "prosumers": {<prosumer>: [load_w, v_v or null (nominal), external_w]},
+         "states": {<device>: "offline" | "silent"}}   (devices not listed: online)
+outputs of the emulator shards (a message from each shard's endpoint to the run's)
+    testbed/<site>/shard/<K>of<N>           endpoint of shard K of N, sends each step
+    testbed/<site>/run                      endpoint of the run, receives
+        {"t": t1, "pq": {<device>: [P W (+ generation/discharge; meter: + import), Q var]}}
+    testbed/<site>/<device>/endpoint        string (JSON), once before executing mode:
+                                            where the device answers
 the feeder federate (subscribes to the run's measured injections, publishes voltages)
     testbed/<site>/<prosumer>/p_inj_w       double, W, measured injection (+ export)
     testbed/<site>/<prosumer>/q_inj_var     double, var
@@ -27,41 +29,22 @@ def key(site: str, *parts: str) -> str:
     return "/".join(("testbed", site, *parts))
 
 
-def irradiance(site: str) -> str:
-    return key(site, "irradiance_w_m2")
+def inputs(site: str) -> str:
+    """string (JSON): the step's inputs of every shard (see the module's docstring)."""
+    return key(site, "inputs")
 
 
-def load_w(site: str, prosumer: str) -> str:
-    return key(site, prosumer, "load_w")
+def run_endpoint(site: str) -> str:
+    """The run's endpoint: each shard sends it its devices' P and Q every step."""
+    return key(site, "run")
 
 
-def v_v(site: str, prosumer: str) -> str:
-    return key(site, prosumer, "v_v")
-
-
-def external_w(site: str, prosumer: str) -> str:
-    return key(site, prosumer, "external_w")
-
-
-def state(site: str, device: str) -> str:
-    return key(site, device, "state")
-
-
-def p_w(site: str, device: str) -> str:
-    return key(site, device, "p_w")
-
-
-def q_var(site: str, device: str) -> str:
-    return key(site, device, "q_var")
+def shard_endpoint(site: str, k: int, n: int) -> str:
+    return key(site, "shard", f"{k}of{n}")
 
 
 def endpoint(site: str, device: str) -> str:
     return key(site, device, "endpoint")
-
-
-def dt_s(site: str) -> str:
-    """double, s: the step the shards advance by (published with the inputs)."""
-    return key(site, "dt_s")
 
 
 # the feeder federate's interface (the bundled pandapower feeder, or a user's simulator)

@@ -16,10 +16,10 @@ outputs of the emulator shards (a message from each shard's endpoint to the run'
     testbed/<site>/<device>/endpoint        string (JSON), once before executing mode:
                                             where the device answers
 the feeder federate (subscribes to the run's measured injections, publishes voltages)
-    testbed/<site>/<prosumer>/p_inj_w       double, W, measured injection (+ export)
-    testbed/<site>/<prosumer>/q_inj_var     double, var
-    testbed/<site>/<prosumer>/vm_pu         double, p.u., voltage at its bus (feeder)
-    testbed/<site>/feeder/check             string (JSON), the power flow's check (feeder)
+    testbed/<site>/feeder/injections        string (JSON), from the run:
+        {"t": t1, "prosumers": {<prosumer>: [P W (+ export) or null, Q var]}}
+    testbed/<site>/feeder/check             string (JSON), from the feeder: the power
+        flow's check and {"vm_pu": {<prosumer>: p.u. at its bus or null}}
 """
 
 from __future__ import annotations
@@ -48,24 +48,15 @@ def endpoint(site: str, device: str) -> str:
 
 
 # the feeder federate's interface (the bundled pandapower feeder, or a user's simulator)
-def p_inj_w(site: str, prosumer: str) -> str:
-    """double, W: the prosumer's measured injection into the grid (+ = export), from the
-    run each step at t1 + dt/10; NaN when the run has no reading."""
-    return key(site, prosumer, "p_inj_w")
-
-
-def q_inj_var(site: str, prosumer: str) -> str:
-    """double, var: its reactive injection."""
-    return key(site, prosumer, "q_inj_var")
-
-
-def vm_pu(site: str, prosumer: str) -> str:
-    """double, p.u.: the voltage at the prosumer's bus from the feeder's power flow
-    (NaN when the flow did not converge), published before t1 + dt/5."""
-    return key(site, prosumer, "vm_pu")
+def injections(site: str) -> str:
+    """string (JSON), from the run each step at t1 + dt/10: {"t": t1, "prosumers":
+    {<prosumer>: [P W (+ export; null when the run has no reading), Q var]}};
+    {"end": true} when the run leaves."""
+    return key(site, "feeder", "injections")
 
 
 def feeder_check(site: str) -> str:
-    """string (JSON): the step's check: converged, light (green/amber/red), vm_min_pu,
-    vm_max_pu, max_line_pct, max_trafo_pct, losses_w, import_w."""
+    """string (JSON), published before t1 + dt/5: the step's check: converged, light
+    (green/amber/red), vm_min_pu, vm_max_pu, max_line_pct, max_trafo_pct, losses_w,
+    import_w (null when unknown) and vm_pu: {<prosumer>: p.u. at its bus, or null}."""
     return key(site, "feeder", "check")

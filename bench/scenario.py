@@ -3,6 +3,8 @@
 Run:  python bench/scenario.py [--prosumers 50] [--hours 24] [--devices 200]
                                [--realtime-s 120] [--quick] [--json PATH] [--check]
                                [--fast-only] [--profile PATH] [--shards N [N ...]]
+                               [--big-prosumers 500 --big-shards 2 4 --big-hours H]
+                               [--realtime-shards 2 --rt-shard-devices 1000 --rt-shard-s 600]
 
 What is measured
     1. fast: a synthetic site of N prosumers (PV + battery + meter each, Modbus/SunSpec
@@ -29,6 +31,18 @@ What is measured
        the single-process wall time over the sharded one (> 1: sharding pays); the run
        store is compared with the single-process one (wall-clock columns aside).
        `--feeder-federate`: the feeder's power flow in its own federate process too.
+    4. big (`--big-prosumers 500 --big-shards 2 4`): the fast run for a site of that many
+       prosumers (3 devices each) on a feeder big enough for one house per prosumer (the
+       Schutterwald LV grid of pandapower, 1,506 houses on 14 transformers fed from one
+       20 kV slack, written to a pandapower JSON file the site names), only sharded; `--big-hours` (default: as the
+       fast run) with the projection to 24 h when shorter (the start-up as measured plus
+       1,440 steps at the step loop's pace, from the run store's step wall clocks). The
+       scaling ratio is the wall time with the fewest shards over the wall time with N.
+    5. realtime sharded (`--realtime-shards N`): the real-time run at a 1 s step with
+       `--rt-shard-devices` (default 1,000) devices in N shards for `--rt-shard-s`
+       (default 600) on the same big feeder: tick lateness p50/p99/max and drift, how far
+       the steps' wall-clock offset from the simulated clock moved from the first tenth
+       of the run to the last (medians, from the run store's step wall clocks).
 
 Output: tables (rich) and, as the last line on stdout, one JSON object with all figures
 (also written to `--json PATH`). `--check` exits 1 when a target is missed.
@@ -79,6 +93,55 @@ def site_file(folder: Path, prosumers: int, network: str) -> Path:
     path.write_text(yaml.safe_dump({"name": f"bench{prosumers}", "prosumers": ps,
                                     "grid": {"network": network, "background": 0.5}}))
     return path
+
+
+def big_network(folder: Path) -> Path:
+    """pandapower's Schutterwald LV grid (1,506 houses behind 14 transformers) as a JSON
+    file: a feeder with a house connection for each of hundreds of prosumers. Its 14
+    transformers are fed from one 20 kV slack (the fast power flow takes exactly one)."""
+    import warnings
+
+    import pandapower as pp
+    import pandapower.networks as pn
+    import pandapower.toolbox as tb
+    path = folder / "schutterwald.json"
+    if path.exists():
+        return path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = pn.lv_schutterwald()
+        slack, others = int(net.ext_grid.bus.iloc[0]), [int(b) for b in net.ext_grid.bus.iloc[1:]]
+        net.trafo["hv_bus"] = slack
+        net.ext_grid = net.ext_grid.iloc[:1]
+        tb.drop_buses(net, others)
+        pp.to_json(net, str(path))
+    return path
+
+
+def step_walls(run_dir: str) -> list[tuple[float, float]]:
+    """(simulated t, wall clock) of each step, from the run store."""
+    import sqlite3
+    with sqlite3.connect(Path(run_dir) / "run.db") as db:
+        return db.execute("SELECT t, wall FROM steps ORDER BY step").fetchall()
+
+
+def loop_ms_per_step(run_dir: str) -> float | None:
+    """Wall ms per step of the step loop alone (start-up and shutdown aside)."""
+    rows = step_walls(run_dir)
+    return (rows[-1][1] - rows[0][1]) / (len(rows) - 1) * 1e3 if len(rows) > 1 else None
+
+
+def drift_s(run_dir: str, speed: float = 1.0) -> float | None:
+    """How far the steps' wall clock moved from the simulated clock over the run: the
+    offset wall - t / speed of the last tenth of the steps minus that of the first tenth
+    (medians, so one late step is lateness, not drift); 0: no drift."""
+    import statistics
+    rows = step_walls(run_dir)
+    if len(rows) < 20:
+        return None
+    off = [w - t / speed for t, w in rows]
+    n = len(off) // 10
+    return statistics.median(off[-n:]) - statistics.median(off[:n])
 
 
 def scenario(site: Path, **kw: Any) -> Scenario:
@@ -173,6 +236,16 @@ def main() -> int:
                     help="also the fast run with its emulators in N HELICS shard processes")
     ap.add_argument("--feeder-federate", action="store_true",
                     help="with --shards: the feeder's power flow in its own federate too")
+    ap.add_argument("--big-prosumers", type=int, default=0,
+                    help="also the fast run for this many prosumers, sharded (e.g. 500)")
+    ap.add_argument("--big-shards", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--big-hours", type=float, default=None,
+                    help="simulated hours of the big runs (default: as the fast run)")
+    ap.add_argument("--realtime-shards", type=int, default=0,
+                    help="also the real-time run with its devices in N shards")
+    ap.add_argument("--rt-shard-devices", type=int, default=1000)
+    ap.add_argument("--rt-shard-s", type=int, default=None,
+                    help="sharded real-time run length (default 600; quick 60)")
     args = ap.parse_args()
     hours = args.hours or (2.0 if args.quick else 24.0)
     rt_s = args.realtime_s or (60 if args.quick else 120)
@@ -188,7 +261,37 @@ def main() -> int:
                      folder / f"fast-{n}", shards=n, feeder_federate=args.feeder_federate)
             sh["same_store"] = same_store(fast["run_dir"], sh["run_dir"])
             sh["ratio"] = fast["wall_s"] / sh["wall_s"]
+            fast["loop_ms_per_step"] = loop_ms_per_step(fast["run_dir"])
+            sh["loop_ms_per_step"] = loop_ms_per_step(sh["run_dir"])
             sharded.append(sh)
+        bigs = []
+        big_hours = args.big_hours or hours
+        if args.big_prosumers:
+            net = big_network(folder)
+            bsite = site_file(folder, args.big_prosumers, str(net))
+            bstart = "00:00" if big_hours >= 24 else "11:00"
+            for n in args.big_shards:
+                b = run(scenario(bsite, start=bstart, duration=big_hours * 3600, step=60),
+                        folder / f"big-{n}", shards=n)
+                b["prosumers"], b["devices"] = args.big_prosumers, 3 * args.big_prosumers
+                b["loop_ms_per_step"] = loop_ms_per_step(b["run_dir"]) or b["ms_per_step"]
+                b["hours"] = big_hours  # 24 h: start-up as measured, 1,440 steps at the loop's pace
+                b["projected_24h_s"] = b["wall_s"] + (1440 - b["steps"]) * b["loop_ms_per_step"] / 1e3
+                b["ms_per_device_step"] = b["loop_ms_per_step"] / b["devices"]
+                bigs.append(b)
+            for b in bigs:
+                b["ratio"] = bigs[0]["wall_s"] / b["wall_s"]
+        rts: dict[str, Any] | None = None
+        if args.realtime_shards:
+            rts_s = args.rt_shard_s or (60 if args.quick else 600)
+            n_p = -(-args.rt_shard_devices // 3)
+            rts_site = site_file(folder, n_p, str(big_network(folder)))
+            rts = run(scenario(rts_site, start="12:00", duration=rts_s, step=1,
+                               clock={"mode": "realtime", "speed": 1.0},
+                               market={"buy_price": 0.4, "interval_s": 60}),
+                      folder / "rt-sharded", shards=args.realtime_shards)
+            rts.update(prosumers=n_p, devices=3 * n_p, seconds=rts_s,
+                       drift_s=drift_s(rts["run_dir"]))
         n_rt = max(1, args.devices // 3)
         rt: dict[str, Any] = {"wall_s": 0.0, "cpu_s": 0.0, "steps": 0, "ms_per_step": 0.0,
                               "auctions": 0, "cleared": 0, "blocks": 0, "txs": 0,
@@ -223,11 +326,45 @@ def main() -> int:
               f"{rt['ms_per_step']:.1f}", f"{rt['auctions']} ({rt['cleared']})", str(rt["blocks"]), str(rt["txs"]),
               f"{lat.get('p50_ms', 0):.2f} / {lat.get('p99_ms', 0):.2f} / "
               f"{lat.get('max_ms', 0):.2f}")
+    for b in bigs:
+        t.add_row(f"fast {big_hours:g} h, {b['shards']} HELICS shards", str(b["prosumers"]),
+                  str(b["steps"]), f"{b['wall_s']:.1f}", f"{b['cpu_s']:.1f}",
+                  f"{b['cpu_share']:.2f}", f"{b['idle_s']:.2f}", f"{b['ms_per_step']:.1f}",
+                  f"{b['auctions']} ({b['cleared']})", str(b["blocks"]), str(b["txs"]), "-")
+    if rts is not None:
+        lr = rts["lateness"] or {}
+        t.add_row(f"realtime {rts['seconds']} s @ 1 s, {rts['shards']} HELICS shards",
+                  f"{rts['prosumers']} ({rts['devices']} devices)", str(rts["steps"]),
+                  f"{rts['wall_s']:.1f}", f"{rts['cpu_s']:.1f}", f"{rts['cpu_share']:.2f}",
+                  f"{rts['idle_s']:.1f}", f"{rts['ms_per_step']:.1f}",
+                  f"{rts['auctions']} ({rts['cleared']})", str(rts["blocks"]), str(rts["txs"]),
+                  f"{lr.get('p50_ms', 0):.2f} / {lr.get('p99_ms', 0):.2f} / "
+                  f"{lr.get('max_ms', 0):.2f}")
     console.print(t)
+    for b in bigs:
+        console.print(f"{b['prosumers']} prosumers ({b['devices']} devices), {b['shards']} shards: "
+                      f"{b['wall_s']:.1f} s for {big_hours:g} h"
+                      + (f" (-> {b['projected_24h_s']:.0f} s for 24 h)" if big_hours < 24 else "")
+                      + f", {b['loop_ms_per_step']:.0f} ms per step of the loop "
+                      f"({b['ms_per_device_step'] * 1e3:.0f} us per device), x{b['ratio']:.2f} "
+                      f"the {bigs[0]['shards']}-shard speed; {b['uncommitted']} ledger "
+                      "transactions uncommitted", highlight=False)
+    if rts is not None:
+        lr = rts["lateness"] or {}
+        console.print(f"realtime, {rts['devices']} devices over {rts['shards']} shards, "
+                      f"{rts['seconds']} s: lateness p50 {lr.get('p50_ms', float('nan')):.2f} / "
+                      f"p99 {lr.get('p99_ms', float('nan')):.2f} / max "
+                      f"{lr.get('max_ms', float('nan')):.2f} ms (target p99 < "
+                      f"{TARGET_P99_MS:.0f} ms: "
+                      f"{'met' if lr and lr['p99_ms'] < TARGET_P99_MS else 'MISSED'}); drift "
+                      f"{(rts['drift_s'] or 0) * 1e3:+.1f} ms over the run; "
+                      f"{rts['uncommitted']} ledger transactions uncommitted", highlight=False)
     for sh in sharded:
         console.print(f"{sh['shards']} shards: x{sh['ratio']:.2f} the single-process speed "
                       f"(wall {fast['wall_s']:.1f} s -> {sh['wall_s']:.1f} s; CPU of the shards "
-                      f"and broker {sh['children_cpu_s']:.1f} s); run store "
+                      f"and broker {sh['children_cpu_s']:.1f} s; the step loop "
+                      f"{fast['loop_ms_per_step']:.0f} -> {sh['loop_ms_per_step']:.0f} ms per "
+                      "step); run store "
                       f"{'identical' if sh['same_store'] else 'DIFFERENT'}; "
                       f"{sh['uncommitted']} ledger transactions uncommitted", highlight=False)
     projected = fast["wall_s"] * 24 / hours
@@ -242,7 +379,7 @@ def main() -> int:
                "fast": {**fast, "hours": hours, "prosumers": args.prosumers,
                         "projected_24h_s": projected},
                "realtime": {**rt, "devices": 3 * n_rt, "seconds": rt_s},
-               "sharded": sharded,
+               "sharded": sharded, "big": bigs, "realtime_sharded": rts,
                "targets": {"fast_24h_s": TARGET_FAST_S, "p99_ms": TARGET_P99_MS},
                "targets_met": {"fast": ok_fast, "realtime": ok_rt}}
     print(json.dumps(figures, separators=(",", ":"), default=str), flush=True)

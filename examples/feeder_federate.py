@@ -6,26 +6,26 @@ own export, V = 1 + k * P (p.u.), k = SENSITIVITY_PU_PER_KW / 1000. Replace `pow
 with a call into your simulator.
 
 Run (the broker counts the run, the shards and this federate):
-    helics_broker --coretype tcpss -f 4 --port 23404 &
+    helics_broker --coretype zmqss -f 4 --port 23404 &
     testbed devices serve SITE --shard 1/2 --helics 127.0.0.1:23404 --free-ports &
     testbed devices serve SITE --shard 2/2 --helics 127.0.0.1:23404 --free-ports &
-    python examples/feeder_federate.py SITE_NAME house-1 house-2 ... --helics 127.0.0.1:23404 &
+    python examples/feeder_federate.py SITE_NAME --helics 127.0.0.1:23404 &
     testbed run SCENARIO --helics 127.0.0.1:23404 --feeder-federate
 
-The interface (testbed/cosim/names.py): subscribe to `testbed/<site>/<prosumer>/p_inj_w`
-and `q_inj_var` (the run publishes each prosumer's measured injection, + = export, at
-t1 + dt/10 of every step), be granted that time (an interruptible federate asking for
-the end of time is), power-flow, publish `testbed/<site>/<prosumer>/vm_pu` (NaN: not
-converged) and `testbed/<site>/feeder/check` (JSON: converged, light green/amber/red,
-vm_min_pu, vm_max_pu, max_line_pct, max_trafo_pct, losses_w, import_w; null when unknown).
-The run reads them at t1 + dt/5 and feeds the voltages to the emulated devices' next step.
+The interface (testbed/cosim/names.py): subscribe to `testbed/<site>/feeder/injections`
+(JSON the run publishes at t1 + dt/10 of every step: {"t": t1, "prosumers": {<prosumer>:
+[P W, + = export, or null when unread; Q var]}}), be granted that time (an interruptible
+federate asking for the end of time is), power-flow, publish `testbed/<site>/feeder/check`
+(JSON: converged, light green/amber/red, vm_min_pu, vm_max_pu, max_line_pct,
+max_trafo_pct, losses_w, import_w, null when unknown, and vm_pu: {<prosumer>: p.u. or
+null}). The run reads it at t1 + dt/5 and feeds the voltages to the emulated devices' next
+step. When the run leaves it publishes {"end": true} as the injections.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import helics as h
 
@@ -40,32 +40,30 @@ def power_flow(p_inj_w: dict[str, float]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("site")
-    ap.add_argument("prosumers", nargs="+")
     ap.add_argument("--helics", required=True, help="HOST:PORT of the helics_broker")
     args = ap.parse_args()
     fi = h.helicsCreateFederateInfo()
-    h.helicsFederateInfoSetCoreTypeFromString(fi, "tcpss")
+    h.helicsFederateInfoSetCoreTypeFromString(fi, "zmqss")
     h.helicsFederateInfoSetCoreInitString(fi, f"--federates=1 --broker_address=tcp://{args.helics}")
     fed = h.helicsCreateValueFederate("example-feeder", fi)
-    key = f"testbed/{args.site}"
-    subs = {p: h.helicsFederateRegisterSubscription(fed, f"{key}/{p}/p_inj_w", "")
-            for p in args.prosumers}
-    pubs = {p: h.helicsFederateRegisterGlobalPublication(fed, f"{key}/{p}/vm_pu",
-                                                          h.HELICS_DATA_TYPE_DOUBLE, "")
-            for p in args.prosumers}
-    check = h.helicsFederateRegisterGlobalPublication(fed, f"{key}/feeder/check",
+    key = f"testbed/{args.site}/feeder"
+    sub = h.helicsFederateRegisterSubscription(fed, f"{key}/injections", "")
+    check = h.helicsFederateRegisterGlobalPublication(fed, f"{key}/check",
                                                       h.HELICS_DATA_TYPE_STRING, "")
     h.helicsFederateEnterExecutingMode(fed)
     steps = 0
     while h.helicsFederateRequestTime(fed, h.HELICS_TIME_MAXTIME) < h.HELICS_TIME_MAXTIME:
-        p_inj = {p: h.helicsInputGetDouble(s) for p, s in subs.items()}
-        vm = power_flow({p: w for p, w in p_inj.items() if math.isfinite(w)})
-        for p, pub in pubs.items():
-            h.helicsPublicationPublishDouble(pub, vm.get(p, math.nan))
+        if not h.helicsInputIsUpdated(sub):
+            continue
+        given = json.loads(h.helicsInputGetString(sub))
+        if given.get("end"):
+            break
+        p_inj = {p: w for p, (w, _q) in given["prosumers"].items() if w is not None}
+        vm = power_flow(p_inj)
         h.helicsPublicationPublishString(check, json.dumps({
             "converged": True, "light": "green", "vm_min_pu": min(vm.values()),
             "vm_max_pu": max(vm.values()), "max_line_pct": None, "max_trafo_pct": None,
-            "losses_w": 0.0, "import_w": -sum(p_inj.values())}))
+            "losses_w": 0.0, "import_w": -sum(p_inj.values()), "vm_pu": vm}))
         steps += 1
     h.helicsFederateDisconnect(fed)
     h.helicsFederateFree(fed)

@@ -180,6 +180,7 @@ def test_external_broker_two_shards_and_a_users_grid_federate(tmp_path: Path) ->
     import subprocess
     import sys
 
+    from testbed.cosim.federate import CORE
     from testbed.cosim.run import free_port, helics_broker_binary
 
     sc = short("demo", "11:00", 1800.0)
@@ -189,14 +190,14 @@ def test_external_broker_two_shards_and_a_users_grid_federate(tmp_path: Path) ->
     root = Path(__file__).parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     logs = {n: tmp_path / f"{n}.log" for n in ("broker", "s1", "s2", "feeder")}
-    cmds = {"broker": [helics_broker_binary(), "--coretype", "tcpss", "-f", "4", "--port",
+    cmds = {"broker": [helics_broker_binary(), "--coretype", CORE, "-f", "4", "--port",
                        str(port), "--local_interface", "127.0.0.1", "--loglevel", "error"],
             "s1": [sys.executable, "-m", "testbed", "devices", "serve", sc.site, "--shard",
                    "1/2", "--helics", addr, "--free-ports", "--seed", str(sc.seed), "-q"],
             "s2": [sys.executable, "-m", "testbed", "devices", "serve", sc.site, "--shard",
                    "2/2", "--helics", addr, "--free-ports", "--seed", str(sc.seed), "-q"],
             "feeder": [sys.executable, str(root / "examples" / "feeder_federate.py"),
-                       site.name, *(p.name for p in site.prosumers), "--helics", addr]}
+                       site.name, "--helics", addr]}
     procs = {}
     try:
         for name, cmd in cmds.items():
@@ -265,12 +266,15 @@ def test_a_malformed_feeder_check_ends_the_run_naming_the_key() -> None:
     from testbed.cosim.feeder import _check
 
     good = {"converged": True, "light": "amber", "vm_min_pu": 0.95, "vm_max_pu": 1.02,
-            "max_line_pct": None, "max_trafo_pct": 40, "losses_w": 12.5, "import_w": -3e3}
+            "max_line_pct": None, "max_trafo_pct": 40, "losses_w": 12.5, "import_w": -3e3,
+            "vm_pu": {"house-1": 1.01, "house-2": None}}
     assert _check(json.dumps(good)) == good
     for bad, why in (({**good, "converged": 1}, "converged must be true or false"),
                      ({**good, "light": "blue"}, "light must be green, amber or red"),
                      ({**good, "losses_w": "1"}, "losses_w must be a finite number"),
-                     ({**good, "vm_min_pu": 1e400}, "vm_min_pu must be a finite number")):
+                     ({**good, "vm_min_pu": 1e400}, "vm_min_pu must be a finite number"),
+                     ({**good, "vm_pu": {"house-1": "1.0"}}, "vm_pu must map prosumers"),
+                     ({**good, "vm_pu": [1.0]}, "vm_pu must map prosumers")):
         with pytest.raises(FederateLost, match=why):
             _check(json.dumps(bad))
     with pytest.raises(FederateLost, match="feeder/check"):

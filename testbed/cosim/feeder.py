@@ -1,9 +1,9 @@
 """The feeder as a HELICS federate, and the run's side of it.
 
 `FeederFederate` runs the bundled pandapower feeder (`scenarios.phases.feeder.Feeder`)
-in its own process: it is granted the time the run publishes each prosumer's measured
-injection (t1 + dt/10), power-flows the feeder, and publishes the voltage at each
-prosumer's bus and the check (`names.feeder_check`). `RemoteFeeder` is the run's feeder
+in its own process: it is granted the time the run publishes the prosumers' measured
+injections (`names.injections`, one JSON value, at t1 + dt/10), power-flows the feeder,
+and publishes the check with the voltage at each prosumer's bus (`names.feeder_check`). `RemoteFeeder` is the run's feeder
 phase when a federate does the power flow: same rows, same summary, so a run with the
 feeder federate writes the store the in-process feeder would. Another grid simulator
 (GridLAB-D, OpenDSS, ...) takes its place by implementing the same keys
@@ -49,30 +49,48 @@ class FeederFederate:
 
     async def serve(self) -> int:
         s, fed = self.site.name, self.fed
+        key = names.injections(s)
         await fed.connect()
         try:
-            for p in self.prosumers:
-                fed.subscribe(names.p_inj_w(s, p))
-                fed.subscribe(names.q_inj_var(s, p))
-                fed.publish_to(names.vm_pu(s, p))
+            fed.subscribe(key)
             fed.publish_to(names.feeder_check(s), "string")
             await fed.enter()
             while await fed.request(MAXTIME) < MAXTIME:
+                if not fed.updated(key):
+                    continue
+                given = _injections(fed.text(key))
+                if given is None:  # the run's end
+                    break
                 p_w, q_var = {}, {}
-                for p in self.prosumers:
-                    w, q = fed.get(names.p_inj_w(s, p)), fed.get(names.q_inj_var(s, p))
-                    if math.isfinite(w):
-                        p_w[p], q_var[p] = w, (q if math.isfinite(q) else 0.0)
+                for p, (w, q) in given.items():
+                    if w is not None:
+                        p_w[p], q_var[p] = float(w), float(q or 0.0)
                 flow = self.feeder.step(0.0, 0.0, p_w, q_var)
-                for p in self.prosumers:
-                    fed.put(names.vm_pu(s, p), flow.vm_pu.get(p, math.nan))
                 row = {k: v for k, v in flow.row.items() if k != "t"}
                 fed.put(names.feeder_check(s), json.dumps(
-                    {**row, "converged": bool(flow.report.converged)}))
+                    {**row, "converged": bool(flow.report.converged),
+                     "vm_pu": {p: v if math.isfinite(v := flow.vm_pu.get(p, math.nan)) else None
+                               for p in self.prosumers}}))
                 self.steps += 1
         finally:
             fed.close()
         return self.steps
+
+
+def _injections(text: str | None) -> dict[str, tuple[float | None, float]] | None:
+    """The run's injections value, checked; None for `{"end": true}`."""
+    try:
+        v = json.loads(text or "")
+        if v.get("end") is True:
+            return None
+        out = {}
+        for p, (w, q) in v["prosumers"].items():
+            if w is not None and not isinstance(w, int | float):
+                raise ValueError(f"{p}: P must be a number or null")
+            out[p] = (w, float(q or 0.0))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CosimError(f"{names.injections('<site>')}: malformed ({exc})") from None
+    return out
 
 
 class RemoteFeeder:
@@ -82,25 +100,22 @@ class RemoteFeeder:
     def __init__(self, fed: Federate, site: str, prosumers: list[str],
                  limits: GridLimits) -> None:
         self.fed, self.site_name, self.prosumers, self.limits = fed, site, prosumers, limits
+        self.known = set(prosumers)
         self.rows = self.in_band = 0
         self.vm_min, self.vm_max = math.inf, -math.inf
         self.losses_wh = 0.0
 
     def register(self) -> None:
-        s = self.site_name
-        for p in self.prosumers:
-            self.fed.publish_to(names.p_inj_w(s, p))
-            self.fed.publish_to(names.q_inj_var(s, p))
-            self.fed.subscribe(names.vm_pu(s, p))
-        self.fed.subscribe(names.feeder_check(s))
+        self.fed.publish_to(names.injections(self.site_name), "string")
+        self.fed.subscribe(names.feeder_check(self.site_name))
 
     async def step(self, t: float, dt: float, p_w: Mapping[str, float],
                    q_var: Mapping[str, float] | None = None) -> FeederStep:
         s, fed = self.site_name, self.fed
         q_var = q_var or {}
-        for p in self.prosumers:
-            fed.put(names.p_inj_w(s, p), p_w.get(p, math.nan))
-            fed.put(names.q_inj_var(s, p), q_var.get(p, 0.0))
+        fed.put(names.injections(s), json.dumps({"t": t, "prosumers": {
+            p: [w if math.isfinite(w := p_w.get(p, math.nan)) else None, q_var.get(p, 0.0)]
+            for p in self.prosumers}}))
         try:
             await fed.request(feeder_time(t, dt))
         except CosimError as exc:
@@ -108,11 +123,8 @@ class RemoteFeeder:
         if not fed.updated(names.feeder_check(s)):
             raise FederateLost(f"the feeder federate published no check at t={t:g} s", [])
         check = _check(fed.text(names.feeder_check(s)))
-        vm = {}
-        for p in self.prosumers:
-            v = fed.get(names.vm_pu(s, p))
-            if math.isfinite(v):
-                vm[p] = v
+        vm = {p: float(v) for p, v in (check.get("vm_pu") or {}).items()
+              if p in self.known and v is not None}
         self.rows += 1
         lo, hi = check["vm_min_pu"], check["vm_max_pu"]
         if check["converged"] and lo is not None and hi is not None:
@@ -146,6 +158,11 @@ def _check(text: str | None) -> dict[str, Any]:
             v = c.get(k)
             if v is not None and not (isinstance(v, int | float) and math.isfinite(v)):
                 raise ValueError(f"{k} must be a finite number or null")
+        vm = c.get("vm_pu") or {}
+        if not isinstance(vm, dict) or not all(
+                v is None or (isinstance(v, int | float) and math.isfinite(v))
+                for v in vm.values()):
+            raise ValueError("vm_pu must map prosumers to finite numbers or null")
     except (ValueError, TypeError) as exc:
         raise FederateLost(f"{names.feeder_check('<site>')}: {exc}", []) from None
     return c

@@ -54,6 +54,18 @@ def _endpoint(device: str, text: str | None) -> dict[str, Any]:
     return ep
 
 
+def _outputs(text: str) -> list[str]:
+    """The devices a shard's step message covers (`names`: {"t", "pq": {device: [P, Q]}})."""
+    try:
+        pq = json.loads(text)["pq"]
+        if not isinstance(pq, dict):
+            raise ValueError("pq must be an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CosimError(f"{names.run_endpoint('…')}: malformed shard message ({exc})"
+                         ) from None
+    return list(pq)
+
+
 class RunFederate:
     """The run's side of the federation (emulated devices served by shards)."""
 
@@ -71,7 +83,9 @@ class RunFederate:
                                        feeder_limits)
         self.endpoints: dict[str, dict[str, Any]] = {}
         self._state: dict[str, str] = {}
-        self._sent: dict[str, str] = {}
+        self._started = False
+        self._failed = False
+        """A grant failed (a federate was lost): no more publications."""
 
     async def start(self) -> SiteConfig:
         """Join, wait for every federate (the broker's -f count), learn the endpoints;
@@ -79,15 +93,10 @@ class RunFederate:
         s, fed = self.site.name, self.fed
         await fed.connect()
         try:
-            fed.publish_to(names.dt_s(s))
-            fed.publish_to(names.irradiance(s))
-            for p in self.prosumers:
-                for key in (names.load_w(s, p), names.v_v(s, p), names.external_w(s, p)):
-                    fed.publish_to(key)
+            fed.publish_to(names.inputs(s), "string")
+            fed.endpoint(names.run_endpoint(s))
             for d in self.devices:
-                fed.publish_to(names.state(s, d), "string")
-                for key in (names.p_w(s, d), names.q_var(s, d), names.endpoint(s, d)):
-                    fed.subscribe(key)
+                fed.subscribe(names.endpoint(s, d))
             if self.feeder is not None:
                 self.feeder.register()
             await fed.enter()
@@ -131,27 +140,34 @@ class RunFederate:
     async def step(self, t0: float, dt: float, physics: Any, volts: Mapping[str, float],
                    external: Mapping[str, float]) -> None:
         """Hand the step's inputs to the shards and wait until all have advanced. The
-        inputs are what `EmulatedSite.step` would compute in this process."""
+        inputs are what `EmulatedSite.step` would compute in this process.
+
+        One grant per step: the inputs go out at the time the run already holds (the
+        previous step's read or feeder time, strictly later than any shard's last grant);
+        only the first step asks for t0 + dt/2 first."""
         s, fed = self.site.name, self.fed
-        await self._request(inputs_time(t0, dt))
-        t = physics.t_s + dt
-        physics.t_s = t
-        fed.put(names.dt_s(s), dt)
-        fed.put(names.irradiance(s), physics.irradiance(t))
+        if not self._started:
+            await self._request(inputs_time(t0, dt))
+            self._started = True
+        t_prev = physics.t_s
+        t = physics.t_s = t_prev + dt
+        prosumers = {}
         for p in self.prosumers:
             pr = physics.prosumers[p]
-            fed.put(names.load_w(s, p), physics.load(p, pr.params.load, t))
-            fed.put(names.v_v(s, p), volts.get(p, math.nan))
-            fed.put(names.external_w(s, p), external.get(p, 0.0))
-        for d, st in self._state.items():
-            if self._sent.get(d) != st:
-                fed.put(names.state(s, d), st)
-                self._sent[d] = st
+            v = volts.get(p, math.nan)
+            prosumers[p] = [physics.load(p, pr.params.load, t),
+                            v if math.isfinite(v) else None, external.get(p, 0.0)]
+        states = {d: st for d, st in self._state.items() if st != "online"}
+        fed.put(names.inputs(s), json.dumps({
+            "t0": t_prev, "dt": dt, "irradiance_w_m2": physics.irradiance(t),
+            "prosumers": prosumers, "states": states}))
         await self._request(read_time(t0 + dt, dt))
-        stale = [d for d in self.devices if not fed.updated(names.p_w(s, d))]
-        for d in self.devices:
-            fed.get(names.p_w(s, d))  # clears the update flag
+        seen: set[str] = set()
+        for _, text in fed.messages(names.run_endpoint(s)):
+            seen.update(_outputs(text))
+        stale = [d for d in self.devices if d not in seen]
         if stale:
+            self._failed = True
             raise FederateLost(f"{len(stale)} devices' shards stopped publishing at "
                                f"t={t0 + dt:g} s", stale)
 
@@ -159,6 +175,7 @@ class RunFederate:
         try:
             await self.fed.request(t)
         except CosimError as exc:
+            self._failed = True
             lost = await self.unreachable()
             raise FederateLost(f"{exc}; {len(lost)} devices no longer answer", lost) from None
 
@@ -182,6 +199,11 @@ class RunFederate:
         return sorted(d for k, ok in zip(keys, alive, strict=True) if not ok for d in where[k])
 
     def close(self) -> None:
+        """Leave the federation; the shards are told first (`{"end": true}` as the inputs)
+        so they finish without waiting for HELICS to notice the run has gone."""
+        if self._started and not self._failed and self.fed.executing():
+            with contextlib.suppress(Exception):
+                self.fed.put(names.inputs(self.site.name), json.dumps({"end": True}))
         self.fed.close()
 
 

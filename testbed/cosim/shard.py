@@ -2,11 +2,12 @@
 protocols (Modbus/OPC UA, as `devices serve`) and stepped as a HELICS federate.
 
 Prosumers with an emulated device are dealt round robin in site-file order: shard K
-(1-based) of N holds those at positions K-1, K-1+N, ... The shard subscribes to its
-prosumers' inputs (`names`), is granted the time the run publishes them (t0 + dt/2),
-advances the physics to t1 = t0 + dt with exactly those values (so a sharded run replays
-the single-process one bit for bit), then publishes each device's P and Q. Its device
-endpoints are published once, before the federation starts executing."""
+(1-based) of N holds those at positions K-1, K-1+N, ... The shard subscribes to the
+step's inputs (`names.inputs`, one JSON value for the whole site), is granted the time the
+run publishes them, advances the physics from t0 to t1 = t0 + dt with exactly those values
+(so a sharded run replays the single-process one bit for bit), then sends its devices' P
+and Q to the run in one message. Its device endpoints are published once, before the
+federation starts executing."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import logging
 import math
 import socket
 from pathlib import Path
+from typing import Any
 
 from testbed.config import SiteConfig
 from testbed.devices.emulator import EmulatedDevice
@@ -89,6 +91,7 @@ class Shard:
         self.advertise = advertise
         self.fed = Federate(f"testbed-shard-{k}of{n}", broker,
                             interruptible=True)
+        self.endpoint = names.shard_endpoint(site.name, k, n)
         self.steps = 0
         self._irr = 0.0
         self._load: dict[str, float] = {}
@@ -103,16 +106,9 @@ class Shard:
         site, fed = self.site_name, self.fed
         try:
             await fed.connect()
-            fed.subscribe(names.irradiance(site))
-            fed.subscribe(names.dt_s(site))
-            for p in physics.prosumers:
-                for key in (names.load_w(site, p), names.v_v(site, p),
-                            names.external_w(site, p)):
-                    fed.subscribe(key)
+            fed.subscribe(names.inputs(site))
+            fed.endpoint(self.endpoint)
             for d in physics.devices:
-                fed.subscribe(names.state(site, d))
-                fed.publish_to(names.p_w(site, d))
-                fed.publish_to(names.q_var(site, d))
                 fed.publish_to(names.endpoint(site, d), "string")
             await fed.initializing()
             for d in physics.devices:
@@ -132,40 +128,43 @@ class Shard:
     async def run(self) -> int:
         """Step at every grant until the federation ends; returns the steps taken."""
         site, fed, physics = self.site_name, self.fed, self.emulators.physics
+        key, to = names.inputs(site), names.run_endpoint(site)
         first = True
         while True:
             granted = await fed.request(MAXTIME)
             if granted >= MAXTIME:
                 return self.steps
-            dt = fed.get(names.dt_s(site))
-            if not math.isfinite(dt) or dt <= 0:
+            if not fed.updated(key):
                 continue
-            if first:  # the run's physics start at t0 = granted - dt/2
-                physics.t_s = granted - 0.5 * dt
+            inp = _inputs(fed.text(key))
+            if inp.get("end"):
+                return self.steps
+            dt = inp["dt"]
+            if first:  # the run's physics start at its t0
+                physics.t_s = inp["t0"]
                 for pr in physics.prosumers.values():
                     pr.update(t_s=physics.t_s)
                 first = False
-            await self._states()
-            self._irr = fed.get(names.irradiance(site), 0.0)
+            await self._states(inp.get("states") or {})
+            self._irr = float(inp["irradiance_w_m2"])
             ext, volts = {}, {}
+            given = inp["prosumers"]
             for p in physics.prosumers:
-                self._load[p] = fed.get(names.load_w(site, p), 0.0)
-                ext[p] = fed.get(names.external_w(site, p), 0.0)
-                v = fed.get(names.v_v(site, p))
-                if math.isfinite(v):
-                    volts[p] = v
+                load_w, v, x = given.get(p) or (0.0, None, 0.0)
+                self._load[p] = float(load_w)
+                ext[p] = float(x)
+                if v is not None:
+                    volts[p] = float(v)
             physics.step(dt, external_w=ext, voltage_v=volts)
-            for d, dev in physics.devices.items():
-                p, q = device_pq(dev)
-                fed.put(names.p_w(site, d), p)
-                fed.put(names.q_var(site, d), q)
+            pq = {d: device_pq(dev) for d, dev in physics.devices.items()}
+            fed.send(self.endpoint, json.dumps({"t": physics.t_s, "pq": pq}), to)
             self.steps += 1
 
-    async def _states(self) -> None:
+    async def _states(self, states: dict[str, str]) -> None:
         """Apply the run's device events: offline (server off), silent, online."""
         em = self.emulators
         for d in em.physics.devices:
-            want = self.fed.text(names.state(self.site_name, d)) or "online"
+            want = states.get(d, "online")
             have = self._state.get(d, "online")
             if want == have:
                 continue
@@ -189,6 +188,24 @@ class Shard:
             return await self.run()
         finally:
             await self.stop()
+
+
+def _inputs(text: str | None) -> dict[str, Any]:
+    """The run's inputs publication, checked (a malformed one ends the shard, named)."""
+    try:
+        inp = json.loads(text or "")
+        if inp.get("end") is True:
+            return inp  # type: ignore[no-any-return]
+        dt = inp["dt"]
+        if not (isinstance(dt, int | float) and math.isfinite(dt) and dt > 0):
+            raise ValueError("dt must be a positive number")
+        if not isinstance(inp["prosumers"], dict):
+            raise ValueError("prosumers must be an object")
+        float(inp["t0"])
+        float(inp["irradiance_w_m2"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CosimError(f"{names.inputs('<site>')}: malformed ({exc})") from None
+    return inp  # type: ignore[no-any-return]
 
 
 async def serve_shard(site: SiteConfig, k: int, n: int, broker: str, **kw: object) -> int:

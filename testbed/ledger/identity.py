@@ -284,7 +284,7 @@ class BatchVerifier:
                         if not w.take_back(ticket):
                             busy.add(id(w))
                             continue
-                    except (OSError, ValueError):
+                    except (EOFError, OSError, ValueError):
                         self.close()  # a dead worker: new ones next time
                 results[i] = verify_many(chunks[i])
             for i, (w, ticket) in enumerate(jobs):

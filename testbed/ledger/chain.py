@@ -266,15 +266,13 @@ class Chain:
             for msg in candidates:
                 if len(accepted) >= state.params.max_block_txs:
                     break
-                try:
-                    with state.atomic():
-                        state.apply(msg, block_time=time, height=height,
-                                    proposer=key.address, index=len(accepted),
-                                    verified=self.verified)
-                except Rejected as exc:
-                    dropped.append((msg, exc.at(tx=msg.id)))
-                else:
+                exc = state.try_apply(msg, block_time=time, height=height,
+                                      proposer=key.address, index=len(accepted),
+                                      verified=self.verified)
+                if exc is None:
                     accepted.append(msg)
+                else:
+                    dropped.append((msg, exc.at(tx=msg.id)))
         header = {"chain": self.id, "height": height, "prev": state.head, "time": time,
                   "round": round_, "proposer": key.address, "evidence": elected.evidence(),
                   "merkle": merkle_root([m.id for m in accepted]), "txs": len(accepted)}

@@ -16,7 +16,9 @@ Run:  python bench/ledger.py [--txs N] [--block B] [--validators 4,16,64] [--qui
    then blocks of B transactions are proposed (every rule applied), checked with a 4-vote
    commit certificate (4 signature checks per block) and committed to the SQLite (WAL)
    store. Mempool admission checks each block's worth of arrivals as one batch on every
-   core (`Chain.admit_many`). Figure: committed tx/s, and its ratio to the raw verify rate
+   core (`Chain.admit_start`): queued on the worker while the previous block is applied;
+   collecting takes back and checks in this process whatever the worker has not started
+   (work sharing: neither process waits while the other has checks left). Figure: committed tx/s, and its ratio to the raw verify rate
    of one core (the ratio exceeds 1 only by using more than one core).
    Every validator does this same work on its own machine, so this is the network's rate;
    `--inproc-validators V` also runs V full validators in this one process (V times the

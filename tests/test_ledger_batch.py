@@ -37,8 +37,15 @@ def test_batch_matches_one_by_one_in_order(pool):
     expected = [verify_signature(*it) for it in items]
     assert 0 < sum(expected) < len(expected)
     assert pool.verify(items) == expected == verify_many(items)
-    assert pool._pool and pool._pool[0].proc.is_alive()  # the work went to a worker process
-    assert pool._pool[0].received >= 1
+    assert pool._pool and pool._pool[0].proc.is_alive()
+    pending = pool.start(items)
+    w = pool._pool[0]
+    while w.received < w.sent:  # let the worker answer every job before collecting
+        assert w.conn.poll(30)
+        w._read(block=True)
+    taken = w.taken_back
+    assert pending() == expected
+    assert w.taken_back == taken  # all of it was checked by the worker process
     assert BatchVerifier(0).verify(items) == expected
 
 
@@ -118,6 +125,26 @@ def test_worker_processes_inherit_no_socket_of_the_caller():
     finally:
         b.close()
         v.close()
+
+
+def test_the_caller_takes_back_what_a_stalled_worker_has_not_started(pool):
+    """Collecting never waits on a worker that has not begun: the caller checks those jobs
+    itself (work sharing), and the worker, resumed, skips them."""
+    import signal
+    k = KeyPair.from_seed(b"t")
+    items = [(k.public, k.sign(bytes([i])), bytes([i ^ (i % 5 == 0)])) for i in range(256)]
+    expected = verify_many(items)
+    pool.verify(items[:200])  # a running worker
+    w = pool._pool[0]
+    os.kill(w.proc.pid, signal.SIGSTOP)
+    try:
+        taken = w.taken_back
+        assert pool.verify(items) == expected
+        assert w.taken_back - taken == -(-len(items) // pool.chunk)  # every job taken back
+    finally:
+        os.kill(w.proc.pid, signal.SIGCONT)
+    assert pool.verify(items) == expected  # the resumed worker is still in service
+    assert w.proc.is_alive() and pool._pool == [w]
 
 
 def test_a_dead_worker_costs_speed_not_answers(pool):

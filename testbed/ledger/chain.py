@@ -176,9 +176,9 @@ class Chain:
     def admit_many(self, msgs: Sequence[SignedMessage]) -> list[Rejected | None]:
         """`admit` for a batch (a burst of mempool arrivals): signatures checked on every
         core. Per message, in order: None if admitted, else why not."""
-        return self.admit_start(msgs, caller=True)()
+        return self.admit_start(msgs)()
 
-    def admit_start(self, msgs: Sequence[SignedMessage], *, caller: bool = False
+    def admit_start(self, msgs: Sequence[SignedMessage]
                     ) -> Callable[[], list[Rejected | None]]:
         """`admit_many` in two steps: the signature checks start on the worker processes
         and this returns at once, so the node can apply a block meanwhile; calling the
@@ -202,7 +202,7 @@ class Chain:
             keys[msg.client_id] = key
             todo.append(i)
         pending = messages.verify_batch_start([msgs[i] for i in todo], keys.get,
-                                              verifier=self.verifier, caller=caller)
+                                              verifier=self.verifier)
 
         def collect() -> list[Rejected | None]:
             for i, exc in zip(todo, pending(), strict=True):
@@ -266,15 +266,13 @@ class Chain:
             for msg in candidates:
                 if len(accepted) >= state.params.max_block_txs:
                     break
-                try:
-                    with state.atomic():
-                        state.apply(msg, block_time=time, height=height,
-                                    proposer=key.address, index=len(accepted),
-                                    verified=self.verified)
-                except Rejected as exc:
-                    dropped.append((msg, exc.at(tx=msg.id)))
-                else:
+                exc = state.try_apply(msg, block_time=time, height=height,
+                                      proposer=key.address, index=len(accepted),
+                                      verified=self.verified)
+                if exc is None:
                     accepted.append(msg)
+                else:
+                    dropped.append((msg, exc.at(tx=msg.id)))
         header = {"chain": self.id, "height": height, "prev": state.head, "time": time,
                   "round": round_, "proposer": key.address, "evidence": elected.evidence(),
                   "merkle": merkle_root([m.id for m in accepted]), "txs": len(accepted)}

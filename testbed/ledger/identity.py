@@ -78,7 +78,7 @@ def _pack(items: Sequence[SignedItem]) -> bytes:
     return b"".join(parts)
 
 
-def _verify_packed(buf: bytes) -> bytes:
+def _verify_packed(buf: bytes | memoryview) -> bytes:
     out = bytearray()
     view, i = memoryview(buf), 0
     while i < len(buf):
@@ -89,9 +89,11 @@ def _verify_packed(buf: bytes) -> bytes:
     return bytes(out)
 
 
-def _serve(conn: Any) -> None:
+def _serve(conn: Any, claims: Any, lock: Any) -> None:
     """A verifier worker: requests are read by a thread as they come (the caller never
-    blocks on a busy worker), checked in order, and answered as one byte per item."""
+    blocks on a busy worker) and taken in order. Before checking a job the worker claims
+    it in `claims`, shared with the caller, who may have taken it back to check it itself.
+    Every job gets one answer: its ticket, then one byte per item (none if taken back)."""
     jobs: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
 
     def read() -> None:
@@ -103,37 +105,92 @@ def _serve(conn: Any) -> None:
 
     threading.Thread(target=read, daemon=True).start()
     while (job := jobs.get()) is not None:
+        slot = int.from_bytes(job[:4], "big") % len(claims)
+        with lock:
+            mine = claims[slot] == _PENDING
+            if mine:
+                claims[slot] = _WORKER
         try:
-            conn.send_bytes(_verify_packed(job))
+            conn.send_bytes(job[:4] + (_verify_packed(memoryview(job)[4:]) if mine else b""))
         except (EOFError, OSError):
             return
 
 
+_PENDING, _WORKER, _CALLER = 0, 1, 2
+"""Who checks a job: nobody yet, the worker, or the caller (who took it back)."""
+_RING = 256
+"""Claim slots per worker: jobs it can have outstanding (more are checked by the caller)."""
+_LOCK_TIMEOUT_S = 5.0
+
+
 class _Worker:
-    """One worker process and its pipe; answers come back in request order."""
+    """One worker process, its pipe and its claim slots. Answers carry their ticket."""
 
     def __init__(self, ctx: Any) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True,
-                                name="testbed-verifier")
+        self.claims = ctx.Array("b", _RING, lock=False)
+        self.claim_lock = ctx.Lock()
+        self.proc = ctx.Process(target=_serve, args=(child, self.claims, self.claim_lock),
+                                daemon=True, name="testbed-verifier")
         self.proc.start()
         child.close()
         self.sent = 0
         self.received = 0
+        self.taken_back = 0
         self.answers: dict[int, bytes] = {}
+        self.dropped: set[int] = set()
         self.lock = threading.Lock()
 
-    def send(self, items: list[SignedItem]) -> int:
+    def send(self, items: list[SignedItem]) -> int | None:
+        """Queue a job: its ticket, or None when every claim slot is in use."""
         with self.lock:
-            self.conn.send_bytes(_pack(items))
-            self.sent += 1
-            return self.sent
+            ticket = self.sent + 1
+            if ticket - self.received > _RING:
+                return None
+            self._claim(ticket, _PENDING, force=True)
+            self.conn.send_bytes(ticket.to_bytes(4, "big") + _pack(items))
+            self.sent = ticket
+            return ticket
+
+    def _claim(self, ticket: int, who: int, *, force: bool = False) -> bool:
+        if not self.claim_lock.acquire(timeout=_LOCK_TIMEOUT_S):
+            raise OSError("a verifier worker died holding its claim lock")
+        try:
+            slot = ticket % _RING
+            if force or self.claims[slot] == _PENDING:
+                self.claims[slot] = who
+                return True
+            return False
+        finally:
+            self.claim_lock.release()
+
+    def take_back(self, ticket: int) -> bool:
+        """Take back a job the worker has not started, for the caller to check instead of
+        waiting (its answer, empty, is dropped when it comes)."""
+        if not self._claim(ticket, _CALLER):
+            return False
+        with self.lock:
+            self.taken_back += 1
+            self.dropped.add(ticket)
+            self._read(block=False)
+        return True
+
+    def _read(self, *, block: bool) -> None:
+        """Read answers (all that wait, or at least one with `block`); lock held."""
+        while block or self.conn.poll():
+            got = self.conn.recv_bytes()
+            self.received += 1
+            ticket = int.from_bytes(got[:4], "big")
+            if ticket in self.dropped:
+                self.dropped.discard(ticket)
+            else:
+                self.answers[ticket] = got[4:]
+            block = False
 
     def answer(self, ticket: int) -> bytes:
         with self.lock:
             while ticket not in self.answers:
-                self.received += 1
-                self.answers[self.received] = self.conn.recv_bytes()
+                self._read(block=True)
             return self.answers.pop(ticket)
 
     def close(self) -> None:
@@ -150,18 +207,24 @@ class BatchVerifier:
     pickles tuples cost as much CPU as the checks it saved). Threads would do only where
     cryptography's `verify` releases the GIL (measured here with 50.0.2: two threads beat
     one at low load, not under load), and even then a verifier thread next to a caller
-    busy in Python waits for the GIL after every check, which defeats the overlap. A batch is split
-    between the workers and, with `caller`, the caller itself (`verify`); `start` hands it
-    all to the workers so the caller can do other work meanwhile (a node applying a block
-    while the next transactions are checked). Results come back in input order: the
-    outcome is deterministic and identical to `verify_many`. Batches smaller than
-    `min_batch` are checked inline (shipping them would cost more than checking them);
-    a worker that dies is replaced by checking its share inline.
+    busy in Python waits for the GIL after every check, which defeats the overlap.
+
+    `start` cuts a batch into jobs of `chunk` items, queues them all on the workers and
+    returns at once, so the caller can do other work meanwhile (a node applying a block
+    while the next transactions are checked). Collecting the answers shares the work: the
+    caller takes back, from the end, every job no worker has started and checks it itself
+    instead of waiting, so both sides stay busy whichever is faster at the moment (a
+    shared machine changes that from one second to the next). Results come back in input
+    order: the outcome is deterministic and identical to `verify_many`. Batches smaller
+    than `min_batch` are checked inline (shipping them would cost more than checking
+    them); a worker that dies is replaced by checking its share inline.
     """
 
-    def __init__(self, workers: int | None = None, *, min_batch: int = 128) -> None:
+    def __init__(self, workers: int | None = None, *, min_batch: int = 128,
+                 chunk: int = 128) -> None:
         self.workers = max(0, (os.cpu_count() or 1) - 1) if workers is None else workers
         self.min_batch = min_batch
+        self.chunk = max(1, chunk)
         self._pool: list[_Worker] = []
         self._owner = os.getpid()
         self._lock = threading.Lock()
@@ -186,13 +249,12 @@ class BatchVerifier:
             return list(self._pool)
 
     def verify(self, items: Sequence[SignedItem]) -> list[bool]:
-        """Check now: the caller takes one share while the workers take the others."""
-        return self.start(items, caller=True)()
+        """Check now, on the workers and in the caller alike."""
+        return self.start(items)()
 
-    def start(self, items: Sequence[SignedItem], *, caller: bool = False
-              ) -> Callable[[], list[bool]]:
-        """Hand the checks to the workers and return at once; calling the result waits
-        for the answers. With `caller`, the caller checks its own share inside that call."""
+    def start(self, items: Sequence[SignedItem]) -> Callable[[], list[bool]]:
+        """Queue the checks on the workers and return at once; calling the result collects
+        the answers, checking itself whatever no worker has started yet."""
         items = list(items)
         n = len(items)
         if self.workers == 0 or n < self.min_batch:
@@ -201,31 +263,43 @@ class BatchVerifier:
             workers = self._workers()
         except OSError:
             return lambda: verify_many(items)  # no processes: the same answer, slower
-        parts = len(workers) + (1 if caller else 0)
-        size = -(-n // parts)
-        chunks = [items[i:i + size] for i in range(0, n, size)]
-        mine, theirs = (chunks[:1], chunks[1:]) if caller else ([], chunks)
-        tickets: list[tuple[_Worker, int] | None] = []
-        for w, chunk in zip(workers, theirs, strict=False):
+        chunks = [items[i:i + self.chunk] for i in range(0, n, self.chunk)]
+        jobs: list[tuple[_Worker, int | None]] = []
+        for i, chunk in enumerate(chunks):
+            w = workers[i % len(workers)]
             try:
-                tickets.append((w, w.send(chunk)))
+                jobs.append((w, w.send(chunk)))
             except (OSError, ValueError):
-                tickets.append(None)
+                jobs.append((w, None))
 
         def collect() -> list[bool]:
-            out = verify_many(mine[0]) if mine else []
-            for chunk, ticket in zip(theirs, tickets, strict=True):
-                got = None
+            results: list[list[bool] | None] = [None] * len(chunks)
+            busy: set[int] = set()  # workers that started a job: the earlier ones too
+            for i in reversed(range(len(chunks))):
+                w, ticket = jobs[i]
                 if ticket is not None:
+                    if id(w) in busy:
+                        continue
                     try:
-                        got = ticket[0].answer(ticket[1])
+                        if not w.take_back(ticket):
+                            busy.add(id(w))
+                            continue
                     except (EOFError, OSError, ValueError):
                         self.close()  # a dead worker: new ones next time
-                if got is None or len(got) != len(chunk):
-                    out.extend(verify_many(chunk))
+                results[i] = verify_many(chunks[i])
+            for i, (w, ticket) in enumerate(jobs):
+                if results[i] is not None:
+                    continue
+                got = None
+                try:
+                    got = w.answer(ticket)  # type: ignore[arg-type]
+                except (EOFError, OSError, ValueError):
+                    self.close()
+                if got is None or len(got) != len(chunks[i]):
+                    results[i] = verify_many(chunks[i])
                 else:
-                    out.extend(b == 1 for b in got)
-            return out
+                    results[i] = [b == 1 for b in got]
+            return [ok for part in results for ok in part]  # type: ignore[union-attr]
 
         return collect
 

@@ -210,11 +210,11 @@ def verify_batch(msgs: Sequence[SignedMessage], resolve: KeyResolver, *,
     """`verify` for many messages at once, the signature checks spread over every core
     (`identity.BatchVerifier`). Returns, per message and in order, None when it verifies
     or the very refusal `verify` would raise for it."""
-    return verify_batch_start(msgs, resolve, verifier=verifier, caller=True)()
+    return verify_batch_start(msgs, resolve, verifier=verifier)()
 
 
 def verify_batch_start(msgs: Sequence[SignedMessage], resolve: KeyResolver, *,
-                       verifier: BatchVerifier | None = None, caller: bool = False
+                       verifier: BatchVerifier | None = None
                        ) -> Callable[[], list[Rejected | None]]:
     """`verify_batch` in two steps: start the checks, collect the answers later."""
     msgs = list(msgs)
@@ -228,7 +228,7 @@ def verify_batch_start(msgs: Sequence[SignedMessage], resolve: KeyResolver, *,
             continue
         items.append((public, sig, msg.signed_bytes()))
         where.append(i)
-    pending = (verifier or batch_verifier()).start(items, caller=caller)
+    pending = (verifier or batch_verifier()).start(items)
 
     def collect() -> list[Rejected | None]:
         for i, ok in zip(where, pending(), strict=True):

@@ -286,6 +286,24 @@ class LedgerState:
             self._undo = None
             self._rollback(undo)
 
+    def try_apply(self, msg: SignedMessage, **kwargs: Any) -> Rejected | None:
+        """`apply` inside a journal (`trial`, `atomic`) with its own savepoint: a refused
+        transaction leaves no change and its refusal is returned (building a proposal;
+        cheaper than an `atomic` block per transaction)."""
+        undo = self._undo
+        if undo is None:
+            raise RuntimeError("try_apply outside a journal")
+        mark = len(undo)
+        try:
+            self.apply(msg, **kwargs)
+        except Rejected as exc:
+            self._rollback(undo, mark)
+            return exc
+        except BaseException:
+            self._rollback(undo, mark)
+            raise
+        return None
+
     # ------------------------------------------------------------------ money
     def _transfer(self, payer: str, payee: str, amount: int) -> None:
         self._set(self.balances, payer, self.balance(payer) - amount)

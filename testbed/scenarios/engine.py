@@ -24,6 +24,7 @@ seed writes the same store (wall-clock columns aside).
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 import logging
@@ -291,7 +292,14 @@ class Run:
                                     self.ledger.submit if self.ledger else None,
                                     dso=self.layout.key("dso"), pseudonym=desk.issue)
             await self.devices.connect()
-            await self._loop()
+            # Everything set up so far (pandapower, the feeder, keys, emulators) lives as
+            # long as the run: out of the collector's way, a full collection scans only
+            # what the loop allocates (measured: 11 -> 4 ms of GC per step, 50 prosumers).
+            gc.freeze()
+            try:
+                await self._loop()
+            finally:
+                gc.unfreeze()
         finally:
             await self.market.stop()
             await self.devices.close()

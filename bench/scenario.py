@@ -18,6 +18,7 @@ What is measured
        blocking waits (nothing ready to run: sleeping on a timer, polling), the part of
        the wall time the code itself spends not working (the rest of wall - CPU is the
        machine's other load).
+       `gc` is the CPU time the garbage collector took (`gc.callbacks`).
        `--profile PATH` runs it under cProfile and prints the top functions.
     2. realtime: ~`--devices` emulated devices (devices / 3 prosumers) at a 1 s step in
        real time (speed 1) for `--realtime-s` seconds, market interval 60 s, grid and
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -173,6 +175,29 @@ class IdleSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
             IdleSelector.waits += 1
 
 
+class GCTimer:
+    """CPU time the garbage collector takes during a run (`gc.callbacks`): with the
+    broker, agents, nodes and emulators in one process, full collections of a large heap
+    were a visible share of a step."""
+
+    def __init__(self) -> None:
+        self.cpu_s, self.full, self._t = 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t = time.process_time()
+        else:
+            self.cpu_s += time.process_time() - self._t
+            self.full += info["generation"] == 2
+
+    def __enter__(self) -> GCTimer:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
 def children_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -197,9 +222,10 @@ def run(sc: Scenario, out: Path, profile: str | None = None,
         prof = cProfile.Profile()
         prof.enable()
     t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu_s()
-    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(IdleSelector())) as r:
+    with GCTimer() as gct, asyncio.Runner(
+            loop_factory=lambda: asyncio.SelectorEventLoop(IdleSelector())) as r:
         res = r.run(Run(sc, out=out, report=False, shards=shards,
-                                feeder_federate=feeder_federate).execute())
+                        feeder_federate=feeder_federate).execute())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     children = children_cpu_s() - k0
     cpu += children
@@ -212,6 +238,7 @@ def run(sc: Scenario, out: Path, profile: str | None = None,
     return {"wall_s": wall, "cpu_s": cpu, "children_cpu_s": children, "shards": shards,
             "cosim": s.get("cosim"), "uncommitted": s["ledger"]["uncommitted"], "cpu_share": cpu / wall if wall else None,
             "idle_s": IdleSelector.idle_s, "idle_waits": IdleSelector.waits,
+            "gc_s": gct.cpu_s, "gc_full_collections": gct.full,
             "steps": s["steps"], "ms_per_step": wall / s["steps"] * 1e3,
             "auctions": s["market"]["auctions"], "cleared": s["market"]["cleared"],
             "blocks": s["ledger"]["blocks"], "txs": s["ledger"]["submitted"],
@@ -341,6 +368,9 @@ def main() -> int:
                   f"{lr.get('p50_ms', 0):.2f} / {lr.get('p99_ms', 0):.2f} / "
                   f"{lr.get('max_ms', 0):.2f}")
     console.print(t)
+    console.print(f"fast: garbage collector {fast['gc_s']:.1f} s CPU "
+                  f"({fast['gc_full_collections']} full collections), "
+                  f"{fast['cpu_s'] / fast['steps'] * 1e3:.1f} ms CPU per step", highlight=False)
     for b in bigs:
         console.print(f"{b['prosumers']} prosumers ({b['devices']} devices), {b['shards']} shards: "
                       f"{b['wall_s']:.1f} s for {big_hours:g} h"

@@ -179,6 +179,23 @@ def site(tmp_path: Path, grid: str) -> Path:
     return p
 
 
+def test_bundled_kerber_feeder_is_the_same_network_in_every_build() -> None:
+    """pandapower draws the Kerber house cables from the global random stream: the bundled
+    feeder must not depend on it (a replay or a feeder federate builds it again), and
+    building it must leave the caller's stream alone."""
+    import random
+
+    random.seed(1)
+    a = load_network("kerber-dorfnetz")
+    after = random.random()
+    random.seed(2)
+    b = load_network("kerber-dorfnetz")
+    random.seed(1)
+    assert random.random() == after
+    assert len(set(a.line.std_type)) == 3  # both house cable types drawn, and the main cable
+    assert list(a.line.std_type) == list(b.line.std_type)
+
+
 def test_demo_site_connects_every_prosumer_automatically() -> None:
     checker = checker_for(load_site("demo"))
     assert [c.label for c in checker.connections] == ["Bus R11", "Bus R15", "Bus R16"]

@@ -8,6 +8,7 @@ the feeder's designers put customer i.
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,10 +37,21 @@ def _cigre_lv() -> Any:
     return pn.create_cigre_network_lv()
 
 
+KERBER_SEED = 0
+"""pandapower draws each Kerber house connection's cable type (NAYY 4x50 or NYY 4x35)
+from the global `random` module: seeded, the bundled feeder is the same network in every
+process (a replay, a HELICS feeder federate), not a new draw each time."""
+
+
 def _kerber(name: str) -> Callable[[], Any]:
     def make() -> Any:
         import pandapower.networks as pn
-        return getattr(pn, name)()
+        state = random.getstate()
+        random.seed(KERBER_SEED)
+        try:
+            return getattr(pn, name)()
+        finally:
+            random.setstate(state)  # the caller's random stream is left as it was
     return make
 
 

@@ -24,6 +24,7 @@ seed writes the same store (wall-clock columns aside).
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 import logging
@@ -291,7 +292,20 @@ class Run:
                                     self.ledger.submit if self.ledger else None,
                                     dso=self.layout.key("dso"), pseudonym=desk.issue)
             await self.devices.connect()
-            await self._loop()
+            # Everything set up so far (pandapower, the feeder, keys, emulators) lives as
+            # long as the run: out of the collector's way, a full collection scans only
+            # what the loop allocates; and a step's many short-lived objects (readings,
+            # messages, rows) die by reference count long before a young collection
+            # every 20,000 allocations instead of 700 would look at them. GC per step,
+            # 50 prosumers: 11 ms -> 4 ms (freeze) -> 0.2 ms (thresholds).
+            thresholds = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(20_000, 20, 10)
+            try:
+                await self._loop()
+            finally:
+                gc.set_threshold(*thresholds)
+                gc.unfreeze()
         finally:
             await self.market.stop()
             await self.devices.close()

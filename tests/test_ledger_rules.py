@@ -65,6 +65,32 @@ def test_malformed_envelopes_are_refused_with_the_reason(raw, expected):
     assert expected in str(info.value)
 
 
+def test_awards_and_grid_checks_may_grow_with_the_market_other_envelopes_may_not():
+    """An award or a DSO check carries a line per order (500 prosumers: 120-160 kB), so
+    those two operations have a larger ceiling, decided from the canonical prefix before
+    any decoding; every other operation keeps the 64 kB one."""
+    k = KeyPair.generate()
+    pad = ["x" * 60] * 3_000  # ~190 kB of parameters
+    for op in (T.AWARD, T.GRID_CHECK):
+        big = messages.sign(k, op, {"lines": pad}, at=T0)
+        assert len(big.raw) > 2 * messages.MAX_MESSAGE_BYTES
+        assert messages.size_limit(big.raw) == messages.MAX_LARGE_MESSAGE_BYTES
+        assert messages.parse(big.raw) == big
+        assert messages.verify(big, {k.address: k.public}.get) == k.public
+    payment = messages.sign(k, T.PAYMENT, {"lines": pad}, at=T0)
+    with pytest.raises(Rejected, match=f"exceeds {messages.MAX_MESSAGE_BYTES}$") as info:
+        messages.parse(payment.raw)
+    assert info.value.reason == Reason.MALFORMED
+    huge = messages.sign(k, T.AWARD, {"lines": ["x" * 1000] * 4_300}, at=T0)
+    with pytest.raises(Rejected, match=f"exceeds {messages.MAX_LARGE_MESSAGE_BYTES}$"):
+        messages.parse(huge.raw)
+    # the larger ceiling needs the canonical key order: a reordered envelope gets 64 kB
+    reordered = b'{"operation":"award",' + big.raw[1:]
+    assert messages.size_limit(reordered) == messages.MAX_MESSAGE_BYTES
+    with pytest.raises(Rejected, match="exceeds"):
+        messages.parse(reordered, strict=False)
+
+
 def test_forged_signature_is_refused_at_admission_and_in_a_block():
     net = make_net()
     good = net.pay(net.aggregator, net.validators[0].address, 5)

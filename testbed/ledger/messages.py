@@ -13,6 +13,7 @@ known, signature good: a pure function of the message and the key table) and `Fr
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from functools import cached_property
 from typing import Any
 
 from testbed.ledger import canonical
+from testbed.ledger import transactions as T
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import (
     BatchVerifier,
@@ -35,6 +37,15 @@ DOMAIN = b"testbed/signed-message/v1\n"
 FIELDS = ("clientId", "date", "operation", "parameters", "reqId", "signature")
 MAX_REQ_ID = 64
 MAX_MESSAGE_BYTES = 64 * 1024
+"""Ceiling of an ordinary envelope: an order, a reading or a payment is well under 2 kB."""
+MAX_LARGE_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Ceiling of the operations whose size grows with the market (`LARGE_OPERATIONS`)."""
+LARGE_OPERATIONS = frozenset({T.AWARD, T.GRID_CHECK})
+"""An award lists every order of its auction with a notice, award and cap per order, and
+the DSO's check carries a cap per order: ~0.3-0.5 kB an order, i.e. past 64 kB from ~150
+orders on (500 prosumers' awards are 120-160 kB)."""
+_OPERATION_PREFIX = re.compile(rb'\{"clientId":"[^"]{1,100}","date":"[^"]{1,40}",'
+                               rb'"operation":"([a-z-]{1,32})"')
 
 KeyResolver = Callable[[str], bytes | None]
 """Maps a clientId (address) to its registered public key, or None if unknown."""
@@ -109,8 +120,9 @@ def sign(key: KeyPair, operation: str, parameters: Mapping[str, Any], *, at: flo
 def parse(raw: bytes | str, *, strict: bool = True) -> SignedMessage:
     """Decode and shape-check an envelope. With `strict`, it must be canonical bytes."""
     if len(raw) > MAX_MESSAGE_BYTES:
-        raise Rejected(Reason.MALFORMED, f"message of {len(raw)} bytes exceeds "
-                       f"{MAX_MESSAGE_BYTES}")
+        limit = size_limit(raw)
+        if len(raw) > limit:
+            raise Rejected(Reason.MALFORMED, f"message of {len(raw)} bytes exceeds {limit}")
     try:
         obj = canonical.decode(raw, strict=strict)
     except canonical.NotCanonical as exc:
@@ -119,6 +131,19 @@ def parse(raw: bytes | str, *, strict: bool = True) -> SignedMessage:
     if strict:  # the bytes are the canonical encoding: no need to encode them again
         msg.__dict__["raw"] = raw.encode() if isinstance(raw, str) else bytes(raw)
     return msg
+
+
+def size_limit(raw: bytes | str) -> int:
+    """The most bytes an envelope may have, read from its first ~200 bytes before any
+    decoding: `MAX_LARGE_MESSAGE_BYTES` for the operations that grow with the market when
+    the canonical key order names one (canonical JSON sorts `clientId`, `date`,
+    `operation` first), else `MAX_MESSAGE_BYTES`. Signature and shape are checked later
+    as for any message."""
+    head = raw[:200]
+    match = _OPERATION_PREFIX.match(head.encode() if isinstance(head, str) else head)
+    if match is not None and match.group(1).decode() in LARGE_OPERATIONS:
+        return MAX_LARGE_MESSAGE_BYTES
+    return MAX_MESSAGE_BYTES
 
 
 def from_dict(obj: Any) -> SignedMessage:

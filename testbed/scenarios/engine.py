@@ -294,11 +294,14 @@ class Run:
             await self.devices.connect()
             # Everything set up so far (pandapower, the feeder, keys, emulators) lives as
             # long as the run: out of the collector's way, a full collection scans only
-            # what the loop allocates; and a step's many short-lived objects (readings,
-            # messages, rows) die by reference count long before a young collection
-            # every 20,000 allocations instead of 700 would look at them. GC per step,
+            # what the loop allocates (in real time, unfrozen, each full collection
+            # stalled the loop ~200 ms every ~3 s with 1,000 devices: late ticks); and
+            # a step's many short-lived objects (readings, messages, rows) die by
+            # reference count long before a young collection every 20,000 allocations
+            # instead of 700 would look at them. GC per step,
             # 50 prosumers: 11 ms -> 4 ms (freeze) -> 0.2 ms (thresholds).
             thresholds = gc.get_threshold()
+            gc.collect()
             gc.freeze()
             gc.set_threshold(20_000, 20, 10)
             try:
@@ -320,32 +323,20 @@ class Run:
         vm_pu: dict[str, float] = {}
         real: dict[str, Any] = {}
         self._round: asyncio.Future[None] | None = None
-        # Realtime: what start-up built (devices, drivers, keys, the grid model) lives for
-        # the whole run; left to the collector, every full collection walks it again and
-        # stalls the loop for ~200 ms (measured: every ~3 s with 1,000 devices, finding
-        # nothing), late ticks whenever one lands on a deadline. Frozen, it is skipped.
-        freeze = clock.realtime
-        if freeze:
-            gc.collect()
-            gc.freeze()
         clock.begin()
-        try:
-            for k in range(1, sc.steps + 1):
-                late = await clock.tick(k)
-                t0 = sc.start + (k - 1) * sc.step
-                t1 = t0 + sc.step
-                try:
-                    vm_pu, real = await self._step(k, t0, t1, vm_pu, real, events, late)
-                except FederateLost as exc:
-                    self._federate_lost(t1, exc)
-                    break
-            if self._round is not None:
-                await self._round
-                self._round = None
-                self.store.commit()
-        finally:
-            if freeze:
-                gc.unfreeze()
+        for k in range(1, sc.steps + 1):
+            late = await clock.tick(k)
+            t0 = sc.start + (k - 1) * sc.step
+            t1 = t0 + sc.step
+            try:
+                vm_pu, real = await self._step(k, t0, t1, vm_pu, real, events, late)
+            except FederateLost as exc:
+                self._federate_lost(t1, exc)
+                break
+        if self._round is not None:
+            await self._round
+            self._round = None
+            self.store.commit()
 
     async def _step(self, k: int, t0: float, t1: float, vm_pu: dict[str, float],
                     real: dict[str, Any], events: list[DeviceEvent], late: float | None,

@@ -199,11 +199,15 @@ class RunFederate:
         return sorted(d for k, ok in zip(keys, alive, strict=True) if not ok for d in where[k])
 
     def close(self) -> None:
-        """Leave the federation; the shards are told first (`{"end": true}` as the inputs)
-        so they finish without waiting for HELICS to notice the run has gone."""
+        """Leave the federation; the shards and the feeder federate are told first
+        (`{"end": true}` as the inputs and as the injections, as `names` documents) so they
+        finish without waiting for HELICS to notice the run has gone."""
         if self._started and not self._failed and self.fed.executing():
+            end = json.dumps({"end": True})
             with contextlib.suppress(Exception):
-                self.fed.put(names.inputs(self.site.name), json.dumps({"end": True}))
+                self.fed.put(names.inputs(self.site.name), end)
+                if self.feeder is not None:
+                    self.fed.put(names.injections(self.site.name), end)
         self.fed.close()
 
 

@@ -175,7 +175,7 @@ class EmulatedDevice:
 
     def write(self, address: int, values: list[int]) -> None:
         """Validate and apply a register write; raises WriteRefused leaving state unchanged."""
-        trial = RegisterMap(self.map.base, self.map.models, list(self.map.registers))
+        trial = self.map.copy()
         start = address - trial.base
         if start < 0 or start + len(values) > len(trial.registers):
             raise WriteRefused(f"address {address}+{len(values)} outside the SunSpec map")
@@ -206,7 +206,7 @@ class EmulatedDevice:
 
     def write_point(self, model_id: int, point: str, value: float | int | str) -> None:
         """Engineering-unit write (used by tests and the OPC UA side): same checks."""
-        trial = RegisterMap(self.map.base, self.map.models, list(self.map.registers))
+        trial = self.map.copy()
         trial.set(model_id, point, value)
         p = trial.model(model_id).definition.point(point)
         i = trial.address_of(model_id, point) - trial.base

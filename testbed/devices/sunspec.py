@@ -392,6 +392,16 @@ class RegisterMap:
         self._unit: dict[tuple[int, str], float] = {}
         """Per scaled point, 10 ** its SF exponent; dropped with `_sf`."""
 
+    def copy(self) -> RegisterMap:
+        """The same map with its own registers (an emulator's trial of a write). The
+        lookup tables depend on the layout only and are shared: building them again took
+        ~100 us, most of a setpoint write's cost on the emulator side."""
+        new = object.__new__(RegisterMap)
+        new.base, new.models, new.registers = self.base, self.models, list(self.registers)
+        new._slots, new._ints = self._slots, self._ints
+        new._sf, new._unit = dict(self._sf), dict(self._unit)
+        return new
+
     # -- lookup
     def model(self, model_id: int) -> ModelInstance:
         for m in self.models:

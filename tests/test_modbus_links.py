@@ -216,3 +216,33 @@ async def test_pymodbus_logs_never_reach_the_console(served, capsys):
     assert proxy.drops >= 2 and sum(oks["pv"]) >= 3
     out = capsys.readouterr().out
     assert "send:" not in out and "recv:" not in out and "0x" not in out, out
+
+
+async def test_a_request_handler_that_waits_is_finished_by_a_task():
+    """The server runs each request's handler on the spot; one that waits after all (a
+    datastore that awaits) is taken over by a task from where it stopped, with what it
+    waited for sent in, and its cancellation thrown in."""
+    from testbed.devices.modbus_server import _resume
+
+    seen: list[str] = []
+
+    async def handler(delay: float) -> int:
+        seen.append("start")
+        await asyncio.sleep(delay)
+        seen.append("after wait")
+        return 7
+
+    coro = handler(0.01)
+    waiting = coro.send(None)  # runs to its first wait, as _Handler._run does
+    assert seen == ["start"]
+    assert await asyncio.get_running_loop().create_task(_resume(coro, waiting)) == 7
+    assert seen == ["start", "after wait"]
+
+    coro = handler(10.0)
+    task = asyncio.get_running_loop().create_task(_resume(coro, coro.send(None)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == ["start", "after wait", "start"]
+    assert coro.cr_frame is None  # the handler itself was cancelled, not left suspended

@@ -14,11 +14,11 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Coroutine, Generator, Mapping
 from typing import Any
 
 from pymodbus.constants import ExcCodes
-from pymodbus.exceptions import NoSuchIdException
+from pymodbus.exceptions import ModbusIOException, NoSuchIdException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.device import (
@@ -39,6 +39,7 @@ from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simcore import SimCore
 from pymodbus.simulator.simutils import SimUtils
+from pymodbus.transaction import TransactionManager
 
 from .emulator import EmulatedDevice, WriteRefused
 from .modbus_link import SerialSettings
@@ -244,18 +245,73 @@ class _StrictDecoder(DecodePDU):
 
 
 class _Handler(ServerRequestHandler):
-    """pymodbus' connection handler, starting each request's task on the loop directly:
-    pymodbus goes through `run_coroutine_threadsafe`, i.e. a wake-up write to the loop's
-    self-pipe and two more loop passes per request, though it is on the loop's thread."""
+    """pymodbus' connection handler, answering a request as soon as it is decoded: pymodbus
+    schedules a callback that goes through `run_coroutine_threadsafe` (a wake-up write to
+    the loop's self-pipe) to start a task per request, three loop passes before the
+    answer. Our datastore never waits, so the handler's coroutine is run on the spot and
+    finishes there; should it wait after all, a task takes it over from where it stopped."""
 
     tasks: set[asyncio.Task] | None = None
 
+    def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
+        try:
+            used_len = TransactionManager.callback_data(self, data, addr)
+        except ModbusIOException as exc:  # as pymodbus answers an undecodable frame
+            response = ExceptionResponse(0x00 if exc.fcode is None else exc.fcode,
+                                         exception_code=ExcCodes.ILLEGAL_FUNCTION,
+                                         device_id=exc.dev_id, transaction=exc.transaction_id)
+            self.server_send(response, addr)
+            return len(data)
+        if self.last_pdu:
+            self._run(self.handle_request())
+        return used_len
+
     def handle_later(self) -> None:
+        self._run(self.handle_request())
+
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:  # what a task would have logged as never retrieved
+            log.exception("Modbus request handler failed")
+            return
         if self.tasks is None:
             self.tasks = set()
-        task = self.loop.create_task(self.handle_request())
+        task = self.loop.create_task(_resume(coro, waiting))
         self.tasks.add(task)  # a strong reference until done, as asyncio asks
         task.add_done_callback(self.tasks.discard)
+
+
+class _Resumed:
+    """Awaitable that drives a started coroutine on: what it yielded goes to the task
+    (the future it waits on), and what the task sends or throws goes back in."""
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
+        self.coro, self.waiting = coro, waiting
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, waiting = self.coro, self.waiting
+        while True:
+            try:
+                sent = yield waiting
+            except BaseException as exc:  # noqa: BLE001 - cancellation too goes to the coroutine
+                try:
+                    waiting = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    waiting = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> Any:
+    return await _Resumed(coro, waiting)
 
 
 def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:

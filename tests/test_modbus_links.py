@@ -246,3 +246,31 @@ async def test_a_request_handler_that_waits_is_finished_by_a_task():
         await task
     assert seen == ["start", "after wait", "start"]
     assert coro.cr_frame is None  # the handler itself was cancelled, not left suspended
+
+
+async def test_each_request_times_out_at_its_own_deadline(served):
+    """One watch timer per connection: a short timeout after a long one still ends at the
+    short one (the watch, armed for the long deadline, moves earlier), and a run of
+    unanswered requests makes pymodbus close the connection, which the next request
+    reopens."""
+    port = served.endpoints["meter"].port
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        link = ModbusLink("127.0.0.1", proxy.port, timeout_s=1.0)
+        meter = SunSpecDevice("meter", link, 3, "meter", retries=0)
+        await meter.connect()
+        loop = asyncio.get_running_loop()
+        assert await link.read(40000, 2, 3, timeout_s=30.0) == [0x5375, 0x6E53]
+        proxy.latency_s = 2.5
+        t = loop.time()
+        with pytest.raises(DeviceUnavailable, match=r"timeout, no response within 0.3 s"):
+            await link.read(40000, 2, 3, timeout_s=0.3)
+        assert 0.3 <= loop.time() - t < 2.0
+        generation = link.generation
+        for _ in range(4):  # pymodbus closes after retries + 3 unanswered requests
+            with contextlib.suppress(DeviceUnavailable):
+                await link.read(40000, 2, 3, timeout_s=0.1)
+        assert not link.connected
+        proxy.latency_s = 0.0
+        assert await link.read(40000, 2, 3) == [0x5375, 0x6E53]
+        assert link.generation == generation + 1
+        link.close()

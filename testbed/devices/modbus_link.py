@@ -19,8 +19,10 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
-from pymodbus.pdu import ExceptionResponse
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
+from pymodbus.transaction import TransactionManager
+from pymodbus.transport import CommType
 
 from .driver import DeviceError, DeviceUnavailable
 
@@ -78,6 +80,80 @@ class _HoldingRegisters(ReadHoldingRegistersResponse):
         in pymodbus' own debug dump."""
         return (f"{type(self).__name__}(dev_id={self.dev_id}, "
                 f"transaction_id={self.transaction_id}, registers={len(self.registers)})")
+
+
+class _Transaction(TransactionManager):
+    """pymodbus' client transaction with a cheaper wait for the answer. pymodbus wraps
+    each answer's future in `asyncio.wait_for` (a second future, a timer and a callback
+    per request, and one more loop pass before the caller resumes) behind a lock of its
+    own. Here the link's pacer already keeps one request in flight, so the lock goes, and
+    one watch timer per connection enforces the deadline of the request in flight: it
+    re-arms itself at the current deadline when it fires early, so a request costs a
+    float store, not a timer. Timeouts, the count of unanswered requests before pymodbus
+    closes the connection, and its errors are pymodbus'."""
+
+    deadline = 0.0
+    _watch: asyncio.TimerHandle | None = None
+
+    async def execute(self, no_response_expected: bool, request: ModbusPDU) -> ModbusPDU:
+        if self.retries:  # pymodbus' own retries: its own loop (the link retries itself)
+            return await super().execute(no_response_expected, request)
+        if not self.transport:
+            raise ConnectionException("Not connected")
+        request.transaction_id = self.getNextTID()
+        self.recv_buffer = b""
+        future = self.response_future = self.loop.create_future()
+        self.pdu_send(request)
+        if no_response_expected:
+            return None  # type: ignore[return-value]
+        self.deadline = deadline = self.loop.time() + self.comm_params.timeout_connect
+        watch = self._watch
+        if watch is None or watch.when() > deadline:
+            if watch is not None:
+                watch.cancel()
+            self._watch = self.loop.call_at(deadline, self._check)
+        try:
+            response: ModbusPDU = await future
+        except TimeoutError:
+            if self.count_until_disconnect < 0:
+                if self.comm_params.comm_type != CommType.SERIAL:
+                    self.connection_lost(TimeoutError("Server not responding"))
+                raise self._io_exception_from_request(
+                    "ERROR: No response received of the last requests (default: retries+3), "
+                    "CLOSING CONNECTION.", request) from None
+            self.count_until_disconnect -= 1
+            raise self._io_exception_from_request(
+                "No response received after 0 retries, continue with next request",
+                request) from None
+        self.count_until_disconnect = self.max_until_disconnect
+        if request.dev_id and response.dev_id != request.dev_id:
+            raise self._io_exception_from_request(
+                f"ERROR: request uses device id={request.dev_id} but received {response.dev_id}.",
+                request)
+        if response.transaction_id and response.transaction_id != request.transaction_id:
+            raise self._io_exception_from_request(
+                f"ERROR: request uses transaction id={request.transaction_id} but received "
+                f"{response.transaction_id}.", request)
+        response.retries = 0
+        return response
+
+    def _check(self) -> None:
+        """The watch: time out the request in flight past its deadline, else sleep until
+        that deadline (none in flight: stop until the next request)."""
+        self._watch = None
+        future = self.response_future
+        if future.done():
+            return
+        if self.loop.time() >= self.deadline:
+            future.set_exception(TimeoutError())
+        else:
+            self._watch = self.loop.call_at(self.deadline, self._check)
+
+    def close(self, reconnect: bool = False) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        super().close(reconnect)
 
 
 RTU_QUIET_S = 0.5
@@ -153,6 +229,8 @@ class ModbusLink:
             client = AsyncModbusTcpClient(self.host, port=self.port, framer=framer, **kw)
         client.register(_HoldingRegisters)
         ctx = client.ctx
+        if type(ctx) is TransactionManager:
+            ctx.__class__ = _Transaction
         lost = ctx.callback_disconnected
 
         def on_lost(exc: Exception | None) -> None:

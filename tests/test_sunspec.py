@@ -53,6 +53,35 @@ def test_scaled_values_round_trip_and_saturate():
     assert m.get(103, "WH") == 3_000_000
 
 
+def test_a_writer_stores_what_set_stores():
+    """`RegisterMap.writer` (an emulator's per-step fill) against `set`, point by point:
+    scaled, saturated, two-register, raw, None, out of a raw range (the error of `set`),
+    and after a scale factor changed."""
+    names = ("W", "WH", "St", "A", "Hz")
+    m, ref = RegisterMap.build([1, 103]), RegisterMap.build([1, 103])
+    for mp in (m, ref):
+        mp.set_raw(103, "W_SF", -1)
+        mp.set_raw(103, "A_SF", -2)
+    put = m.writer(103, names)
+    for values in [(1234.56, 3_000_000, 4, 12.345, None), (1e9, 0, 7, -1e9, None),
+                   (-5.04, 2**31, 1, 0.0, None)]:
+        put(*values)
+        for name, v in zip(names, values, strict=True):
+            ref.set(103, name, v)
+        assert m.registers == ref.registers
+    with pytest.raises(SunSpecError, match="outside"):
+        put(0, 0, 70000, 0, None)  # an enum16 has no room for 70000
+    m.set_raw(103, "W_SF", 1)  # a scale factor changes: the writer follows
+    ref.set_raw(103, "W_SF", 1)
+    put(1234.0, 1, 1, 1.0, None)
+    for name, v in zip(names, (1234.0, 1, 1, 1.0, None), strict=True):
+        ref.set(103, name, v)
+    assert m.registers == ref.registers
+    assert m.get_raw(103, "W") == 123
+    with pytest.raises(SunSpecError, match="no point 'Nope'"):
+        m.writer(103, ("W", "Nope"))
+
+
 def test_unimplemented_values_decode_to_none():
     m = RegisterMap.build([1, 103])
     assert m.get(103, "W") is None  # int16 0x8000

@@ -168,6 +168,17 @@ class EmulatedDevice:
         if not self._due:
             self.prosumer.timers.remove(self._tick_due)
 
+    def _writers(self, m: RegisterMap) -> tuple[Callable[..., None], ...]:
+        """The kind's `fill_writers` for map `m`, made once."""
+        cached = self.__dict__.get("_fill_writers")
+        if cached is None or cached[0] is not m:
+            cached = self._fill_writers = (m, self.fill_writers(m))
+        return cached[1]
+
+    def fill_writers(self, m: RegisterMap) -> tuple[Callable[..., None], ...]:
+        """`RegisterMap.writer`s of the dynamic points `fill` stores on every step."""
+        return ()
+
     def refresh(self) -> None:
         if self._encoded_version != self.prosumer.version:
             self.fill(self.map)
@@ -282,32 +293,22 @@ class EmulatedInverter(EmulatedDevice):
         assert pv is not None
         v = s.meter.voltage_v
         a = pv.ac_w / (3 * v) if v > 0 else 0.0
-        m.set(103, "A", a)
-        for ph in ("AphA", "AphB", "AphC"):
-            m.set(103, ph, a)
-        for ph in ("PhVphA", "PhVphB", "PhVphC"):
-            m.set(103, ph, v)
-        for ph in ("PPVphAB", "PPVphBC", "PPVphCA"):
-            m.set(103, ph, v * SQRT3)
-        m.set(103, "W", pv.ac_w)
-        m.set(103, "Hz", s.meter.frequency_hz)
         va = math.hypot(pv.ac_w, pv.q_var)
-        m.set(103, "VA", va)
-        m.set(103, "VAr", pv.q_var)
-        m.set(103, "PF", math.copysign(100.0 * pv.ac_w / va, pv.q_var or 1.0) if va > 0 else 100.0)
-        m.set(103, "WH", math.floor(pv.energy_wh))
         dcv = 400.0 if pv.dc_w > 0 else 0.0
-        m.set(103, "DCV", dcv)
-        m.set(103, "DCA", pv.dc_w / dcv if dcv else 0.0)
-        m.set(103, "DCW", pv.dc_w)
-        m.set(103, "TmpCab", 25.0 + 15.0 * pv.ac_w / self.params.rating_w)
-        m.set_raw(103, "St", INVERTER_ST[pv.status.value])
-        m.set_raw(103, "Evt1", 0)
-        m.set_raw(103, "Evt2", 0)
-        m.set(123, "WMaxLimPct", pv.limit_pct)
-        m.set_raw(123, "WMaxLim_Ena", int(pv.limit_enabled))
-        m.set_raw(123, "Conn", int(pv.connected))
-        m.set_raw(123, "OutPFSet_Ena", int(pv.pf_setpoint is not None))
+        vl = v * SQRT3
+        w103, w123 = self._writers(m)
+        w103(a, a, a, a, v, v, v, vl, vl, vl, pv.ac_w, s.meter.frequency_hz, va, pv.q_var,
+             math.copysign(100.0 * pv.ac_w / va, pv.q_var or 1.0) if va > 0 else 100.0,
+             math.floor(pv.energy_wh), dcv, pv.dc_w / dcv if dcv else 0.0, pv.dc_w,
+             25.0 + 15.0 * pv.ac_w / self.params.rating_w, INVERTER_ST[pv.status.value], 0, 0)
+        w123(pv.limit_pct, int(pv.limit_enabled), int(pv.connected),
+             int(pv.pf_setpoint is not None))
+
+    def fill_writers(self, m: RegisterMap) -> tuple[Callable[..., None], ...]:
+        return (m.writer(103, ("A", "AphA", "AphB", "AphC", "PhVphA", "PhVphB", "PhVphC",
+                               "PPVphAB", "PPVphBC", "PPVphCA", "W", "Hz", "VA", "VAr", "PF",
+                               "WH", "DCV", "DCA", "DCW", "TmpCab", "St", "Evt1", "Evt2")),
+                m.writer(123, ("WMaxLimPct", "WMaxLim_Ena", "Conn", "OutPFSet_Ena")))
 
     def check(self, p: PointDef, value: float | int | str | None) -> None:
         if p.model_id == 123 and p.name == "WMaxLimPct":
@@ -435,30 +436,23 @@ class EmulatedBattery(EmulatedDevice):
         assert b is not None
         p = self.params
         v = self.nominal_v * (0.9 + 0.2 * b.soc)
-        m.set(802, "SoC", b.soc * 100)
-        m.set(802, "DoD", (1 - b.soc) * 100)
-        m.set(802, "DisChaRte", abs(b.power_w) / p.capacity_wh * 100)
-        m.set_raw(802, "ChaSt", CHA_ST[b.status.value])
-        m.set_raw(124, "ChaSt", CHA_ST[b.status.value])
+        cha_st = CHA_ST[b.status.value]
         soc_clamp = b.clamp_reason in (ClampReason.SOC_MIN, ClampReason.SOC_MAX)
-        m.set_raw(802, "State", BAT_STATE_DISCONNECTED if not self.connected else
-                  BAT_STATE_SOC_PROTECTION if soc_clamp else BAT_STATE_CONNECTED)
-        m.set_raw(802, "SetOp", 1 if self.connected else 2)
-        m.set_raw(802, "Evt1", 1 << EVT1_BITS[b.clamp_reason] if b.clamp_reason else 0)
-        m.set(802, "V", v)
-        m.set(802, "VMax", self.nominal_v * 1.1)
-        m.set(802, "VMin", self.nominal_v * 0.9)
-        m.set(802, "A", b.power_w / v)
-        m.set(802, "W", b.power_w)
-        m.set(802, "ReqW", b.setpoint_w)
-        m.set_raw(802, "NCyc", int(b.discharged_wh / p.capacity_wh))
-        m.set_raw(802, "Hb", int(s.t_s) & 0xFFFF)
-        m.set(124, "WChaMax", self.wchamax)
-        m.set(124, "ChaState", b.soc * 100)
-        m.set(124, "InBatV", v)
-        m.set_raw(124, "StorCtl_Mod", self.storctl_mod)
-        m.set(124, "OutWRte", self.out_pct)
-        m.set(124, "InWRte", self.in_pct)
+        w802, w124 = self._writers(m)
+        w802(b.soc * 100, (1 - b.soc) * 100, abs(b.power_w) / p.capacity_wh * 100, cha_st,
+             BAT_STATE_DISCONNECTED if not self.connected else
+             BAT_STATE_SOC_PROTECTION if soc_clamp else BAT_STATE_CONNECTED,
+             1 if self.connected else 2,
+             1 << EVT1_BITS[b.clamp_reason] if b.clamp_reason else 0,
+             v, self.nominal_v * 1.1, self.nominal_v * 0.9, b.power_w / v, b.power_w,
+             b.setpoint_w, int(b.discharged_wh / p.capacity_wh), int(s.t_s) & 0xFFFF)
+        w124(cha_st, self.wchamax, b.soc * 100, v, self.storctl_mod, self.out_pct, self.in_pct)
+
+    def fill_writers(self, m: RegisterMap) -> tuple[Callable[..., None], ...]:
+        return (m.writer(802, ("SoC", "DoD", "DisChaRte", "ChaSt", "State", "SetOp", "Evt1", "V",
+                               "VMax", "VMin", "A", "W", "ReqW", "NCyc", "Hb")),
+                m.writer(124, ("ChaSt", "WChaMax", "ChaState", "InBatV", "StorCtl_Mod",
+                               "OutWRte", "InWRte")))
 
     def check(self, p: PointDef, value: float | int | str | None) -> None:
         if p.model_id == 124 and p.name in ("OutWRte", "InWRte"):
@@ -523,27 +517,20 @@ class EmulatedMeter(EmulatedDevice):
         mt = self.prosumer.state.meter
         v = mt.voltage_v
         a = abs(mt.net_w) / (3 * v) if v > 0 else 0.0
-        m.set(203, "A", a)
-        for ph in ("AphA", "AphB", "AphC"):
-            m.set(203, ph, a)
-        m.set(203, "PhV", v)
-        for ph in ("PhVphA", "PhVphB", "PhVphC"):
-            m.set(203, ph, v)
-        m.set(203, "PPV", v * SQRT3)
-        for ph in ("PhVphAB", "PhVphBC", "PhVphCA"):
-            m.set(203, ph, v * SQRT3)
-        m.set(203, "Hz", mt.frequency_hz)
-        m.set(203, "W", mt.net_w)
-        for ph in ("WphA", "WphB", "WphC"):
-            m.set(203, ph, mt.net_w / 3)
         s = self.prosumer.state
         q_in = (s.pv.q_var if s.pv else 0.0) + (s.battery.q_var if s.battery else 0.0)
         va = math.hypot(mt.net_w, q_in)
-        m.set(203, "VA", va)
-        m.set(203, "VAR", -q_in)  # the meter counts + import: vars the inverters inject are -
-        m.set(203, "PF", 100.0 * abs(mt.net_w) / va if q_in and va > 0 else 100.0)
-        m.set(203, "TotWhImp", math.floor(mt.import_wh))
-        m.set(203, "TotWhExp", math.floor(mt.export_wh))
+        vl, w = v * SQRT3, mt.net_w
+        (w203,) = self._writers(m)
+        w203(a, a, a, a, v, v, v, v, vl, vl, vl, vl, mt.frequency_hz, w, w / 3, w / 3, w / 3,
+             va, -q_in,  # the meter counts + import: vars the inverters inject are -
+             100.0 * abs(w) / va if q_in and va > 0 else 100.0,
+             math.floor(mt.import_wh), math.floor(mt.export_wh))
+
+    def fill_writers(self, m: RegisterMap) -> tuple[Callable[..., None], ...]:
+        return (m.writer(203, ("A", "AphA", "AphB", "AphC", "PhV", "PhVphA", "PhVphB", "PhVphC",
+                               "PPV", "PhVphAB", "PhVphBC", "PhVphCA", "Hz", "W", "WphA",
+                               "WphB", "WphC", "VA", "VAR", "PF", "TotWhImp", "TotWhExp")),)
 
 
 DEVICE_CLASSES: dict[str, type[EmulatedDevice]] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any
@@ -391,6 +391,8 @@ class RegisterMap:
         struct: a big-endian two's-complement value split into 16-bit registers."""
         self._unit: dict[tuple[int, str], float] = {}
         """Per scaled point, 10 ** its SF exponent; dropped with `_sf`."""
+        self._sf_epoch = 0
+        """Bumped whenever a scale factor may have changed (what `writer`s check)."""
 
     def copy(self) -> RegisterMap:
         """The same map with its own registers (an emulator's trial of a write). The
@@ -400,6 +402,7 @@ class RegisterMap:
         new.base, new.models, new.registers = self.base, self.models, list(self.registers)
         new._slots, new._ints = self._slots, self._ints
         new._sf, new._unit = dict(self._sf), dict(self._unit)
+        new._sf_epoch = self._sf_epoch
         return new
 
     # -- lookup
@@ -499,10 +502,62 @@ class RegisterMap:
             value = max(c.lo, min(c.hi, raw))
         self._store(i, p, value)
 
+    def writer(self, model_id: int, points: Sequence[str]) -> Callable[..., None]:
+        """`set` of several points of one model in one call, values in the order of
+        `points`: an emulator refills its dynamic points on every physics step, and one
+        `set` per point (a key, two lookups, a call) was most of that. Integer points are
+        stored inline with their scale factors looked up once (again after a scale factor
+        changes); anything else (None, out of a raw range, floats, strings) goes through
+        `set`, errors included."""
+        names = tuple(points)
+        for name in names:
+            self.slot(model_id, name)  # an unknown point fails here, not on the first fill
+        ints = [self._ints.get((model_id, name)) for name in names]
+        specs: list[tuple[int, int, float, int, int] | None] = []
+        epoch = -1
+
+        def compile_specs() -> None:
+            nonlocal epoch
+            specs.clear()
+            for name, fast in zip(names, ints, strict=True):
+                if fast is None:
+                    specs.append(None)
+                    continue
+                i, size, sf, lo, hi = fast
+                unit = 0.0 if sf is None else \
+                    10.0 ** self.scale_of(model_id, self._slots[(model_id, name)][1])
+                specs.append((i, size, unit, lo, hi))
+            epoch = self._sf_epoch
+
+        def put(*values: Any) -> None:
+            if epoch != self._sf_epoch:
+                compile_specs()
+            regs = self.registers
+            for spec, value, name in zip(specs, values, names, strict=True):
+                if spec is None or value is None or type(value) is str:
+                    self.set(model_id, name, value)
+                    continue
+                i, size, unit, lo, hi = spec
+                if unit:
+                    raw = round(value / unit)
+                    raw = lo if raw < lo else hi if raw > hi else raw
+                elif lo <= value <= hi:
+                    raw = int(value)
+                else:
+                    self.set(model_id, name, value)
+                    continue
+                if size == 1:
+                    regs[i] = raw & 0xFFFF
+                else:
+                    self._put(i, size, raw)
+
+        return put
+
     def _store(self, i: int, p: PointDef, raw: int | float | str | None) -> None:
         if p.type == "sunssf":
             self._sf.clear()
             self._unit.clear()
+            self._sf_epoch += 1
         self.registers[i: i + p.size] = encode_raw(p, raw)
 
     def get(self, model_id: int, point: str) -> float | int | str | None:

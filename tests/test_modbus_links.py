@@ -274,3 +274,33 @@ async def test_each_request_times_out_at_its_own_deadline(served):
         assert await link.read(40000, 2, 3) == [0x5375, 0x6E53]
         assert link.generation == generation + 1
         link.close()
+
+
+async def test_the_run_reads_a_links_devices_in_one_task_and_a_silent_one_stops_none(
+        served, tmp_path):
+    """DeviceIO reads the devices sharing a Modbus link one after another (the link
+    carries one request at a time): the first one silent, the others still answer, and
+    the measurements keep the site's order."""
+    from testbed.scenarios.phases.devices import DeviceIO
+    from testbed.telemetry.store import RunStore
+
+    site = served.resolved_site()
+    store = RunStore(tmp_path / "run.db")
+    io = DeviceIO(site, open_devices(site), store, served)
+    assert io._groups == [["pv", "bat", "meter"]]
+    await io.connect()
+    try:
+        served.silence("pv")
+        for t in (60.0, 120.0):
+            r = await io.step(t, 60.0)
+        assert io.read_errors == 2 and r.metered["p1"].pv_w == 0.0  # dropped after 2 fails
+        assert r.soc["p1"] is not None and r.metered["p1"].has_meter
+        served.silence("pv", False)
+        r = await io.step(180.0, 60.0)
+        assert r.metered["p1"].pv_w > 0
+    finally:
+        await io.close()
+    rows = store.db.execute("SELECT t, device FROM measurements ORDER BY rowid").fetchall()
+    firsts = [d for i, (t, d) in enumerate(rows) if i == 0 or rows[i - 1][1] != d]
+    assert firsts == ["bat", "meter", "bat", "meter", "pv", "bat", "meter"]
+    store.close()

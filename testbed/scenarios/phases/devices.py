@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from testbed.config import SiteConfig
 from testbed.devices.driver import Device, DeviceError, Reading
+from testbed.devices.modbus_link import ModbusLink
 from testbed.telemetry.store import RunStore
 
 from ..model import DeviceEvent
@@ -89,6 +90,7 @@ class DeviceIO:
         self.faults: list[dict[str, Any]] = []
         self._fails: dict[str, int] = {}
         self._active: set[int] = set()
+        self._groups = _by_link(self.devices)
 
     async def connect(self) -> None:
         await asyncio.gather(*(d.connect() for d in self.devices.values()),
@@ -128,8 +130,10 @@ class DeviceIO:
     async def step(self, t: float, dt: float) -> StepReadings:
         """Read every device; record the measurements; detect faults and recoveries."""
         names = list(self.devices)
-        results = await asyncio.gather(*(self.devices[n].read() for n in names),
-                                       return_exceptions=True)
+        read = await asyncio.gather(*(self._read_all(g) for g in self._groups))
+        by_name = {n: r for group, rs in zip(self._groups, read, strict=True)
+                   for n, r in zip(group, rs, strict=True)}
+        results = [by_name[n] for n in names]
         rows = []
         faulted: list[str] = []
         recovered: list[str] = []
@@ -165,6 +169,17 @@ class DeviceIO:
             s = bat.values.get("soc_pct") if bat else None
             soc[name] = None if s is None else float(s) / 100.0
         return StepReadings(metered, soc, real, tuple(faulted), tuple(recovered))
+
+    async def _read_all(self, names: list[str]) -> list[Reading | Exception]:
+        """Read devices one after another (those sharing a Modbus link, which carries one
+        request at a time anyway): a task per link, not per device waiting on the link."""
+        out: list[Reading | Exception] = []
+        for name in names:
+            try:
+                out.append(await self.devices[name].read())
+            except Exception as exc:  # noqa: BLE001 - sorted out by the caller, as gather's
+                out.append(exc)
+        return out
 
     def _failed(self, pr: _Prosumer, device: str, kind: str, t: float,
                 exc: Exception) -> bool:
@@ -223,6 +238,17 @@ class DeviceIO:
     def summary(self) -> dict[str, Any]:
         return {"real": sorted(self.real),
                 "faulted_at": {n: p.faulted_at for n, p in self.prosumers.items()}}
+
+
+def _by_link(devices: Mapping[str, Device]) -> list[list[str]]:
+    """Device names grouped by the Modbus link they share, in site order; any other
+    device alone (an OPC UA session takes concurrent requests)."""
+    groups: dict[int, list[str]] = {}
+    for name, d in devices.items():
+        link = getattr(d, "link", None)
+        key = id(link) if isinstance(link, ModbusLink) else id(d)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
 
 
 def _reactive(meter: Reading | None, pv: Reading | None, bat: Reading | None) -> float:

@@ -19,7 +19,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
-from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 from pymodbus.transaction import TransactionManager
 from pymodbus.transport import CommType
@@ -156,6 +156,22 @@ class _Transaction(TransactionManager):
         super().close(reconnect)
 
 
+class _ClientDecoder(DecodePDU):
+    """pymodbus' response decoder, a holding-register answer built straight as
+    `_HoldingRegisters` (pymodbus' generic path looks the class up and formats every
+    answer for a debug line, log level or not). Errors as pymodbus has them: None."""
+
+    def decode(self, frame: bytes) -> ModbusPDU | None:
+        if frame and frame[0] == 3:
+            pdu = _HoldingRegisters()
+            try:
+                pdu.decode(frame[1:])
+            except (ModbusException, ValueError, IndexError, struct.error):
+                return None
+            return pdu
+        return super().decode(frame)
+
+
 RTU_QUIET_S = 0.5
 """After an RTU timeout the link stays quiet this long (at most the timeout): RTU frames
 carry no transaction id, so a late answer must not be taken for the next request's."""
@@ -229,6 +245,8 @@ class ModbusLink:
             client = AsyncModbusTcpClient(self.host, port=self.port, framer=framer, **kw)
         client.register(_HoldingRegisters)
         ctx = client.ctx
+        if type(ctx.framer.decoder) is DecodePDU:
+            ctx.framer.decoder.__class__ = _ClientDecoder
         if type(ctx) is TransactionManager:
             ctx.__class__ = _Transaction
         lost = ctx.callback_disconnected

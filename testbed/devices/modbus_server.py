@@ -225,6 +225,13 @@ class _StrictDecoder(DecodePDU):
 
     def decode(self, frame: bytes) -> ModbusPDU | None:
         fc = frame[0] if frame else 0
+        read = _READS.get(fc)
+        if read is not None and len(frame) == 5:  # the poll: straight to our class
+            pdu = read()
+            pdu.address, pdu.count = _ADDRESS_COUNT.unpack_from(frame, 1)
+            if 1 <= pdu.count <= _MAX_QUANTITY[fc]:
+                return pdu
+            return _Refusal(fc, ExcCodes.ILLEGAL_VALUE)
         if fc < 0x80:
             if fc not in self.pdu_table:
                 return _Refusal(fc, ExcCodes.ILLEGAL_FUNCTION)
@@ -242,6 +249,12 @@ class _StrictDecoder(DecodePDU):
         elif type(pdu) is ReportDeviceIdRequest:
             pdu.__class__ = _ReportDeviceId
         return pdu
+
+
+_READS: dict[int, type[ModbusPDU]] = {3: _ReadHolding, 4: _ReadInput}
+"""Register reads, decoded without pymodbus' generic path (which formats every request
+for a debug line, log level or not)."""
+_ADDRESS_COUNT = struct.Struct(">HH")
 
 
 class _Handler(ServerRequestHandler):

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Coroutine, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any
 
 from pymodbus.constants import ExcCodes
@@ -61,15 +61,29 @@ class _StrictSimCore(SimCore):
     """Unit -> its fast read path (set per server, built at the unit's first read)."""
 
     async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):
+        if func_code in (3, 4) and \
+                (now := self.read_now(device_id, func_code, address, count)) is not None:
+            return now
         if device_id not in self.devices or device_id in self.silent:
             raise NoSuchIdException(f"unit {device_id}")
-        if func_code in (3, 4):  # register reads, the poll path: see _ReadSpan
+        if func_code in (3, 4):
             span = self.spans.get(device_id)
-            if span is None:
-                span = self.spans[device_id] = _ReadSpan.of(self.devices[device_id])
             if span is not None:
                 return await span.read(func_code, address, count)
         return await super().async_getValues(device_id, func_code, address, count)
+
+    def read_now(self, device_id: int, func_code: int, address: int,
+                 count: int) -> list[int] | ExcCodes | None:
+        """A register read (the poll path, see _ReadSpan) answered without awaiting, as
+        our devices refresh synchronously; None: not ours, take `async_getValues`."""
+        if device_id not in self.devices or device_id in self.silent:
+            raise NoSuchIdException(f"unit {device_id}")
+        span = self.spans.get(device_id)
+        if span is None:
+            span = self.spans[device_id] = _ReadSpan.of(self.devices[device_id])
+        if span is None or span.refresh is None:
+            return None
+        return span.read_now(address, count)
 
 
 class _ReadSpan:
@@ -78,10 +92,12 @@ class _ReadSpan:
     validity of a span found in one lookup instead of pymodbus' per-register flag loop,
     which was the server's largest own cost per poll. Writes keep pymodbus' checks."""
 
-    __slots__ = ("action", "registers", "start", "valid_until")
+    __slots__ = ("action", "refresh", "registers", "start", "valid_until")
 
     def __init__(self, start: int, registers: list[int], flags: list[int], action: Any) -> None:
         self.start, self.registers, self.action = start, registers, action
+        self.refresh: Callable[[list[int]], None] | None = getattr(action, "refresh", None)
+        """The action's read part as a plain call (`sim_device` gives one)."""
         n = len(registers)
         self.valid_until = [n] * (n + 1)
         """valid_until[i]: the first register at or after i that holds no data."""
@@ -98,6 +114,14 @@ class _ReadSpan:
             return None
         start, _, registers, flags = block
         return cls(start, registers, flags, runtime.action)
+
+    def read_now(self, address: int, count: int) -> list[int] | ExcCodes:
+        offset = address - self.start
+        if offset < 0 or offset + count > len(self.registers) or count < 1 \
+                or self.valid_until[offset] < offset + count:
+            return ExcCodes.ILLEGAL_ADDRESS
+        self.refresh(self.registers)  # type: ignore[misc]
+        return self.registers[offset: offset + count]
 
     async def read(self, func_code: int, address: int, count: int) -> list[int] | ExcCodes:
         offset = address - self.start
@@ -195,15 +219,21 @@ class _PackedInput(ReadInputRegistersResponse):
 
 
 class _ReadRegisters:
-    """Mixin: a register read whose answer is packed in one call."""
+    """Mixin: a register read answered by a plain call into our datastore where it can
+    (pymodbus awaits four coroutines deep for it), its answer packed in one call."""
 
     packed: type[ModbusPDU]
 
     async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
-        response = await super().datastore_update(context, device_id)  # type: ignore[misc]
-        if not response.isError():
-            response.__class__ = self.packed
-        return response
+        fc, address, count = self.function_code, self.address, self.count  # type: ignore[attr-defined]
+        read_now = getattr(context, "read_now", None)
+        values = read_now(device_id, fc, address, count) if read_now else None
+        if values is None:  # pymodbus' own path
+            values = await context.async_getValues(device_id, fc, address, count)
+        if isinstance(values, ExcCodes):
+            return ExceptionResponse(fc, values)
+        return self.packed(registers=values, dev_id=device_id,
+                           transaction_id=self.transaction_id)  # type: ignore[attr-defined]
 
 
 class _ReadHolding(_ReadRegisters, ReadHoldingRegistersRequest):
@@ -345,14 +375,20 @@ def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
     blocks = [SimData(a, values=m.registers[a - m.base: a - m.base + n],
                       datatype=DataType.REGISTERS, readonly=ro) for a, n, ro in merged]
 
-    async def action(fc: int, start: int, address: int, count: int,
-                     registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
+    def refresh(registers: list[int]) -> None:
         if m.registers is not registers:  # adopt pymodbus' register list: no copy per read
             registers[: m.size] = m.registers[: m.size]
             m.registers = registers
+        dev.refresh()
+
+    async def action(fc: int, start: int, address: int, count: int,
+                     registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
         if not values:
-            dev.refresh()
+            refresh(registers)
             return None
+        if m.registers is not registers:
+            registers[: m.size] = m.registers[: m.size]
+            m.registers = registers
         try:
             dev.write(address, [int(v) for v in values])
         except (WriteRefused, SunSpecError) as exc:
@@ -360,6 +396,7 @@ def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
             return ExcCodes.ILLEGAL_VALUE
         return None
 
+    action.refresh = refresh  # type: ignore[attr-defined]  # _ReadSpan's plain-call read
     return SimDevice(id=unit, simdata=blocks, action=action)
 
 

@@ -505,53 +505,61 @@ class RegisterMap:
     def writer(self, model_id: int, points: Sequence[str]) -> Callable[..., None]:
         """`set` of several points of one model in one call, values in the order of
         `points`: an emulator refills its dynamic points on every physics step, and one
-        `set` per point (a key, two lookups, a call) was most of that. Integer points are
-        stored inline with their scale factors looked up once (again after a scale factor
-        changes); anything else (None, out of a raw range, floats, strings) goes through
-        `set`, errors included."""
+        `set` per point (a key, two lookups, a call) was most of that. The writer is
+        straight-line code made for these points (as `dataclasses` makes `__init__`):
+        register indexes, ranges and units as constants, made again after a scale factor
+        changes. Anything but an integer point given a number (None, a float or string
+        point, out of a raw range) goes through `set`, errors included."""
         names = tuple(points)
         for name in names:
             self.slot(model_id, name)  # an unknown point fails here, not on the first fill
-        ints = [self._ints.get((model_id, name)) for name in names]
-        specs: list[tuple[int, int, float, int, int] | None] = []
-        epoch = -1
 
-        def compile_specs() -> None:
-            nonlocal epoch
-            specs.clear()
-            for name, fast in zip(names, ints, strict=True):
+        def make() -> Callable[..., None]:
+            args = ", ".join(f"v{k}" for k in range(len(names)))
+            body = [f"def put({args}):",
+                    f"    if m._sf_epoch != {self._sf_epoch}:",
+                    f"        return remake()({args})",
+                    "    r = m.registers"]
+            for k, name in enumerate(names):
+                v = f"v{k}"
+                fast = self._ints.get((model_id, name))
+                slow = f"set_({model_id}, {name!r}, {v})"
                 if fast is None:
-                    specs.append(None)
+                    body.append(f"    {slow}")
                     continue
                 i, size, sf, lo, hi = fast
-                unit = 0.0 if sf is None else \
-                    10.0 ** self.scale_of(model_id, self._slots[(model_id, name)][1])
-                specs.append((i, size, unit, lo, hi))
-            epoch = self._sf_epoch
-
-        def put(*values: Any) -> None:
-            if epoch != self._sf_epoch:
-                compile_specs()
-            regs = self.registers
-            for spec, value, name in zip(specs, values, names, strict=True):
-                if spec is None or value is None or type(value) is str:
-                    self.set(model_id, name, value)
-                    continue
-                i, size, unit, lo, hi = spec
-                if unit:
-                    raw = round(value / unit)
-                    raw = lo if raw < lo else hi if raw > hi else raw
-                elif lo <= value <= hi:
-                    raw = int(value)
-                else:
-                    self.set(model_id, name, value)
-                    continue
                 if size == 1:
-                    regs[i] = raw & 0xFFFF
+                    store = f"r[{i}] = x & 0xFFFF"
+                elif size == 2:
+                    store = f"x &= 0xFFFFFFFF; r[{i}] = x >> 16; r[{i + 1}] = x & 0xFFFF"
                 else:
-                    self._put(i, size, raw)
+                    store = f"put_({i}, {size}, x)"
+                body.append(f"    if {v} is None or {v}.__class__ is str:")
+                body.append(f"        {slow}")
+                if sf is None:
+                    body.append(f"    elif {lo} <= {v} <= {hi}:")
+                    body.append(f"        x = int({v}); {store}")
+                    body.append("    else:")
+                    body.append(f"        {slow}")
+                else:
+                    unit = 10.0 ** self.scale_of(model_id, self._slots[(model_id, name)][1])
+                    body.append("    else:")
+                    body.append(f"        x = round({v} / {unit!r})")
+                    body.append(f"        x = {lo} if x < {lo} else {hi} if x > {hi} else x; {store}")
+            scope: dict[str, Any] = {"m": self, "set_": self.set, "put_": self._put,
+                                     "remake": remake}
+            exec("\n".join(body), scope)  # noqa: S102 - our own code, from the map's layout
+            return scope["put"]
 
-        return put
+        current: list[Any] = [None, -1]  # the writer, and the scale factors' epoch it is for
+
+        def remake() -> Callable[..., None]:
+            """The writer for the scale factors as they are now."""
+            if current[1] != self._sf_epoch:
+                current[0], current[1] = make(), self._sf_epoch
+            return current[0]
+
+        return remake()
 
     def _store(self, i: int, p: PointDef, raw: int | float | str | None) -> None:
         if p.type == "sunssf":

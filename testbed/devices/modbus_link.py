@@ -65,14 +65,26 @@ class _HoldingRegisters(ReadHoldingRegistersResponse):
     SunSpec decoder reads point by point: no list built only to be packed again."""
 
     raw: bytes = b""
+    _registers: list[int] | None = None
 
     def decode(self, data: bytes) -> None:
         if (data_len := int(data[0])) >= len(data):  # the check and error of pymodbus
             raise ModbusIOException(f"byte_count {data_len} > length of packet {len(data)}",
                                     function_code=self.function_code)
-        n = data_len // 2
-        self.raw = bytes(data[1: 1 + 2 * n])
-        self.registers = list(struct.unpack_from(f">{n}H", data, 1))
+        self.raw = bytes(data[1: 1 + 2 * (data_len // 2)])
+        self._registers = None
+
+    @property  # type: ignore[override]
+    def registers(self) -> list[int]:
+        """The registers as numbers, unpacked when asked for (a SunSpec poll never asks)."""
+        regs = self._registers
+        if regs is None:
+            regs = self._registers = list(struct.unpack(f">{len(self.raw) // 2}H", self.raw))
+        return regs
+
+    @registers.setter
+    def registers(self, value: Sequence[int]) -> None:
+        self._registers = list(value)
 
     def __str__(self) -> str:
         """Short: pymodbus formats every decoded answer for a debug line, log level or not

@@ -85,6 +85,12 @@ async def test_setpoints_change_the_physics(running):
     await bat.write("power_w", 0)
     running.physics.step(1.0)
     assert running.physics.prosumers["p1"].state.battery.power_w == 0
+    # OutWRte and InWRte sit in adjacent registers: one request; StorCtl_Mod another
+    before = bat.link.requests
+    await bat.write("power_w", 2500)
+    assert bat.link.requests - before == 2
+    running.physics.step(10.0)
+    assert running.physics.prosumers["p1"].state.battery.power_w == pytest.approx(2500, abs=1)
     await bat.close()
 
 

@@ -359,8 +359,7 @@ class SunSpecDevice(Device):
         writes = SETPOINT_WRITERS.get((self.kind, point))
         try:
             if writes is not None:
-                for model_id, pname, v in writes(self, float(value)):
-                    await self.write_point(model_id, pname, v)
+                await self._write_points(writes(self, float(value)))
             else:
                 model_id, pname = await self.resolve_point(point)
                 await self.write_point(model_id, pname, value)
@@ -390,8 +389,27 @@ class SunSpecDevice(Device):
                 f"{point!r}: {why}; use a setpoint {known} or MODEL.POINT"))
         return hits[0]
 
+    async def _write_points(self, points: Iterable[tuple[int, str, float | int | str]]) -> None:
+        """Write points in their order, those in adjacent registers in one request (a
+        battery's OutWRte and InWRte): fewer requests, and the device checks them together."""
+        runs: list[tuple[int, list[int]]] = []
+        for model_id, point, value in points:
+            address, regs = await self._encode_point(model_id, point, value)
+            if runs and runs[-1][0] + len(runs[-1][1]) == address:
+                runs[-1][1].extend(regs)
+            else:
+                runs.append((address, list(regs)))
+        for address, regs in runs:
+            await self._write_registers(address, regs)
+
     async def write_point(self, model_id: int, point: str, value: float | int | str) -> None:
         """Write one SunSpec point in engineering units, scaled with the device's own SF."""
+        await self._write_registers(*await self._encode_point(model_id, point, value))
+
+    async def _encode_point(self, model_id: int, point: str,
+                            value: float | int | str) -> tuple[int, list[int]]:
+        """Where one point is and its registers for `value` (engineering units, the
+        device's own SF); SetpointRejected when it cannot be written."""
         m = self._model(model_id)
         if m.definition is None or point not in m.definition.points:
             raise SetpointRejected(self._err(f"no point {model_id}.{point} on this device"))
@@ -418,12 +436,13 @@ class SunSpecDevice(Device):
                     f"{model_id}.{point}: {value!r} is not a number"
                     + (f" or one of {sorted(p.symbols)}" if p.symbols else ""))) from None
         try:
-            regs = encode_raw(p, raw)
+            return m.address + p.offset, encode_raw(p, raw)
         except SunSpecError as exc:
             raise SetpointRejected(self._err(exc)) from exc
+
+    async def _write_registers(self, address: int, regs: list[int]) -> None:
         try:
-            await self.link.write(m.address + p.offset, regs, self.unit,
-                                  **{**self._kw, "retries": self.retries})
+            await self.link.write(address, regs, self.unit, **{**self._kw, "retries": self.retries})
         except GatewayTargetSilent as exc:
             raise self._named(exc) from exc
         except ModbusExceptionReply as exc:

@@ -70,6 +70,13 @@ What is measured (all in one run, against the same server)
        physics alone, one 1 s step of all hosted devices timed in this process, as devices
        per core at 1 Hz (target >= 1000).
 
+    5. The run's pattern (`--run-pattern PROSUMERS`, alone): the device phase of a fast
+       scenario run in one process, emulators and drivers on one event loop as the run
+       has them (one port per prosumer, every device read once per step through
+       `DeviceIO.step` into a real run store, the physics advanced each step, a battery
+       setpoint for every 8th prosumer). CPU per step (median of 10-step chunks) and per
+       request, both sides included. Run it with another tree on PYTHONPATH to compare.
+
 Output: tables (rich) and, as the last line on stdout, one JSON object with all figures
 (also written to `--json PATH`). `--check` exits 1 when a target is missed (the faulty
 fleet's included).
@@ -1045,6 +1052,66 @@ async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
     return figures
 
 
+# =========================================================================== the run's pattern
+
+
+async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8) -> dict[str, Any]:
+    """The device phase of a fast scenario run, in one process as the run has it: one
+    emulator port per prosumer (PV, battery, meter), the drivers reading every device once
+    per step through `DeviceIO.step` into a real run store, the physics advanced 60 s per
+    step, and a battery setpoint (alternating +500/-300 W) for every `setpoint_every`-th
+    prosumer each step. CPU per step and per request, both sides and the physics
+    included; the median of 10-step chunks is what to compare (the machine's other load
+    inflates single chunks)."""
+    from testbed.config import SiteConfig
+    from testbed.devices.site import SiteEmulators, open_devices
+    from testbed.scenarios.phases.devices import DeviceIO
+    from testbed.telemetry.store import RunStore
+
+    site = SiteConfig.model_validate({"name": "run-pattern", "prosumers": [
+        {"name": f"p{i:03d}", "devices": [
+            {"name": f"p{i:03d}-{k}", "kind": k, "port": 20000 + i, "unit": u}
+            for u, k in enumerate(KINDS, 1)]} for i in range(prosumers)]})
+    em = SiteEmulators(site, free_ports=True, start_s=8 * 3600.0)
+    await em.start(clock=False)
+    with tempfile.TemporaryDirectory() as folder:
+        store = RunStore(Path(folder) / "run.db")
+        served = em.resolved_site()
+        io = DeviceIO(served, open_devices(served), store, em)
+        try:
+            await io.connect()
+            links = {id(d.link): d.link for d in io.devices.values() if hasattr(d, "link")}
+            t, chunk, chunks = 8 * 3600.0, 10, []
+            n0 = c0 = started = 0.0
+            for k in range(steps + chunk):
+                if k == chunk:  # the first chunk warms up (first reads, caches)
+                    n0, c0 = sum(x.requests for x in links.values()), time.process_time()
+                if k > chunk and k % chunk == 0:
+                    now = time.process_time()
+                    chunks.append((now - started) / chunk)
+                if k % chunk == 0:
+                    started = time.process_time()
+                em.physics.step(60.0)
+                t += 60.0
+                await io.step(t, 60.0)
+                await io.command(t, {p: (500.0 if (k + i) % 2 else -300.0)
+                                     for i, p in enumerate(io.prosumers) if i % setpoint_every == 0})
+            cpu = time.process_time() - c0
+            requests = sum(x.requests for x in links.values()) - n0
+        finally:
+            await io.close()
+            await em.stop()
+            store.close()
+    return {"prosumers": prosumers, "devices": 3 * prosumers, "steps": steps,
+            "requests_per_step": round(requests / steps, 1),
+            "cpu_ms_per_step": round(1e3 * cpu / steps, 2),
+            "cpu_ms_per_step_median": round(1e3 * statistics.median(chunks), 2),
+            "cpu_ms_per_step_min": round(1e3 * min(chunks), 2),
+            "cpu_us_per_request": round(1e6 * cpu / requests, 1),
+            "read_errors": io.read_errors, "setpoint_errors": io.setpoint_errors,
+            "loadavg": _loadavg()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Polls N emulated SunSpec devices at 1 Hz; "
                                  "compares our driver's request rate with bare pymodbus.")
@@ -1074,9 +1141,23 @@ def main(argv: list[str] | None = None) -> int:
                          "publishing interval with read() answered from them")
     ap.add_argument("--ieee1547", action="store_true",
                     help="inverters and batteries serve 701-713 with OpenDER behaviour on")
+    ap.add_argument("--run-pattern", type=int, metavar="PROSUMERS", default=None,
+                    help="only the device phase of a fast run, in one process (see "
+                         "run_pattern): PROSUMERS x 3 devices, --rounds steps (default 200)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
+    if args.run_pattern is not None:
+        if args.run_pattern < 1 or (args.rounds is not None and args.rounds < 1):
+            ap.error("--run-pattern and --rounds must be positive")
+        figures = asyncio.run(run_pattern(args.run_pattern, args.rounds or 200))
+        console.print(f"run pattern: {figures['devices']} devices, "
+                      f"{figures['requests_per_step']} requests per step: "
+                      f"{figures['cpu_ms_per_step_median']} ms CPU per step (median of 10-step "
+                      f"chunks; mean {figures['cpu_ms_per_step']}), "
+                      f"{figures['cpu_us_per_request']} us per request")
+        print(json.dumps({"benchmark": "devices-run-pattern", **figures}), flush=True)
+        return 0
     s = settings_from(args)
     if s.max_devices < 1 or s.rounds < 1 or s.sat_reps < 1 or s.sat_seconds <= 0:
         ap.error("--max-devices, --rounds, --sat-reps and --sat-seconds must be positive")

@@ -216,7 +216,7 @@ class StepLoopCPU:
     """CPU per step of the step loop alone (start-up and shutdown aside), per process:
     the run's, each shard's, the broker's (and the feeder federate's), from the first
     step's end to the last's (`Run(progress=...)`), and the run's wall time waiting for
-    HELICS grants over the same steps."""
+    HELICS grants over the same steps (the step loop blocked on them)."""
 
     def __init__(self) -> None:
         self.run: Run | None = None
@@ -236,7 +236,7 @@ class StepLoopCPU:
                 procs[f"shard {i}"] = proc_cpu_s(p.pid)
         cosim = self.run.cosim if self.run is not None else None
         self.marks.append((k, time.perf_counter(), time.process_time(), procs,
-                           cosim.fed.wait_s if cosim is not None else 0.0))
+                           cosim.wait_s if cosim is not None else 0.0))
 
     def per_step(self) -> dict[str, Any] | None:
         """ms per step: wall, run (this process), each child, grant wait."""

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import math
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -101,10 +100,6 @@ class Federate:
         self.subs: dict[str, Any] = {}
         self.endpoints: dict[str, Any] = {}
         self._busy = 0
-        self.wait_s = 0.0
-        """Wall time spent in time requests (waiting for grants): the federation's
-        share of a step, for figures."""
-        self.requests = 0
         self.watch: Callable[[], str | None] | None = None
         """Asked while a call blocks: a message ends the wait (a local child died)."""
         """Blocking calls in flight in a worker thread (the federate is not freed under them)."""
@@ -213,12 +208,7 @@ class Federate:
 
     async def request(self, t: float) -> float:
         """Ask for time `t`; returns the granted time (MAXTIME once the federation ends)."""
-        t0 = time.perf_counter()
-        try:
-            return float(await self._call(f"time request {t:g}", h.helicsFederateRequestTime, t))
-        finally:
-            self.wait_s += time.perf_counter() - t0
-            self.requests += 1
+        return float(await self._call(f"time request {t:g}", h.helicsFederateRequestTime, t))
 
     def abort(self, why: str) -> None:
         """Fail this federate now (a signal): a call blocked in a worker thread returns

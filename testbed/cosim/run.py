@@ -84,6 +84,8 @@ class RunFederate:
         self.endpoints: dict[str, dict[str, Any]] = {}
         self._state: dict[str, str] = {}
         self._started = False
+        self.wait_s = 0.0
+        """Wall time `step` waited for the shards (HELICS hand-over and their physics)."""
         self._failed = False
         """A grant failed (a federate was lost): no more publications."""
 
@@ -161,7 +163,11 @@ class RunFederate:
         fed.put(names.inputs(s), json.dumps({
             "t0": t_prev, "dt": dt, "irradiance_w_m2": physics.irradiance(t),
             "prosumers": prosumers, "states": states}))
-        await self._request(read_time(t0 + dt, dt))
+        since = time.perf_counter()
+        try:
+            await self._request(read_time(t0 + dt, dt))
+        finally:
+            self.wait_s += time.perf_counter() - since
         seen: set[str] = set()
         for _, text in fed.messages(names.run_endpoint(s)):
             seen.update(_outputs(text))

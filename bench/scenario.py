@@ -203,6 +203,56 @@ def children_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def proc_cpu_s(pid: int) -> float | None:
+    """CPU time (user + system) of a live process (Linux /proc), None when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class StepLoopCPU:
+    """CPU per step of the step loop alone (start-up and shutdown aside), per process:
+    the run's, each shard's, the broker's (and the feeder federate's), from the first
+    step's end to the last's (`Run(progress=...)`), and the run's wall time waiting for
+    HELICS grants over the same steps (the step loop blocked on them)."""
+
+    def __init__(self) -> None:
+        self.run: Run | None = None
+        self.marks: list[tuple[int, float, float, dict[str, float | None], float]] = []
+
+    def __call__(self, k: int, n: int, info: dict[str, Any]) -> None:
+        if k != 1 and k != n:
+            return
+        procs: dict[str, float | None] = {}
+        fed = self.run.federation if self.run is not None else None
+        if fed is not None:
+            if fed.broker is not None:
+                procs["broker"] = proc_cpu_s(fed.broker.pid)
+            if fed.feeder is not None:
+                procs["feeder"] = proc_cpu_s(fed.feeder.pid)
+            for i, p in fed.shards.items():
+                procs[f"shard {i}"] = proc_cpu_s(p.pid)
+        cosim = self.run.cosim if self.run is not None else None
+        self.marks.append((k, time.perf_counter(), time.process_time(), procs,
+                           cosim.wait_s if cosim is not None else 0.0))
+
+    def per_step(self) -> dict[str, Any] | None:
+        """ms per step: wall, run (this process), each child, grant wait."""
+        if len(self.marks) < 2:
+            return None
+        (k0, w0, c0, p0, g0), (k1, w1, c1, p1, g1) = self.marks[0], self.marks[-1]
+        n = k1 - k0
+        out: dict[str, Any] = {"steps": n, "wall_ms": (w1 - w0) / n * 1e3,
+                               "run_cpu_ms": (c1 - c0) / n * 1e3,
+                               "grant_wait_ms": (g1 - g0) / n * 1e3}
+        for name, a in p0.items():
+            b = p1.get(name)
+            out[f"{name}_cpu_ms"] = (b - a) / n * 1e3 if a is not None and b is not None else None
+        return out
+
+
 def same_store(a: str, b: str) -> bool:
     """Row for row, wall-clock columns aside and loopback ports masked."""
     from testbed.telemetry.store import dump
@@ -222,10 +272,12 @@ def run(sc: Scenario, out: Path, profile: str | None = None,
         prof = cProfile.Profile()
         prof.enable()
     t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu_s()
+    loop_cpu = StepLoopCPU()
     with GCTimer() as gct, asyncio.Runner(
             loop_factory=lambda: asyncio.SelectorEventLoop(IdleSelector())) as r:
-        res = r.run(Run(sc, out=out, report=False, shards=shards,
-                        feeder_federate=feeder_federate).execute())
+        the_run = loop_cpu.run = Run(sc, out=out, report=False, shards=shards,
+                                     feeder_federate=feeder_federate, progress=loop_cpu)
+        res = r.run(the_run.execute())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     children = children_cpu_s() - k0
     cpu += children
@@ -244,13 +296,16 @@ def run(sc: Scenario, out: Path, profile: str | None = None,
             "blocks": s["ledger"]["blocks"], "txs": s["ledger"]["submitted"],
             "ledger_verifies": s["ledger"]["verifies"],
             "grid_steps": s["grid"]["steps"], "lateness": s["clock"]["lateness"],
-            "covered_share": s["deviation"]["covered_share"], "run_dir": str(res.run_dir)}
+            "covered_share": s["deviation"]["covered_share"], "run_dir": str(res.run_dir),
+            "loop_per_step": loop_cpu.per_step()}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="Times whole scenario runs.")
     ap.add_argument("--prosumers", type=int, default=50)
-    ap.add_argument("--hours", type=float, default=None, help="fast run (default 24; quick 2)")
+    ap.add_argument("--hours", type=float, default=None,
+                    help="fast run (default 24; quick 2; 0: no single-process fast run, e.g. "
+                         "for the big runs alone)")
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--realtime-s", type=int, default=None,
                     help="real-time run length (default 120; quick 60)")
@@ -274,14 +329,16 @@ def main() -> int:
     ap.add_argument("--rt-shard-s", type=int, default=None,
                     help="sharded real-time run length (default 600; quick 60)")
     args = ap.parse_args()
-    hours = args.hours or (2.0 if args.quick else 24.0)
+    hours = args.hours if args.hours is not None else (2.0 if args.quick else 24.0)
+    if hours == 0 and args.shards:
+        ap.error("--shards compares with the single-process fast run: give --hours > 0")
     rt_s = args.realtime_s or (60 if args.quick else 120)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         big = site_file(folder, args.prosumers, "kerber-dorfnetz")
         start = "00:00" if hours >= 24 else "11:00"
-        fast = run(scenario(big, start=start, duration=hours * 3600, step=60), folder / "fast",
-                   args.profile)
+        fast = (run(scenario(big, start=start, duration=hours * 3600, step=60),
+                    folder / "fast", args.profile) if hours else None)
         sharded = []
         for n in args.shards:
             sh = run(scenario(big, start=start, duration=hours * 3600, step=60),
@@ -292,7 +349,7 @@ def main() -> int:
             sh["loop_ms_per_step"] = loop_ms_per_step(sh["run_dir"])
             sharded.append(sh)
         bigs = []
-        big_hours = args.big_hours or hours
+        big_hours = args.big_hours or hours or 24.0
         if args.big_prosumers:
             net = big_network(folder)
             bsite = site_file(folder, args.big_prosumers, str(net))
@@ -334,12 +391,13 @@ def main() -> int:
                 "auctions (cleared)",
                 "blocks", "ledger txs", "lateness p50/p99/max ms"):
         t.add_column(col, justify="left" if col == "run" else "right")
-    t.add_row(f"fast {hours:g} h @ 60 s", str(args.prosumers), str(fast["steps"]),
-              f"{fast['wall_s']:.1f}", f"{fast['cpu_s']:.1f}", f"{fast['cpu_share']:.2f}",
-              f"{fast['idle_s']:.2f}",
-              f"{fast['ms_per_step']:.1f}",
-              f"{fast['auctions']} ({fast['cleared']})", str(fast["blocks"]), str(fast["txs"]),
-              "-")
+    if fast is not None:
+        t.add_row(f"fast {hours:g} h @ 60 s", str(args.prosumers), str(fast["steps"]),
+                  f"{fast['wall_s']:.1f}", f"{fast['cpu_s']:.1f}", f"{fast['cpu_share']:.2f}",
+                  f"{fast['idle_s']:.2f}",
+                  f"{fast['ms_per_step']:.1f}",
+                  f"{fast['auctions']} ({fast['cleared']})", str(fast["blocks"]),
+                  str(fast["txs"]), "-")
     for sh in sharded:
         t.add_row(f"fast, {sh['shards']} HELICS shards"
                   + (" + feeder federate" if args.feeder_federate else ""), str(args.prosumers), str(sh["steps"]),
@@ -368,9 +426,11 @@ def main() -> int:
                   f"{lr.get('p50_ms', 0):.2f} / {lr.get('p99_ms', 0):.2f} / "
                   f"{lr.get('max_ms', 0):.2f}")
     console.print(t)
-    console.print(f"fast: garbage collector {fast['gc_s']:.1f} s CPU "
-                  f"({fast['gc_full_collections']} full collections), "
-                  f"{fast['cpu_s'] / fast['steps'] * 1e3:.1f} ms CPU per step", highlight=False)
+    if fast is not None:
+        console.print(f"fast: garbage collector {fast['gc_s']:.1f} s CPU "
+                      f"({fast['gc_full_collections']} full collections), "
+                      f"{fast['cpu_s'] / fast['steps'] * 1e3:.1f} ms CPU per step",
+                      highlight=False)
     for b in bigs:
         console.print(f"{b['prosumers']} prosumers ({b['devices']} devices), {b['shards']} shards: "
                       f"{b['wall_s']:.1f} s for {big_hours:g} h"
@@ -390,6 +450,7 @@ def main() -> int:
                       f"{(rts['drift_s'] or 0) * 1e3:+.1f} ms over the run; "
                       f"{rts['uncommitted']} ledger transactions uncommitted", highlight=False)
     for sh in sharded:
+        assert fast is not None
         console.print(f"{sh['shards']} shards: x{sh['ratio']:.2f} the single-process speed "
                       f"(wall {fast['wall_s']:.1f} s -> {sh['wall_s']:.1f} s; CPU of the shards "
                       f"and broker {sh['children_cpu_s']:.1f} s; the step loop "
@@ -397,17 +458,29 @@ def main() -> int:
                       "step); run store "
                       f"{'identical' if sh['same_store'] else 'DIFFERENT'}; "
                       f"{sh['uncommitted']} ledger transactions uncommitted", highlight=False)
-    projected = fast["wall_s"] * 24 / hours
-    ok_fast = projected < TARGET_FAST_S
+    for label, r in ([("fast", fast)] if fast is not None else []) + [
+            (f"{sh['shards']} shards", sh) for sh in sharded] + [
+            (f"{b['prosumers']} prosumers, {b['shards']} shards", b) for b in bigs]:
+        ps = r.get("loop_per_step")
+        if ps:
+            cpus = ", ".join(f"{k.removesuffix('_cpu_ms')} {v:.1f}" for k, v in ps.items()
+                             if k.endswith("_cpu_ms") and k != "run_cpu_ms" and v is not None)
+            console.print(f"{label}, per step of the loop: wall {ps['wall_ms']:.1f} ms; CPU ms: "
+                          f"run {ps['run_cpu_ms']:.1f}" + (f", {cpus}" if cpus else "")
+                          + (f"; the run waiting for HELICS grants {ps['grant_wait_ms']:.1f} ms"
+                             if r.get("shards") else ""), highlight=False)
+    projected = fast["wall_s"] * 24 / hours if fast is not None else None
+    ok_fast = projected is not None and projected < TARGET_FAST_S
     ok_rt = bool(lat) and lat["p99_ms"] < TARGET_P99_MS
-    console.print(f"fast: {fast['wall_s']:.1f} s for {hours:g} h"
-                  + (f" (x{24 / hours:g} -> {projected:.0f} s for 24 h)" if hours < 24 else "")
-                  + f", target < {TARGET_FAST_S:.0f} s: {'met' if ok_fast else 'MISSED'}; "
-                  f"realtime p99 {lat.get('p99_ms', float('nan')):.2f} ms, target < "
+    console.print((f"fast: {fast['wall_s']:.1f} s for {hours:g} h"
+                   + (f" (x{24 / hours:g} -> {projected:.0f} s for 24 h)" if hours < 24 else "")
+                   + f", target < {TARGET_FAST_S:.0f} s: {'met' if ok_fast else 'MISSED'}; "
+                   if fast is not None else "fast: not run (--hours 0); ")
+                  + f"realtime p99 {lat.get('p99_ms', float('nan')):.2f} ms, target < "
                   f"{TARGET_P99_MS:.0f} ms: {'met' if ok_rt else 'MISSED'}")
     figures = {"bench": "scenario", "python": platform.python_version(), "cpus": os.cpu_count(),
-               "fast": {**fast, "hours": hours, "prosumers": args.prosumers,
-                        "projected_24h_s": projected},
+               "fast": ({**fast, "hours": hours, "prosumers": args.prosumers,
+                         "projected_24h_s": projected} if fast is not None else None),
                "realtime": {**rt, "devices": 3 * n_rt, "seconds": rt_s},
                "sharded": sharded, "big": bigs, "realtime_sharded": rts,
                "targets": {"fast_24h_s": TARGET_FAST_S, "p99_ms": TARGET_P99_MS},

@@ -233,8 +233,9 @@ def test_external_broker_two_shards_and_a_users_grid_federate(tmp_path: Path) ->
 
 @needs_broker
 async def test_four_shards_replay_the_single_process_run(tmp_path: Path) -> None:
-    """Eight prosumers dealt over four shard processes (two each), grid off: the same
-    store as in one process."""
+    """Eight prosumers dealt over four shard processes (two each) and the Kerber village
+    feeder in a feeder federate process: the same store as in one process (pandapower
+    draws the Kerber house cables at random: every process must build the same feeder)."""
     import yaml
 
     from testbed.scenarios.model import Scenario
@@ -248,17 +249,21 @@ async def test_four_shards_replay_the_single_process_run(tmp_path: Path) -> None
                       {"name": f"p{i}-meter", "kind": "meter", "port": 20000 + i, "unit": 3}]}
                  for i in range(8)]
     site = tmp_path / "site.yaml"
-    site.write_text(yaml.safe_dump({"name": "eight", "prosumers": prosumers}))
+    site.write_text(yaml.safe_dump({"name": "eight", "prosumers": prosumers,
+                                    "grid": {"network": "kerber-dorfnetz"}}))
     sc = Scenario.model_validate({"name": "eight", "site": str(site), "seed": 5,
                                   "start": "11:00", "duration": "15m", "step": 60,
-                                  "forecast": {"pv_bias_pct": 15}, "grid": {"enabled": False},
+                                  "forecast": {"pv_bias_pct": 15},
                                   "market": {"buy_price": 0.4}, "ledger": {"validators": 4}})
     alone = await Run(sc, out=tmp_path / "a", report=False).execute()
-    four = await Run(sc, out=tmp_path / "b", report=False, shards=4).execute()
+    assert alone.summary["grid"]["steps"] == 15
+    four = await Run(sc, out=tmp_path / "b", report=False, shards=4,
+                     feeder_federate=True).execute()
     assert four.summary["cosim"]["lost_devices"] == []
     assert rows_of(four.run_dir) == rows_of(alone.run_dir)
     logs = sorted((four.run_dir / "cosim").glob("shard-*of4.log"))
     assert len(logs) == 4 and all("the run ended after 15 steps" in p.read_text() for p in logs)
+    assert "the run ended after 15 steps" in (four.run_dir / "cosim" / "feeder.log").read_text()
 
 
 def test_a_malformed_feeder_check_ends_the_run_naming_the_key() -> None:

@@ -304,3 +304,34 @@ async def test_the_run_reads_a_links_devices_in_one_task_and_a_silent_one_stops_
     firsts = [d for i, (t, d) in enumerate(rows) if i == 0 or rows[i - 1][1] != d]
     assert firsts == ["bat", "meter", "bat", "meter", "pv", "bat", "meter"]
     store.close()
+
+
+async def test_a_connection_closed_between_requests_leaves_no_stray_future() -> None:
+    """A gateway closing an idle connection (no request in flight): the link fails nothing
+    and asyncio has no "Future exception was never retrieved" to report."""
+    import gc
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+    try:
+        link = ModbusLink("127.0.0.1", server.sockets[0].getsockname()[1])
+        first = await link.ensure()
+        for _ in range(50):  # until the close has reached the client
+            if not first.connected:
+                break
+            await asyncio.sleep(0.01)
+        assert not first.connected
+        link.drop("closed by the gateway")
+        del first
+        gc.collect()
+        await asyncio.sleep(0)
+        assert [c.get("message") for c in reported] == []
+    finally:
+        loop.set_exception_handler(None)
+        server.close()
+        await server.wait_closed()

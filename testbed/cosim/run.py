@@ -32,7 +32,7 @@ from testbed.grid.limits import GridLimits
 
 from . import names
 from .errors import CosimError, FederateLost
-from .federate import CORE, Federate, inputs_time, read_time
+from .federate import LOCAL_CORE, Federate, free_port, inputs_time, read_time
 from .feeder import RemoteFeeder
 from .shard import emulated_prosumers
 
@@ -84,6 +84,8 @@ class RunFederate:
         self.endpoints: dict[str, dict[str, Any]] = {}
         self._state: dict[str, str] = {}
         self._started = False
+        self.wait_s = 0.0
+        """Wall time `step` waited for the shards (HELICS hand-over and their physics)."""
         self._failed = False
         """A grant failed (a federate was lost): no more publications."""
 
@@ -161,7 +163,11 @@ class RunFederate:
         fed.put(names.inputs(s), json.dumps({
             "t0": t_prev, "dt": dt, "irradiance_w_m2": physics.irradiance(t),
             "prosumers": prosumers, "states": states}))
-        await self._request(read_time(t0 + dt, dt))
+        since = time.perf_counter()
+        try:
+            await self._request(read_time(t0 + dt, dt))
+        finally:
+            self.wait_s += time.perf_counter() - since
         seen: set[str] = set()
         for _, text in fed.messages(names.run_endpoint(s)):
             seen.update(_outputs(text))
@@ -241,12 +247,6 @@ def _die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class LocalFederation:
     """A helics_broker and N shard processes on this machine, on free loopback ports.
     Each is this process's child; `stop()` ends them all (SIGTERM, then SIGKILL)."""
@@ -269,11 +269,11 @@ class LocalFederation:
     def start(self) -> str:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        self.address = f"127.0.0.1:{port}"
+        self.address = f"zmq://127.0.0.1:{port}"
         log = open(self.log_dir / "helics_broker.log", "wb")  # noqa: SIM115 (the child's)
         try:
             self.broker = subprocess.Popen(
-                [helics_broker_binary(), "--coretype", CORE, "-f", str(self.federates),
+                [helics_broker_binary(), "--coretype", LOCAL_CORE, "-f", str(self.federates),
                  "--port", str(port), "--local_interface", "127.0.0.1", "--loglevel", "error"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)

@@ -265,11 +265,14 @@ class ModbusLink:
 
         def on_lost(exc: Exception | None) -> None:
             """pymodbus lets the request in flight wait for its timeout when the connection
-            drops; fail it now so the retry reconnects at once."""
+            drops; fail it now so the retry reconnects at once. With no request in flight
+            the future is nobody's: marked retrieved, or asyncio logs "Future exception was
+            never retrieved" when it is collected (a request awaiting it still gets it)."""
             lost(exc)
             future = ctx.response_future
             if not future.done():
                 future.set_exception(ConnectionException(f"connection lost ({exc or 'closed'})"))
+                future.exception()
 
         ctx.callback_disconnected = on_lost  # type: ignore[method-assign]
         return client

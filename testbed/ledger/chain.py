@@ -28,7 +28,7 @@ from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair, address_of, batch_verifier
 from testbed.ledger.messages import SignedMessage
 from testbed.ledger.state import POOL, Entry, LedgerState, Params
-from testbed.ledger.store import Store, StoreDamaged
+from testbed.ledger.store import Store, StoreDamaged, StoredBlock
 
 MAX_ROUNDS = 1000
 MAX_PENDING_PSEUDONYMS = 65536
@@ -556,14 +556,94 @@ def _check_against(chain: Chain, store: Store, other: Against) -> None:
                    f"votes): the store is truncated", height=top + 1)
 
 
+class _Peer:
+    """Another node's store read in step with one being fully verified: it verifies the
+    same way if it holds byte-identical blocks and transactions at every height (what the
+    full check recomputes from) and each certificate that differs from the reference's
+    (nodes assemble their own from the precommits they received) passes the very check
+    `commit` makes, against the validators of that height. Anything else, or any error,
+    marks it `differs`: it then gets a full `verify_store` of its own."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
+        self.store: Store | None = None
+        self.differs = False
+        self.certs_checked = 0
+        try:
+            self.store = Store(path, readonly=True)
+            self.store.snapshot()
+        except Exception:  # noqa: BLE001 - the full verify reports whatever this is
+            self.differs = True
+
+    def compare(self, ours: StoredBlock, chain: Chain | None) -> None:
+        """Height `ours.height` before `chain` (None: genesis) commits it."""
+        if self.differs or self.store is None:
+            return
+        try:
+            b = self.store.block(ours.height)
+            if b is None or (b.hash, b.raw, b.txs) != (ours.hash, ours.raw, ours.txs):
+                self.differs = True
+            elif b.cert != ours.cert:
+                if chain is None:
+                    self.differs = True
+                    return
+                state = chain.state
+                check_certificate(b.cert, chain=chain.id, block=Block.parse(b.raw),
+                                  validators={a: state.identities[a].public_key
+                                              for a in state.validators()},
+                                  quorum=state.quorum())
+                self.certs_checked += 1
+        except Exception:  # noqa: BLE001 - a refused certificate, a damaged row, ...
+            self.differs = True
+
+    def same_as(self, heights: list[int], tx_count: int) -> bool:
+        if self.differs or self.store is None:
+            return False
+        try:
+            return self.store.heights() == heights and self.store.tx_count() == tx_count
+        except Exception:  # noqa: BLE001
+            return False
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None
+                  ) -> list[VerifyReport]:
+    """`verify_store` of several nodes' stores of one chain, with the same reports, at the
+    cost of about one: the first is fully verified and the others are read in step and
+    compared with it (`_Peer`); a store that differs in any way, or all of them when the
+    first fails, is fully verified on its own."""
+    if not paths:
+        return []
+    peers = [_Peer(p) for p in paths[1:]]
+    try:
+        first = verify_store(paths[0], genesis=genesis, _peers=peers)
+        out = [first]
+        for p in peers:
+            # an ok report means heights 0..height, all holding its `txs` transactions
+            if first.ok and p.same_as(list(range((first.height or 0) + 1)), first.txs):
+                out.append(first)
+            else:
+                p.close()
+                out.append(verify_store(p.path, genesis=genesis))
+        return out
+    finally:
+        for p in peers:
+            p.close()
+
+
 def verify_store(path: Path | str, *, genesis: Block | None = None,
-                 against: Against | None = None) -> VerifyReport:
+                 against: Against | None = None, _peers: Sequence[_Peer] = ()
+                 ) -> VerifyReport:
     """Recompute every hash, signature, election and contract result of a node database.
 
     Never raises for a damaged file: whatever is wrong (bytes changed, a column of the
     wrong type, a dropped table, a truncated or foreign file) comes back as a failed
     report naming the first bad height, or height None for "not a ledger store".
-    `against` (see `load_against`) also catches a store whose last blocks were deleted."""
+    `against` (see `load_against`) also catches a store whose last blocks were deleted.
+    `_peers` (see `verify_stores`) are compared with each height as it is checked."""
     try:
         store = Store(path, readonly=True)
     except (ValueError, OSError) as exc:
@@ -586,6 +666,8 @@ def verify_store(path: Path | str, *, genesis: Block | None = None,
         if g0.txs or g0.cert != b"[]":
             raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes",
                            height=0)
+        for p in _peers:
+            p.compare(g0, None)
         chain = Chain(g)
         chain_id = chain.id
         for expect, h in enumerate(heights[1:], start=1):
@@ -595,6 +677,8 @@ def verify_store(path: Path | str, *, genesis: Block | None = None,
             b = store.block(h)
             if b is None:
                 raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
+            for p in _peers:
+                p.compare(b, chain)
             block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
             if block.hash != b.hash:
                 raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",

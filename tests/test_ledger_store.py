@@ -176,3 +176,47 @@ def test_cli_verify_show_wallets(ledger_db, tmp_path):
     bad = subprocess.run([*run, "verify", str(copy)], capture_output=True, text=True)
     assert bad.returncode == 1
     assert "FAILED at height 7" in bad.stderr
+
+
+def test_block_work_in_steps_abandoned_midway_changes_nothing(tmp_path):
+    """A node drives a block's check and commit in steps, yielding to its event loop;
+    stopped between two steps (the node cancelled), the state journal rolls back and the
+    store is not written: the chain is as before, and the same block commits afterwards."""
+    net = make_net(4, stores=[str(tmp_path / "a.db")])
+    net.time += 60
+    txs = [net.pay(net.aggregator, net.validators[i % 4].address, 1 + i) for i in range(40)]
+    p = net.propose(txs)
+    chain = net.chain
+    before = (chain.state.digest(), chain.height, chain.store.height())
+    steps = chain.check_proposal_steps(p.block, p.txs)
+    for _ in range(10):
+        next(steps)
+    assert chain.height == before[1] + 1  # mid-check: the block is applied in a trial
+    steps.close()
+    assert (chain.state.digest(), chain.height, chain.store.height()) == before
+    cert = net.certify(p.block)
+    steps = chain.commit_steps(p.block, p.txs, cert)
+    for _ in range(30):
+        next(steps)
+    steps.close()
+    assert (chain.state.digest(), chain.height, chain.store.height()) == before
+    chain.commit(p.block, p.txs, cert)
+    assert chain.height == chain.store.height() == before[1] + 1
+    assert chain.state.balance(net.validators[1].address) > 0
+
+
+def test_a_committed_block_message_is_skipped_by_its_header_alone(tmp_path):
+    """Nodes that already hold a committed block read only its header's height from the
+    proposer's message; a message not in canonical form gets no shortcut."""
+    from testbed.ledger.node import _committed_height, _unwire_committed, _wire_committed
+    net = make_net(4)
+    net.time += 60
+    p = net.commit([net.pay(net.aggregator, net.validators[1].address, 5)])
+    cert = net.certify(p.block)
+    wire = _wire_committed(p.block, p.txs, cert)
+    assert _committed_height(wire) == p.block.height == 1
+    assert _unwire_committed(wire)[0].hash == p.block.hash
+    assert _committed_height(b" " + wire) is None
+    assert _committed_height(b'{"block":{"header":[1]}}') is None
+    assert _committed_height(b'{"block":{"header":{"height":"1"}}}') is None
+    assert _committed_height(b'{"block":{"header":{"height":1') is None

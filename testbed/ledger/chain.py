@@ -10,10 +10,10 @@ rules in `state`. Nothing changes unless all of it passes.
 from __future__ import annotations
 
 import time as _time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from testbed.ledger import canonical, election, messages
 from testbed.ledger import transactions as T
@@ -82,6 +82,24 @@ def genesis_state(genesis: Block) -> LedgerState:
     if not state.validators():
         raise Rejected(Reason.BAD_BLOCK, "genesis registers no validator", height=0)
     return state
+
+
+R = TypeVar("R")
+Steps = Generator[None, None, R]
+"""A block's work cut into steps (one per transaction): driven to the end at once by
+`run_steps`, or by a node between which it lets its event loop run other callbacks, so a
+block of 1,000 transactions never holds the loop for its whole duration. A state journal
+(`trial`, `atomic`) is open across the steps: whoever drives them must keep every other
+use of this chain out until they finish (a node holds its lock)."""
+
+
+def run_steps(steps: Steps[R]) -> R:
+    """Drive steps to the end; their result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass
@@ -239,6 +257,11 @@ class Chain:
                 round_: int = 0) -> Proposal:
         """Build and sign the next block from candidate transactions, dropping those the
         rules refuse (with their reasons). Only the elected proposer for `round_` may."""
+        return run_steps(self.propose_steps(key, txs, time=time, round_=round_))
+
+    def propose_steps(self, key: KeyPair, txs: Iterable[SignedMessage], *, time: float,
+                      round_: int = 0) -> Steps[Proposal]:
+        """`propose` as steps (see `Steps`): one per candidate transaction."""
         state = self.state
         elected = election.proposer(state, round_)
         if elected.address != key.address:
@@ -266,6 +289,7 @@ class Chain:
             for msg in candidates:
                 if len(accepted) >= state.params.max_block_txs:
                     break
+                yield
                 exc = state.try_apply(msg, block_time=time, height=height,
                                       proposer=key.address, index=len(accepted),
                                       verified=self.verified)
@@ -318,10 +342,11 @@ class Chain:
             raise Rejected(Reason.BAD_BLOCK, "transactions do not match the header's Merkle "
                            "root", height=height)
 
-    def _apply_txs(self, block: Block, txs: Sequence[SignedMessage]) -> None:
+    def _apply_txs(self, block: Block, txs: Sequence[SignedMessage]) -> Steps[None]:
         state = self.state
         state.advance(block.height, block.hash, block.time)
         for i, msg in enumerate(txs):
+            yield
             try:
                 state.apply(msg, block_time=block.time, height=block.height,
                             proposer=block.proposer, index=i, verified=self.verified)
@@ -332,11 +357,16 @@ class Chain:
                        now: float | None = None) -> None:
         """Everything but the certificate; leaves the state as it was (a validator votes
         only after this passes)."""
+        run_steps(self.check_proposal_steps(block, txs, now=now))
+
+    def check_proposal_steps(self, block: Block, txs: Sequence[SignedMessage], *,
+                             now: float | None = None) -> Steps[None]:
+        """`check_proposal` as steps (see `Steps`): one per transaction."""
         self._check_header(block, txs, now)
         marked = self._preverify(txs)
         try:
             with self.state.trial():
-                self._apply_txs(block, txs)
+                yield from self._apply_txs(block, txs)
         except Rejected:
             self.verified -= marked
             raise
@@ -345,6 +375,12 @@ class Chain:
     def commit(self, block: Block, txs: Sequence[SignedMessage], cert: bytes, *,
                now: float | None = None) -> None:
         """Fully check a block with its commit certificate, apply it and store it."""
+        run_steps(self.commit_steps(block, txs, cert, now=now))
+
+    def commit_steps(self, block: Block, txs: Sequence[SignedMessage], cert: bytes, *,
+                     now: float | None = None) -> Steps[None]:
+        """`commit` as steps (see `Steps`): one per transaction; the state changes and the
+        store is written at the last step only (all or nothing, as `commit`)."""
         state = self.state
         self._check_header(block, txs, now)
         validators = {a: state.identities[a].public_key for a in state.validators()}
@@ -356,7 +392,7 @@ class Chain:
         marked = self._preverify(txs)
         try:
             with state.atomic():
-                self._apply_txs(block, txs)
+                yield from self._apply_txs(block, txs)
                 if self.store is not None:
                     self.store.append(block.height, block.hash, block.raw, cert,
                                       [(m.id, m.raw) for m in txs])

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time as _time
@@ -45,7 +46,7 @@ from testbed.bus.client import BusClient, BusMessage
 from testbed.ledger import canonical, election, messages
 from testbed.ledger import consensus as C
 from testbed.ledger.blocks import VOTE_DOMAIN, Block, Vote, encode_certificate
-from testbed.ledger.chain import Chain
+from testbed.ledger.chain import Chain, Proposal, R, Steps
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair, is_address, verify_signature
 from testbed.ledger.messages import Freshness, SignedMessage
@@ -69,6 +70,57 @@ MAX_QUEUED = 20_000
 MAX_QUEUED_PROPOSALS = 2_000
 MAX_LOG_PER_S = 20
 """Refusal lines logged per second per node (the rest are counted)."""
+SLICE_S = 0.002
+"""Longest stretch a node's block work (building, checking, committing a block) holds the
+event loop before it lets other callbacks run: a real-time run's ticks share the loop."""
+
+
+async def _drive(steps: Steps[R]) -> R:
+    """Run a chain's steps (`chain.Steps`), yielding to the event loop every `SLICE_S`.
+    Cancelled midway, the steps are closed: their state journal rolls back."""
+    try:
+        t = _time.perf_counter()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+            if _time.perf_counter() - t > SLICE_S:
+                await asyncio.sleep(0)
+                t = _time.perf_counter()
+    finally:
+        steps.close()
+
+
+def _from_dicts(items: list[Any]) -> Steps[list[SignedMessage]]:
+    """A block's transactions from their JSON objects, each with its id computed (the
+    canonical encoding: the Merkle root check needs them all)."""
+    out = []
+    for t in items:
+        yield
+        m = messages.from_dict(t)
+        _ = m.id
+        out.append(m)
+    return out
+
+
+_COMMITTED_HEAD = b'{"block":{"header":'
+_JSON = json.JSONDecoder()
+
+
+def _committed_height(payload: bytes) -> int | None:
+    """The height in a committed-block message's header (canonical JSON puts it first),
+    read without decoding its transactions: the nodes that committed the block already
+    skip it at this cost. None when the message does not start as canonical; a wrong
+    answer can only make this node skip a message (it syncs the block instead)."""
+    if not payload.startswith(_COMMITTED_HEAD):
+        return None
+    try:
+        header, _ = _JSON.raw_decode(payload[len(_COMMITTED_HEAD):].decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    height = header.get("height") if isinstance(header, dict) else None
+    return height if type(height) is int else None
 
 
 def _sha(b: bytes) -> str:
@@ -190,6 +242,14 @@ class LedgerNode:
         self._syncing_since = -1e9
         self._sync_served: dict[str, float] = {}
         self._sm: C.Tendermint | None = None
+        self._lock = asyncio.Lock()
+        """Held by whatever uses the chain or the state machine (one message, a timeout, a
+        height started): block work yields to the loop midway (`_drive`), with the state
+        journal open, and nothing else of this node may run in between."""
+        self._prepared: tuple[int, frozenset[str], Proposal] | None = None
+        self.committed_height = chain.height
+        """The chain's height once committed (`chain.height` moves while a block is
+        checked in steps)."""
         self._new_height_state()
 
     # ------------------------------------------------------------ height state
@@ -270,9 +330,10 @@ class LedgerNode:
         if self.autoproduce:
             self._tasks.append(asyncio.create_task(self._producer(),
                                                    name=f"{self.name}:producer"))
-        if any(k[0] == self.chain.height + 1 for k in self.record.signed):
-            await self._execute(self._sm_start())  # restarted mid-height: resume it
-        await self.request_sync()
+        async with self._lock:
+            if any(k[0] == self.chain.height + 1 for k in self.record.signed):
+                await self._execute(self._sm_start())  # restarted mid-height: resume it
+            await self.request_sync()
 
     async def stop(self) -> None:
         for h in self._timers:
@@ -294,7 +355,8 @@ class LedgerNode:
         n = 0
         async for msg in sub:
             try:
-                await fn(msg)
+                async with self._lock:
+                    await fn(msg)
             except Rejected as exc:
                 self._reject(msg.topic, exc)
             except asyncio.CancelledError:
@@ -357,7 +419,9 @@ class LedgerNode:
                 if wait > 0:
                     await asyncio.sleep(wait)
                     continue
-                await self._execute(self._sm_start())
+                async with self._lock:
+                    await self._prepare()
+                    await self._execute(self._sm_start())
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.25):
@@ -373,17 +437,41 @@ class LedgerNode:
     async def produce(self) -> bool:
         """Start the next height now (fast-clock runs); True if this node proposed."""
         before = self.stats.proposed
-        await self._execute(self._sm_start())
+        async with self._lock:
+            await self._prepare()
+            await self._execute(self._sm_start())
         return self.stats.proposed > before
+
+    async def _prepare(self) -> None:
+        """Build round 0's block in steps before the state machine asks for it (it asks
+        synchronously: `_get_value`), when this node is that round's proposer. The lock
+        is held until the height starts, so the mempool is still the one it was built
+        from."""
+        sm = self._sm
+        self._prepared = None
+        if sm is None or sm.started or not self.validator or self._proposer(0) != self.key.address:
+            return
+        pool = frozenset(self.mempool)
+        try:
+            proposal = await _drive(self.chain.propose_steps(
+                self.key, list(self.mempool.values()), time=self.clock(), round_=0))
+        except Rejected:
+            return  # `_get_value` proposes again and reports it
+        self._prepared = (self.chain.height + 1, pool, proposal)
 
     def _get_value(self, round_: int) -> str | None:
         """The state machine asks this node, elected for `round_`, for a new block."""
-        pending = list(self.mempool.values())
-        try:
-            proposal = self.chain.propose(self.key, pending, time=self.clock(), round_=round_)
-        except Rejected as exc:
-            self._reject("propose", exc)
-            return None
+        prepared, self._prepared = self._prepared, None
+        if (round_ == 0 and prepared is not None and prepared[0] == self.chain.height + 1
+                and prepared[1] == frozenset(self.mempool)):
+            proposal = prepared[2]
+        else:
+            try:
+                proposal = self.chain.propose(self.key, list(self.mempool.values()),
+                                              time=self.clock(), round_=round_)
+            except Rejected as exc:
+                self._reject("propose", exc)
+                return None
         for msg, exc in proposal.dropped:
             self.mempool.pop(msg.id, None)
             self.refused[msg.id] = str(exc)
@@ -453,9 +541,14 @@ class LedgerNode:
     def _fire(self, t: C.Timeout) -> None:
         if self._sm is None or t.height != self._sm.height:
             return
-        task = asyncio.get_running_loop().create_task(self._execute(self._sm.on_timeout(t)))
+        task = asyncio.get_running_loop().create_task(self._timeout(t))
         self._tasks.append(task)
         task.add_done_callback(lambda tk: tk in self._tasks and self._tasks.remove(tk))
+
+    async def _timeout(self, t: C.Timeout) -> None:
+        async with self._lock:
+            if self._sm is not None and t.height == self._sm.height:
+                await self._execute(self._sm.on_timeout(t))
 
     # -------------------------------------------------------------- messages in
     def _next_height_message(self, height: int, sender: Any, m: BusMessage) -> bool:
@@ -522,10 +615,10 @@ class LedgerNode:
         valid = self._checked.get(block.hash)
         if valid is None:
             try:
-                txs = [messages.from_dict(t) for t in obj["txs"]]
+                txs = await _drive(_from_dicts(obj["txs"]))
                 if block.height != height:
                     raise Rejected(Reason.BAD_BLOCK, "block height differs from the proposal's")
-                self.chain.check_proposal(block, txs, now=self.clock())
+                await _drive(self.chain.check_proposal_steps(block, txs, now=self.clock()))
                 valid = True
                 self._blocks[block.hash] = (block, txs)
             except Rejected as exc:
@@ -618,15 +711,16 @@ class LedgerNode:
             return
         cert = encode_certificate(votes)
         proposer = self._proposer(d.round)
-        self._commit(block, txs, cert, round_=d.round)
+        await self._commit(block, txs, cert, round_=d.round)
         if proposer == self.key.address:
             await self.bus.publish(topics.blocks_committed(self.site),
                                    _wire_committed(block, txs, cert), qos=1)
         await self._after_commit()
 
-    def _commit(self, block: Block, txs: list[SignedMessage], cert: bytes, *,
-                round_: int | None = None) -> None:
-        self.chain.commit(block, txs, cert, now=self.clock())
+    async def _commit(self, block: Block, txs: list[SignedMessage], cert: bytes, *,
+                      round_: int | None = None) -> None:
+        await _drive(self.chain.commit_steps(block, txs, cert, now=self.clock()))
+        self.committed_height = self.chain.height
         for m in txs:
             self.mempool.pop(m.id, None)
         self.stats.committed += 1
@@ -655,13 +749,16 @@ class LedgerNode:
     async def _on_committed(self, m: BusMessage) -> None:
         if len(m.payload) > MAX_BLOCK_BYTES:
             raise Rejected(Reason.MALFORMED, f"committed block of {len(m.payload)} bytes")
+        peek = _committed_height(m.payload)
+        if peek is not None and peek <= self.chain.height:
+            return
         block, txs, cert = _unwire_committed(m.payload)
         if block.height <= self.chain.height:
             return
         if block.height > self.chain.height + 1:
             await self.request_sync()
             return
-        self._commit(block, txs, cert)
+        await self._commit(block, txs, cert)
         await self._after_commit()
 
     # ----------------------------------------------------------------- sync
@@ -733,7 +830,7 @@ class LedgerNode:
             block, txs, cert = _unwire_committed(canonical.encode(item))
             if block.height != self.chain.height + 1:
                 continue
-            self._commit(block, txs, cert)
+            await self._commit(block, txs, cert)
             self.stats.synced += 1
         await self._after_commit()
         if len(items) >= SYNC_BATCH:

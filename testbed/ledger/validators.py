@@ -133,7 +133,7 @@ class Validators:
 
     def height(self) -> int:
         """The lowest committed height among the nodes."""
-        return min((n.chain.height for n in self.nodes), default=0)
+        return min((n.committed_height for n in self.nodes), default=0)
 
     def blocks_since(self, height: int) -> list[tuple[Block, list[str]]]:
         """Committed blocks after `height` from the first node's store: (block, tx ids)."""
@@ -146,7 +146,7 @@ class Validators:
 
     def report(self) -> dict[str, Any]:
         """Per node: height, round, rejected count, n, f (and rounds of decided heights)."""
-        return {n.name: {"height": n.chain.height, "round": n.round,
+        return {n.name: {"height": n.committed_height, "round": n.round,
                          "rejected": n.stats.rejected_count, "n": n.n, "f": n.f,
                          "proposed": n.stats.proposed, "synced": n.stats.synced,
                          "evidence": len(n.evidence),

@@ -208,15 +208,27 @@ def test_block_work_in_steps_abandoned_midway_changes_nothing(tmp_path):
 def test_a_committed_block_message_is_skipped_by_its_header_alone(tmp_path):
     """Nodes that already hold a committed block read only its header's height from the
     proposer's message; a message not in canonical form gets no shortcut."""
-    from testbed.ledger.node import _committed_height, _unwire_committed, _wire_committed
+    from testbed.ledger.node import (
+        _committed_height,
+        _unwire_committed,
+        _wire_committed,
+        proposal_wire,
+    )
     net = make_net(4)
     net.time += 60
     p = net.commit([net.pay(net.aggregator, net.validators[1].address, 5)])
     cert = net.certify(p.block)
     wire = _wire_committed(p.block, p.txs, cert)
+    assert wire == canonical.encode({"block": canonical.decode(p.block.raw),
+                                     "txs": [m.as_dict() for m in p.txs],
+                                     "cert": canonical.decode(cert)})
     assert _committed_height(wire) == p.block.height == 1
     assert _unwire_committed(wire)[0].hash == p.block.hash
     assert _committed_height(b" " + wire) is None
     assert _committed_height(b'{"block":{"header":[1]}}') is None
     assert _committed_height(b'{"block":{"header":{"height":"1"}}}') is None
     assert _committed_height(b'{"block":{"header":{"height":1') is None
+    key = net.key_of(p.block.proposer)
+    wire = proposal_wire(key, net.chain.id, 0, -1, p.block, p.txs)
+    obj = canonical.decode(wire)
+    assert obj["txs"] == [m.as_dict() for m in p.txs] and canonical.encode(obj) == wire

@@ -394,8 +394,8 @@ class Chain:
             with state.atomic():
                 yield from self._apply_txs(block, txs)
                 if self.store is not None:
-                    self.store.append(block.height, block.hash, block.raw, cert,
-                                      [(m.id, m.raw) for m in txs])
+                    yield from self.store.append_steps(block.height, block.hash, block.raw,
+                                                       cert, [(m.id, m.raw) for m in txs])
         except Rejected:
             self.verified -= marked
             raise

@@ -70,7 +70,7 @@ MAX_QUEUED = 20_000
 MAX_QUEUED_PROPOSALS = 2_000
 MAX_LOG_PER_S = 20
 """Refusal lines logged per second per node (the rest are counted)."""
-SLICE_S = 0.001
+SLICE_S = 0.0005
 """Longest stretch a node's block work (building, checking, committing a block) holds the
 event loop before it lets other callbacks run: a real-time run's ticks share the loop."""
 

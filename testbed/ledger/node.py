@@ -145,7 +145,8 @@ class NodeStats:
 
 class FileRecord(C.Record):
     """The consensus record in a file beside the store: one canonical JSON line per signed
-    value or proof of lock, fsync'd before the caller publishes what it signed."""
+    value or proof of lock, fsync'd before the caller publishes what it signed (`sync`,
+    awaited by the node before it sends anything: the fsync runs off the event loop)."""
 
     def __init__(self, path: Path, height: int) -> None:
         super().__init__()
@@ -164,11 +165,19 @@ class FileRecord(C.Record):
                 except (canonical.NotCanonical, KeyError, TypeError, ValueError):
                     continue  # a torn last line (killed mid-write): it was never sent
         self._fh = open(path, "ab")  # noqa: SIM115 - held for the node's life
+        self._unsynced = False
 
     def _write(self, entry: dict[str, Any]) -> None:
         self._fh.write(canonical.encode(entry) + b"\n")
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self._unsynced = True
+
+    async def sync(self) -> None:
+        """Make what was written durable (fsync in a worker thread: a disk flush can take
+        tens of ms and must not hold the event loop); before a signed value is sent."""
+        if self._unsynced:
+            self._unsynced = False
+            await asyncio.to_thread(os.fsync, self._fh.fileno())
 
     def sign(self, key: tuple[int, int, int], value: str | None) -> None:
         self._write({"k": "s", "h": key[0], "r": key[1], "s": key[2], "v": value})
@@ -193,6 +202,7 @@ class FileRecord(C.Record):
         self._fh.close()
         os.replace(tmp, self.path)
         self._fh = open(self.path, "ab")  # noqa: SIM115
+        self._unsynced = False  # the new file holds every entry, fsync'd
 
     def close(self) -> None:
         self._fh.close()
@@ -517,6 +527,8 @@ class LedgerNode:
                             getattr(a.first, "value", None), getattr(a.second, "value", None))
 
     async def _broadcast(self, a: C.Broadcast) -> None:
+        if isinstance(self.record, FileRecord):
+            await self.record.sync()  # what this node signed is on disk before it is sent
         m = a.message
         if isinstance(m, C.Proposal):
             key: tuple[Any, ...] = ("p", m.round, m.value)

@@ -3,6 +3,7 @@
 Run:  python bench/ledger.py [--txs N] [--block B] [--validators 4,16,64] [--quick]
                              [--broker mosquitto|embedded] [--json PATH]
                              [--e2e-txs N] [--kill-trials K] [--flood N] [--only-network]
+                             [--stall-txs N] [--only-stall]
 
 1. Ceiling: raw Ed25519 verifications per second (cryptography/OpenSSL), one core, in
    this run. Every committed transaction costs at least one verification per node.
@@ -41,6 +42,12 @@ Run:  python bench/ledger.py [--txs N] [--block B] [--validators 4,16,64] [--qui
    published as fast as possible while transactions flow; figure: the worst commit delay of
    a transaction compared with the same run without the flood.
 
+7. Event loop (`--stall-txs N`, default 1000; `--only-stall` for this figure alone): 4
+   validators in this process on one bus connection, as in a real-time run, take bursts
+   of N transactions (a market interval's bids, awards, readings and payments at ~1,000
+   devices) and commit each in one block; a 1 ms ticker records how late it wakes: the
+   longest stretch a callback held the loop (the run's ticks must stay < 10 ms late).
+
 Output: rich tables and, as the last line, one JSON object (also written to --json PATH).
 """
 
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -72,7 +80,7 @@ from testbed.ledger import election, messages  # noqa: E402
 from testbed.ledger import transactions as T  # noqa: E402
 from testbed.ledger.blocks import Block, Vote, encode_certificate  # noqa: E402
 from testbed.ledger.chain import Chain, make_genesis  # noqa: E402
-from testbed.ledger.identity import KeyPair, batch_verifier  # noqa: E402
+from testbed.ledger.identity import KeyPair, batch_verifier, signature_cache  # noqa: E402
 from testbed.ledger.messages import Freshness  # noqa: E402
 from testbed.ledger.setup import LedgerLayout  # noqa: E402
 from testbed.ledger.state import MICRO, Params  # noqa: E402
@@ -99,22 +107,26 @@ def verify_parallelism(n: int) -> dict:
     the batch verifier (processes) against one core, on the same signatures."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from testbed.ledger.identity import batch_verifier, verify_many
+    from testbed.ledger.identity import batch_verifier, signature_cache, verify_many
+    cache = signature_cache()  # cleared before each figure: it measures checks, not hits
     k = KeyPair.generate()
     items = []
     for _ in range(n):
         data = os.urandom(300)
         items.append((k.public, k.sign(data), data))
+    cache.clear()
     t = time.perf_counter()
     verify_many(items)
     one = n / (time.perf_counter() - t)
     half = n // 2
     with ThreadPoolExecutor(2) as ex:
+        cache.clear()
         t = time.perf_counter()
         list(ex.map(verify_many, [items[:half], items[half:]]))
         two = n / (time.perf_counter() - t)
     bv = batch_verifier()
     assert all(bv.verify(items[:200]))  # start the pool before the clock
+    cache.clear()
     t = time.perf_counter()
     ok = bv.verify(items)
     batch = n / (time.perf_counter() - t)
@@ -151,9 +163,13 @@ def make_chain(n_validators: int, store: Path | None):
     return g, chain, agg, vals
 
 
-def presign(agg: KeyPair, vals: list[KeyPair], n: int) -> list[bytes]:
+def presign(agg: KeyPair, vals: list[KeyPair], n: int, *, part: int = 0,
+            parts: int = 1) -> list[bytes]:
+    """n signed transactions; `part` of `parts` takes its own meter intervals (several
+    batches for one chain)."""
     now = time.time()
-    base = int(now) - 60 * (n // 4 // len(vals) + 2)  # every reading ends in the past
+    per_meter = n // 4 // len(vals) + 1
+    base = int(now) - 60 * (per_meter * (parts - part) + 2)  # every reading ends in the past
     out = []
     seq = [0] * len(vals)
     for i in range(n):
@@ -177,6 +193,7 @@ def throughput(n_txs: int, block: int, tmp: Path, validators_inproc: int = 1) ->
     g, chain, agg, vals = make_chain(4, tmp / "node0.db")
     extra = [Chain.open(tmp / f"node{i}.db", genesis=g) for i in range(1, validators_inproc)]
     raws = presign(agg, vals, n_txs)
+    signature_cache().clear()  # nothing checked before; in-process validators share it
     by_addr = {k.address: k for k in vals}
     fresh = [Freshness(600) for _ in range(validators_inproc)]
     chains = [chain, *extra]
@@ -277,6 +294,69 @@ async def commit_latency(n_validators: int, blocks: int, broker_kind: str, tmp: 
             "broker": "mosquitto" if use_mosquitto else "embedded-amqtt",
             "median_ms": 1000 * statistics.median(lat),
             "p90_ms": 1000 * lat[min(len(lat) - 1, int(0.9 * len(lat)))]}
+
+
+async def loop_stall(n_txs: int, broker_kind: str, tmp: Path, bursts: int = 3) -> dict:
+    """The event loop while 4 in-process validators take a market interval's burst (as in
+    a real-time run: one bus connection, one loop, blocks produced on demand): a ticker
+    sleeps 1 ms at a time and records how late it wakes, i.e. the longest stretch any
+    callback held the loop. Per burst: n_txs signed transactions submitted through the
+    facade, then one block produced and committed by every node."""
+    layout, agg, vals = bench_layout(tmp / "stall", 4)
+    use_mosquitto = broker_kind == "mosquitto" and find_mosquitto() is not None
+    broker = MosquittoBroker() if use_mosquitto else EmbeddedBroker()
+    lates: list[float] = []
+    busy: list[float] = []
+    """Per tick: wall lateness, and the loop thread's CPU time between two ticks (what
+    other callbacks held it for, not inflated when a loaded machine preempts it)."""
+    async with broker:
+        bus = BusClient(broker.url, client_id="bench-stall")
+        await bus.connect()
+        v = await Validators.start(layout, bus, "bench", autoproduce=False)
+        loop = asyncio.get_running_loop()
+        ticking = True
+
+        async def ticker() -> None:
+            while ticking:
+                t, c = loop.time(), time.thread_time()
+                await asyncio.sleep(0.001)
+                lates.append(loop.time() - t - 0.001)
+                busy.append(time.thread_time() - c)
+
+        signed = [[messages.parse(r) for r in presign(agg, vals, n_txs, part=b, parts=bursts)]
+                  for b in range(bursts)]  # the clients' work, before the clock
+        signature_cache().clear()
+        gc.collect()
+        gc.freeze()  # as the run engine does after its set-up: full collections stay short
+        cpu, t0 = time.process_time(), time.perf_counter()
+        tick = asyncio.create_task(ticker())
+        committed = 0
+        for b, msgs in enumerate(signed):
+            before = v.height()
+            for m in msgs:
+                await v.submit(m)
+            height = await v.produce({m.id for m in msgs}, timeout_s=120)
+            if height is None:
+                raise RuntimeError(f"burst {b}: no block within 120 s")
+            committed += sum(len(txs) for _, txs in v.blocks_since(before))
+        ticking = False
+        await tick
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
+        gc.unfreeze()
+        await v.stop()
+        await bus.close()
+    lates.sort()
+    busy.sort()
+
+    def p99(xs: list[float]) -> float:
+        return 1000 * xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+
+    return {"txs_per_burst": n_txs, "bursts": bursts, "committed": committed,
+            "broker": "mosquitto" if use_mosquitto else "embedded-amqtt",
+            "ticks": len(lates), "max_stall_ms": 1000 * lates[-1], "p99_late_ms": p99(lates),
+            "max_stall_cpu_ms": 1000 * busy[-1], "p99_stall_cpu_ms": p99(busy),
+            "loadavg": os.getloadavg()[0],
+            "wall_s": wall, "cpu_us_per_tx": 1e6 * cpu / max(committed, 1)}
 
 
 def bench_layout(root: Path, n_validators: int,
@@ -479,6 +559,10 @@ def main() -> None:
     ap.add_argument("--only-network", action="store_true",
                     help="only the 4-process end-to-end part (4-6)")
     ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--stall-txs", type=int, default=1000,
+                    help="burst size for the event-loop stall figure (0: skip it)")
+    ap.add_argument("--only-stall", action="store_true",
+                    help="only the event-loop stall figure")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     if args.quick:
@@ -493,6 +577,21 @@ def main() -> None:
                                  "loadavg_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if args.stall_txs and (args.only_stall or not args.only_network):
+            console.print(f"event loop during {args.stall_txs}-tx bursts, 4 validators in "
+                          "this process …")
+            figures["loop_stall"] = asyncio.run(loop_stall(args.stall_txs, args.broker, tmp))
+            st = figures["loop_stall"]
+            Console().print(f"event loop, {st['txs_per_burst']}-tx bursts x {st['bursts']} "
+                            f"to 4 in-process validators ({st['broker']}): loop held "
+                            f"at most {st['max_stall_cpu_ms']:.1f} ms CPU between 1 ms "
+                            f"ticks (p99 {st['p99_stall_cpu_ms']:.1f}); tick lateness max "
+                            f"{st['max_stall_ms']:.1f} ms, p99 {st['p99_late_ms']:.1f} ms "
+                            f"(wall, load {st['loadavg']:.1f}); {st['cpu_us_per_tx']:.0f} µs "
+                            "CPU per committed tx")
+        if args.only_stall:
+            print(json.dumps(figures, separators=(",", ":")), flush=True)
+            return
         if not args.only_network:
             console.print("raw Ed25519 verify rate …")
             figures["raw_verify_per_s"] = raw_verify_rate(20_000 if not args.quick else 5000)

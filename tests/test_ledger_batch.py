@@ -10,7 +10,14 @@ from ledger_net import make_net
 from testbed.ledger import messages
 from testbed.ledger.blocks import Block, merkle_root
 from testbed.ledger.errors import Reason, Rejected
-from testbed.ledger.identity import BatchVerifier, KeyPair, verify_many, verify_signature
+from testbed.ledger.identity import (
+    BatchVerifier,
+    KeyPair,
+    SignatureCache,
+    signature_cache,
+    verify_many,
+    verify_signature,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +43,10 @@ def test_batch_matches_one_by_one_in_order(pool):
         items.append((k.public, sig, data))
     expected = [verify_signature(*it) for it in items]
     assert 0 < sum(expected) < len(expected)
+    signature_cache().clear()  # the workers, not the cache, must answer
     assert pool.verify(items) == expected == verify_many(items)
     assert pool._pool and pool._pool[0].proc.is_alive()
+    signature_cache().clear()
     pending = pool.start(items)
     w = pool._pool[0]
     while w.received < w.sent:  # let the worker answer every job before collecting
@@ -47,6 +56,40 @@ def test_batch_matches_one_by_one_in_order(pool):
     assert pending() == expected
     assert w.taken_back == taken  # all of it was checked by the worker process
     assert BatchVerifier(0).verify(items) == expected
+    sent = w.sent
+    assert pool.verify(items) == expected  # every answer now comes from the cache
+    assert w.sent == sent
+
+
+def test_signature_cache_answers_as_a_fresh_check_and_stays_bounded():
+    k, other = KeyPair.from_seed(b"cache-a"), KeyPair.from_seed(b"cache-b")
+    data = b"pay 5 to someone"
+    sig = k.sign(data)
+    cache = signature_cache()
+    cache.clear()
+    assert verify_signature(k.public, sig, data)
+    assert (cache.hits, cache.misses) == (0, 1)
+    assert verify_signature(k.public, sig, data)
+    assert cache.hits == 1
+    # any change of key, signature or signed bytes is another entry, checked afresh
+    assert not verify_signature(k.public, sig, data + b"0")
+    assert not verify_signature(other.public, sig, data)
+    assert not verify_signature(k.public, bytes(64), data)
+    assert not verify_signature(k.public, sig[:-1], data)  # malformed: no crash
+    assert not verify_signature(b"short", sig, data)
+    assert cache.hits == 1 and cache.misses == 6
+    assert not verify_signature(k.public, sig, data + b"0")  # a refusal is remembered too
+    assert verify_signature(k.public, sig, data)
+    small = SignatureCache(maxsize=4, max_bad=2)
+    for i in range(10):
+        small.put(small.key(k.public, sig, b"%d" % i), True)
+        small.put(small.key(k.public, bytes(64), b"%d" % i), False)
+    assert len(small) == 6  # each table bounded on its own: forgeries evict no good answer
+    assert small.get(small.key(k.public, sig, b"9")) is True
+    assert small.get(small.key(k.public, sig, b"0")) is None
+    assert small.get(small.key(k.public, bytes(64), b"9")) is False
+    keys = [SignatureCache().key(k.public, sig, data) for _ in range(2)]
+    assert keys[0] != keys[1]  # salted per cache: digests cannot be precomputed
 
 
 def _block_with(net, txs):
@@ -134,15 +177,18 @@ def test_the_caller_takes_back_what_a_stalled_worker_has_not_started(pool):
     k = KeyPair.from_seed(b"t")
     items = [(k.public, k.sign(bytes([i])), bytes([i ^ (i % 5 == 0)])) for i in range(256)]
     expected = verify_many(items)
+    signature_cache().clear()  # the checks must go to the worker, not the cache
     pool.verify(items[:200])  # a running worker
     w = pool._pool[0]
     os.kill(w.proc.pid, signal.SIGSTOP)
     try:
         taken = w.taken_back
+        signature_cache().clear()
         assert pool.verify(items) == expected
         assert w.taken_back - taken == -(-len(items) // pool.chunk)  # every job taken back
     finally:
         os.kill(w.proc.pid, signal.SIGCONT)
+    signature_cache().clear()
     assert pool.verify(items) == expected  # the resumed worker is still in service
     assert w.proc.is_alive() and pool._pool == [w]
 
@@ -151,8 +197,10 @@ def test_a_dead_worker_costs_speed_not_answers(pool):
     k = KeyPair.from_seed(b"d")
     items = [(k.public, k.sign(bytes([i])), bytes([i ^ (i % 3 == 0)])) for i in range(256)]
     expected = verify_many(items)
+    signature_cache().clear()
     pending = pool.start(items)  # all of it on the worker ...
     pool._pool[0].proc.kill()    # ... which dies before answering (or after: either way)
     assert pending() == expected
+    signature_cache().clear()
     assert pool.verify(items) == expected  # and a new worker takes the next batch
     assert pool._pool and pool._pool[0].proc.is_alive()

@@ -51,6 +51,28 @@ def test_signed_message_has_the_papers_shape_and_round_trips():
     assert messages.verify(again, net.chain.state.public_key) == k.public
 
 
+def test_parsing_the_same_bytes_again_gives_the_same_message_refusals_are_not_kept():
+    """The validators of one process each parse every transaction: once is enough."""
+    net = make_net()
+    msg = net.reading(net.validators[0], 1.0, 2.0)
+    first = messages.parse(bytes(msg.raw))
+    assert messages.parse(bytes(msg.raw)) is first and first == msg
+    assert messages.parse(msg.raw.decode()) is not first  # text: parsed afresh
+    loose = msg.raw.replace(b'{"clientId"', b'{ "clientId"')
+    for _ in range(2):
+        with pytest.raises(Rejected) as info:
+            messages.parse(loose)
+        assert "not in canonical form" in str(info.value)
+        assert loose not in messages._PARSED
+    assert messages.parse(loose, strict=False) == msg
+    others = [net.reading(net.validators[1], 0.1 * i, 0.0, start=60 * i).raw
+              for i in range(messages.MAX_PARSED + 1)]
+    for raw in others:
+        messages.parse(raw)
+    assert len(messages._PARSED) == messages.MAX_PARSED  # bounded: the oldest went first
+    assert msg.raw not in messages._PARSED and others[-1] in messages._PARSED
+
+
 @pytest.mark.parametrize("raw, expected", [
     (b"{not json", "not valid JSON"),
     (b'{"a": 1}', "not in canonical form"),

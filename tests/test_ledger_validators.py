@@ -31,6 +31,9 @@ def test_file_record_survives_a_restart_and_ignores_a_torn_line(tmp_path):
     rec.sign((5, 0, C.PREVOTE), "B1")
     rec.sign((5, 0, C.PRECOMMIT), "B1")
     rec.proof(5, 0, (C.Vote(C.PREVOTE, 5, 0, "B1", "a"), C.Vote(C.PREVOTE, 5, 0, "B1", "b")))
+    assert rec._unsynced  # written; the node awaits the fsync before sending (off the loop)
+    asyncio.run(rec.sync())
+    assert not rec._unsynced
     rec.close()
     with open(path, "ab") as fh:
         fh.write(b'{"k":"s","h":5,"r":1,"s')  # killed mid-write: never sent

@@ -10,10 +10,10 @@ rules in `state`. Nothing changes unless all of it passes.
 from __future__ import annotations
 
 import time as _time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from testbed.ledger import canonical, election, messages
 from testbed.ledger import transactions as T
@@ -28,7 +28,7 @@ from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair, address_of, batch_verifier
 from testbed.ledger.messages import SignedMessage
 from testbed.ledger.state import POOL, Entry, LedgerState, Params
-from testbed.ledger.store import Store, StoreDamaged
+from testbed.ledger.store import Store, StoreDamaged, StoredBlock
 
 MAX_ROUNDS = 1000
 MAX_PENDING_PSEUDONYMS = 65536
@@ -82,6 +82,24 @@ def genesis_state(genesis: Block) -> LedgerState:
     if not state.validators():
         raise Rejected(Reason.BAD_BLOCK, "genesis registers no validator", height=0)
     return state
+
+
+R = TypeVar("R")
+Steps = Generator[None, None, R]
+"""A block's work cut into steps (one per transaction): driven to the end at once by
+`run_steps`, or by a node between which it lets its event loop run other callbacks, so a
+block of 1,000 transactions never holds the loop for its whole duration. A state journal
+(`trial`, `atomic`) is open across the steps: whoever drives them must keep every other
+use of this chain out until they finish (a node holds its lock)."""
+
+
+def run_steps(steps: Steps[R]) -> R:
+    """Drive steps to the end; their result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 @dataclass
@@ -239,6 +257,11 @@ class Chain:
                 round_: int = 0) -> Proposal:
         """Build and sign the next block from candidate transactions, dropping those the
         rules refuse (with their reasons). Only the elected proposer for `round_` may."""
+        return run_steps(self.propose_steps(key, txs, time=time, round_=round_))
+
+    def propose_steps(self, key: KeyPair, txs: Iterable[SignedMessage], *, time: float,
+                      round_: int = 0) -> Steps[Proposal]:
+        """`propose` as steps (see `Steps`): one per candidate transaction."""
         state = self.state
         elected = election.proposer(state, round_)
         if elected.address != key.address:
@@ -266,6 +289,7 @@ class Chain:
             for msg in candidates:
                 if len(accepted) >= state.params.max_block_txs:
                     break
+                yield
                 exc = state.try_apply(msg, block_time=time, height=height,
                                       proposer=key.address, index=len(accepted),
                                       verified=self.verified)
@@ -318,10 +342,11 @@ class Chain:
             raise Rejected(Reason.BAD_BLOCK, "transactions do not match the header's Merkle "
                            "root", height=height)
 
-    def _apply_txs(self, block: Block, txs: Sequence[SignedMessage]) -> None:
+    def _apply_txs(self, block: Block, txs: Sequence[SignedMessage]) -> Steps[None]:
         state = self.state
         state.advance(block.height, block.hash, block.time)
         for i, msg in enumerate(txs):
+            yield
             try:
                 state.apply(msg, block_time=block.time, height=block.height,
                             proposer=block.proposer, index=i, verified=self.verified)
@@ -332,11 +357,16 @@ class Chain:
                        now: float | None = None) -> None:
         """Everything but the certificate; leaves the state as it was (a validator votes
         only after this passes)."""
+        run_steps(self.check_proposal_steps(block, txs, now=now))
+
+    def check_proposal_steps(self, block: Block, txs: Sequence[SignedMessage], *,
+                             now: float | None = None) -> Steps[None]:
+        """`check_proposal` as steps (see `Steps`): one per transaction."""
         self._check_header(block, txs, now)
         marked = self._preverify(txs)
         try:
             with self.state.trial():
-                self._apply_txs(block, txs)
+                yield from self._apply_txs(block, txs)
         except Rejected:
             self.verified -= marked
             raise
@@ -345,6 +375,12 @@ class Chain:
     def commit(self, block: Block, txs: Sequence[SignedMessage], cert: bytes, *,
                now: float | None = None) -> None:
         """Fully check a block with its commit certificate, apply it and store it."""
+        run_steps(self.commit_steps(block, txs, cert, now=now))
+
+    def commit_steps(self, block: Block, txs: Sequence[SignedMessage], cert: bytes, *,
+                     now: float | None = None) -> Steps[None]:
+        """`commit` as steps (see `Steps`): one per transaction; the state changes and the
+        store is written at the last step only (all or nothing, as `commit`)."""
         state = self.state
         self._check_header(block, txs, now)
         validators = {a: state.identities[a].public_key for a in state.validators()}
@@ -356,10 +392,10 @@ class Chain:
         marked = self._preverify(txs)
         try:
             with state.atomic():
-                self._apply_txs(block, txs)
+                yield from self._apply_txs(block, txs)
                 if self.store is not None:
-                    self.store.append(block.height, block.hash, block.raw, cert,
-                                      [(m.id, m.raw) for m in txs])
+                    yield from self.store.append_steps(block.height, block.hash, block.raw,
+                                                       cert, [(m.id, m.raw) for m in txs])
         except Rejected:
             self.verified -= marked
             raise
@@ -556,14 +592,94 @@ def _check_against(chain: Chain, store: Store, other: Against) -> None:
                    f"votes): the store is truncated", height=top + 1)
 
 
+class _Peer:
+    """Another node's store read in step with one being fully verified: it verifies the
+    same way if it holds byte-identical blocks and transactions at every height (what the
+    full check recomputes from) and each certificate that differs from the reference's
+    (nodes assemble their own from the precommits they received) passes the very check
+    `commit` makes, against the validators of that height. Anything else, or any error,
+    marks it `differs`: it then gets a full `verify_store` of its own."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
+        self.store: Store | None = None
+        self.differs = False
+        self.certs_checked = 0
+        try:
+            self.store = Store(path, readonly=True)
+            self.store.snapshot()
+        except Exception:  # noqa: BLE001 - the full verify reports whatever this is
+            self.differs = True
+
+    def compare(self, ours: StoredBlock, chain: Chain | None) -> None:
+        """Height `ours.height` before `chain` (None: genesis) commits it."""
+        if self.differs or self.store is None:
+            return
+        try:
+            b = self.store.block(ours.height)
+            if b is None or (b.hash, b.raw, b.txs) != (ours.hash, ours.raw, ours.txs):
+                self.differs = True
+            elif b.cert != ours.cert:
+                if chain is None:
+                    self.differs = True
+                    return
+                state = chain.state
+                check_certificate(b.cert, chain=chain.id, block=Block.parse(b.raw),
+                                  validators={a: state.identities[a].public_key
+                                              for a in state.validators()},
+                                  quorum=state.quorum())
+                self.certs_checked += 1
+        except Exception:  # noqa: BLE001 - a refused certificate, a damaged row, ...
+            self.differs = True
+
+    def same_as(self, heights: list[int], tx_count: int) -> bool:
+        if self.differs or self.store is None:
+            return False
+        try:
+            return self.store.heights() == heights and self.store.tx_count() == tx_count
+        except Exception:  # noqa: BLE001
+            return False
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None
+                  ) -> list[VerifyReport]:
+    """`verify_store` of several nodes' stores of one chain, with the same reports, at the
+    cost of about one: the first is fully verified and the others are read in step and
+    compared with it (`_Peer`); a store that differs in any way, or all of them when the
+    first fails, is fully verified on its own."""
+    if not paths:
+        return []
+    peers = [_Peer(p) for p in paths[1:]]
+    try:
+        first = verify_store(paths[0], genesis=genesis, _peers=peers)
+        out = [first]
+        for p in peers:
+            # an ok report means heights 0..height, all holding its `txs` transactions
+            if first.ok and p.same_as(list(range((first.height or 0) + 1)), first.txs):
+                out.append(first)
+            else:
+                p.close()
+                out.append(verify_store(p.path, genesis=genesis))
+        return out
+    finally:
+        for p in peers:
+            p.close()
+
+
 def verify_store(path: Path | str, *, genesis: Block | None = None,
-                 against: Against | None = None) -> VerifyReport:
+                 against: Against | None = None, _peers: Sequence[_Peer] = ()
+                 ) -> VerifyReport:
     """Recompute every hash, signature, election and contract result of a node database.
 
     Never raises for a damaged file: whatever is wrong (bytes changed, a column of the
     wrong type, a dropped table, a truncated or foreign file) comes back as a failed
     report naming the first bad height, or height None for "not a ledger store".
-    `against` (see `load_against`) also catches a store whose last blocks were deleted."""
+    `against` (see `load_against`) also catches a store whose last blocks were deleted.
+    `_peers` (see `verify_stores`) are compared with each height as it is checked."""
     try:
         store = Store(path, readonly=True)
     except (ValueError, OSError) as exc:
@@ -586,6 +702,8 @@ def verify_store(path: Path | str, *, genesis: Block | None = None,
         if g0.txs or g0.cert != b"[]":
             raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes",
                            height=0)
+        for p in _peers:
+            p.compare(g0, None)
         chain = Chain(g)
         chain_id = chain.id
         for expect, h in enumerate(heights[1:], start=1):
@@ -595,6 +713,8 @@ def verify_store(path: Path | str, *, genesis: Block | None = None,
             b = store.block(h)
             if b is None:
                 raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
+            for p in _peers:
+                p.compare(b, chain)
             block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
             if block.hash != b.hash:
                 raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -117,8 +117,31 @@ def sign(key: KeyPair, operation: str, parameters: Mapping[str, Any], *, at: flo
                          unsigned.parameters, signature)
 
 
+MAX_PARSED = 4096
+"""Envelopes remembered by `parse` (see `_PARSED`)."""
+_PARSED: OrderedDict[bytes, SignedMessage] = OrderedDict()
+"""Strictly parsed envelopes by their exact bytes, most recent last: the validators (and
+market agents) of one process receive the same transaction each, and parsing is a pure
+function of the bytes, so it is done once. Only envelopes that parsed are kept; messages
+are immutable (nothing in the ledger writes to their parameters)."""
+
+
 def parse(raw: bytes | str, *, strict: bool = True) -> SignedMessage:
     """Decode and shape-check an envelope. With `strict`, it must be canonical bytes."""
+    if strict and type(raw) is bytes:
+        hit = _PARSED.get(raw)
+        if hit is not None:
+            _PARSED.move_to_end(raw)
+            return hit
+        msg = _parse(raw, strict=True)
+        _PARSED[raw] = msg
+        if len(_PARSED) > MAX_PARSED:
+            _PARSED.popitem(last=False)
+        return msg
+    return _parse(raw, strict=strict)
+
+
+def _parse(raw: bytes | str, *, strict: bool) -> SignedMessage:
     if len(raw) > MAX_MESSAGE_BYTES:
         limit = size_limit(raw)
         if len(raw) > limit:

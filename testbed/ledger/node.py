@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time as _time
@@ -45,7 +46,7 @@ from testbed.bus.client import BusClient, BusMessage
 from testbed.ledger import canonical, election, messages
 from testbed.ledger import consensus as C
 from testbed.ledger.blocks import VOTE_DOMAIN, Block, Vote, encode_certificate
-from testbed.ledger.chain import Chain
+from testbed.ledger.chain import Chain, Proposal, R, Steps
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair, is_address, verify_signature
 from testbed.ledger.messages import Freshness, SignedMessage
@@ -69,6 +70,57 @@ MAX_QUEUED = 20_000
 MAX_QUEUED_PROPOSALS = 2_000
 MAX_LOG_PER_S = 20
 """Refusal lines logged per second per node (the rest are counted)."""
+SLICE_S = 0.0005
+"""Longest stretch a node's block work (building, checking, committing a block) holds the
+event loop before it lets other callbacks run: a real-time run's ticks share the loop."""
+
+
+async def _drive(steps: Steps[R]) -> R:
+    """Run a chain's steps (`chain.Steps`), yielding to the event loop every `SLICE_S`.
+    Cancelled midway, the steps are closed: their state journal rolls back."""
+    try:
+        t = _time.perf_counter()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+            if _time.perf_counter() - t > SLICE_S:
+                await asyncio.sleep(0)
+                t = _time.perf_counter()
+    finally:
+        steps.close()
+
+
+def _from_dicts(items: list[Any]) -> Steps[list[SignedMessage]]:
+    """A block's transactions from their JSON objects, each with its id computed (the
+    canonical encoding: the Merkle root check needs them all)."""
+    out = []
+    for t in items:
+        yield
+        m = messages.from_dict(t)
+        _ = m.id
+        out.append(m)
+    return out
+
+
+_COMMITTED_HEAD = b'{"block":{"header":'
+_JSON = json.JSONDecoder()
+
+
+def _committed_height(payload: bytes) -> int | None:
+    """The height in a committed-block message's header (canonical JSON puts it first),
+    read without decoding its transactions: the nodes that committed the block already
+    skip it at this cost. None when the message does not start as canonical; a wrong
+    answer can only make this node skip a message (it syncs the block instead)."""
+    if not payload.startswith(_COMMITTED_HEAD):
+        return None
+    try:
+        header, _ = _JSON.raw_decode(payload[len(_COMMITTED_HEAD):].decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    height = header.get("height") if isinstance(header, dict) else None
+    return height if type(height) is int else None
 
 
 def _sha(b: bytes) -> str:
@@ -93,7 +145,8 @@ class NodeStats:
 
 class FileRecord(C.Record):
     """The consensus record in a file beside the store: one canonical JSON line per signed
-    value or proof of lock, fsync'd before the caller publishes what it signed."""
+    value or proof of lock, fsync'd before the caller publishes what it signed (`sync`,
+    awaited by the node before it sends anything: the fsync runs off the event loop)."""
 
     def __init__(self, path: Path, height: int) -> None:
         super().__init__()
@@ -112,11 +165,19 @@ class FileRecord(C.Record):
                 except (canonical.NotCanonical, KeyError, TypeError, ValueError):
                     continue  # a torn last line (killed mid-write): it was never sent
         self._fh = open(path, "ab")  # noqa: SIM115 - held for the node's life
+        self._unsynced = False
 
     def _write(self, entry: dict[str, Any]) -> None:
         self._fh.write(canonical.encode(entry) + b"\n")
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self._unsynced = True
+
+    async def sync(self) -> None:
+        """Make what was written durable (fsync in a worker thread: a disk flush can take
+        tens of ms and must not hold the event loop); before a signed value is sent."""
+        if self._unsynced:
+            self._unsynced = False
+            await asyncio.to_thread(os.fsync, self._fh.fileno())
 
     def sign(self, key: tuple[int, int, int], value: str | None) -> None:
         self._write({"k": "s", "h": key[0], "r": key[1], "s": key[2], "v": value})
@@ -141,6 +202,7 @@ class FileRecord(C.Record):
         self._fh.close()
         os.replace(tmp, self.path)
         self._fh = open(self.path, "ab")  # noqa: SIM115
+        self._unsynced = False  # the new file holds every entry, fsync'd
 
     def close(self) -> None:
         self._fh.close()
@@ -190,6 +252,14 @@ class LedgerNode:
         self._syncing_since = -1e9
         self._sync_served: dict[str, float] = {}
         self._sm: C.Tendermint | None = None
+        self._lock = asyncio.Lock()
+        """Held by whatever uses the chain or the state machine (one message, a timeout, a
+        height started): block work yields to the loop midway (`_drive`), with the state
+        journal open, and nothing else of this node may run in between."""
+        self._prepared: tuple[int, frozenset[str], Proposal] | None = None
+        self.committed_height = chain.height
+        """The chain's height once committed (`chain.height` moves while a block is
+        checked in steps)."""
         self._new_height_state()
 
     # ------------------------------------------------------------ height state
@@ -270,9 +340,10 @@ class LedgerNode:
         if self.autoproduce:
             self._tasks.append(asyncio.create_task(self._producer(),
                                                    name=f"{self.name}:producer"))
-        if any(k[0] == self.chain.height + 1 for k in self.record.signed):
-            await self._execute(self._sm_start())  # restarted mid-height: resume it
-        await self.request_sync()
+        async with self._lock:
+            if any(k[0] == self.chain.height + 1 for k in self.record.signed):
+                await self._execute(self._sm_start())  # restarted mid-height: resume it
+            await self.request_sync()
 
     async def stop(self) -> None:
         for h in self._timers:
@@ -291,10 +362,11 @@ class LedgerNode:
             self.record.close()
 
     async def _pump(self, sub: Any, fn: Callable[[BusMessage], Any]) -> None:
-        n = 0
+        n, since = 0, _time.perf_counter()
         async for msg in sub:
             try:
-                await fn(msg)
+                async with self._lock:
+                    await fn(msg)
             except Rejected as exc:
                 self._reject(msg.topic, exc)
             except asyncio.CancelledError:
@@ -303,8 +375,9 @@ class LedgerNode:
                 self._reject(msg.topic, f"refused ({type(exc).__name__}: {exc})")
                 log.debug("%s: handling %s", self.name, msg.topic, exc_info=True)
             n += 1
-            if n % 16 == 0:
+            if n % 16 == 0 or _time.perf_counter() - since > SLICE_S:
                 await asyncio.sleep(0)  # a flood on one topic must not starve the others
+                since = _time.perf_counter()
 
     # ---------------------------------------------------------- transactions
     async def submit(self, msg: SignedMessage) -> None:
@@ -357,7 +430,9 @@ class LedgerNode:
                 if wait > 0:
                     await asyncio.sleep(wait)
                     continue
-                await self._execute(self._sm_start())
+                async with self._lock:
+                    await self._prepare()
+                    await self._execute(self._sm_start())
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.25):
@@ -373,17 +448,41 @@ class LedgerNode:
     async def produce(self) -> bool:
         """Start the next height now (fast-clock runs); True if this node proposed."""
         before = self.stats.proposed
-        await self._execute(self._sm_start())
+        async with self._lock:
+            await self._prepare()
+            await self._execute(self._sm_start())
         return self.stats.proposed > before
+
+    async def _prepare(self) -> None:
+        """Build round 0's block in steps before the state machine asks for it (it asks
+        synchronously: `_get_value`), when this node is that round's proposer. The lock
+        is held until the height starts, so the mempool is still the one it was built
+        from."""
+        sm = self._sm
+        self._prepared = None
+        if sm is None or sm.started or not self.validator or self._proposer(0) != self.key.address:
+            return
+        pool = frozenset(self.mempool)
+        try:
+            proposal = await _drive(self.chain.propose_steps(
+                self.key, list(self.mempool.values()), time=self.clock(), round_=0))
+        except Rejected:
+            return  # `_get_value` proposes again and reports it
+        self._prepared = (self.chain.height + 1, pool, proposal)
 
     def _get_value(self, round_: int) -> str | None:
         """The state machine asks this node, elected for `round_`, for a new block."""
-        pending = list(self.mempool.values())
-        try:
-            proposal = self.chain.propose(self.key, pending, time=self.clock(), round_=round_)
-        except Rejected as exc:
-            self._reject("propose", exc)
-            return None
+        prepared, self._prepared = self._prepared, None
+        if (round_ == 0 and prepared is not None and prepared[0] == self.chain.height + 1
+                and prepared[1] == frozenset(self.mempool)):
+            proposal = prepared[2]
+        else:
+            try:
+                proposal = self.chain.propose(self.key, list(self.mempool.values()),
+                                              time=self.clock(), round_=round_)
+            except Rejected as exc:
+                self._reject("propose", exc)
+                return None
         for msg, exc in proposal.dropped:
             self.mempool.pop(msg.id, None)
             self.refused[msg.id] = str(exc)
@@ -428,6 +527,8 @@ class LedgerNode:
                             getattr(a.first, "value", None), getattr(a.second, "value", None))
 
     async def _broadcast(self, a: C.Broadcast) -> None:
+        if isinstance(self.record, FileRecord):
+            await self.record.sync()  # what this node signed is on disk before it is sent
         m = a.message
         if isinstance(m, C.Proposal):
             key: tuple[Any, ...] = ("p", m.round, m.value)
@@ -453,9 +554,14 @@ class LedgerNode:
     def _fire(self, t: C.Timeout) -> None:
         if self._sm is None or t.height != self._sm.height:
             return
-        task = asyncio.get_running_loop().create_task(self._execute(self._sm.on_timeout(t)))
+        task = asyncio.get_running_loop().create_task(self._timeout(t))
         self._tasks.append(task)
         task.add_done_callback(lambda tk: tk in self._tasks and self._tasks.remove(tk))
+
+    async def _timeout(self, t: C.Timeout) -> None:
+        async with self._lock:
+            if self._sm is not None and t.height == self._sm.height:
+                await self._execute(self._sm.on_timeout(t))
 
     # -------------------------------------------------------------- messages in
     def _next_height_message(self, height: int, sender: Any, m: BusMessage) -> bool:
@@ -522,10 +628,10 @@ class LedgerNode:
         valid = self._checked.get(block.hash)
         if valid is None:
             try:
-                txs = [messages.from_dict(t) for t in obj["txs"]]
+                txs = await _drive(_from_dicts(obj["txs"]))
                 if block.height != height:
                     raise Rejected(Reason.BAD_BLOCK, "block height differs from the proposal's")
-                self.chain.check_proposal(block, txs, now=self.clock())
+                await _drive(self.chain.check_proposal_steps(block, txs, now=self.clock()))
                 valid = True
                 self._blocks[block.hash] = (block, txs)
             except Rejected as exc:
@@ -618,15 +724,16 @@ class LedgerNode:
             return
         cert = encode_certificate(votes)
         proposer = self._proposer(d.round)
-        self._commit(block, txs, cert, round_=d.round)
+        await self._commit(block, txs, cert, round_=d.round)
         if proposer == self.key.address:
             await self.bus.publish(topics.blocks_committed(self.site),
                                    _wire_committed(block, txs, cert), qos=1)
         await self._after_commit()
 
-    def _commit(self, block: Block, txs: list[SignedMessage], cert: bytes, *,
-                round_: int | None = None) -> None:
-        self.chain.commit(block, txs, cert, now=self.clock())
+    async def _commit(self, block: Block, txs: list[SignedMessage], cert: bytes, *,
+                      round_: int | None = None) -> None:
+        await _drive(self.chain.commit_steps(block, txs, cert, now=self.clock()))
+        self.committed_height = self.chain.height
         for m in txs:
             self.mempool.pop(m.id, None)
         self.stats.committed += 1
@@ -655,13 +762,16 @@ class LedgerNode:
     async def _on_committed(self, m: BusMessage) -> None:
         if len(m.payload) > MAX_BLOCK_BYTES:
             raise Rejected(Reason.MALFORMED, f"committed block of {len(m.payload)} bytes")
+        peek = _committed_height(m.payload)
+        if peek is not None and peek <= self.chain.height:
+            return
         block, txs, cert = _unwire_committed(m.payload)
         if block.height <= self.chain.height:
             return
         if block.height > self.chain.height + 1:
             await self.request_sync()
             return
-        self._commit(block, txs, cert)
+        await self._commit(block, txs, cert)
         await self._after_commit()
 
     # ----------------------------------------------------------------- sync
@@ -733,7 +843,7 @@ class LedgerNode:
             block, txs, cert = _unwire_committed(canonical.encode(item))
             if block.height != self.chain.height + 1:
                 continue
-            self._commit(block, txs, cert)
+            await self._commit(block, txs, cert)
             self.stats.synced += 1
         await self._after_commit()
         if len(items) >= SYNC_BATCH:
@@ -747,11 +857,23 @@ def proposal_wire(key: KeyPair, chain_id: str, round_: int, valid_round: int, bl
     body = {"chain": chain_id, "height": block.height, "round": round_,
             "valid_round": valid_round, "block_hash": block.hash}
     sig = key.sign(PROPOSAL_DOMAIN + canonical.encode(body)).hex()
-    return canonical.encode({
+    return _with_txs({
         "type": "proposal", "chain": chain_id, "height": block.height, "round": round_,
         "valid_round": valid_round, "proposer": key.address, "signature": sig,
-        "block": {"header": block.header, "signature": block.signature},
-        "txs": [m.as_dict() for m in txs]})
+        "block": {"header": block.header, "signature": block.signature}}, txs)
+
+
+_NO_TXS = b'"txs":[]'
+
+
+def _with_txs(obj: dict[str, Any], txs: list[SignedMessage]) -> bytes:
+    """canonical.encode(obj + {"txs": [m.as_dict() for m in txs]}), joined from each
+    transaction's own canonical bytes (the canonical encoding of a list is its members'
+    encodings joined): no 1,000 transactions encoded again on the event loop."""
+    head = canonical.encode({**obj, "txs": []})
+    if head.count(_NO_TXS) != 1:
+        return canonical.encode({**obj, "txs": [m.as_dict() for m in txs]})
+    return head.replace(_NO_TXS, b'"txs":[' + b",".join(m.raw for m in txs) + b"]")
 
 
 def _sig_ok(public_key: bytes, signature: str, data: bytes) -> bool:
@@ -763,9 +885,8 @@ def _sig_ok(public_key: bytes, signature: str, data: bytes) -> bool:
 
 
 def _wire_committed(block: Block, txs: list[SignedMessage], cert: bytes) -> bytes:
-    return canonical.encode({"block": {"header": block.header, "signature": block.signature},
-                             "txs": [m.as_dict() for m in txs],
-                             "cert": canonical.decode(cert, strict=False)})
+    return _with_txs({"block": {"header": block.header, "signature": block.signature},
+                      "cert": canonical.decode(cert, strict=False)}, txs)
 
 
 def _unwire_committed(payload: bytes) -> tuple[Block, list[SignedMessage], bytes]:

@@ -127,11 +127,26 @@ class Store:
 
     def append(self, height: int, block_hash: str, raw: bytes, cert: bytes,
                txs: Sequence[tuple[str, bytes]]) -> None:
-        with self.db:
+        for _ in self.append_steps(height, block_hash, raw, cert, txs):
+            pass
+
+    def append_steps(self, height: int, block_hash: str, raw: bytes, cert: bytes,
+                     txs: Sequence[tuple[str, bytes]], chunk: int = 100) -> Iterator[None]:
+        """`append` in steps of `chunk` transactions (a node yields to its event loop in
+        between), all in one SQLite transaction: the block row goes in last, so a reader
+        of this connection never sees a block without all its transactions; stopped
+        midway, nothing is written."""
+        rows = [(height, i, tid, traw) for i, (tid, traw) in enumerate(txs)]
+        try:
+            for i in range(0, len(rows), chunk):
+                self.db.executemany("INSERT INTO txs VALUES (?, ?, ?, ?)", rows[i:i + chunk])
+                yield
             self.db.execute("INSERT INTO blocks VALUES (?, ?, ?, ?)",
                             (height, block_hash, raw, cert))
-            self.db.executemany("INSERT INTO txs VALUES (?, ?, ?, ?)",
-                                [(height, i, tid, traw) for i, (tid, traw) in enumerate(txs)])
+            self.db.commit()
+        except BaseException:
+            self.db.rollback()
+            raise
 
     def block(self, height: int) -> StoredBlock | None:
         rows = self._query(height, "SELECT typeof(hash), hash, typeof(raw), raw, typeof(cert), "

@@ -18,7 +18,7 @@ from testbed.bus import topics
 from testbed.bus.client import BusClient
 from testbed.ledger import consensus, election
 from testbed.ledger.blocks import Block
-from testbed.ledger.chain import Chain, verify_store
+from testbed.ledger.chain import Chain, verify_stores
 from testbed.ledger.messages import SignedMessage
 from testbed.ledger.node import LedgerNode
 from testbed.ledger.setup import LedgerLayout
@@ -133,7 +133,7 @@ class Validators:
 
     def height(self) -> int:
         """The lowest committed height among the nodes."""
-        return min((n.chain.height for n in self.nodes), default=0)
+        return min((n.committed_height for n in self.nodes), default=0)
 
     def blocks_since(self, height: int) -> list[tuple[Block, list[str]]]:
         """Committed blocks after `height` from the first node's store: (block, tx ids)."""
@@ -146,7 +146,7 @@ class Validators:
 
     def report(self) -> dict[str, Any]:
         """Per node: height, round, rejected count, n, f (and rounds of decided heights)."""
-        return {n.name: {"height": n.chain.height, "round": n.round,
+        return {n.name: {"height": n.committed_height, "round": n.round,
                          "rejected": n.stats.rejected_count, "n": n.n, "f": n.f,
                          "proposed": n.stats.proposed, "synced": n.stats.synced,
                          "evidence": len(n.evidence),
@@ -154,13 +154,12 @@ class Validators:
                 for n in self.nodes}
 
     def verify(self) -> dict[str, dict[str, Any]]:
-        """`verify_store` of every validator's store: {name: {"ok", "height", "error"}}."""
-        genesis = self.layout.genesis()
-        out: dict[str, dict[str, Any]] = {}
-        for n in self.nodes:
-            rep = verify_store(self.layout.db_path(n.name), genesis=genesis)
-            out[n.name] = {"ok": rep.ok, "height": rep.height, "error": rep.error}
-        return out
+        """`verify_store` of every validator's store (through `verify_stores`: one full
+        check, the others compared with it): {name: {"ok", "height", "error"}}."""
+        reports = verify_stores([self.layout.db_path(n.name) for n in self.nodes],
+                                genesis=self.layout.genesis())
+        return {n.name: {"ok": rep.ok, "height": rep.height, "error": rep.error}
+                for n, rep in zip(self.nodes, reports, strict=True)}
 
     async def stop(self) -> None:
         for n in self.nodes:

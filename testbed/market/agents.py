@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import time as _time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,7 +155,8 @@ class AggregatorAgent:
                       gate_s: float = 1.0, wait_s: float | None = None,
                       pricing: Pricing | None = None,
                       expect: Callable[[str], int | None] | None = None,
-                      dispatch: Callable[[Order, list[Order]], Clearing | GridDispatch]
+                      dispatch: Callable[[Order, list[Order]], Clearing | GridDispatch
+                                         | Awaitable[Clearing | GridDispatch]]
                       | None = None, answered: asyncio.Event | None = None) -> Round:
         """Publish a request, collect answers until the gate closes, clear and publish.
 
@@ -236,6 +238,8 @@ class AggregatorAgent:
             await self._record(msg)
         result = (dispatch(req_order, orders) if dispatch is not None
                   else clear(req_order, orders, pricing, rules=self.rules))
+        if inspect.isawaitable(result):  # e.g. a grid check's power flows in a thread
+            result = await result
         grid = None if isinstance(result, Clearing) else result
         clearing = result if grid is None else grid.clearing
         await self._until(gate)  # the ledger takes an award only in a block after the gate

@@ -16,7 +16,7 @@ from testbed.grid import GridError, GridLimits, checker_for
 from testbed.grid.check import GridChecker, Kind, Light
 from testbed.grid.network import load_network, map_prosumers
 from testbed.grid.powerflow import FastFlow
-from testbed.grid.reclear import award_power_w, reclear
+from testbed.grid.reclear import Reclear, award_power_w, reclear, reclear_async
 from testbed.market.orders import Order, Side
 
 with warnings.catch_warnings():
@@ -118,6 +118,36 @@ def test_reclear_curtails_far_awards_until_the_feeder_passes(far_checker) -> Non
                       [inj[p] for p in FAR], background=0.0)
     assert net.res_bus.vm_pu.max() <= 1.10 + 1e-6
     assert net.res_bus.vm_pu.max() == pytest.approx(result.report.vm_max_pu, abs=1e-6)
+
+
+def test_reclear_on_the_loop_comes_in_slices_with_the_same_result(far_checker) -> None:
+    """A real-time run re-clears on its event loop: other tasks run between the power
+    flows, and the dispatch, its rounds and reports are the ones `reclear` gives."""
+    import asyncio
+
+    async def both() -> tuple[Reclear, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        ticks = 0
+        res = await reclear_async(REQUEST, ORDERS, checker=far_checker, locate=WHERE,
+                                  base_w={}, background=0.0, slice_s=0.0)
+        task.cancel()
+        return res, ticks
+
+    sliced, ticks = asyncio.run(both())
+    whole = reclear(REQUEST, ORDERS, checker=far_checker, locate=WHERE, base_w={},
+                    background=0.0)
+    assert sliced.to_dict() == whole.to_dict() and len(whole.rounds) >= 2
+    # the first round's check blames awards: its base case and each trial come after a pause
+    assert ticks >= 1 + len(whole.rounds[0].clearing.awards) == 4
 
 
 def test_no_solution_is_red_with_a_reason_and_reclear_backs_off(far_checker) -> None:

@@ -146,3 +146,24 @@ async def test_hostile_awards_cost_the_controller_one_line_each(
                    "could not convert string to float", "'sideways' is not a valid Side",
                    "KeyError", "not a finite amount", "notices must be a list"):
         assert reason in refused, (reason, refused)
+
+
+def test_agents_of_one_process_each_check_a_message_they_all_receive() -> None:
+    """The run's TCRs share one decoding of a request every one of them receives, not its
+    checks: an agent whose registry has another key for the sender refuses it, and a
+    replay is refused by the agent that saw it before, not by the others."""
+    signer, other = KeyPair.generate(), KeyPair.generate()
+    now = time.time()
+    msg = messages.sign(signer, T.AUCTION, {
+        "address": signer.address, "interval": 7, "gate": int(now) + 1,
+        "pricing": "pay-as-bid", "contract": "testbed-merit-order/1",
+        "bid": {"type": "buy", "energy": {"unit": "kWh", "value": 1.0},
+                "price": {"unit": "EUR/kWh", "value": 0.3}}}, at=now)
+    m = BusMessage("x/market/7/request", msg.raw)
+    knows = Inbox(lambda a: signer.public if a == signer.address else None, lambda: now)
+    wrong = Inbox(lambda a: other.public if a == signer.address else None, lambda: now)
+    fresh = Inbox(lambda a: signer.public if a == signer.address else None, lambda: now)
+    assert knows.accept(m, T.AUCTION) is not None
+    assert wrong.accept(m, T.AUCTION) is None and "unknown-key" in wrong.refused[0]
+    assert knows.accept(m, T.AUCTION) is None and "replay" in knows.refused[0].lower()
+    assert fresh.accept(m, T.AUCTION) is not None and not fresh.refused

@@ -38,6 +38,7 @@ from testbed.telemetry.influx import (
     target_key,
 )
 from testbed.telemetry.schema import MEASUREMENTS, TABLES, last_rowid, line
+from testbed.telemetry.store import RunStore, dump, set_delivered
 from testbed.telemetry.victoria import VictoriaMetrics, find_victoria_metrics
 
 pytestmark = pytest.mark.skipif(
@@ -398,3 +399,46 @@ def test_victoriametrics_runs_with_deduplication_everywhere_we_start_it() -> Non
 
     from testbed.telemetry import victoria
     assert '"-dedup.minScrapeInterval=1ms"' in inspect.getsource(victoria.VictoriaMetrics.start)
+
+
+def _fill(store: RunStore) -> None:
+    store.put_meta("run_id", "x")
+    for step in range(1, 40):
+        store.insert_many("measurements", ("t", "device", "prosumer", "kind", "name", "value"),
+                          ((60.0 * step, f"d{i}", f"p{i}", "pv", "p_w", step * 0.5 + i)
+                           for i in range(30)))
+        store.insert("steps", {"step": step, "t": 60.0 * step, "late_ms": None, "wall": 0.0})
+        store.event(60.0 * step, "setpoint", "d1", f"{step} W")
+        if step == 20:
+            store.insert("awards", {"t": 1.0, "request_id": "r", "order_id": "o",
+                                    "prosumer": "p1", "side": "sell", "energy_kwh": 1.0,
+                                    "price": 0.1, "amount_eur": 0.1, "delivery": 2,
+                                    "delivered_kwh": None})
+        if step == 30:
+            set_delivered(store, "r", "o", 0.75)
+        store.commit()
+
+
+def test_run_store_with_a_writer_thread_holds_what_a_direct_one_holds(tmp_path: Path) -> None:
+    """A real-time run writes its store from a thread of its own: same rows, same order
+    of writes (the update lands on the award inserted before it), readable after
+    `flush`."""
+    direct, threaded = RunStore(tmp_path / "a.db"), RunStore(tmp_path / "b.db", writer=True)
+    _fill(direct)
+    _fill(threaded)
+    assert threaded.db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] == 39 * 30
+    direct.close()
+    threaded.close()
+    rows = list(dump(tmp_path / "b.db"))
+    assert rows == list(dump(tmp_path / "a.db")) and len(rows) > 39 * 30
+    assert ("awards", (1.0, "r", "o", "p1", "sell", 1.0, 0.1, 0.1, 2, 0.75)) in rows
+
+
+def test_a_failed_write_in_the_writer_thread_is_raised_to_the_run(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "run.db", writer=True)
+    store.insert("no_such_table", {"t": 1.0})
+    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+        store.flush()
+    store.insert("steps", {"step": 1, "t": 60.0, "late_ms": None, "wall": 0.0})
+    store.close()
+    assert [r for r in dump(tmp_path / "run.db") if r[0] == "steps"] == [("steps", (1, 60.0))]

@@ -298,12 +298,18 @@ class BusClient:
         self._acks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._room = asyncio.Semaphore(self._max_queued)
         self._subs: list[Subscription] = []
+        self._routes: dict[str, list[Subscription]] = {}
+        """topic -> the open subscriptions it matches, in subscription order; cleared
+        whenever a subscription opens or closes (many agents share one connection: each
+        message used to be matched against every one of their subscriptions)."""
         self._filters: dict[str, int] = {}  # filter -> number of local subscriptions
         self._filter_qos: dict[str, int] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._rx = 0  # packets handled, to know when a read made progress
+        self._write_pending = False  # a write is scheduled for the loop's next round
+        self._writer = False  # the socket has a writer (the kernel buffer was full)
         self.reconnects = 0
         self._unclaimed: collections.deque[BusMessage] = collections.deque(
             maxlen=max(0, max_unclaimed))
@@ -448,19 +454,41 @@ class BusClient:
         assert self._loop is not None
         self._loop.remove_reader(fd)
         self._loop.remove_writer(fd)
+        self._writer = False
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._add_writer, sock)
+        self._in_loop(self._write_soon, sock)
+
+    def _write_soon(self, sock: socket.socket) -> None:
+        """paho has bytes to send: write them in the loop's next round, all that the
+        callbacks before it queued in one go. Only when the socket cannot take them all
+        does the socket get a writer (each add/remove is a selector syscall, which cost
+        more than the write itself when done for every publish)."""
+        if not self._write_pending:
+            self._write_pending = True
+            assert self._loop is not None
+            self._loop.call_soon(self._write_now, sock)
+
+    def _write_now(self, sock: socket.socket) -> None:
+        self._write_pending = False
+        c = self._client
+        if sock.fileno() < 0 or sock is not c.socket():
+            return
+        c.loop_write()
+        if c.want_write() and sock is c.socket() and not self._writer:
+            self._add_writer(sock)
 
     def _add_writer(self, sock: socket.socket) -> None:
         assert self._loop is not None
         if sock.fileno() >= 0 and sock is self._client.socket():
             self._loop.add_writer(sock.fileno(), self._client.loop_write)
+            self._writer = True
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         fd = sock.fileno()
-        if fd >= 0:
+        if fd >= 0 and self._writer:
             assert self._loop is not None
+            self._writer = False
             self._in_loop(self._loop.remove_writer, fd)
 
     def _on_readable(self) -> None:
@@ -511,11 +539,15 @@ class BusClient:
         self._rx += 1
         topic = m.topic
         msg = BusMessage(topic, m.payload, m.qos, bool(m.retain))
-        claimed = False
-        for sub in self._subs:
-            if topic_matches(sub.topic_filter, topic):
-                sub._deliver(msg)
-                claimed = True
+        subs = self._routes.get(topic)
+        if subs is None:
+            if len(self._routes) >= 4096:
+                self._routes.clear()
+            subs = self._routes[topic] = [
+                sub for sub in self._subs if topic_matches(sub.topic_filter, topic)]
+        for sub in subs:
+            sub._deliver(msg)
+        claimed = bool(subs)
         if not claimed and self._unclaimed.maxlen:
             if len(self._unclaimed) == self._unclaimed.maxlen:
                 self.unclaimed_dropped += 1
@@ -656,6 +688,7 @@ class BusClient:
         assert self._loop is not None
         sub = Subscription(self, topic_filter, qos, max_pending)
         self._subs.append(sub)  # before SUBSCRIBE: retained messages arrive right after SUBACK
+        self._routes.clear()
         self._claim(sub)
         self._filters[topic_filter] = self._filters.get(topic_filter, 0) + 1
         new_qos = max(qos, self._filter_qos.get(topic_filter, -1))
@@ -687,6 +720,7 @@ class BusClient:
     def _drop_subscription(self, sub: Subscription) -> None:
         with contextlib.suppress(ValueError):
             self._subs.remove(sub)
+        self._routes.clear()
         f = sub.topic_filter
         n = self._filters.get(f, 0) - 1
         if n > 0:

@@ -17,16 +17,18 @@ broken, whoever broke it).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .limits import GridLimits
 from .network import Connection, GridError, bus_label
 from .powerflow import Flow, FlowResult, make_flow
+
+_T = TypeVar("_T")
 
 
 class Light(StrEnum):
@@ -226,15 +228,28 @@ class GridChecker:
         `base_q` (prosumer -> var, + = into the grid; none = unity power factor) plus the
         `awards` (active power); violations of the enforced band are attributed to awards,
         every flow (base case and trials) carrying the same reactive injections."""
+        return run_steps(self.check_steps(base_w, awards, background=background,
+                                          base_q=base_q))
+
+    def check_steps(self, base_w: Mapping[str, float], awards: Awards | None = None, *,
+                    background: float = 1.0, base_q: Mapping[str, float] | None = None
+                    ) -> Generator[None, None, GridReport]:
+        """`check` as a generator that pauses after every power flow and returns the
+        report: a real-time run drives it in slices between its ticks
+        (`reclear.reclear_async`), everyone else through `check`."""
         awards = dict(awards or {})
         q = self._q_vector(base_q)
         flow = self.flow.solve(self._vector(base_w, awards), q, background=background)
         violations = self._violations(flow)
         enforced = [v for v in violations if v.enforced]
         if enforced and awards:
+            yield
             base = self.flow.solve(self._vector(base_w, {}), q, background=background)
-            trials = {k: self.flow.solve(self._vector(base_w, awards, skip=k), q,
-                                         background=background) for k in awards}
+            trials = {}
+            for k in awards:
+                yield
+                trials[k] = self.flow.solve(self._vector(base_w, awards, skip=k), q,
+                                            background=background)
             violations = [self._attribute(v, base, trials, awards) if v.enforced else v
                           for v in violations]
         elif enforced:  # no award: this flow is the base case, whatever is broken pre-exists
@@ -313,6 +328,15 @@ class GridChecker:
         causes.sort(key=lambda c: (-c.contribution, c.award))
         return replace(v, base_value=base_value if math.isfinite(base_value) else None,
                        causes=tuple(causes))
+
+
+def run_steps(steps: Generator[None, None, _T]) -> _T:
+    """Drive a `check_steps`-style generator to its end, without pausing."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _names(df: Any, what: str) -> list[str]:

@@ -19,11 +19,13 @@ else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import inspect
 import logging
 import math
 import time as _time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,7 +77,7 @@ class Inbox:
         """The message if it is well formed, fresh, signed by a registered key and of the
         expected operation and shape; else None, refused with its reason (one line)."""
         try:
-            msg = messages.parse(m.payload)
+            msg = _parse(m.payload)
             self.fresh.accept(msg, self.resolve, self.clock())
             if msg.operation != operation:
                 raise Rejected(Reason.INVALID, f"expected {operation}, got {msg.operation}")
@@ -97,6 +99,24 @@ class Inbox:
             text = text[:MAX_REFUSAL - 3] + "..."
         log.warning("refused %s", text)
         self.refused.append(text)
+
+
+_PARSED: collections.OrderedDict[bytes, SignedMessage] = collections.OrderedDict()
+_PARSED_MAX = 64
+
+
+def _parse(payload: bytes) -> SignedMessage:
+    """`messages.parse`, once per payload for every agent of this process: a request or
+    an award reaches each of the run's TCRs, and an award's result is tens of kB of JSON.
+    Decoding is a function of the bytes alone; each receiver still checks freshness,
+    key, signature and shape itself (`Inbox.accept`). The last `_PARSED_MAX` payloads."""
+    msg = _PARSED.get(payload)
+    if msg is None:
+        msg = messages.parse(payload)
+        _PARSED[payload] = msg
+        if len(_PARSED) > _PARSED_MAX:
+            _PARSED.popitem(last=False)
+    return msg
 
 
 @dataclass
@@ -154,7 +174,8 @@ class AggregatorAgent:
                       gate_s: float = 1.0, wait_s: float | None = None,
                       pricing: Pricing | None = None,
                       expect: Callable[[str], int | None] | None = None,
-                      dispatch: Callable[[Order, list[Order]], Clearing | GridDispatch]
+                      dispatch: Callable[[Order, list[Order]], Clearing | GridDispatch
+                                         | Awaitable[Clearing | GridDispatch]]
                       | None = None, answered: asyncio.Event | None = None) -> Round:
         """Publish a request, collect answers until the gate closes, clear and publish.
 
@@ -236,6 +257,8 @@ class AggregatorAgent:
             await self._record(msg)
         result = (dispatch(req_order, orders) if dispatch is not None
                   else clear(req_order, orders, pricing, rules=self.rules))
+        if inspect.isawaitable(result):  # e.g. a grid check's power flows in a thread
+            result = await result
         grid = None if isinstance(result, Clearing) else result
         clearing = result if grid is None else grid.clearing
         await self._until(gate)  # the ledger takes an award only in a block after the gate

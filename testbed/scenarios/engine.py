@@ -173,7 +173,9 @@ class Run:
             json.dumps(sc.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
         (self.dir / "site.json").write_text(
             json.dumps(site.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
-        self.store = st = RunStore(self.dir / "run.db")
+        # real time: the store's writes (a step's thousands of rows and its commit) in a
+        # thread of their own, off the loop that keeps the ticks
+        self.store = st = RunStore(self.dir / "run.db", writer=self.clock.realtime)
         for key, value in (("run_id", self.run_id), ("scenario", sc.name),
                            ("seed", str(sc.seed)), ("started_at", datetime.now(UTC).isoformat()),
                            ("sim_start_s", str(sc.start)),
@@ -183,6 +185,7 @@ class Run:
         if self.influx is not None:
             st.put_meta("influx", self.influx.model_dump())
             st.commit()  # the sink reads the run's meta first
+            st.flush()
             sink = InfluxSink(self.influx, self.dir, token=self.influx_token)
             sink.start()
         wall0 = _time.perf_counter()
@@ -397,7 +400,7 @@ class Run:
             requested_kwh=self.market.aggregator.requested_kwh)
         paid = self.settlement.interval_end(interval, closed.energy)
         for p in paid:
-            queries.set_delivered(st.db, p.request_id, p.settlement.order_id, p.delivered_kwh)
+            queries.set_delivered(st, p.request_id, p.settlement.order_id, p.delivered_kwh)
             st.insert("settlements", p.row(t))
         for c in closed.certified:
             st.insert("cpf", {"t": t, "prosumer": c.prosumer, "production_kwh": c.production_kwh,

@@ -10,8 +10,10 @@ identical stores apart from those.
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +77,76 @@ WALL_CLOCK_COLUMNS = {("steps", "late_ms"), ("steps", "wall"), ("meta", "started
 
 
 class RunStore:
-    def __init__(self, path: Path) -> None:
+    """The run's SQLite file. With `writer=True` the writes go to a thread of their own,
+    in order (a real-time run: a step's thousands of measurement rows and its commit cost
+    tens of ms, more when the disk is busy, on the loop that must keep the next tick);
+    `flush` waits for them, and reading `db` flushes first."""
+
+    def __init__(self, path: Path, *, writer: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         # Checkpoint the WAL every ~40 MB instead of SQLite's 4 MB: each checkpoint syncs
         # the files, which at ~150 kB of rows a step (50 prosumers) cost a fast run ~10 ms
         # a step; commits stay per step, so a killed run keeps everything to its last step.
-        self.db.execute("PRAGMA wal_autocheckpoint=10000")
-        self.db.executescript(SCHEMA)
-        self.db.execute("BEGIN")
+        self._db.execute("PRAGMA wal_autocheckpoint=10000")
+        self._db.executescript(SCHEMA)
+        self._db.execute("BEGIN")
+        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] \
+            | None = None
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._error: BaseException | None = None
+        if writer:
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._write, name=f"run-store-{self.path}",
+                                            daemon=True)
+            self._thread.start()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, once every write so far is done."""
+        self.flush()
+        return self._db
+
+    def _write(self) -> None:
+        assert self._queue is not None
+        while (item := self._queue.get()) is not None:
+            fn, args = item
+            try:
+                if self._error is None:
+                    fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                self._error = exc
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.notify_all()
+
+    def _do(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._queue is None:
+            fn(*args)
+            return
+        with self._idle:
+            self._pending += 1
+        self._queue.put((fn, args))
+
+    def flush(self) -> None:
+        """Wait until the writer thread has done every write handed to it; raise what
+        one of them raised."""
+        if self._queue is not None:
+            with self._idle:
+                self._idle.wait_for(lambda: self._pending == 0)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     @classmethod
     def open_readonly(cls, path: Path) -> sqlite3.Connection:
@@ -95,34 +155,48 @@ class RunStore:
         return db
 
     def put_meta(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                        (key, value if isinstance(value, str) else json.dumps(value)))
+        self._do(self._db.execute, "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                 (key, value if isinstance(value, str) else json.dumps(value)))
 
     def insert(self, table: str, row: dict[str, Any]) -> None:
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        self.db.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})",
-                        [json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
-                         for v in row.values()])
+        self._do(self._db.execute, f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})",
+                 [json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
+                  for v in row.values()])
 
     def insert_many(self, table: str, cols: Iterable[str], rows: Iterable[tuple[Any, ...]]
                     ) -> None:
         cols = list(cols)
-        self.db.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
-                            f"({', '.join('?' for _ in cols)})", rows)
+        self._do(self._db.executemany, f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
+                 f"({', '.join('?' for _ in cols)})",
+                 rows if self._queue is None else list(rows))
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
+        """Any other write (in order with the inserts)."""
+        self._do(self._db.execute, sql, tuple(params))
 
     def event(self, t: float, kind: str, subject: str | None, detail: str) -> None:
-        self.db.execute("INSERT INTO events VALUES (?, ?, ?, ?)", (t, kind, subject, detail))
+        self._do(self._db.execute, "INSERT INTO events VALUES (?, ?, ?, ?)",
+                 (t, kind, subject, detail))
 
     def commit(self) -> None:
         """Make everything so far durable (called once per step)."""
-        self.db.execute("COMMIT")
-        self.db.execute("BEGIN")
+        self._do(self._commit)
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
 
     def close(self) -> None:
-        self.db.execute("COMMIT")
-        self.db.executescript(INDEXES)
-        self.db.close()
+        self.flush()
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+        self._db.execute("COMMIT")
+        self._db.executescript(INDEXES)
+        self._db.close()
 
 
 def dump(path: Path, *, skip_wall_clock: bool = True) -> Iterator[tuple[str, tuple[Any, ...]]]:
@@ -181,7 +255,8 @@ def feeder_lights(db: sqlite3.Connection) -> dict[str, int]:
     return dict(db.execute("SELECT light, COUNT(*) FROM feeder GROUP BY light").fetchall())
 
 
-def set_delivered(db: sqlite3.Connection, request_id: str, order_id: str, kwh: float) -> None:
+def set_delivered(db: sqlite3.Connection | RunStore, request_id: str, order_id: str,
+                  kwh: float) -> None:
     """An award's delivered energy, once its delivery interval is metered."""
     db.execute("UPDATE awards SET delivered_kwh = ? WHERE request_id = ? AND order_id = ?",
                (kwh, request_id, order_id))

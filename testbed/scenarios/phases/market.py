@@ -18,7 +18,7 @@ from typing import Any
 from testbed.bus.client import BusClient
 from testbed.clock import EPOCH, Clock
 from testbed.grid.check import GridChecker
-from testbed.grid.reclear import Reclear, award_power_w, reclear
+from testbed.grid.reclear import Reclear, award_power_w, reclear, reclear_async
 from testbed.ledger.identity import KeyPair
 from testbed.ledger.messages import SignedMessage
 from testbed.market.agents import AggregatorAgent, TCRAgent
@@ -165,17 +165,28 @@ class MarketRound:
         self.counters["auctions"] += 1
         rounds: list[Any] = []
 
-        def dispatch(req: Order, orders: list[Order]) -> Clearing | Reclear:
+        def dispatch(req: Order, orders: list[Order]
+                     ) -> Clearing | Reclear | Awaitable[Reclear]:
             if fast:  # the gate (whole seconds) has closed: move past it
                 self.clock.advance_to(math.ceil(EPOCH + t + GATE_S) - EPOCH)
             if self.checker is None:
                 return clear(req, orders, self.rules.pricing, rules=self.rules)
             owner = {o.order_id: self.owner[o.address] for o in orders}
-            res = reclear(req, orders, checker=self.checker, locate=owner, base_w=base_w,
-                          base_q=base_q, pricing=self.rules.pricing, rules=self.rules,
-                          background=self.background)
+            kw: dict[str, Any] = dict(
+                checker=self.checker, locate=owner, base_w=base_w, base_q=base_q,
+                pricing=self.rules.pricing, rules=self.rules, background=self.background)
+            if fast:
+                rounds.append(res := reclear(req, orders, **kw))
+                return res  # the agent has the DSO sign this grid check before the award
+            return sliced(req, orders, kw)
+
+        async def sliced(req: Order, orders: list[Order], kw: dict[str, Any]) -> Reclear:
+            # Real time: a re-clear is a power flow per award and round (a second and
+            # more with hundreds of bidders); in short slices the loop keeps ticking and
+            # reading devices between them.
+            res = await reclear_async(req, orders, **kw)
             rounds.append(res)
-            return res  # the agent has the DSO sign this grid check before the award
+            return res
 
         rnd = await self.agent.auction(
             request.side, request.energy_kwh, request.price, interval + 1,

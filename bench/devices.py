@@ -87,6 +87,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -1060,8 +1061,8 @@ async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8) -> di
     emulator port per prosumer (PV, battery, meter), the drivers reading every device once
     per step through `DeviceIO.step` into a real run store, the physics advanced 60 s per
     step, and a battery setpoint (alternating +500/-300 W) for every `setpoint_every`-th
-    prosumer each step. CPU per step and per request, both sides and the physics
-    included; the median of 10-step chunks is what to compare (the machine's other load
+    prosumer each step, the garbage collector set as the run sets it. CPU per step and
+    per request, both sides and the physics included; the median of 10-step chunks is what to compare (the machine's other load
     inflates single chunks)."""
     from testbed.config import SiteConfig
     from testbed.devices.site import SiteEmulators, open_devices
@@ -1081,6 +1082,10 @@ async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8) -> di
         try:
             await io.connect()
             links = {id(d.link): d.link for d in io.devices.values() if hasattr(d, "link")}
+            thresholds = gc.get_threshold()  # the garbage collector as the run sets it
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(20_000, 20, 10)
             t, chunk, chunks = 8 * 3600.0, 10, []
             n0 = c0 = started = 0.0
             for k in range(steps + chunk):
@@ -1098,6 +1103,8 @@ async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8) -> di
                                      for i, p in enumerate(io.prosumers) if i % setpoint_every == 0})
             cpu = time.process_time() - c0
             requests = sum(x.requests for x in links.values()) - n0
+            gc.set_threshold(*thresholds)
+            gc.unfreeze()
         finally:
             await io.close()
             await em.stop()

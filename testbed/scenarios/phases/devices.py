@@ -135,6 +135,7 @@ class DeviceIO:
                    for n, r in zip(group, rs, strict=True)}
         results = [by_name[n] for n in names]
         rows = []
+        isfinite = math.isfinite
         faulted: list[str] = []
         recovered: list[str] = []
         real: dict[str, dict[str, tuple[float, float]]] = {}
@@ -154,7 +155,9 @@ class DeviceIO:
                 real.setdefault(owner, {})[kind] = (_num(r.values, "p_w"),
                                                     _num(r.values, "q_var"))
             for key, v in r.values.items():
-                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                cls = v.__class__  # float and int first: a type test is a third of isinstance's
+                if (cls is float or cls is int or (cls is not bool and isinstance(v, int | float))) \
+                        and isfinite(v):
                     rows.append((t, name, owner, kind, key, float(v)))
         self.store.insert_many("measurements", MEASUREMENT_COLS, rows)
         metered, soc = {}, {}

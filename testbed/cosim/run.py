@@ -247,6 +247,20 @@ def _die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
+def free_port_pair(host: str = "127.0.0.1", tries: int = 50) -> int:
+    """A free port P with P + 1 free too: a zmq-core helics_broker listens on both."""
+    for _ in range(tries):
+        port = free_port(host)
+        if port + 1 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise CosimError(f"no two adjacent free ports on {host} for the helics_broker")
+
+
 class LocalFederation:
     """A helics_broker and N shard processes on this machine, on free loopback ports.
     Each is this process's child; `stop()` ends them all (SIGTERM, then SIGKILL)."""
@@ -268,7 +282,7 @@ class LocalFederation:
 
     def start(self) -> str:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = free_port_pair()
         self.address = f"zmq://127.0.0.1:{port}"
         log = open(self.log_dir / "helics_broker.log", "wb")  # noqa: SIM115 (the child's)
         try:

@@ -24,6 +24,7 @@ seed writes the same store (wall-clock columns aside).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import json
@@ -238,6 +239,13 @@ class Run:
                 served = emulators.resolved_site()
             async with open_bus(self.broker) as bus:
                 await self._with_bus(bus, served, self.cosim or emulators)
+        except BaseException:
+            # a run that fails still keeps every step it committed: in real time those
+            # commits may still sit in the store's writer thread, which would die with
+            # the process
+            with contextlib.suppress(Exception):
+                st.flush()
+            raise
         finally:
             await emulators.stop()
             if self.cosim is not None:

@@ -435,7 +435,6 @@ class BusClient:
                 delay = min(delay * 2, self._reconnect_delay[1])
                 continue
             delay = self._reconnect_delay[0]
-            self.reconnects += 1
             log.info("bus %s: reconnected", self.url)
 
     # -- paho socket callbacks (may run in the connect thread) -----------------------------
@@ -528,6 +527,8 @@ class BusClient:
     ) -> None:
         self._rx += 1
         if not rc.is_failure:
+            if self._tasks:  # up before: counted here, before anyone waiting is woken
+                self.reconnects += 1
             self._connected.set()
             if self._filter_qos:
                 client.subscribe(list(self._filter_qos.items()))

@@ -357,10 +357,13 @@ class ModbusLink:
         """One request, paced, with its own timeout; retried on no answer."""
         timeout = timeout_s or self.timeout_s
         count = arg if isinstance(arg, int) else len(arg)
+        loop = asyncio.get_running_loop()
         for attempt in range(retries + 1):
-            async with self._pacer():
-                client = self._client if self._usable() else await self.ensure()
-                assert client is not None
+            lock = self._lock if self._loop_of_lock is loop else self._pacer()
+            async with lock:  # type: ignore[union-attr]
+                client = self._client
+                if client is None or self._loop is not loop or not client.connected:
+                    client = await self.ensure()
                 if self.min_gap_s or self._quiet_until:
                     wait = max(self._last_done + self.min_gap_s, self._quiet_until) - time.monotonic()
                     if wait > 0:

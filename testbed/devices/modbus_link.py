@@ -192,6 +192,34 @@ _MBAP = struct.Struct(">HHHBB")
 """Modbus TCP header (transaction id, protocol 0, length, unit) and the function code."""
 
 
+_HEADER = struct.Struct(">HHHB")
+
+
+class FastSocketFramer(FramerSocket):
+    """pymodbus' Modbus TCP framer, a frame that is all of the data read (the usual
+    case: one request or answer in flight per connection) taken apart in one unpack;
+    partial, several or malformed frames go through pymodbus' `handleFrame` as before."""
+
+    def handleFrame(self, data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, ModbusPDU | None]:
+        n = len(data)
+        if n > 8:
+            tid, pid, length, dev_id = _HEADER.unpack_from(data)
+            if (not pid and length + 6 == n and (not exp_devid or dev_id == exp_devid)
+                    and (not exp_tid or not tid or tid == exp_tid)):
+                if (pdu := self.decoder.decode(data[7:])) is None:
+                    raise ModbusIOException("Unable to decode request", transaction_id=tid,
+                                            dev_id=dev_id)
+                pdu.dev_id, pdu.transaction_id = dev_id, tid
+                return n, pdu
+        return super().handleFrame(data, exp_devid, exp_tid)
+
+
+def fast_framer(tm: TransactionManager) -> None:
+    """Give a connection with pymodbus' Modbus TCP framer the `FastSocketFramer`."""
+    if type(tm.framer) is FramerSocket:
+        tm.framer.__class__ = FastSocketFramer
+
+
 def plain_socket(tm: TransactionManager) -> bool:
     """Modbus TCP framing and no trace hooks on this client or server connection: its
     frames can be packed by `socket_frame` (pymodbus builds one in three calls and two
@@ -199,7 +227,7 @@ def plain_socket(tm: TransactionManager) -> bool:
     plain = tm.__dict__.get("_plain")
     if plain is None:
         plain = tm._plain = (  # type: ignore[attr-defined]
-            type(tm.framer) is FramerSocket
+            type(tm.framer) in (FramerSocket, FastSocketFramer)
             and getattr(tm.trace_pdu, "__func__", None) is TransactionManager.dummy_trace_pdu
             and getattr(tm.trace_packet, "__func__", None)
             is TransactionManager.dummy_trace_packet)
@@ -289,6 +317,7 @@ class ModbusLink:
             ctx.framer.decoder.__class__ = _ClientDecoder
         if type(ctx) is TransactionManager:
             ctx.__class__ = _Transaction
+        fast_framer(ctx)
         lost = ctx.callback_disconnected
 
         def on_lost(exc: Exception | None) -> None:

@@ -42,7 +42,7 @@ from pymodbus.simulator.simutils import SimUtils
 from pymodbus.transaction import TransactionManager
 
 from .emulator import EmulatedDevice, WriteRefused
-from .modbus_link import SerialSettings, plain_socket, socket_frame
+from .modbus_link import SerialSettings, fast_framer, plain_socket, socket_frame
 from .sunspec import SunSpecError
 
 log = logging.getLogger(__name__)
@@ -450,6 +450,7 @@ class ModbusEmulatorServer:
             h = new_handler()
             if type(h) is ServerRequestHandler:
                 h.__class__ = _Handler
+                fast_framer(h)
             return h
 
         server.callback_new_connection = handler  # type: ignore[method-assign]

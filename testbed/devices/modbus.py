@@ -258,19 +258,34 @@ class SunSpecDevice(Device):
     async def _read_models(self, reads: list[tuple[int, int]], ids: set[int]) -> dict[int, ModelValues]:
         """Read the planned spans and view each wanted model's registers (decoded lazily)."""
         chunks = []
+        whole = True
         for address, count in reads:
             data = await self.link.read_bytes(address, count, self.unit, **self._kw)
             chunks.append((address, len(data) // 2, data))
-        out: dict[int, ModelValues] = {}
+            whole = whole and len(data) == 2 * count
+        plan = self._plan
+        if plan is not None and plan[0] is reads and plan[1] is ids and whole:
+            out = {}  # the poll as the last one found it: where each model sits
+            for mid, length, k, offset, md in plan[2]:
+                data = chunks[k][2]
+                if _HEADER.unpack_from(data, offset) != (mid, length):
+                    raise MapChanged(self._err(
+                        f"model {mid} is no longer at {reads[k][0] + offset // 2} "
+                        "(the device's map changed)"))
+                out[mid] = ModelValues(md, data, offset)
+            return out
+        steps: list[tuple[int, int, int, int, ModelDef]] | None = [] if whole else None
+        out = {}
         for i, m in enumerate(self.models):
             if m.id not in ids or m.definition is None or m.id in out:
                 continue
-            for start, n, data in chunks:
+            for c, (start, n, data) in enumerate(chunks):  # noqa: B007 - c: the read it sits in
                 k = m.address - start
                 if k >= 0 and k + m.length + 2 <= n:
                     data, offset = data, 2 * k
                     break
             else:  # a model longer than one read: join the consecutive pieces that cover it
+                c, steps = -1, None
                 end = m.address + m.length + 2
                 pieces = [c for c in chunks if c[0] < end and c[0] + c[1] > m.address]
                 first = pieces[0][0] if pieces else end
@@ -285,8 +300,17 @@ class SunSpecDevice(Device):
             if md.repeating or md.length != m.length:
                 md = fit(md, m.length, ModelValues(fit(md, m.length, None), data, offset))
                 self.models[i] = m = replace(m, definition=md)
+                steps = None  # laid out now: the next poll makes the plan
             out[m.id] = ModelValues(md, data, offset)
+            if steps is not None:
+                steps.append((m.id, m.length, c, offset, md))
+        self._plan = None if steps is None else (reads, ids, steps)
         return out
+
+    _plan: tuple[list[tuple[int, int]], set[int], list[tuple[int, int, int, int, ModelDef]]] | None = None
+    """The last poll's reads and wanted models, and where each model sat in them (id,
+    length, read, byte offset, definition): the next poll of the same reads goes straight
+    to its models, checking each still starts with its ID and L registers."""
 
     async def read_models(self) -> dict[int, ModelValues]:
         """Every dynamic model this device's kind uses, decoded with scale factors."""

@@ -42,7 +42,7 @@ from pymodbus.simulator.simutils import SimUtils
 from pymodbus.transaction import TransactionManager
 
 from .emulator import EmulatedDevice, WriteRefused
-from .modbus_link import SerialSettings
+from .modbus_link import SerialSettings, fast_framer, plain_socket, socket_frame
 from .sunspec import SunSpecError
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,13 @@ class _Handler(ServerRequestHandler):
             self._run(self.handle_request())
         return used_len
 
+    def server_send(self, pdu: ModbusPDU | None, addr: tuple | None) -> None:
+        """An answer framed in one pack on Modbus TCP (`socket_frame`), else pymodbus'."""
+        if pdu and plain_socket(self):
+            self.low_level_send(socket_frame(pdu), addr=addr)
+        else:
+            super().server_send(pdu, addr)
+
     def handle_later(self) -> None:
         self._run(self.handle_request())
 
@@ -443,6 +450,7 @@ class ModbusEmulatorServer:
             h = new_handler()
             if type(h) is ServerRequestHandler:
                 h.__class__ = _Handler
+                fast_framer(h)
             return h
 
         server.callback_new_connection = handler  # type: ignore[method-assign]

@@ -444,3 +444,30 @@ def test_a_failed_write_in_the_writer_thread_is_raised_to_the_run(tmp_path: Path
     store.insert("steps", {"step": 1, "t": 60.0, "late_ms": None, "wall": 0.0})
     store.close()
     assert [r for r in dump(tmp_path / "run.db") if r[0] == "steps"] == [("steps", (1, 60.0))]
+
+
+@pytest.mark.parametrize("writer", [False, True])
+def test_indexes_built_before_close_leave_the_store_as_close_alone_does(
+        tmp_path: Path, writer: bool) -> None:
+    """`build_indexes` after the last measurement (in the background) then more writes:
+    the same rows as a store indexed at `close`, and the index is there, used by a query
+    by device."""
+    plain = RunStore(tmp_path / "a.db")
+    _fill(plain)
+    plain.close()
+    early = RunStore(tmp_path / "b.db", writer=writer)
+    _fill(early)
+    early.build_indexes()
+    early.put_meta("passed", "true")
+    plain_after = RunStore(tmp_path / "a.db")
+    plain_after.put_meta("passed", "true")
+    plain_after.close()
+    assert early.db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] == 39 * 30
+    early.close()
+    assert list(dump(tmp_path / "b.db")) == list(dump(tmp_path / "a.db"))
+    db = RunStore.open_readonly(tmp_path / "b.db")
+    plan = " ".join(str(tuple(r)) for r in db.execute(
+        "EXPLAIN QUERY PLAN SELECT t, value FROM measurements WHERE device = 'd3' "
+        "AND name = 'p_w' ORDER BY t"))
+    db.close()
+    assert "measurements_by_device" in plan

@@ -100,6 +100,7 @@ class FastFlow:
             raise GridError(f"the network has {len(self._ref)} slack buses; the fast power "
                             "flow supports exactly one ext_grid", "grid.network")
         self._ref_load_mw = float(internal["bus"][self._ref[0], PD])
+        self._y_ref = self._ybus[self._ref[0], :]  # the slack's row, sliced once, not per flow
         self._slack_w = np.zeros(len(self._v0))
         self._slack_w[self._ref] = 1.0
         self._max_it, self._tol = max_iteration, tolerance_mva
@@ -183,8 +184,7 @@ class FastFlow:
             if len(tr) else np.zeros(0)
         s_f, s_t = v[self._f] * np.conj(i_f), v[self._t] * np.conj(i_t)
         losses = float(np.sum(s_f.real + s_t.real)) * self._base_mva * 1e6
-        ref = self._ref[0]
-        s_ref = v[ref] * np.conj(self._ybus[ref, :] @ v)
+        s_ref = v[self._ref[0]] * np.conj(self._y_ref @ v)
         imports = (float(np.real(np.asarray(s_ref).ravel()[0])) * self._base_mva
                    + self._ref_load_mw * background) * 1e6  # ext_grid = injection + local load
         return FlowResult(True, iterations, "", vm, line_pct, trafo_pct, losses, imports)

@@ -143,9 +143,13 @@ def pv_step(p: PVParams, s: PVState, irradiance_w_m2: float, dt_s: float) -> PVS
     if s.pf_setpoint is not None and ac_w > 0:
         pf = abs(s.pf_setpoint)
         q_var = math.copysign(ac_w * math.sqrt(1.0 - pf * pf) / pf, s.pf_setpoint)
-    return replace(
-        s, ac_w=ac_w, dc_w=dc_used, effective_limit_pct=effective, q_var=q_var,
-        energy_wh=s.energy_wh + ac_w * dt_s / 3600.0, status=status,
+    # the constructor, not `dataclasses.replace` (3x its cost, 150 states a step at 50
+    # prosumers): every field named, the unchanged ones from `s`
+    return PVState(
+        ac_w=ac_w, dc_w=dc_used, limit_pct=s.limit_pct, limit_enabled=s.limit_enabled,
+        connected=s.connected, effective_limit_pct=effective,
+        energy_wh=s.energy_wh + ac_w * dt_s / 3600.0, status=status, q_var=q_var,
+        pf_setpoint=s.pf_setpoint,
     )
 
 
@@ -271,9 +275,10 @@ def battery_step(p: BatteryParams, s: BatteryState, dt_s: float) -> BatteryState
         status = ChargeStatus.FULL
     else:
         status = ChargeStatus.HOLDING
-    return replace(
-        s, soc=soc, power_w=power, clamped=reason is not None, clamp_reason=reason,
-        charged_wh=s.charged_wh + e_ch, discharged_wh=s.discharged_wh + e_dis, status=status,
+    return BatteryState(  # the constructor, as in `pv_step`
+        soc=soc, setpoint_w=s.setpoint_w, power_w=power, clamped=reason is not None,
+        clamp_reason=reason, charged_wh=s.charged_wh + e_ch,
+        discharged_wh=s.discharged_wh + e_dis, status=status, q_var=s.q_var,
     )
 
 

@@ -317,6 +317,7 @@ class Run:
             gc.set_threshold(20_000, 20, 10)
             try:
                 await self._loop()
+                self.store.build_indexes()  # every measurement is in: index while we stop
             finally:
                 gc.set_threshold(*thresholds)
                 gc.unfreeze()

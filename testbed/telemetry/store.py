@@ -100,6 +100,7 @@ class RunStore:
         self._pending = 0
         self._idle = threading.Condition()
         self._error: BaseException | None = None
+        self._indexing: threading.Thread | None = None
         if writer:
             self._queue = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._write, name=f"run-store-{self.path}",
@@ -111,6 +112,36 @@ class RunStore:
         """The connection, once every write so far is done."""
         self.flush()
         return self._db
+
+    def build_indexes(self) -> None:
+        """Commit and start building `INDEXES` now, in a thread (SQLite runs without the
+        GIL), once the rows they cover are all written: the end of a run (stopping the
+        validators, checking their chains) goes on meanwhile instead of waiting for the
+        index at `close` (~1.4 s CPU for a 24 h run of 50 prosumers). Any later use of the
+        store waits for it first, so the connection is never used by two threads at once."""
+        if self._queue is not None:
+            self._do(self._index)  # the writer thread is the background already
+            return
+        self._join_index()
+        self._indexing = threading.Thread(target=self._index_caught,
+                                          name=f"run-store-index-{self.path}", daemon=True)
+        self._indexing.start()
+
+    def _index(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.executescript(INDEXES)
+        self._db.execute("BEGIN")
+
+    def _index_caught(self) -> None:
+        try:
+            self._index()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            self._error = exc
+
+    def _join_index(self) -> None:
+        if self._indexing is not None:
+            self._indexing.join()
+            self._indexing = None
 
     def _write(self) -> None:
         assert self._queue is not None
@@ -128,6 +159,7 @@ class RunStore:
                         self._idle.notify_all()
 
     def _do(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._join_index()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -141,6 +173,7 @@ class RunStore:
     def flush(self) -> None:
         """Wait until the writer thread has done every write handed to it; raise what
         one of them raised."""
+        self._join_index()
         if self._queue is not None:
             with self._idle:
                 self._idle.wait_for(lambda: self._pending == 0)

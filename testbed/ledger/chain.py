@@ -84,6 +84,15 @@ def genesis_state(genesis: Block) -> LedgerState:
     return state
 
 
+def _check_shape(msg: SignedMessage) -> None:
+    """`transactions.check_shape` once per message object: a pure function of its
+    operation and parameters, which nothing changes, and `messages.parse` hands every
+    in-process validator the same object (a refusal is not remembered)."""
+    if "_shape_ok" not in msg.__dict__:
+        T.check_shape(msg.operation, msg.parameters)
+        msg.__dict__["_shape_ok"] = True
+
+
 R = TypeVar("R")
 Steps = Generator[None, None, R]
 """A block's work cut into steps (one per transaction): driven to the end at once by
@@ -190,7 +199,7 @@ class Chain:
 
     def admit(self, msg: SignedMessage) -> None:
         """Mempool admission: shape and signature against the current registry."""
-        T.check_shape(msg.operation, msg.parameters)
+        _check_shape(msg)
         if msg.id not in self.verified:
             key = self._admission_key(msg)
             messages.verify(msg, lambda a: key)
@@ -214,7 +223,7 @@ class Chain:
             if msg.id in self.verified:
                 continue
             try:
-                T.check_shape(msg.operation, msg.parameters)
+                _check_shape(msg)
                 key = self._admission_key(msg)
                 if key is None:
                     raise Rejected(Reason.UNKNOWN_KEY, f"clientId {msg.client_id} is not "
@@ -247,7 +256,7 @@ class Chain:
             if m.id in self.verified:
                 continue
             try:
-                T.check_shape(m.operation, m.parameters)
+                _check_shape(m)
             except Rejected:
                 continue
             if state.signer_key(m) is not None:

@@ -582,8 +582,8 @@ def test_genesis_with_unusable_market_rules_is_refused():
 
 
 def test_commit_of_the_checked_block_redoes_its_effect_to_the_same_state():
-    """A validator commits the block it checked by redoing the checked effect (the rules
-    ran at the check, on the same state): the state is exactly that of a node applying
+    """A validator commits the block it checked (or built) by redoing that effect (the
+    rules ran then, on the same state): the state is exactly that of a node applying
     every block in full, through readings, payments, an auction, its orders and award,
     and reqIds leaving the replay horizon; another block than the checked one, or a
     changed state, is applied in full."""
@@ -628,3 +628,15 @@ def test_commit_of_the_checked_block_redoes_its_effect_to_the_same_state():
     assert c.reused == len(blocks) and c.checked is None
     full.commit(b.block, b.txs, net.certify(b.block))
     assert full.state.digest() == c.state.digest()
+    # the proposer commits the block it built (a refused transaction dropped) by redoing
+    # what building it did
+    rich = net.chain.state.balance(net.aggregator.address)
+    p = net.propose([net.pay(net.aggregator, net.validators[0].address, rich + 1),
+                     net.reading(net.validators[0], 0.2, 0.1),
+                     net.pay(net.aggregator, net.validators[1].address, 7)])
+    assert [exc.reason for _, exc in p.dropped] == [Reason.OVERDRAW] and len(p.txs) == 2
+    c.commit(p.block, p.txs, net.certify(p.block))
+    assert c.reused == len(blocks) + 1
+    full.commit(p.block, p.txs, net.certify(p.block))
+    assert full.state.digest() == c.state.digest()
+    assert list(full.state._recent_order) == list(c.state._recent_order)

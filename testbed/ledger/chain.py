@@ -131,7 +131,7 @@ class Chain:
         """Pseudonyms certified by transactions in the mempool, not yet on the chain."""
         self.verifier = batch_verifier()
         self.checked: tuple[str, tuple[str, ...], int, str, Effect] | None = None
-        """The last block `check_proposal` passed: (hash, tx ids, state height and head it
+        """The last block `check_proposal` passed (or `propose` built): (hash, tx ids, state height and head it
         was checked on, its effect), which `commit` of that block on that state redoes."""
         self.reused = 0
         """Blocks committed by redoing their checked effect (tests, benches)."""
@@ -298,7 +298,9 @@ class Chain:
             candidates.insert(0, reward)
         accepted: list[SignedMessage] = []
         dropped: list[tuple[SignedMessage, Rejected]] = []
-        with state.trial():
+        effect: list[Effect] = []
+        self.checked = None
+        with state.trial(effect):
             state.advance(height, state.head, time)
             for msg in candidates:
                 if len(accepted) >= state.params.max_block_txs:
@@ -314,7 +316,11 @@ class Chain:
         header = {"chain": self.id, "height": height, "prev": state.head, "time": time,
                   "round": round_, "proposer": key.address, "evidence": elected.evidence(),
                   "merkle": merkle_root([m.id for m in accepted]), "txs": len(accepted)}
-        return Proposal(Block.create(key, header), accepted, dropped)
+        block = Block.create(key, header)
+        # the accepted transactions were applied in block order, as `commit` applies them
+        self.checked = (block.hash, tuple(m.id for m in accepted), state.height, state.head,
+                        effect[0])
+        return Proposal(block, accepted, dropped)
 
     def vote(self, key: KeyPair, block: Block) -> Vote:
         return Vote.cast(key, self.id, block.height, block.hash)

@@ -303,15 +303,12 @@ class LedgerState:
     def _effect(self, undo: list) -> Effect:
         """The journal's net change: each touched entry's final value, and the reqIds
         appended to the replay horizon (`advance` is redone by `redo` itself)."""
-        touched: dict[tuple[int, Any], tuple[dict, Any]] = {}
-        appended = 0
+        pop = self._recent_order.pop
         order = self._recent_order
-        for entry in undo:
-            if type(entry) is tuple:
-                touched[(id(entry[0]), entry[1])] = (entry[0], entry[1])
-            elif entry == order.pop:
-                appended += 1
-        return Effect(tuple((t, k, t.get(k, _MISSING)) for t, k in touched.values()),
+        appended = sum(1 for e in undo if type(e) is not tuple and e == pop)
+        # an entry touched twice is listed twice, with its one final value
+        return Effect(tuple([(e[0], e[1], e[0].get(e[1], _MISSING)) for e in undo
+                             if type(e) is tuple]),
                       tuple(list(order)[len(order) - appended:]) if appended else ())
 
     def redo(self, effect: Effect, height: int, head: str, time: float) -> None:

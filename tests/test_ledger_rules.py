@@ -579,3 +579,64 @@ def test_genesis_with_unusable_market_rules_is_refused():
     del old["market"]
     state = genesis_state(Block.create(net.admin, dict(g.header, params=old)))
     assert state.params.market == Params().market
+
+
+def test_commit_of_the_checked_block_redoes_its_effect_to_the_same_state():
+    """A validator commits the block it checked (or built) by redoing that effect (the
+    rules ran then, on the same state): the state is exactly that of a node applying
+    every block in full, through readings, payments, an auction, its orders and award,
+    and reqIds leaving the replay horizon; another block than the checked one, or a
+    changed state, is applied in full."""
+    from testbed.ledger.chain import Chain
+    net = make_net(4, nodes=1)
+    full = Chain(net.genesis)
+    blocks = []
+
+    def commit(txs):
+        p = net.commit(txs)
+        assert not p.dropped
+        blocks.append((p.block, p.txs))
+        full.commit(p.block, p.txs, net.certify(p.block))
+        assert full.state.digest() == net.chain.state.digest()
+
+    for h in range(3):
+        net.time += 60
+        commit([*(net.reading(k, 0.5 + 0.1 * i, 0.7) for i, k in enumerate(net.validators)),
+                net.pay(net.aggregator, net.validators[h].address, 1000 + h)])
+    gate = int(net.time) + 10
+    req = net.auction("test/first-come-v1", energy=1.0, price=0.2, interval=3, gate=gate)
+    commit([req])
+    order = net.order(net.validators[0], req.id, energy=1.0, price=0.1)
+    commit([order])
+    net.time = gate + 1
+    result = execute("test/first-come-v1", net.chain.state.auctions[req.id].contract_inputs())
+    commit([net.award(req.id, "test/first-come-v1", [order.id], result)])
+    net.time += 2 * (net.chain.state.params.max_age_s + net.chain.state.params.max_skew_s)
+    assert net.chain.state.recent
+    commit([net.reading(net.validators[1], 0.3, 0.2)])  # the older reqIds leave the horizon
+    assert len(net.chain.state.recent) == 1
+    assert net.chain.reused == len(blocks) and full.reused == 0
+    assert full.state.balances == net.chain.state.balances
+    assert full.state.auctions == net.chain.state.auctions
+    assert list(full.state._recent_order) == list(net.chain.state._recent_order)
+    # checked one block, committing another: applied in full (and its rules apply)
+    c = net.chain
+    a = net.propose([net.reading(net.validators[2], 0.1, 0.1)])
+    b = net.propose([net.reading(net.validators[3], 0.1, 0.1)], dt=0.5)
+    c.check_proposal(a.block, a.txs)
+    c.commit(b.block, b.txs, net.certify(b.block))
+    assert c.reused == len(blocks) and c.checked is None
+    full.commit(b.block, b.txs, net.certify(b.block))
+    assert full.state.digest() == c.state.digest()
+    # the proposer commits the block it built (a refused transaction dropped) by redoing
+    # what building it did
+    rich = net.chain.state.balance(net.aggregator.address)
+    p = net.propose([net.pay(net.aggregator, net.validators[0].address, rich + 1),
+                     net.reading(net.validators[0], 0.2, 0.1),
+                     net.pay(net.aggregator, net.validators[1].address, 7)])
+    assert [exc.reason for _, exc in p.dropped] == [Reason.OVERDRAW] and len(p.txs) == 2
+    c.commit(p.block, p.txs, net.certify(p.block))
+    assert c.reused == len(blocks) + 1
+    full.commit(p.block, p.txs, net.certify(p.block))
+    assert full.state.digest() == c.state.digest()
+    assert list(full.state._recent_order) == list(c.state._recent_order)

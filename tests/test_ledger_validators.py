@@ -40,11 +40,20 @@ def test_file_record_survives_a_restart_and_ignores_a_torn_line(tmp_path):
     again = FileRecord(path, 5)
     assert again.signed == {(5, 0, C.PREVOTE): "B1", (5, 0, C.PRECOMMIT): "B1"}
     assert [v.sender for v in again.pol[(5, 0)]] == ["a", "b"]
+    assert path.read_bytes().endswith(b"\n") and path.read_bytes().count(b"\n") == 3
     sm = C.Tendermint("c", ["a", "b", "c", "d"], 5, lambda r: "a", lambda r: None,
                       record=again)
     assert (sm.locked_round, sm.locked_value) == (0, "B1")
-    again.forget_below(6)  # height 5 committed: the file is compacted
+    again.sign((6, 0, C.PREVOTE), "B2")  # after the torn line was cut: readable
+    again.forget_below(6)  # height 5 committed: forgotten, the file kept (3 + 1 lines)
+    assert again.signed == {(6, 0, C.PREVOTE): "B2"} and again.pol == {}
     again.close()
+    assert path.read_bytes().count(b"\n") == 4
+    assert FileRecord(path, 6).signed == {(6, 0, C.PREVOTE): "B2"}
+    small = FileRecord(path, 6)
+    small.COMPACT_LINES = 2
+    small.forget_below(7)  # over the bound: the file is rewritten without finished heights
+    small.close()
     assert path.read_bytes() == b""
     assert FileRecord(path, 6).signed == {}
 

@@ -112,7 +112,11 @@ class Block:
                   and isinstance(h["prev"], str) and isinstance(h["merkle"], str))
             if not ok:
                 raise Rejected(Reason.MALFORMED, "block header field of the wrong type")
-        return cls(h, obj["signature"])
+        block = cls(h, obj["signature"])
+        # strictly canonical: these bytes are the block's encoding (its hash needs no
+        # encoding again)
+        block.__dict__["raw"] = raw.encode() if isinstance(raw, str) else bytes(raw)
+        return block
 
 
 @dataclass(frozen=True)

@@ -148,11 +148,21 @@ class FileRecord(C.Record):
     value or proof of lock, fsync'd before the caller publishes what it signed (`sync`,
     awaited by the node before it sends anything: the fsync runs off the event loop)."""
 
+    COMPACT_LINES = 512
+    """Lines the file may hold before `forget_below` rewrites it without the finished
+    heights (a rewrite and its fsync per height cost more than the height's own entries;
+    entries below the height a node opens the file at are skipped on reading)."""
+
     def __init__(self, path: Path, height: int) -> None:
         super().__init__()
         self.path = path
+        self._lines = 0
+        torn = False
         if path.exists():
-            for line in path.read_bytes().splitlines():
+            data = path.read_bytes()
+            torn = bool(data) and not data.endswith(b"\n")
+            self._lines = data.count(b"\n")
+            for line in data.splitlines():
                 try:
                     e = canonical.decode(line, strict=False)
                     if e["h"] < height:
@@ -166,10 +176,13 @@ class FileRecord(C.Record):
                     continue  # a torn last line (killed mid-write): it was never sent
         self._fh = open(path, "ab")  # noqa: SIM115 - held for the node's life
         self._unsynced = False
+        if torn:  # the next entry must not be appended to the torn line
+            self._rewrite()
 
     def _write(self, entry: dict[str, Any]) -> None:
         self._fh.write(canonical.encode(entry) + b"\n")
         self._fh.flush()
+        self._lines += 1
         self._unsynced = True
 
     async def sync(self) -> None:
@@ -190,6 +203,11 @@ class FileRecord(C.Record):
 
     def forget_below(self, height: int) -> None:
         super().forget_below(height)
+        if self._lines > self.COMPACT_LINES:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """Replace the file with the entries still kept, fsync'd."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as fh:
             for (h, r, s), v in self.signed.items():
@@ -202,6 +220,7 @@ class FileRecord(C.Record):
         self._fh.close()
         os.replace(tmp, self.path)
         self._fh = open(self.path, "ab")  # noqa: SIM115
+        self._lines = len(self.signed) + len(self.pol)
         self._unsynced = False  # the new file holds every entry, fsync'd
 
     def close(self) -> None:

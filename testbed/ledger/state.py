@@ -156,6 +156,16 @@ class Auction:
                 "rules": dict(self.rules)}
 
 
+@dataclass(frozen=True)
+class Effect:
+    """What applying one block did to a `LedgerState` (see `LedgerState.trial`)."""
+
+    sets: tuple[tuple[dict, Any, Any], ...]
+    """(table, key, final value or _MISSING) for every entry the block touched."""
+    recent: tuple[tuple[float, str, str], ...]
+    """Entries appended to the replay horizon, in order."""
+
+
 @dataclass
 class LedgerState:
     params: Params
@@ -275,16 +285,48 @@ class LedgerState:
             self._undo = None
 
     @contextlib.contextmanager
-    def trial(self) -> Iterator[None]:
-        """Apply, look, and roll back whatever happened (validating a proposal)."""
+    def trial(self, effect: list[Effect] | None = None) -> Iterator[None]:
+        """Apply, look, and roll back whatever happened (validating a proposal). When the
+        body finishes without an error, what it did is appended to `effect` first (`redo`
+        makes the same change again without re-running the rules)."""
         if self._undo is not None:
             raise RuntimeError("trial inside a journal")
         self._undo = undo = []
         try:
             yield
+            if effect is not None:
+                effect.append(self._effect(undo))
         finally:
             self._undo = None
             self._rollback(undo)
+
+    def _effect(self, undo: list) -> Effect:
+        """The journal's net change: each touched entry's final value, and the reqIds
+        appended to the replay horizon (`advance` is redone by `redo` itself)."""
+        pop = self._recent_order.pop
+        order = self._recent_order
+        appended = sum(1 for e in undo if type(e) is not tuple and e == pop)
+        # an entry touched twice is listed twice, with its one final value
+        return Effect(tuple([(e[0], e[1], e[0].get(e[1], _MISSING)) for e in undo
+                             if type(e) is tuple]),
+                      tuple(list(order)[len(order) - appended:]) if appended else ())
+
+    def redo(self, effect: Effect, height: int, head: str, time: float) -> None:
+        """Make the change `effect` recorded (a `trial` from this very state, of the block
+        at `height`), journalled like `apply`; the caller guarantees the state is the one
+        the trial started from."""
+        self.advance(height, head, time)
+        for table, key, value in effect.sets:
+            if value is _MISSING:
+                if key in table:
+                    self._del(table, key)
+            else:
+                self._set(table, key, value)
+        order = self._recent_order
+        for item in effect.recent:
+            order.append(item)
+            if self._undo is not None:
+                self._undo.append(order.pop)
 
     def try_apply(self, msg: SignedMessage, **kwargs: Any) -> Rejected | None:
         """`apply` inside a journal (`trial`, `atomic`) with its own savepoint: a refused

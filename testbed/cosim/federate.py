@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import helics as h
+
+from testbed.bus.broker import free_port
 
 from .errors import CosimError
 
@@ -67,12 +68,6 @@ def _parse_broker(broker: str) -> tuple[str, str]:
         raise CosimError(f"--helics {broker!r}: expected HOST:PORT of a helics_broker "
                          "(e.g. 127.0.0.1:23404)")
     return core, f"tcp://{host}:{port}"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class Federate:

@@ -27,12 +27,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from testbed.bus.broker import free_port
 from testbed.config import SiteConfig
 from testbed.grid.limits import GridLimits
 
 from . import names
 from .errors import CosimError, FederateLost
-from .federate import LOCAL_CORE, Federate, free_port, inputs_time, read_time
+from .federate import LOCAL_CORE, Federate, inputs_time, read_time
 from .feeder import RemoteFeeder
 from .shard import emulated_prosumers
 

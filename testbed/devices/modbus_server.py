@@ -115,18 +115,22 @@ class _ReadSpan:
         start, _, registers, flags = block
         return cls(start, registers, flags, runtime.action)
 
-    def read_now(self, address: int, count: int) -> list[int] | ExcCodes:
+    def _offset(self, address: int, count: int) -> int | None:
+        """The read's offset in the span, None when a register of it holds no data."""
         offset = address - self.start
         if offset < 0 or offset + count > len(self.registers) or count < 1 \
                 or self.valid_until[offset] < offset + count:
+            return None
+        return offset
+
+    def read_now(self, address: int, count: int) -> list[int] | ExcCodes:
+        if (offset := self._offset(address, count)) is None:
             return ExcCodes.ILLEGAL_ADDRESS
         self.refresh(self.registers)  # type: ignore[misc]
         return self.registers[offset: offset + count]
 
     async def read(self, func_code: int, address: int, count: int) -> list[int] | ExcCodes:
-        offset = address - self.start
-        if offset < 0 or offset + count > len(self.registers) or count < 1 \
-                or self.valid_until[offset] < offset + count:
+        if (offset := self._offset(address, count)) is None:
             return ExcCodes.ILLEGAL_ADDRESS
         if self.action and (result := await self.action(
                 func_code, self.start, address, count, self.registers, None)):
@@ -382,10 +386,13 @@ def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
     blocks = [SimData(a, values=m.registers[a - m.base: a - m.base + n],
                       datatype=DataType.REGISTERS, readonly=ro) for a, n, ro in merged]
 
-    def refresh(registers: list[int]) -> None:
+    def adopt(registers: list[int]) -> None:
         if m.registers is not registers:  # adopt pymodbus' register list: no copy per read
             registers[: m.size] = m.registers[: m.size]
             m.registers = registers
+
+    def refresh(registers: list[int]) -> None:
+        adopt(registers)
         dev.refresh()
 
     async def action(fc: int, start: int, address: int, count: int,
@@ -393,9 +400,7 @@ def sim_device(unit: int, dev: EmulatedDevice) -> SimDevice:
         if not values:
             refresh(registers)
             return None
-        if m.registers is not registers:
-            registers[: m.size] = m.registers[: m.size]
-            m.registers = registers
+        adopt(registers)
         try:
             dev.write(address, [int(v) for v in values])
         except (WriteRefused, SunSpecError) as exc:

@@ -20,15 +20,15 @@ import math
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
+
+from testbed.steps import run_steps
 
 from .limits import GridLimits
 from .network import Connection, GridError, bus_label
 from .powerflow import Flow, FlowResult, make_flow
-
-_T = TypeVar("_T")
 
 
 class Light(StrEnum):
@@ -336,15 +336,6 @@ class GridChecker:
         causes.sort(key=lambda c: (-c.contribution, c.award))
         return replace(v, base_value=base_value if math.isfinite(base_value) else None,
                        causes=tuple(causes))
-
-
-def run_steps(steps: Generator[None, None, _T]) -> _T:
-    """Drive a `check_steps`-style generator to its end, without pausing."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 def _names(df: Any, what: str) -> list[str]:

@@ -12,9 +12,7 @@ ledger and the report, and the volume the grid cost the aggregator is stated, no
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +24,9 @@ from testbed.ledger.messages import SignedMessage
 from testbed.market.auction import Clearing, clear
 from testbed.market.orders import DEFAULT_RULES, MarketRules, Order, Pricing, Side
 from testbed.market.units import MWH_PER_KWH, to_mwh
+from testbed.steps import drive, run_steps
 
-from .check import GridChecker, GridReport, Kind, run_steps
+from .check import GridChecker, GridReport, Kind
 
 MARGIN = 0.10
 """Cut 10 % more than the linearised estimate: voltage rise is convex in injection."""
@@ -127,16 +126,7 @@ async def reclear_async(request: Order, orders: Iterable[Order], *, slice_s: flo
     the loop runs whatever is due (a real-time run's ticks): with hundreds of bidders a
     re-clear is hundreds of power flows, a second and more of work in one piece. Same
     arguments, same result."""
-    steps = reclear_steps(request, orders, **kw)
-    until = time.perf_counter() + slice_s
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        if time.perf_counter() >= until:
-            await asyncio.sleep(0)
-            until = time.perf_counter() + slice_s
+    return await drive(reclear_steps(request, orders, **kw), slice_s)
 
 
 def reclear_steps(request: Order, orders: Iterable[Order], *, checker: GridChecker,

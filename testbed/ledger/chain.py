@@ -10,10 +10,10 @@ rules in `state`. Nothing changes unless all of it passes.
 from __future__ import annotations
 
 import time as _time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from testbed.ledger import canonical, election, messages
 from testbed.ledger import transactions as T
@@ -29,6 +29,7 @@ from testbed.ledger.identity import KeyPair, address_of, batch_verifier
 from testbed.ledger.messages import SignedMessage
 from testbed.ledger.state import POOL, Effect, Entry, LedgerState, Params
 from testbed.ledger.store import Store, StoreDamaged, StoredBlock
+from testbed.steps import Steps, run_steps
 
 MAX_ROUNDS = 1000
 MAX_PENDING_PSEUDONYMS = 65536
@@ -93,22 +94,11 @@ def _check_shape(msg: SignedMessage) -> None:
         msg.__dict__["_shape_ok"] = True
 
 
-R = TypeVar("R")
-Steps = Generator[None, None, R]
-"""A block's work cut into steps (one per transaction): driven to the end at once by
-`run_steps`, or by a node between which it lets its event loop run other callbacks, so a
-block of 1,000 transactions never holds the loop for its whole duration. A state journal
-(`trial`, `atomic`) is open across the steps: whoever drives them must keep every other
-use of this chain out until they finish (a node holds its lock)."""
-
-
-def run_steps(steps: Steps[R]) -> R:
-    """Drive steps to the end; their result."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+# A block's work comes in `Steps` (one per transaction): driven to the end at once by
+# `run_steps`, or by a node in slices (`steps.drive`), so a block of 1,000 transactions
+# never holds the loop for its whole duration. A state journal (`trial`, `atomic`) is open
+# across the steps: whoever drives them must keep every other use of this chain out until
+# they finish (a node holds its lock).
 
 
 @dataclass

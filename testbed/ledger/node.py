@@ -46,10 +46,11 @@ from testbed.bus.client import BusClient, BusMessage
 from testbed.ledger import canonical, election, messages
 from testbed.ledger import consensus as C
 from testbed.ledger.blocks import VOTE_DOMAIN, Block, Vote, encode_certificate
-from testbed.ledger.chain import Chain, Proposal, R, Steps
+from testbed.ledger.chain import Chain, Proposal
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair, is_address, verify_signature
 from testbed.ledger.messages import Freshness, SignedMessage
+from testbed.steps import R, Steps, drive
 
 log = logging.getLogger("testbed.ledger.node")
 PROPOSAL_DOMAIN = b"testbed/proposal/v1\n"
@@ -76,20 +77,8 @@ event loop before it lets other callbacks run: a real-time run's ticks share the
 
 
 async def _drive(steps: Steps[R]) -> R:
-    """Run a chain's steps (`chain.Steps`), yielding to the event loop every `SLICE_S`.
-    Cancelled midway, the steps are closed: their state journal rolls back."""
-    try:
-        t = _time.perf_counter()
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-            if _time.perf_counter() - t > SLICE_S:
-                await asyncio.sleep(0)
-                t = _time.perf_counter()
-    finally:
-        steps.close()
+    """A chain's steps in slices of `SLICE_S` (cancelled midway: rolled back)."""
+    return await drive(steps, SLICE_S)
 
 
 def _from_dicts(items: list[Any]) -> Steps[list[SignedMessage]]:

@@ -19,7 +19,6 @@ else.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import inspect
 import logging
@@ -77,7 +76,7 @@ class Inbox:
         """The message if it is well formed, fresh, signed by a registered key and of the
         expected operation and shape; else None, refused with its reason (one line)."""
         try:
-            msg = _parse(m.payload)
+            msg = messages.parse(m.payload)  # parsed once per process (its cache)
             self.fresh.accept(msg, self.resolve, self.clock())
             if msg.operation != operation:
                 raise Rejected(Reason.INVALID, f"expected {operation}, got {msg.operation}")
@@ -99,24 +98,6 @@ class Inbox:
             text = text[:MAX_REFUSAL - 3] + "..."
         log.warning("refused %s", text)
         self.refused.append(text)
-
-
-_PARSED: collections.OrderedDict[bytes, SignedMessage] = collections.OrderedDict()
-_PARSED_MAX = 64
-
-
-def _parse(payload: bytes) -> SignedMessage:
-    """`messages.parse`, once per payload for every agent of this process: a request or
-    an award reaches each of the run's TCRs, and an award's result is tens of kB of JSON.
-    Decoding is a function of the bytes alone; each receiver still checks freshness,
-    key, signature and shape itself (`Inbox.accept`). The last `_PARSED_MAX` payloads."""
-    msg = _PARSED.get(payload)
-    if msg is None:
-        msg = messages.parse(payload)
-        _PARSED[payload] = msg
-        if len(_PARSED) > _PARSED_MAX:
-            _PARSED.popitem(last=False)
-    return msg
 
 
 @dataclass

@@ -404,7 +404,7 @@ class ModbusLink:
                     wait = max(self._last_done + self.min_gap_s, self._quiet_until) - time.monotonic()
                     if wait > 0:
                         await asyncio.sleep(wait)
-                client.comm_params.timeout_connect = timeout
+                client.ctx.comm_params.timeout_connect = timeout  # pymodbus copied the client's
                 self.requests += 1
                 try:
                     if fn == "read":

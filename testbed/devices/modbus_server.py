@@ -291,16 +291,45 @@ for a debug line, log level or not)."""
 _ADDRESS_COUNT = struct.Struct(">HH")
 
 
+PIPELINE_BUFFER = 1 << 18
+"""A Modbus TCP connection's receive buffer, at most (pymodbus: one frame, 264 bytes,
+less than the requests a pipelining client sends at once; asyncio reads up to 256 KiB)."""
+
+
 class _Handler(ServerRequestHandler):
     """pymodbus' connection handler, answering a request as soon as it is decoded: pymodbus
     schedules a callback that goes through `run_coroutine_threadsafe` (a wake-up write to
     the loop's self-pipe) to start a task per request, three loop passes before the
     answer. Our datastore never waits, so the handler's coroutine is run on the spot and
-    finishes there; should it wait after all, a task takes it over from where it stopped."""
+    finishes there; should it wait after all, a task takes it over from where it stopped.
+
+    On Modbus TCP every complete request of a read is answered (pymodbus answers the first
+    and leaves the others in its buffer until more data arrives, so a client pipelining
+    requests waits for their timeouts), and the answers of one read leave in one write."""
 
     tasks: set[asyncio.Task] | None = None
+    _out: list[bytes] | None = None
+    """Answers made while a read is taken apart, written together at its end."""
 
     def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
+        if not plain_socket(self):
+            return self._one(data, addr)
+        out = self._out = []
+        used, n = 0, len(data)
+        try:
+            while used < n:
+                cut = self._one(data[used:] if used else data, addr)
+                if not cut:
+                    break  # the rest of a request comes with the next read
+                used += cut
+        finally:
+            self._out = None
+            if out and self.transport:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[attr-defined]
+        return used
+
+    def _one(self, data: bytes, addr: tuple | None) -> int:
+        """Take the first request of `data` apart and answer it; the bytes it took."""
         try:
             used_len = TransactionManager.callback_data(self, data, addr)
         except ModbusIOException as exc:  # as pymodbus answers an undecodable frame
@@ -310,13 +339,41 @@ class _Handler(ServerRequestHandler):
             self.server_send(response, addr)
             return len(data)
         if self.last_pdu:
-            self._run(self.handle_request())
+            self._run(self._answer(self.last_pdu, self.last_addr))
         return used_len
 
+    async def _answer(self, pdu: ModbusPDU, addr: tuple | None) -> None:
+        """pymodbus' `handle_request` for the request given (pymodbus reads it from
+        `last_pdu`, which the next pipelined request replaces should this one wait)."""
+        server = self.server
+        try:
+            if server.broadcast_enable and not pdu.dev_id:
+                for dev_id in server.context.device_ids():
+                    await pdu.datastore_update(server.context, dev_id)
+                return
+            response = await pdu.datastore_update(server.context, pdu.dev_id)
+        except NoSuchIdException:
+            if server.ignore_missing_devices:
+                return  # the client times out, as pymodbus has it
+            response = ExceptionResponse(pdu.function_code, ExcCodes.GATEWAY_NO_RESPONSE)
+        except Exception:  # as pymodbus answers a datastore failure
+            log.exception("Modbus datastore failed")
+            response = ExceptionResponse(pdu.function_code, ExcCodes.DEVICE_FAILURE)
+        response.transaction_id = pdu.transaction_id
+        response.dev_id = pdu.dev_id
+        self.server_send(response, addr)
+
     def server_send(self, pdu: ModbusPDU | None, addr: tuple | None) -> None:
-        """An answer framed in one pack on Modbus TCP (`socket_frame`), else pymodbus'."""
+        """An answer framed in one pack on Modbus TCP (`socket_frame`), corked while a
+        read is taken apart, and written straight to the transport (pymodbus' `send`
+        empties the receive buffer, which may hold the next request's start); else
+        pymodbus'."""
         if pdu and plain_socket(self):
-            self.low_level_send(socket_frame(pdu), addr=addr)
+            frame = socket_frame(pdu)
+            if self._out is not None:
+                self._out.append(frame)
+            elif self.transport:
+                self.transport.write(frame)  # type: ignore[attr-defined]
         else:
             super().server_send(pdu, addr)
 
@@ -456,6 +513,8 @@ class ModbusEmulatorServer:
             if type(h) is ServerRequestHandler:
                 h.__class__ = _Handler
                 fast_framer(h)
+                if self.framer == "socket" and self.serial is None:
+                    h.max_buffer_size = PIPELINE_BUFFER
             return h
 
         server.callback_new_connection = handler  # type: ignore[method-assign]

@@ -212,6 +212,11 @@ class _DeviceBase(_Strict):
     host:port); or RTU on a serial port (`serial`)."""
     serial: SerialConfig | None = None
     """RS-485 port settings when transport is rtu."""
+    max_in_flight: Annotated[int, Field(ge=1, le=32)] = 1
+    """Modbus TCP: requests this device's link may have in flight at once (pipelining,
+    paired by transaction id); devices sharing a link use the smallest. Default 1: many
+    devices and gateways (and pymodbus' own server) answer one request at a time. The
+    run's own emulators pipeline regardless (`SiteEmulators.resolved_site`)."""
     sunspec_models: Literal["ieee1547", "legacy"] = "ieee1547"
     """A device offering both IEEE 1547 (701-713) and legacy (101-103, 111-113, 120-124)
     models is read and commanded through the IEEE 1547 ones unless this says legacy."""
@@ -232,6 +237,26 @@ class _DeviceBase(_Strict):
             if protocol == "modbus":
                 data.setdefault("unit", 1)
         return data
+
+    @field_validator("max_in_flight")
+    @classmethod
+    def _pipelining(cls, n: int, info: ValidationInfo) -> int:
+        """Several requests in flight only where answers can be paired with requests."""
+        if n == 1:
+            return n
+        data = info.data
+        if data.get("protocol", "modbus") != "modbus":
+            raise ValueError("max_in_flight is a Modbus TCP setting (protocol: modbus)")
+        transport = data.get("transport", "tcp")
+        if transport != "tcp":
+            raise ValueError(f"{n} requests in flight need Modbus TCP: RTU frames (transport: "
+                             f"{transport}) carry no transaction id to pair an answer with its "
+                             "request (use max_in_flight: 1)")
+        if data.get("min_gap_s"):
+            raise ValueError(f"{n} requests in flight, but min_gap_s {data['min_gap_s']:g} "
+                             "asks for a gap between requests, i.e. one at a time: drop one "
+                             "of the two")
+        return n
 
     @model_validator(mode="after")
     def _port(self) -> _DeviceBase:

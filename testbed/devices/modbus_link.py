@@ -43,6 +43,7 @@ class SerialSettings:
 _pymodbus_log = logging.getLogger("pymodbus")
 _pymodbus_log.propagate = False  # its errors carry raw frames; never on the user's console
 _pymodbus_log.addHandler(logging.NullHandler())
+_log = logging.getLogger(__name__)
 
 
 def _serial_reason(s: SerialSettings) -> str:
@@ -94,24 +95,55 @@ class _HoldingRegisters(ReadHoldingRegistersResponse):
                 f"transaction_id={self.transaction_id}, registers={len(self.registers)})")
 
 
+class _Pending:
+    """A pipelined request in flight: its answer's future, unit and deadline."""
+
+    __slots__ = ("deadline", "dev_id", "future")
+
+    def __init__(self, future: asyncio.Future, dev_id: int, deadline: float) -> None:
+        self.future, self.dev_id, self.deadline = future, dev_id, deadline
+
+
+class BadAnswer(ModbusIOException):
+    """An answer paired to its request by transaction id whose PDU does not decode."""
+
+
 class _Transaction(TransactionManager):
-    """pymodbus' client transaction with a cheaper wait for the answer. pymodbus wraps
-    each answer's future in `asyncio.wait_for` (a second future, a timer and a callback
-    per request, and one more loop pass before the caller resumes) behind a lock of its
-    own. Here the link's pacer already keeps one request in flight, so the lock goes, and
-    one watch timer per connection enforces the deadline of the request in flight: it
-    re-arms itself at the current deadline when it fires early, so a request costs a
-    float store, not a timer. Timeouts, the count of unanswered requests before pymodbus
-    closes the connection, and its errors are pymodbus'."""
+    """pymodbus' client transaction with a cheaper wait for the answer, and, on Modbus TCP,
+    several requests in flight (`window`).
+
+    One in flight (`window` 1, pymodbus' model): pymodbus wraps each answer's future in
+    `asyncio.wait_for` (a second future, a timer and a callback per request, and one
+    more loop pass before the caller resumes) behind a lock of its own. Here the link's
+    pacer already keeps one request in flight, so the lock goes, and one watch timer per
+    connection enforces the deadline of the request in flight: it re-arms itself at the
+    current deadline when it fires early, so a request costs a float store, not a timer.
+
+    Pipelined (`window` > 1): the requests issued in one loop pass are corked and leave
+    in one socket write (`_flush`, scheduled with `call_soon`); answers are paired to
+    their request by transaction id and unit, every complete answer of a read taken apart
+    (`data_received`). An answer to no request in flight (a late one, after its timeout)
+    or for another unit is ignored and logged, as pymodbus' framer skips it; never paired
+    to another request. Each request keeps its own deadline (the watch sleeps until the
+    earliest). A lost connection fails every request in flight (the link's `on_lost`).
+
+    Timeouts, the count of unanswered requests before pymodbus closes the connection,
+    and its errors are pymodbus'."""
 
     deadline = 0.0
+    window = 1
+    """Requests this connection may have in flight (set by the link before connecting)."""
     _watch: asyncio.TimerHandle | None = None
+    _cork: list[bytes] | None = None
+    _pending: dict[int, _Pending] | None = None
 
     async def execute(self, no_response_expected: bool, request: ModbusPDU) -> ModbusPDU:
         if self.retries:  # pymodbus' own retries: its own loop (the link retries itself)
             return await super().execute(no_response_expected, request)
         if not self.transport:
             raise ConnectionException("Not connected")
+        if self.window > 1 and not no_response_expected and plain_socket(self):
+            return await self._pipelined(request)
         request.transaction_id = tid = self.getNextTID()
         self.recv_buffer = b""
         future = self.response_future = self.loop.create_future()
@@ -131,16 +163,7 @@ class _Transaction(TransactionManager):
         try:
             response: ModbusPDU = await future
         except TimeoutError:
-            if self.count_until_disconnect < 0:
-                if self.comm_params.comm_type != CommType.SERIAL:
-                    self.connection_lost(TimeoutError("Server not responding"))
-                raise self._io_exception_from_request(
-                    "ERROR: No response received of the last requests (default: retries+3), "
-                    "CLOSING CONNECTION.", request) from None
-            self.count_until_disconnect -= 1
-            raise self._io_exception_from_request(
-                "No response received after 0 retries, continue with next request",
-                request) from None
+            raise self._no_answer(request) from None
         self.count_until_disconnect = self.max_until_disconnect
         if request.dev_id and response.dev_id != request.dev_id:
             raise self._io_exception_from_request(
@@ -152,6 +175,119 @@ class _Transaction(TransactionManager):
                 f"{response.transaction_id}.", request)
         response.retries = 0
         return response
+
+    def _no_answer(self, request: ModbusPDU) -> ModbusIOException:
+        """A request's timeout, as pymodbus counts it: after `max_until_disconnect`
+        unanswered requests in a row the connection is closed."""
+        if self.count_until_disconnect < 0:
+            if self.comm_params.comm_type != CommType.SERIAL:
+                self.connection_lost(TimeoutError("Server not responding"))
+            return self._io_exception_from_request(
+                "ERROR: No response received of the last requests (default: retries+3), "
+                "CLOSING CONNECTION.", request)
+        self.count_until_disconnect -= 1
+        return self._io_exception_from_request(
+            "No response received after 0 retries, continue with next request", request)
+
+    async def _pipelined(self, request: ModbusPDU) -> ModbusPDU:
+        """One request of several in flight: corked, sent with the loop pass's others,
+        answered when its transaction id comes back (or failed at its deadline)."""
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = {}
+        tid = self.getNextTID()
+        while tid in pending:  # a wrapped-around id still in flight (a very late answer)
+            tid = self.getNextTID()
+        request.transaction_id = tid
+        frame = socket_frame(request)
+        loop = self.loop
+        if self._cork is None:
+            self._cork = [frame]
+            loop.call_soon(self._flush)
+        else:
+            self._cork.append(frame)
+        future = loop.create_future()
+        deadline = loop.time() + self.comm_params.timeout_connect
+        pending[tid] = _Pending(future, request.dev_id, deadline)
+        watch = self._watch
+        if watch is None or watch.when() > deadline:
+            if watch is not None:
+                watch.cancel()
+            self._watch = loop.call_at(deadline, self._check_all)
+        try:
+            response: ModbusPDU = await future
+        except TimeoutError:
+            raise self._no_answer(request) from None
+        finally:
+            if pending.get(tid) is not None and pending[tid].future is future:
+                del pending[tid]  # cancelled, or failed: its answer is nobody's now
+        self.count_until_disconnect = self.max_until_disconnect
+        response.retries = 0
+        return response
+
+    def _flush(self) -> None:
+        """Send the corked requests in one write (not `send`: pymodbus' `send` empties
+        the receive buffer, which may hold the start of an answer in flight)."""
+        cork, self._cork = self._cork, None
+        if cork and self.transport:
+            self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        """Pipelined: take apart every complete answer of the read and hand each to its
+        request (pymodbus' path takes one frame per read and bounds its buffer at one
+        frame's size, too small for several answers)."""
+        pending = self._pending
+        if pending is None:
+            super().data_received(data)
+            return
+        buf = self.recv_buffer + data if self.recv_buffer else data
+        n, pos = len(buf), 0
+        while n - pos >= 8:
+            tid, pid, length, dev_id = _HEADER.unpack_from(buf, pos)
+            if pid or not 2 <= length <= 254:  # no Modbus TCP frame here: the stream's
+                _log.warning("%s: not a Modbus TCP answer (protocol id %d, length %d); "
+                             "%d bytes dropped", self.comm_params.comm_name, pid, length,
+                             n - pos)  # framing is lost; the requests in flight time out
+                pos = n
+                break
+            end = pos + 6 + length
+            if end > n:
+                break  # the rest of it comes with the next read
+            p = pending.get(tid)
+            if p is None:
+                _log.debug("answer with transaction id %d (unit %d) to no request in "
+                           "flight: ignored (late, after its timeout?)", tid, dev_id)
+            elif p.dev_id and dev_id != p.dev_id:
+                _log.warning("answer with transaction id %d from unit %d, but the request "
+                             "went to unit %d: ignored", tid, dev_id, p.dev_id)
+            else:
+                del pending[tid]
+                future = p.future
+                if not future.done():
+                    pdu = self.framer.decoder.decode(buf[pos + 7: end])
+                    if pdu is None:
+                        future.set_exception(BadAnswer(
+                            "Unable to decode response", transaction_id=tid, dev_id=dev_id))
+                    else:
+                        pdu.dev_id, pdu.transaction_id = dev_id, tid
+                        future.set_result(pdu)
+            pos = end
+        self.recv_buffer = buf[pos:] if pos < n else b""
+
+    def fail_all(self, exc: Exception) -> None:
+        """Fail every request in flight (the connection is gone): each future marked
+        retrieved, or asyncio logs "Future exception was never retrieved" for one nobody
+        awaits any more (a request awaiting it still gets the exception)."""
+        self._cork = None
+        futures = [p.future for p in self._pending.values()] if self._pending else []
+        if self._pending:
+            self._pending.clear()
+        if not self.is_server and self.window == 1:
+            futures.append(self.response_future)
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()
 
     def _check(self) -> None:
         """The watch: time out the request in flight past its deadline, else sleep until
@@ -165,11 +301,31 @@ class _Transaction(TransactionManager):
         else:
             self._watch = self.loop.call_at(self.deadline, self._check)
 
+    def _check_all(self) -> None:
+        """The pipelined watch: time out every request past its deadline, sleep until
+        the earliest of the others."""
+        self._watch = None
+        pending = self._pending
+        if not pending:
+            return
+        now, nxt = self.loop.time(), None
+        for tid, p in list(pending.items()):
+            if p.future.done():
+                del pending[tid]
+            elif now >= p.deadline:
+                del pending[tid]
+                p.future.set_exception(TimeoutError())
+            elif nxt is None or p.deadline < nxt:
+                nxt = p.deadline
+        if nxt is not None:
+            self._watch = self.loop.call_at(nxt, self._check_all)
+
     def close(self, reconnect: bool = False) -> None:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
         super().close(reconnect)
+        self.fail_all(ConnectionException("connection closed"))
 
 
 class _ClientDecoder(DecodePDU):
@@ -196,21 +352,23 @@ _HEADER = struct.Struct(">HHHB")
 
 
 class FastSocketFramer(FramerSocket):
-    """pymodbus' Modbus TCP framer, a frame that is all of the data read (the usual
-    case: one request or answer in flight per connection) taken apart in one unpack;
-    partial, several or malformed frames go through pymodbus' `handleFrame` as before."""
+    """pymodbus' Modbus TCP framer, a complete frame at the start of the data read taken
+    apart in one unpack (the usual case: the whole read; with pipelined requests the
+    first of several, the caller asking again for the rest); partial, unexpected or
+    malformed frames go through pymodbus' `handleFrame` as before."""
 
     def handleFrame(self, data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, ModbusPDU | None]:
         n = len(data)
         if n > 8:
             tid, pid, length, dev_id = _HEADER.unpack_from(data)
-            if (not pid and length + 6 == n and (not exp_devid or dev_id == exp_devid)
+            end = length + 6
+            if (not pid and 9 <= end <= n and (not exp_devid or dev_id == exp_devid)
                     and (not exp_tid or not tid or tid == exp_tid)):
-                if (pdu := self.decoder.decode(data[7:])) is None:
+                if (pdu := self.decoder.decode(data[7:end] if end < n else data[7:])) is None:
                     raise ModbusIOException("Unable to decode request", transaction_id=tid,
                                             dev_id=dev_id)
                 pdu.dev_id, pdu.transaction_id = dev_id, tid
-                return n, pdu
+                return end, pdu
         return super().handleFrame(data, exp_devid, exp_tid)
 
 
@@ -240,6 +398,9 @@ def socket_frame(pdu: ModbusPDU) -> bytes:
     data = pdu.encode()
     return _MBAP.pack(pdu.transaction_id, 0, len(data) + 2, pdu.dev_id, pdu.function_code) + data
 
+MAX_IN_FLIGHT = 32
+"""The most requests a link keeps in flight (a site file's `max_in_flight`, at most)."""
+
 RTU_QUIET_S = 0.5
 """After an RTU timeout the link stays quiet this long (at most the timeout): RTU frames
 carry no transaction id, so a late answer must not be taken for the next request's."""
@@ -249,30 +410,39 @@ class ModbusLink:
     """One connection to an endpoint (TCP host:port, RTU over TCP, or a serial port), shared
     by the unit ids behind it, as with a gateway or an RS-485 bus.
 
-    Requests are paced: one in flight at a time (pymodbus serializes a client's requests,
-    and real gateways want no more), at least `min_gap_s` between the end of one and the
-    start of the next. Each request carries its own timeout and retry count (a device's
-    site-file fields). A lost connection fails only the request in flight; the next request
-    reconnects at once, and only a failed connect starts the backoff (doubling from
-    `backoff_s` to `backoff_max_s`) during which requests fail fast, so a dead endpoint
-    never stalls a poll loop.
+    Requests are paced: by default one in flight at a time (pymodbus' model; many real
+    devices and gateways answer no more), at least `min_gap_s` between the end of one and
+    the start of the next. On Modbus TCP, `max_in_flight` > 1 pipelines: up to that many
+    requests in flight, those issued in one loop pass sent in one write, answers paired
+    by transaction id (for endpoints known to answer pipelined requests: our emulator
+    server; a gap (`min_gap_s`) or RTU framing keeps one at a time). Each request carries
+    its own timeout and retry count (a device's site-file fields). A lost connection fails
+    the requests in flight; the next request reconnects at once, and only a failed connect
+    starts the backoff (doubling from `backoff_s` to `backoff_max_s`) during which
+    requests fail fast, so a dead endpoint never stalls a poll loop.
     """
 
     def __init__(self, host: str, port: int, *, timeout_s: float = 1.0, min_gap_s: float = 0.0,
                  framer: str = "socket", serial: SerialSettings | None = None,
-                 backoff_s: float = 0.5, backoff_max_s: float = 10.0) -> None:
+                 backoff_s: float = 0.5, backoff_max_s: float = 10.0,
+                 max_in_flight: int = 1) -> None:
         if framer not in ("socket", "rtu"):
             raise ValueError(f"framer must be 'socket' (Modbus TCP) or 'rtu', not {framer!r}")
-        self.host, self.port, self.timeout_s, self.min_gap_s = host, port, timeout_s, min_gap_s
+        self.host, self.port, self.timeout_s = host, port, timeout_s
         self.framer = "rtu" if serial is not None else framer
         self.serial = serial
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self._client: ModbusBaseClient | None = None
+        self._lock: asyncio.Lock | asyncio.Semaphore | None = None
+        self._loop_of_lock: asyncio.AbstractEventLoop | None = None
+        self._min_gap_s = min_gap_s
+        self._max_in_flight = 1
+        self.max_in_flight = max_in_flight
         self._loop: asyncio.AbstractEventLoop | None = None
         self._delay = 0.0
         self._retry_at = 0.0
-        self._lock: asyncio.Lock | None = None
-        self._loop_of_lock: asyncio.AbstractEventLoop | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._loop_of_connecting: asyncio.AbstractEventLoop | None = None
         self._last_done = 0.0
         self._quiet_until = 0.0
         self.generation = 0
@@ -280,6 +450,45 @@ class ModbusLink:
         self.last_error: str | None = None
         self.requests = 0
         self.failures = 0
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests the endpoint takes in flight (Modbus TCP only; 1: one at a time)."""
+        return self._max_in_flight
+
+    @max_in_flight.setter
+    def max_in_flight(self, n: int) -> None:
+        if not isinstance(n, int) or not 1 <= n <= MAX_IN_FLIGHT:
+            raise ValueError(f"max_in_flight must be 1..{MAX_IN_FLIGHT}, not {n!r}")
+        if n > 1 and self.framer == "rtu":
+            raise ValueError(f"{self.endpoint}: RTU frames carry no transaction id: one request "
+                             "in flight at a time (max_in_flight 1)")
+        window = self.window
+        self._max_in_flight = n
+        self._new_window(window)
+
+    def _new_window(self, before: int) -> None:
+        """After a change of `max_in_flight` or `min_gap_s`: the pacer is made again, and
+        a connection opened for another window closed (the next request reconnects)."""
+        self._loop_of_lock = None
+        if self.window != before:
+            self.close()
+
+    @property
+    def min_gap_s(self) -> float:
+        return self._min_gap_s
+
+    @min_gap_s.setter
+    def min_gap_s(self, gap: float) -> None:
+        window = self.window
+        self._min_gap_s = gap
+        self._new_window(window)
+
+    @property
+    def window(self) -> int:
+        """Requests actually kept in flight: `max_in_flight`, or 1 with a gap to keep
+        between requests."""
+        return 1 if self._min_gap_s else self._max_in_flight
 
     @property
     def endpoint(self) -> str:
@@ -317,15 +526,18 @@ class ModbusLink:
             ctx.framer.decoder.__class__ = _ClientDecoder
         if type(ctx) is TransactionManager:
             ctx.__class__ = _Transaction
+            ctx.window = self.window  # type: ignore[attr-defined]
         fast_framer(ctx)
         lost = ctx.callback_disconnected
 
         def on_lost(exc: Exception | None) -> None:
             """pymodbus lets the request in flight wait for its timeout when the connection
-            drops; fail it now so the retry reconnects at once. With no request in flight
-            the future is nobody's: marked retrieved, or asyncio logs "Future exception was
-            never retrieved" when it is collected (a request awaiting it still gets it)."""
+            drops; fail it (every one in flight, pipelined) now so the retry reconnects at
+            once."""
             lost(exc)
+            if isinstance(ctx, _Transaction):
+                ctx.fail_all(ConnectionException(f"connection lost ({exc or 'closed'})"))
+                return
             future = ctx.response_future
             if not future.done():
                 future.set_exception(ConnectionException(f"connection lost ({exc or 'closed'})"))
@@ -381,12 +593,25 @@ class ModbusLink:
             self._client.close()
             self._client = None
 
-    def _pacer(self) -> asyncio.Lock:
-        """The link's one-request-at-a-time lock, for the running event loop."""
+    def _pacer(self) -> asyncio.Lock | asyncio.Semaphore:
+        """The link's one-request-at-a-time lock (or, pipelined, the semaphore of its
+        window), for the running event loop."""
         loop = asyncio.get_running_loop()
         if self._lock is None or self._loop_of_lock is not loop:
-            self._lock, self._loop_of_lock = asyncio.Lock(), loop
+            window = self.window
+            self._lock = asyncio.Lock() if window == 1 else asyncio.Semaphore(window)
+            self._loop_of_lock = loop
         return self._lock
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> ModbusBaseClient:
+        """`ensure`, one connect at a time (pipelined, several requests may find the
+        link down at once: they share the one connect)."""
+        lock = self._connecting
+        if lock is None or self._loop_of_connecting is not loop:
+            lock = self._connecting = asyncio.Lock()
+            self._loop_of_connecting = loop
+        async with lock:
+            return await self.ensure()
 
     async def _request(self, fn: str, address: int, arg: Any, unit: int,
                        timeout_s: float | None, retries: int, hint: str) -> Any:
@@ -399,9 +624,9 @@ class ModbusLink:
             async with lock:  # type: ignore[union-attr]
                 client = self._client
                 if client is None or self._loop is not loop or not client.connected:
-                    client = await self.ensure()
-                if self.min_gap_s or self._quiet_until:
-                    wait = max(self._last_done + self.min_gap_s, self._quiet_until) - time.monotonic()
+                    client = await self._connect(loop)
+                if self._min_gap_s or self._quiet_until:
+                    wait = max(self._last_done + self._min_gap_s, self._quiet_until) - time.monotonic()
                     if wait > 0:
                         await asyncio.sleep(wait)
                 client.ctx.comm_params.timeout_connect = timeout  # pymodbus copied the client's
@@ -448,14 +673,19 @@ class ModbusLink:
     def _failed(self, client: ModbusBaseClient, unit: int, exc: ModbusException,
                 timeout: float, hint: str) -> DeviceUnavailable:
         """A request without an answer: a timeout on a live connection leaves it open (one
-        unit may be silent while others answer); a lost connection is dropped."""
+        unit may be silent while others answer); a lost connection is dropped (if it is
+        still the link's: pipelined, another request may have reconnected already)."""
         if isinstance(exc, ModbusIOException) and client.connected:
+            if isinstance(exc, BadAnswer):
+                return DeviceUnavailable(f"{self.endpoint} unit {unit}: the answer does not "
+                                         f"decode ({exc})")
             if self.framer == "rtu":  # no transaction ids: let a late answer pass unread
                 self._quiet_until = time.monotonic() + min(timeout, RTU_QUIET_S)
             return RequestTimeout(
                 f"{self.endpoint} unit {unit}: timeout, no response within {timeout:g} s"
                 f" ({hint or 'raise timeout_s in the site file'})")
-        self.drop(str(exc))
+        if self._client is client:
+            self.drop(str(exc))
         return DeviceUnavailable(f"{self.endpoint} unit {unit}: connection lost ({exc})")
 
     def close(self) -> None:

@@ -1056,14 +1056,17 @@ async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
 # =========================================================================== the run's pattern
 
 
-async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8) -> dict[str, Any]:
+async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8,
+                      pipelined: bool = True) -> dict[str, Any]:
     """The device phase of a fast scenario run, in one process as the run has it: one
     emulator port per prosumer (PV, battery, meter), the drivers reading every device once
     per step through `DeviceIO.step` into a real run store, the physics advanced 60 s per
     step, and a battery setpoint (alternating +500/-300 W) for every `setpoint_every`-th
     prosumer each step, the garbage collector set as the run sets it. CPU per step and
-    per request, both sides and the physics included; the median of 10-step chunks is what to compare (the machine's other load
-    inflates single chunks)."""
+    per request, both sides and the physics included; the median of 10-step chunks is what
+    to compare (the machine's other load inflates single chunks). `pipelined`: the links
+    to the emulators as the run has them (one request per unit in flight); False: one
+    request at a time (`max_in_flight` 1, as before pipelining)."""
     from testbed.config import SiteConfig
     from testbed.devices.site import SiteEmulators, open_devices
     from testbed.scenarios.phases.devices import DeviceIO
@@ -1078,6 +1081,10 @@ async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8) -> di
     with tempfile.TemporaryDirectory() as folder:
         store = RunStore(Path(folder) / "run.db")
         served = em.resolved_site()
+        if not pipelined:
+            served = served.model_copy(update={"prosumers": [p.model_copy(update={"devices": [
+                d.model_copy(update={"max_in_flight": 1}) for d in p.devices]})
+                for p in served.prosumers]})
         io = DeviceIO(served, open_devices(served), store, em)
         try:
             await io.connect()
@@ -1109,7 +1116,9 @@ async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8) -> di
             await io.close()
             await em.stop()
             store.close()
+    windows = sorted({x.window for x in links.values()})
     return {"prosumers": prosumers, "devices": 3 * prosumers, "steps": steps,
+            "in_flight": windows[0] if len(windows) == 1 else windows,
             "requests_per_step": round(requests / steps, 1),
             "cpu_ms_per_step": round(1e3 * cpu / steps, 2),
             "cpu_ms_per_step_median": round(1e3 * statistics.median(chunks), 2),
@@ -1117,6 +1126,38 @@ async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8) -> di
             "cpu_us_per_request": round(1e6 * cpu / requests, 1),
             "read_errors": io.read_errors, "setpoint_errors": io.setpoint_errors,
             "loadavg": _loadavg()}
+
+
+def pattern_ab(prosumers: int, steps: int, mode: str, reps: int) -> dict[str, Any]:
+    """`run_pattern` pipelined, one request at a time, or both alternated (off, on, off,
+    on, ...: the machine's load drifts) with the ratio of their medians."""
+    sides = {"on": [True], "off": [False], "both": [False, True] * reps}[mode]
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for pipelined in sides:
+        f = asyncio.run(run_pattern(prosumers, steps, pipelined=pipelined))
+        runs[pipelined].append(f)
+        console.print(f"run pattern, {'pipelined' if pipelined else 'one at a time'} "
+                      f"(in flight: {f['in_flight']}): {f['devices']} devices, "
+                      f"{f['requests_per_step']} requests per step: "
+                      f"{f['cpu_ms_per_step_median']} ms CPU per step (median of 10-step "
+                      f"chunks; mean {f['cpu_ms_per_step']}), "
+                      f"{f['cpu_us_per_request']} us per request")
+    if mode != "both":
+        return runs[mode == "on"][0]
+
+    def side(fs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**fs[-1], **{k: round(statistics.median(f[k] for f in fs), 2) for k in
+                             ("cpu_ms_per_step", "cpu_ms_per_step_median", "cpu_us_per_request")},
+                "cpu_ms_per_step_medians": [f["cpu_ms_per_step_median"] for f in fs],
+                "read_errors": sum(f["read_errors"] for f in fs),
+                "setpoint_errors": sum(f["setpoint_errors"] for f in fs)}
+
+    off, on = side(runs[False]), side(runs[True])
+    ratio = round(on["cpu_ms_per_step_median"] / off["cpu_ms_per_step_median"], 3)
+    console.print(f"run pattern: pipelined / one at a time = {ratio} CPU per step "
+                  f"({on['cpu_ms_per_step_median']} / {off['cpu_ms_per_step_median']} ms, "
+                  f"medians of {reps} runs each, alternated)")
+    return {"one_at_a_time": off, "pipelined": on, "cpu_ratio": ratio, "loadavg": _loadavg()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1151,19 +1192,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-pattern", type=int, metavar="PROSUMERS", default=None,
                     help="only the device phase of a fast run, in one process (see "
                          "run_pattern): PROSUMERS x 3 devices, --rounds steps (default 200)")
+    ap.add_argument("--pipeline", choices=("both", "on", "off"), default="both",
+                    help="--run-pattern: links to the emulators pipelined as the run has them "
+                         "(on), one request at a time (off), or both alternated, --reps times "
+                         "each, with their ratio (default)")
+    ap.add_argument("--reps", type=int, default=2,
+                    help="--run-pattern --pipeline both: runs per side (default 2)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
     if args.run_pattern is not None:
         if args.run_pattern < 1 or (args.rounds is not None and args.rounds < 1):
             ap.error("--run-pattern and --rounds must be positive")
-        figures = asyncio.run(run_pattern(args.run_pattern, args.rounds or 200))
-        console.print(f"run pattern: {figures['devices']} devices, "
-                      f"{figures['requests_per_step']} requests per step: "
-                      f"{figures['cpu_ms_per_step_median']} ms CPU per step (median of 10-step "
-                      f"chunks; mean {figures['cpu_ms_per_step']}), "
-                      f"{figures['cpu_us_per_request']} us per request")
+        if args.reps < 1:
+            ap.error("--reps must be positive")
+        figures = pattern_ab(args.run_pattern, args.rounds or 200, args.pipeline, args.reps)
         print(json.dumps({"benchmark": "devices-run-pattern", **figures}), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(json.dumps(figures, indent=2) + "\n")
         return 0
     s = settings_from(args)
     if s.max_devices < 1 or s.rounds < 1 or s.sat_reps < 1 or s.sat_seconds <= 0:

@@ -19,6 +19,7 @@ from ..physics.models import ProsumerParams
 from .driver import Device, DeviceKind
 from .emulator import EmulatedDevice, EmulatedSite
 from .modbus import ModbusEmulatorServer, ModbusLink, SerialSettings, SunSpecDevice
+from .modbus_link import MAX_IN_FLIGHT
 from .opcua import OpcUaDevice, OpcUaEmulatorServer, OpcUaLink, OpcUaSecurity
 
 T = TypeVar("T")
@@ -188,7 +189,8 @@ class SiteEmulators:
         await server.start()
 
     def resolved_site(self) -> SiteConfig:
-        """The site file with the ports actually in use (for drivers and `devices read`)."""
+        """The site file with the ports actually in use (for drivers and `devices read`),
+        the links to our emulators pipelined (`pipeline_emulated`)."""
         prosumers = []
         for p in self.site.prosumers:
             devices = []
@@ -196,7 +198,7 @@ class SiteEmulators:
                 ep = self.endpoints.get(d.name)
                 devices.append(d.model_copy(update={"host": ep.host, "port": ep.port}) if ep else d)
             prosumers.append(p.model_copy(update={"devices": devices}))
-        return self.site.model_copy(update={"prosumers": prosumers})
+        return pipeline_emulated(self.site.model_copy(update={"prosumers": prosumers}))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -213,6 +215,31 @@ class SiteEmulators:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def pipeline_emulated(site: SiteConfig) -> SiteConfig:
+    """The site with every emulated Modbus TCP endpoint's devices at `max_in_flight` =
+    the number of units behind it (at most MAX_IN_FLIGHT): our emulator server answers
+    every request of a read, so a link to it keeps one request per unit in flight. Real
+    devices keep the site file's value (default 1), and so does a device with a
+    `min_gap_s` (one request at a time by its own wish)."""
+    units: dict[tuple[str, int], int] = {}
+    for _, d in site.devices():
+        if _pipelines(d):
+            units[(d.host, d.port)] = units.get((d.host, d.port), 0) + 1
+    if not any(n > 1 for n in units.values()):
+        return site
+    prosumers = []
+    for p in site.prosumers:
+        devices = [d.model_copy(update={"max_in_flight": min(MAX_IN_FLIGHT, units[(d.host, d.port)])})
+                   if _pipelines(d) else d for d in p.devices]
+        prosumers.append(p.model_copy(update={"devices": devices}))
+    return site.model_copy(update={"prosumers": prosumers})
+
+
+def _pipelines(d: Any) -> bool:
+    return (d.emulated and d.protocol == "modbus" and d.transport == "tcp"
+            and d.serial is None and not d.min_gap_s)
 
 
 def serial_settings(d: Any) -> SerialSettings | None:
@@ -232,8 +259,9 @@ def modbus_link_key(d: Any) -> tuple[Any, ...]:
 
 def open_devices(site: SiteConfig, names: list[str] | None = None) -> dict[str, Device]:
     """A driver per device (all, or `names`), one shared connection (Modbus) or session
-    (OPC UA) per endpoint. A Modbus link is paced by the largest `min_gap_s` of the
-    devices on it; timeouts and retries stay each device's own."""
+    (OPC UA) per endpoint. A Modbus link is paced by the largest `min_gap_s` and the
+    smallest `max_in_flight` of the devices on it; timeouts and retries stay each
+    device's own."""
     links: dict[tuple[Any, ...], ModbusLink] = {}
     sessions: dict[tuple[str, int], OpcUaLink] = {}
     security = OpcUaSecurity.from_config(site.opcua)
@@ -252,8 +280,10 @@ def open_devices(site: SiteConfig, names: list[str] | None = None) -> dict[str, 
         if link is None:
             link = links[key] = ModbusLink(d.host, d.port, timeout_s=d.timeout_s,
                                            framer="rtu" if d.transport != "tcp" else "socket",
-                                           serial=serial_settings(d))
+                                           serial=serial_settings(d),
+                                           max_in_flight=d.max_in_flight)
         link.min_gap_s = max(link.min_gap_s, d.min_gap_s)
+        link.max_in_flight = min(link.max_in_flight, d.max_in_flight)
         out[d.name] = SunSpecDevice(d.name, link, d.unit or 1, d.kind, timeout_s=d.timeout_s,
                                     retries=d.retries, prefer=d.sunspec_models)
     return out

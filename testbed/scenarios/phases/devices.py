@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from testbed.telemetry.store import RunStore
 
 from ..model import DeviceEvent
 from .accounting import Metered
+
+log = logging.getLogger(__name__)
 
 FAULT_AFTER = 2
 """Consecutive failed reads before a device counts as faulted."""
@@ -91,6 +94,15 @@ class DeviceIO:
         self._fails: dict[str, int] = {}
         self._active: set[int] = set()
         self._groups = _by_link(self.devices)
+        self._pipelined = {n for n, d in self.devices.items()
+                           if isinstance(link := getattr(d, "link", None), ModbusLink)
+                           and link.window > 1}
+        """Devices on a pipelined link, read at once with the others on it."""
+        links = self.links()
+        if links["pipelined"]:
+            log.info("Modbus links pipelined (requests in flight): %s; one at a time: %s",
+                     ", ".join(f"{e} ({n})" for e, n in links["pipelined"].items()),
+                     ", ".join(links["one_at_a_time"]) or "none")
 
     async def connect(self) -> None:
         await asyncio.gather(*(d.connect() for d in self.devices.values()),
@@ -174,15 +186,35 @@ class DeviceIO:
         return StepReadings(metered, soc, real, tuple(faulted), tuple(recovered))
 
     async def _read_all(self, names: list[str]) -> list[Reading | Exception]:
-        """Read devices one after another (those sharing a Modbus link, which carries one
-        request at a time anyway): a task per link, not per device waiting on the link."""
+        """Read the devices sharing a link: at once on a pipelined link (their requests
+        leave in one write), else one after another (the link carries one request at a
+        time anyway): a task per link, not per device waiting on the link."""
+        devices = self.devices
+        if len(names) > 1 and names[0] in self._pipelined:
+            # the others' tasks start in the next loop pass, before the link's flush that
+            # the first device's request scheduled: all leave in the one write
+            loop = asyncio.get_running_loop()
+            rest = [loop.create_task(_read(devices[n])) for n in names[1:]]
+            return [await _read(devices[names[0]]), *[await t for t in rest]]
         out: list[Reading | Exception] = []
         for name in names:
             try:
-                out.append(await self.devices[name].read())
+                out.append(await devices[name].read())
             except Exception as exc:  # noqa: BLE001 - sorted out by the caller, as gather's
                 out.append(exc)
         return out
+
+    def links(self) -> dict[str, Any]:
+        """The Modbus links, pipelined (endpoint -> requests in flight) or one request
+        at a time (endpoints)."""
+        pipelined, serial = {}, []
+        for link in {id(x): x for d in self.devices.values()
+                     if isinstance(x := getattr(d, "link", None), ModbusLink)}.values():
+            if link.window > 1:
+                pipelined[link.endpoint] = link.window
+            else:
+                serial.append(link.endpoint)
+        return {"pipelined": pipelined, "one_at_a_time": sorted(serial)}
 
     def _failed(self, pr: _Prosumer, device: str, kind: str, t: float,
                 exc: Exception) -> bool:
@@ -239,8 +271,15 @@ class DeviceIO:
                 self.store.event(t, "setpoint-failed", device, str(exc)[:300])
 
     def summary(self) -> dict[str, Any]:
-        return {"real": sorted(self.real),
+        return {"real": sorted(self.real), "links": self.links(),
                 "faulted_at": {n: p.faulted_at for n, p in self.prosumers.items()}}
+
+
+async def _read(device: Device) -> Reading | Exception:
+    try:
+        return await device.read()
+    except Exception as exc:  # noqa: BLE001 - sorted out by the caller, as gather's
+        return exc
 
 
 def _by_link(devices: Mapping[str, Device]) -> list[list[str]]:

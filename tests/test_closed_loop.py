@@ -122,7 +122,10 @@ def test_a_real_battery_closes_the_loop_with_its_emulated_meter_market_and_settl
     assert "real devices" in res.output and "house-1-battery" in res.output
     (d,) = out.iterdir()
     s = json.loads((d / "summary.json").read_text())
+    links = s["devices"].pop("links")  # the emulators pipeline, the real battery does not
     assert s["devices"] == {"real": ["house-1-battery"], "unreached": []}
+    assert sorted(links["pipelined"].values()) == [2, 2]
+    assert links["one_at_a_time"] == [f"127.0.0.1:{port}"]
     db = sqlite3.connect(d / "run.db")
 
     def series(device: str, name: str) -> dict[float, float]:

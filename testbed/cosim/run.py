@@ -29,6 +29,7 @@ from typing import Any
 
 from testbed.bus.broker import free_port
 from testbed.config import SiteConfig
+from testbed.devices.site import pipeline_emulated
 from testbed.grid.limits import GridLimits
 
 from . import names
@@ -128,7 +129,7 @@ class RunFederate:
                        if d.name in self.endpoints and d.serial is None else d
                        for d in p.devices]
             prosumers.append(p.model_copy(update={"devices": devices}))
-        return self.site.model_copy(update={"prosumers": prosumers})
+        return pipeline_emulated(self.site.model_copy(update={"prosumers": prosumers}))
 
     # device events, played by the shard that serves the device (DeviceIO's emulator API)
     def silence(self, device: str, silent: bool = True) -> None:

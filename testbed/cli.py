@@ -1109,6 +1109,13 @@ def _summary_table(s: dict[str, Any]) -> Table:
     real = s.get("devices", {})
     if real.get("real"):
         t.add_row("real devices", ", ".join(real["real"]))
+    links = real.get("links") or {}
+    piped, single = links.get("pipelined", {}), links.get("one_at_a_time", [])
+    if piped:
+        depth = "/".join(str(n) for n in sorted(set(piped.values())))
+        t.add_row("Modbus links", f"{len(piped)} pipelined ({depth} requests in flight)"
+                  + (f", {len(single)} one request at a time" if single else "")
+                  + (f" ({', '.join(single)})" if 0 < len(single) <= 4 else ""))
     for note in real.get("unreached", []):
         t.add_row("[yellow]not reached[/]", note)
     for f in s["faults"]:

@@ -1110,12 +1110,13 @@ def _summary_table(s: dict[str, Any]) -> Table:
     if real.get("real"):
         t.add_row("real devices", ", ".join(real["real"]))
     links = real.get("links") or {}
-    piped, single = links.get("pipelined", {}), links.get("one_at_a_time", [])
+    piped, single = links.get("pipelined", []), links.get("one_at_a_time", [])
     if piped:
-        depth = "/".join(str(n) for n in sorted(set(piped.values())))
+        depth = "/".join(str(n) for n in sorted({x["in_flight"] for x in piped}))
         t.add_row("Modbus links", f"{len(piped)} pipelined ({depth} requests in flight)"
                   + (f", {len(single)} one request at a time" if single else "")
-                  + (f" ({', '.join(single)})" if 0 < len(single) <= 4 else ""))
+                  + (f" ({'; '.join(', '.join(x) for x in single)})"
+                     if 0 < len(single) <= 4 else ""))
     for note in real.get("unreached", []):
         t.add_row("[yellow]not reached[/]", note)
     for f in s["faults"]:

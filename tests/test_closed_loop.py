@@ -124,8 +124,10 @@ def test_a_real_battery_closes_the_loop_with_its_emulated_meter_market_and_settl
     s = json.loads((d / "summary.json").read_text())
     links = s["devices"].pop("links")  # the emulators pipeline, the real battery does not
     assert s["devices"] == {"real": ["house-1-battery"], "unreached": []}
-    assert sorted(links["pipelined"].values()) == [2, 2]
-    assert links["one_at_a_time"] == [f"127.0.0.1:{port}"]
+    assert links["pipelined"] == [
+        {"devices": ["house-1-pv", "house-1-meter"], "in_flight": 2},
+        {"devices": ["house-2-pv", "house-2-meter"], "in_flight": 2}]
+    assert links["one_at_a_time"] == [["house-1-battery"]]
     db = sqlite3.connect(d / "run.db")
 
     def series(device: str, name: str) -> dict[float, float]:

@@ -266,8 +266,9 @@ async def _device_phase(site, store_path: Path, pipelined: bool) -> tuple[list, 
 async def test_our_emulators_pipeline_and_the_store_is_the_same_as_one_at_a_time(site, tmp_path):
     piped, links = await _device_phase(site, tmp_path / "piped.db", True)
     plain, one = await _device_phase(site, tmp_path / "plain.db", False)
-    assert [n for n in links["pipelined"].values()] == [3] and not links["one_at_a_time"]
-    assert not one["pipelined"] and len(one["one_at_a_time"]) == 1
+    assert links == {"pipelined": [{"devices": ["pv", "bat", "meter"], "in_flight": 3}],
+                     "one_at_a_time": []}
+    assert one == {"pipelined": [], "one_at_a_time": [["pv", "bat", "meter"]]}
     kinds = [r[1][1] for r in piped if r[0] == "events"]
     assert "read-failed" in kinds and "fault" in kinds and "setpoint" in kinds
     assert sum(1 for t, _ in piped if t == "measurements") > 3 * 20

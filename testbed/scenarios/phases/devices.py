@@ -98,11 +98,10 @@ class DeviceIO:
                            if isinstance(link := getattr(d, "link", None), ModbusLink)
                            and link.window > 1}
         """Devices on a pipelined link, read at once with the others on it."""
-        links = self.links()
-        if links["pipelined"]:
-            log.info("Modbus links pipelined (requests in flight): %s; one at a time: %s",
-                     ", ".join(f"{e} ({n})" for e, n in links["pipelined"].items()),
-                     ", ".join(links["one_at_a_time"]) or "none")
+        piped = {x.endpoint: x.window for x in _links(self.devices) if x.window > 1}
+        if piped:
+            log.info("Modbus links pipelined (requests in flight): %s",
+                     ", ".join(f"{e} ({n})" for e, n in piped.items()))
 
     async def connect(self) -> None:
         await asyncio.gather(*(d.connect() for d in self.devices.values()),
@@ -205,16 +204,17 @@ class DeviceIO:
         return out
 
     def links(self) -> dict[str, Any]:
-        """The Modbus links, pipelined (endpoint -> requests in flight) or one request
-        at a time (endpoints)."""
-        pipelined, serial = {}, []
-        for link in {id(x): x for d in self.devices.values()
-                     if isinstance(x := getattr(d, "link", None), ModbusLink)}.values():
+        """The Modbus links by the devices on them (not by endpoint: the emulators' ports
+        are free ones, and a summary must not differ between two runs of a seed):
+        pipelined ones with their requests in flight, and those carrying one at a time."""
+        pipelined, single = [], []
+        for link in _links(self.devices):
+            names = [n for n, d in self.devices.items() if getattr(d, "link", None) is link]
             if link.window > 1:
-                pipelined[link.endpoint] = link.window
+                pipelined.append({"devices": names, "in_flight": link.window})
             else:
-                serial.append(link.endpoint)
-        return {"pipelined": pipelined, "one_at_a_time": sorted(serial)}
+                single.append(names)
+        return {"pipelined": pipelined, "one_at_a_time": single}
 
     def _failed(self, pr: _Prosumer, device: str, kind: str, t: float,
                 exc: Exception) -> bool:
@@ -280,6 +280,12 @@ async def _read(device: Device) -> Reading | Exception:
         return await device.read()
     except Exception as exc:  # noqa: BLE001 - sorted out by the caller, as gather's
         return exc
+
+
+def _links(devices: Mapping[str, Device]) -> list[ModbusLink]:
+    """The devices' Modbus links, each once, in site order."""
+    return list({id(x): x for d in devices.values()
+                 if isinstance(x := getattr(d, "link", None), ModbusLink)}.values())
 
 
 def _by_link(devices: Mapping[str, Device]) -> list[list[str]]:

@@ -75,7 +75,9 @@ What is measured (all in one run, against the same server)
        has them (one port per prosumer, every device read once per step through
        `DeviceIO.step` into a real run store, the physics advanced each step, a battery
        setpoint for every 8th prosumer). CPU per step (median of 10-step chunks) and per
-       request, both sides included. Run it with another tree on PYTHONPATH to compare.
+       request, both sides included; by default with the links to the emulators pipelined
+       (as the run has them) and one request at a time, in chunks alternated in the one
+       run, and their ratio (`--pipeline on|off`: one side only).
 
 Output: tables (rich) and, as the last line on stdout, one JSON object with all figures
 (also written to `--json PATH`). `--check` exits 1 when a target is missed (the faulty
@@ -1057,16 +1059,21 @@ async def _run(s: Settings, certs: str | None) -> dict[str, Any]:
 
 
 async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8,
-                      pipelined: bool = True) -> dict[str, Any]:
+                      mode: str = "both") -> dict[str, Any]:
     """The device phase of a fast scenario run, in one process as the run has it: one
     emulator port per prosumer (PV, battery, meter), the drivers reading every device once
     per step through `DeviceIO.step` into a real run store, the physics advanced 60 s per
     step, and a battery setpoint (alternating +500/-300 W) for every `setpoint_every`-th
     prosumer each step, the garbage collector set as the run sets it. CPU per step and
-    per request, both sides and the physics included; the median of 10-step chunks is what
-    to compare (the machine's other load inflates single chunks). `pipelined`: the links
-    to the emulators as the run has them (one request per unit in flight); False: one
-    request at a time (`max_in_flight` 1, as before pipelining)."""
+    per request, both sides and the physics included, in 10-step chunks; the median chunk
+    is what to compare (the machine's other load inflates single chunks).
+
+    `mode`: "on", the links to the emulators as the run has them (pipelined, one request
+    per unit in flight); "off", one request at a time (`max_in_flight` 1, as before
+    pipelining); "both", chunks of each alternated in the one run (the links' window
+    switched between chunks, one untimed step after each switch to reconnect), `steps`
+    per side, with the ratio of their medians and the median of the ratios of adjacent
+    chunks (the machine's load drifts: compare what ran side by side)."""
     from testbed.config import SiteConfig
     from testbed.devices.site import SiteEmulators, open_devices
     from testbed.scenarios.phases.devices import DeviceIO
@@ -1078,86 +1085,91 @@ async def run_pattern(prosumers: int, steps: int, setpoint_every: int = 8,
             for u, k in enumerate(KINDS, 1)]} for i in range(prosumers)]})
     em = SiteEmulators(site, free_ports=True, start_s=8 * 3600.0)
     await em.start(clock=False)
+    chunk = 10
+    sides = {"on": [True], "off": [False], "both": [False, True]}[mode]
+    chunks: list[tuple[bool, float, int]] = []  # (pipelined, CPU s per step, requests)
     with tempfile.TemporaryDirectory() as folder:
         store = RunStore(Path(folder) / "run.db")
         served = em.resolved_site()
-        if not pipelined:
-            served = served.model_copy(update={"prosumers": [p.model_copy(update={"devices": [
-                d.model_copy(update={"max_in_flight": 1}) for d in p.devices]})
-                for p in served.prosumers]})
         io = DeviceIO(served, open_devices(served), store, em)
+        links = {id(d.link): d.link for d in io.devices.values() if hasattr(d, "link")}
+        windows = {k: x.max_in_flight for k, x in links.items()}
+        t, k = 8 * 3600.0, 0
+
+        async def step() -> None:
+            nonlocal t, k
+            em.physics.step(60.0)
+            t += 60.0
+            await io.step(t, 60.0)
+            await io.command(t, {p: (500.0 if (k + i) % 2 else -300.0)
+                                 for i, p in enumerate(io.prosumers) if i % setpoint_every == 0})
+            k += 1
+
         try:
             await io.connect()
-            links = {id(d.link): d.link for d in io.devices.values() if hasattr(d, "link")}
             thresholds = gc.get_threshold()  # the garbage collector as the run sets it
             gc.collect()
             gc.freeze()
             gc.set_threshold(20_000, 20, 10)
-            t, chunk, chunks = 8 * 3600.0, 10, []
-            n0 = c0 = started = 0.0
-            for k in range(steps + chunk):
-                if k == chunk:  # the first chunk warms up (first reads, caches)
-                    n0, c0 = sum(x.requests for x in links.values()), time.process_time()
-                if k > chunk and k % chunk == 0:
-                    now = time.process_time()
-                    chunks.append((now - started) / chunk)
-                if k % chunk == 0:
-                    started = time.process_time()
-                em.physics.step(60.0)
-                t += 60.0
-                await io.step(t, 60.0)
-                await io.command(t, {p: (500.0 if (k + i) % 2 else -300.0)
-                                     for i, p in enumerate(io.prosumers) if i % setpoint_every == 0})
-            cpu = time.process_time() - c0
-            requests = sum(x.requests for x in links.values()) - n0
+            for _ in range(chunk):  # warm up (first reads, caches)
+                await step()
+            current = None
+            for c in range(len(sides) * max(1, steps // chunk)):
+                pipelined = sides[c % len(sides)]
+                if pipelined is not current:
+                    for key, x in links.items():
+                        x.max_in_flight = windows[key] if pipelined else 1
+                    if current is not None:
+                        await step()  # reconnects with the new window, untimed
+                    current = pipelined
+                n0, c0 = sum(x.requests for x in links.values()), time.process_time()
+                for _ in range(chunk):
+                    await step()
+                chunks.append((pipelined, (time.process_time() - c0) / chunk,
+                               sum(x.requests for x in links.values()) - n0))
             gc.set_threshold(*thresholds)
             gc.unfreeze()
         finally:
             await io.close()
             await em.stop()
             store.close()
-    windows = sorted({x.window for x in links.values()})
-    return {"prosumers": prosumers, "devices": 3 * prosumers, "steps": steps,
-            "in_flight": windows[0] if len(windows) == 1 else windows,
-            "requests_per_step": round(requests / steps, 1),
-            "cpu_ms_per_step": round(1e3 * cpu / steps, 2),
-            "cpu_ms_per_step_median": round(1e3 * statistics.median(chunks), 2),
-            "cpu_ms_per_step_min": round(1e3 * min(chunks), 2),
-            "cpu_us_per_request": round(1e6 * cpu / requests, 1),
-            "read_errors": io.read_errors, "setpoint_errors": io.setpoint_errors,
-            "loadavg": _loadavg()}
 
+    def side(pipelined: bool) -> dict[str, Any]:
+        cpu = [c for p, c, _ in chunks if p is pipelined]
+        requests = sum(n for p, _, n in chunks if p is pipelined)
+        return {"in_flight": max(windows.values()) if pipelined else 1,
+                "requests_per_step": round(requests / (chunk * len(cpu)), 1),
+                "cpu_ms_per_step": round(1e3 * statistics.fmean(cpu), 2),
+                "cpu_ms_per_step_median": round(1e3 * statistics.median(cpu), 2),
+                "cpu_ms_per_step_min": round(1e3 * min(cpu), 2),
+                "cpu_us_per_request": round(1e6 * sum(cpu) * chunk / requests, 1)}
 
-def pattern_ab(prosumers: int, steps: int, mode: str, reps: int) -> dict[str, Any]:
-    """`run_pattern` pipelined, one request at a time, or both alternated (off, on, off,
-    on, ...: the machine's load drifts) with the ratio of their medians."""
-    sides = {"on": [True], "off": [False], "both": [False, True] * reps}[mode]
-    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    out: dict[str, Any] = {"prosumers": prosumers, "devices": 3 * prosumers,
+                           "steps_per_side": steps, "read_errors": io.read_errors,
+                           "setpoint_errors": io.setpoint_errors, "loadavg": _loadavg()}
     for pipelined in sides:
-        f = asyncio.run(run_pattern(prosumers, steps, pipelined=pipelined))
-        runs[pipelined].append(f)
-        console.print(f"run pattern, {'pipelined' if pipelined else 'one at a time'} "
-                      f"(in flight: {f['in_flight']}): {f['devices']} devices, "
-                      f"{f['requests_per_step']} requests per step: "
-                      f"{f['cpu_ms_per_step_median']} ms CPU per step (median of 10-step "
-                      f"chunks; mean {f['cpu_ms_per_step']}), "
-                      f"{f['cpu_us_per_request']} us per request")
-    if mode != "both":
-        return runs[mode == "on"][0]
+        out["pipelined" if pipelined else "one_at_a_time"] = side(pipelined)
+    if mode == "both":
+        off, on = out["one_at_a_time"], out["pipelined"]
+        out["cpu_ratio"] = round(on["cpu_ms_per_step_median"] / off["cpu_ms_per_step_median"], 3)
+        pairs = [chunks[i + 1][1] / chunks[i][1] for i in range(0, len(chunks) - 1, 2)]
+        out["cpu_ratio_adjacent_median"] = round(statistics.median(pairs), 3)
+    return out
 
-    def side(fs: list[dict[str, Any]]) -> dict[str, Any]:
-        return {**fs[-1], **{k: round(statistics.median(f[k] for f in fs), 2) for k in
-                             ("cpu_ms_per_step", "cpu_ms_per_step_median", "cpu_us_per_request")},
-                "cpu_ms_per_step_medians": [f["cpu_ms_per_step_median"] for f in fs],
-                "read_errors": sum(f["read_errors"] for f in fs),
-                "setpoint_errors": sum(f["setpoint_errors"] for f in fs)}
 
-    off, on = side(runs[False]), side(runs[True])
-    ratio = round(on["cpu_ms_per_step_median"] / off["cpu_ms_per_step_median"], 3)
-    console.print(f"run pattern: pipelined / one at a time = {ratio} CPU per step "
-                  f"({on['cpu_ms_per_step_median']} / {off['cpu_ms_per_step_median']} ms, "
-                  f"medians of {reps} runs each, alternated)")
-    return {"one_at_a_time": off, "pipelined": on, "cpu_ratio": ratio, "loadavg": _loadavg()}
+def print_pattern(f: dict[str, Any]) -> None:
+    for key, what in (("one_at_a_time", "one request at a time"), ("pipelined", "pipelined")):
+        if key in f:
+            s = f[key]
+            console.print(f"run pattern, {what} (in flight: {s['in_flight']}): {f['devices']} "
+                          f"devices, {s['requests_per_step']} requests per step: "
+                          f"{s['cpu_ms_per_step_median']} ms CPU per step (median of 10-step "
+                          f"chunks; mean {s['cpu_ms_per_step']}), "
+                          f"{s['cpu_us_per_request']} us per request")
+    if "cpu_ratio" in f:
+        console.print(f"run pattern: pipelined / one at a time = {f['cpu_ratio']} CPU per step "
+                      f"(medians, chunks alternated in one run; adjacent chunks: "
+                      f"{f['cpu_ratio_adjacent_median']})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1194,19 +1206,17 @@ def main(argv: list[str] | None = None) -> int:
                          "run_pattern): PROSUMERS x 3 devices, --rounds steps (default 200)")
     ap.add_argument("--pipeline", choices=("both", "on", "off"), default="both",
                     help="--run-pattern: links to the emulators pipelined as the run has them "
-                         "(on), one request at a time (off), or both alternated, --reps times "
-                         "each, with their ratio (default)")
-    ap.add_argument("--reps", type=int, default=2,
-                    help="--run-pattern --pipeline both: runs per side (default 2)")
+                         "(on), one request at a time (off), or both in alternated chunks of "
+                         "one run, with their ratio (default)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
     if args.run_pattern is not None:
         if args.run_pattern < 1 or (args.rounds is not None and args.rounds < 1):
             ap.error("--run-pattern and --rounds must be positive")
-        if args.reps < 1:
-            ap.error("--reps must be positive")
-        figures = pattern_ab(args.run_pattern, args.rounds or 200, args.pipeline, args.reps)
+        figures = asyncio.run(run_pattern(args.run_pattern, args.rounds or 200,
+                                          mode=args.pipeline))
+        print_pattern(figures)
         print(json.dumps({"benchmark": "devices-run-pattern", **figures}), flush=True)
         if args.json:
             with open(args.json, "w") as f:

@@ -94,10 +94,6 @@ class DeviceIO:
         self._fails: dict[str, int] = {}
         self._active: set[int] = set()
         self._groups = _by_link(self.devices)
-        self._pipelined = {n for n, d in self.devices.items()
-                           if isinstance(link := getattr(d, "link", None), ModbusLink)
-                           and link.window > 1}
-        """Devices on a pipelined link, read at once with the others on it."""
         piped = {x.endpoint: x.window for x in _links(self.devices) if x.window > 1}
         if piped:
             log.info("Modbus links pipelined (requests in flight): %s",
@@ -189,7 +185,7 @@ class DeviceIO:
         leave in one write), else one after another (the link carries one request at a
         time anyway): a task per link, not per device waiting on the link."""
         devices = self.devices
-        if len(names) > 1 and names[0] in self._pipelined:
+        if len(names) > 1 and devices[names[0]].link.window > 1:  # type: ignore[attr-defined]
             # the others' tasks start in the next loop pass, before the link's flush that
             # the first device's request scheduled: all leave in the one write
             loop = asyncio.get_running_loop()

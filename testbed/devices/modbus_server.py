@@ -291,6 +291,10 @@ for a debug line, log level or not)."""
 _ADDRESS_COUNT = struct.Struct(">HH")
 
 
+_READ_FRAME = struct.Struct(">HHHBBHH")
+"""A register read's Modbus TCP frame: MBAP header, function code, address, count."""
+_EXCEPTION_FRAME = struct.Struct(">HHHBBB")
+
 PIPELINE_BUFFER = 1 << 18
 """A Modbus TCP connection's receive buffer, at most (pymodbus: one frame, 264 bytes,
 less than the requests a pipelining client sends at once; asyncio reads up to 256 KiB)."""
@@ -305,7 +309,8 @@ class _Handler(ServerRequestHandler):
 
     On Modbus TCP every complete request of a read is answered (pymodbus answers the first
     and leaves the others in its buffer until more data arrives, so a client pipelining
-    requests waits for their timeouts), and the answers of one read leave in one write."""
+    requests waits for their timeouts), and the answers of one read leave in one write.
+    A register read (the poll) is answered straight from the datastore (`_read_now`)."""
 
     tasks: set[asyncio.Task] | None = None
     _out: list[bytes] | None = None
@@ -318,6 +323,9 @@ class _Handler(ServerRequestHandler):
         used, n = 0, len(data)
         try:
             while used < n:
+                if n - used >= 12 and self._read_now(data, used, out):
+                    used += 12
+                    continue
                 cut = self._one(data[used:] if used else data, addr)
                 if not cut:
                     break  # the rest of a request comes with the next read
@@ -327,6 +335,33 @@ class _Handler(ServerRequestHandler):
             if out and self.transport:
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[attr-defined]
         return used
+
+    def _read_now(self, data: bytes, pos: int, out: list[bytes]) -> bool:
+        """A holding or input register read at `pos` answered as pymodbus' path (`_one`,
+        `_ReadRegisters`) answers it, without its PDU objects and coroutines: the frame
+        taken apart in one unpack, the registers from `read_now`, the answer packed in
+        one call. False (nothing done): not such a read, a quantity the specification
+        refuses, broadcast, or a datastore that must be awaited: `_one` answers it."""
+        tid, pid, length, unit, fc, address, count = _READ_FRAME.unpack_from(data, pos)
+        if pid or length != 6 or fc not in (3, 4) or not unit or not 1 <= count <= 125:
+            return False
+        server = self.server
+        try:
+            values = server.context.read_now(unit, fc, address, count)
+            if values is None:
+                return False
+            if isinstance(values, ExcCodes):
+                out.append(_EXCEPTION_FRAME.pack(tid, 0, 3, unit, fc | 0x80, values))
+            else:
+                out.append(struct.pack(f">HHHBBB{count}H", tid, 0, 3 + 2 * count, unit, fc,
+                                       2 * count, *values))
+        except NoSuchIdException:
+            if not server.ignore_missing_devices:  # else no answer: the client times out
+                out.append(_EXCEPTION_FRAME.pack(tid, 0, 3, unit, fc | 0x80,
+                                                 ExcCodes.GATEWAY_NO_RESPONSE))
+        except Exception:  # noqa: BLE001 - `_one` answers it as pymodbus does (device failure)
+            return False
+        return True
 
     def _one(self, data: bytes, addr: tuple | None) -> int:
         """Take the first request of `data` apart and answer it; the bytes it took."""

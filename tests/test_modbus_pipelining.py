@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_config import GOOD
 from test_sunspec_foreign import LEGACY_PV, Served, image
 
 from testbed.config import ConfigError, load_site
@@ -346,18 +347,8 @@ async def test_a_plain_pymodbus_server_works_one_at_a_time_and_drops_pipelined_r
 
 # ------------------------------------------------------------------ configuration
 
-SITE = """\
-name: lab
-prosumers:
-  - name: h1
-    devices:
-      - {name: h1-pv, kind: pv, port: 1502, unit: 1}
-      - name: h1-bat
-        kind: battery
-        port: 1502
-        unit: 2
-        FIELDS
-"""
+SITE = GOOD.replace("        unit: 2\n", "        unit: 2\n        FIELDS\n")
+"""test_config's site, FIELDS (line 10) to be replaced by the battery's fields under test."""
 
 
 @pytest.mark.parametrize("fields, expected", [

@@ -398,3 +398,28 @@ async def test_real_devices_keep_the_site_value_beside_pipelined_emulators(site)
             "pv": 3, "bat": 3, "meter": 3, "lab-meter": 1}
     finally:
         await em.stop()
+
+
+async def test_the_link_window_keeps_turns_in_order_and_a_cancelled_turn_passes_on():
+    from testbed.devices.modbus_link import _Window
+
+    w = _Window(2, asyncio.get_running_loop())
+    assert w.enter() is None and w.enter() is None  # two slots
+    turns = [w.enter() for _ in range(3)]
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        await w.wait(turns[i])
+        order.append(i)
+
+    tasks = [asyncio.create_task(waiter(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    w.leave()  # the slot goes to waiter 0 ...
+    tasks[0].cancel()  # ... cancelled before it runs: it passes the slot to waiter 1
+    w.leave()  # the other slot: waiter 2
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError) and order == [1, 2]
+    assert w.busy == 2 and not w.waiters
+    w.leave()
+    w.leave()
+    assert w.busy == 0 and w.enter() is None

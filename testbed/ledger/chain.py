@@ -634,10 +634,21 @@ class _Peer:
         self.store: Store | None = None
         self.differs = False
         self.certs_checked = 0
+        self.certs: list[bytes] = []
+        """The certificate of each height compared so far (an incremental audit checks at
+        the end that the store still holds these)."""
+        self.open()
+
+    def open(self) -> None:
+        """(Re)open the store read-only, on a new snapshot."""
+        self.close()
+        if self.differs:
+            return
         try:
-            self.store = Store(path, readonly=True)
+            self.store = Store(self.path, readonly=True)
             self.store.snapshot()
         except Exception:  # noqa: BLE001 - the full verify reports whatever this is
+            self.store = None
             self.differs = True
 
     def compare(self, ours: StoredBlock, chain: Chain | None) -> None:
@@ -648,7 +659,8 @@ class _Peer:
             b = self.store.block(ours.height)
             if b is None or (b.hash, b.raw, b.txs) != (ours.hash, ours.raw, ours.txs):
                 self.differs = True
-            elif b.cert != ours.cert:
+                return
+            if b.cert != ours.cert:
                 if chain is None:
                     self.differs = True
                     return
@@ -658,6 +670,7 @@ class _Peer:
                                               for a in state.validators()},
                                   quorum=state.quorum())
                 self.certs_checked += 1
+            self.certs.append(b.cert)
         except Exception:  # noqa: BLE001 - a refused certificate, a damaged row, ...
             self.differs = True
 
@@ -672,6 +685,7 @@ class _Peer:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+            self.store = None
 
 
 def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None
@@ -699,6 +713,46 @@ def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None
             p.close()
 
 
+def verify_genesis(store: Store, genesis: Block | None, peers: Sequence[_Peer] = ()
+                   ) -> Chain:
+    """`verify_store`'s check of height 0 (the stored genesis, against `genesis` if given):
+    a chain at height 0 to replay the store on. Raises Rejected or StoreDamaged."""
+    g0 = store.block(0)
+    if g0 is None:
+        raise Rejected(Reason.BAD_BLOCK, "genesis row vanished", height=0)
+    g = Block.parse(g0.raw, genesis=True)
+    if g0.hash != g.hash:
+        raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's", height=0)
+    if genesis is not None and g.hash != genesis.hash:
+        raise Rejected(Reason.BAD_BLOCK, f"genesis {g.hash[:16]} is not the expected "
+                       f"{genesis.hash[:16]}", height=0)
+    if g0.txs or g0.cert != b"[]":
+        raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes", height=0)
+    for p in peers:
+        p.compare(g0, None)
+    return Chain(g)
+
+
+def verify_next(chain: Chain, store: Store, peers: Sequence[_Peer] = ()) -> StoredBlock:
+    """`verify_store`'s check of the store's next height: the block read back, committed
+    by `chain` with every check `commit` makes (certificate included), its stored hash
+    and transaction ids recomputed. Raises Rejected or StoreDamaged."""
+    h = chain.height + 1
+    b = store.block(h)
+    if b is None:
+        raise Rejected(Reason.BAD_BLOCK, f"height {h} is missing", height=h)
+    for p in peers:
+        p.compare(b, chain)
+    block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+    if block.hash != b.hash:
+        raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's", height=h)
+    for tid, raw in b.txs:
+        if tid != canonical.sha256_hex(raw):
+            raise Rejected(Reason.BAD_BLOCK, f"stored tx id {tid[:16]} differs from its bytes",
+                           height=h)
+    return b
+
+
 def verify_store(path: Path | str, *, genesis: Block | None = None,
                  against: Against | None = None, _peers: Sequence[_Peer] = ()
                  ) -> VerifyReport:
@@ -719,40 +773,13 @@ def verify_store(path: Path | str, *, genesis: Block | None = None,
         heights = store.heights()
         if not heights or heights[0] != 0:
             return VerifyReport(False, 0, "", 0, "no genesis block at height 0")
-        g0 = store.block(0)
-        if g0 is None:
-            raise Rejected(Reason.BAD_BLOCK, "genesis row vanished", height=0)
-        g = Block.parse(g0.raw, genesis=True)
-        if g0.hash != g.hash:
-            raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's", height=0)
-        if genesis is not None and g.hash != genesis.hash:
-            raise Rejected(Reason.BAD_BLOCK, f"genesis {g.hash[:16]} is not the expected "
-                           f"{genesis.hash[:16]}", height=0)
-        if g0.txs or g0.cert != b"[]":
-            raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes",
-                           height=0)
-        for p in _peers:
-            p.compare(g0, None)
-        chain = Chain(g)
+        chain = verify_genesis(store, genesis, _peers)
         chain_id = chain.id
         for expect, h in enumerate(heights[1:], start=1):
             at = expect
             if h != expect:
                 raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
-            b = store.block(h)
-            if b is None:
-                raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
-            for p in _peers:
-                p.compare(b, chain)
-            block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
-            if block.hash != b.hash:
-                raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
-                               height=h)
-            for tid, raw in b.txs:
-                if tid != canonical.sha256_hex(raw):
-                    raise Rejected(Reason.BAD_BLOCK, f"stored tx id {tid[:16]} differs from "
-                                   "its bytes", height=h)
-            count += len(b.txs)
+            count += len(verify_next(chain, store, _peers).txs)
         at = chain.height + 1
         stray = store.tx_count() - count
         if stray:

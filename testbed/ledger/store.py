@@ -175,6 +175,34 @@ class Store:
                 return
             yield b
 
+    def read_all(self) -> Iterator[StoredBlock]:
+        """Every block with its transactions, in height order, as `block` reads and checks
+        them but in a few queries (a read-back of the whole store; SQLite checks the
+        storage classes: StoreDamaged at the first height with a bad one). Transactions
+        of a height without a block are not returned (`tx_count` counts them)."""
+        bad = self._query(0, "SELECT MIN(height) FROM (SELECT height FROM blocks WHERE "
+                          "typeof(hash) <> 'text' OR typeof(raw) <> 'blob' OR typeof(cert) "
+                          "<> 'blob' UNION ALL SELECT height FROM txs WHERE typeof(height) <> "
+                          "'integer' OR typeof(idx) <> 'integer' OR typeof(id) <> 'text' OR "
+                          "typeof(raw) <> 'blob')")[0][0]
+        if bad is not None:
+            if type(bad) is not int:
+                raise StoreDamaged(0, "a transaction's height is not an integer")
+            self.block(bad)  # raises StoreDamaged naming the column, if the block has it
+            raise StoreDamaged(bad, "a transaction row has the wrong storage class")
+        txs: dict[int, list[tuple[str, bytes]]] = {}
+        for height, idx, tid, raw in self._query(
+                0, "SELECT height, idx, id, raw FROM txs ORDER BY height, idx"):
+            got = txs.setdefault(height, [])
+            if idx != len(got):
+                raise StoreDamaged(height, f"transaction index {idx} where {len(got)} was "
+                                   "expected")
+            got.append((_text(tid, height, f"txs.id of transaction {idx}"), raw))
+        for height, block_hash, raw, cert in self._query(
+                0, "SELECT height, hash, raw, cert FROM blocks ORDER BY height"):
+            yield StoredBlock(height, _text(block_hash, height, "blocks.hash"), raw, cert,
+                              txs.get(height, []))
+
     def heights(self) -> list[int]:
         return [r[0] for r in self._query(0, "SELECT height FROM blocks ORDER BY height")]
 

@@ -41,6 +41,8 @@ class LedgerPhase:
         self.recorded = 0
         self._outbox: list[messages.SignedMessage] = []
         self.verified: dict[str, dict[str, Any]] = {}
+        self._verifying = False
+        validators.audit_as_committed()  # the end-of-run audit, block by block meanwhile
 
     async def submit(self, msg: messages.SignedMessage) -> None:
         """What the market's agents hand in: everything queued goes first."""
@@ -96,6 +98,7 @@ class LedgerPhase:
         self._record()
 
     def _record(self) -> None:
+        recorded = self.recorded
         for block, tx_ids in self.validators.blocks_since(self.recorded):
             self.committed.update(tx_ids)
             self.blocks += 1
@@ -105,16 +108,34 @@ class LedgerPhase:
                 "proposer_name": self.names.get(block.proposer, "?"), "round": block.round,
                 "txs": block.header["txs"], "cpf": block.header.get("evidence", {})})
             self.recorded = block.height
+        if self.recorded > recorded:
+            self.validators.audit_committed()
 
     async def stop(self) -> None:
-        await self.validators.stop()
-        self.verified = self.validators.verify()
+        """Stop the validators and start the audit of their stores (`summary` collects it:
+        the audit worker reads the stores back while the run tears down the rest)."""
+        try:
+            await self.validators.stop()
+            self.validators.verify_start()
+            self._verifying = True
+        except BaseException:
+            self.validators.close_audit()
+            raise
+
+    def _verified(self) -> dict[str, dict[str, Any]]:
+        if self._verifying:
+            self._verifying = False
+            try:
+                self.verified = self.validators.verify()
+            finally:
+                self.validators.close_audit()
+        return self.verified
 
     def rejected(self) -> int:
         return sum(r["rejected"] for r in self.validators.report().values())
 
     def summary(self) -> dict[str, Any]:
-        v = self.verified
+        v = self._verified()
         return {"enabled": True, "validators": self.n, "tolerates": self.f,
                 "blocks": self.blocks, "submitted": len(self.submitted),
                 "uncommitted": len(set(self.submitted) - self.committed), "verified": v,

@@ -93,6 +93,41 @@ def _from_dicts(items: list[Any]) -> Steps[list[SignedMessage]]:
     return out
 
 
+MAX_SHARED = 8
+"""Proposals whose decoding is kept per process (see `_SHARED`)."""
+_SHARED: OrderedDict[str, list[Any]] = OrderedDict()
+"""Decoded proposals by the sha256 of their bytes: [decoded JSON, the task building its
+transactions (`_from_dicts`) or None]. The validators of one process receive the same
+proposal each, and decoding it (the JSON, then each transaction's canonical bytes and id
+for the Merkle check) is a pure function of the bytes, so one node does it for all; each
+node still checks the block itself. Nothing writes to a decoded proposal or a message."""
+
+
+def _decoded(digest: str, payload: bytes) -> Any:
+    """canonical.decode(payload, strict=False), once per process (see `_SHARED`)."""
+    hit = _SHARED.get(digest)
+    if hit is not None:
+        _SHARED.move_to_end(digest)
+        return hit[0]
+    obj = canonical.decode(payload, strict=False)
+    _SHARED[digest] = [obj, None]
+    if len(_SHARED) > MAX_SHARED:
+        _SHARED.popitem(last=False)
+    return obj
+
+
+async def _proposal_txs(digest: str, obj: Any) -> list[SignedMessage]:
+    """The transactions of the decoded proposal `obj` (`_from_dicts`), built once per
+    process: the nodes that ask while the first builds them (in slices) wait for it."""
+    hit = _SHARED.get(digest)
+    if hit is None or hit[0] is not obj:
+        return await _drive(_from_dicts(obj["txs"]))
+    task = hit[1]
+    if task is None or task.get_loop() is not asyncio.get_running_loop():
+        task = hit[1] = asyncio.ensure_future(_drive(_from_dicts(obj["txs"])))
+    return list(await asyncio.shield(task))  # a node cancelled meanwhile leaves it running
+
+
 _COMMITTED_HEAD = b'{"block":{"header":'
 _JSON = json.JSONDecoder()
 
@@ -589,7 +624,7 @@ class LedgerNode:
         digest = _sha(m.payload)
         if digest in self._seen:
             return
-        obj = canonical.decode(m.payload, strict=False)
+        obj = _decoded(digest, m.payload)
         fields = {"type", "chain", "height", "round", "valid_round", "proposer", "signature",
                   "block", "txs"}
         if not (isinstance(obj, dict) and set(obj) == fields and obj["type"] == "proposal"
@@ -636,7 +671,7 @@ class LedgerNode:
         valid = self._checked.get(block.hash)
         if valid is None:
             try:
-                txs = await _drive(_from_dicts(obj["txs"]))
+                txs = await _proposal_txs(digest, obj)
                 if block.height != height:
                     raise Rejected(Reason.BAD_BLOCK, "block height differs from the proposal's")
                 await _drive(self.chain.check_proposal_steps(block, txs, now=self.clock()))

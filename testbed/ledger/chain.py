@@ -10,6 +10,7 @@ rules in `state`. Nothing changes unless all of it passes.
 from __future__ import annotations
 
 import time as _time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,22 @@ from testbed.ledger.blocks import (
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair, address_of, batch_verifier
 from testbed.ledger.messages import SignedMessage
-from testbed.ledger.state import POOL, Effect, Entry, LedgerState, Params
+from testbed.ledger.state import POOL, Effect, Entry, LedgerState, Params, SharedEffect
 from testbed.ledger.store import Store, StoreDamaged, StoredBlock
 from testbed.steps import Steps, run_steps
 
 MAX_ROUNDS = 1000
 MAX_PENDING_PSEUDONYMS = 65536
 
+
+MAX_SHARED_CHECKS = 8
+_CHECKED: OrderedDict[tuple[str, int, str, str, tuple[str, ...]], SharedEffect] = OrderedDict()
+"""Blocks that passed `check_proposal` in this process: (chain, height and head of the
+state checked on, block hash, transaction ids) -> the block's effect. The rules are pure
+functions of the state and the block's bytes, and a chain's state at a height and head
+is the one its blocks give, so a validator of this process that checks the same block on
+the same state gets the answer another one computed, as from the signature cache (only
+passes are kept: a refusal is always recomputed)."""
 
 _PRECEDENCE = {T.REGISTRY: -1, T.PSEUDONYM: -1, T.GRID_CHECK: 0.5, T.AWARD: 1, T.PAYMENT: 2}
 """Order of operations within a proposal (stable otherwise: arrival order)."""
@@ -378,18 +388,30 @@ class Chain:
                              now: float | None = None) -> Steps[None]:
         """`check_proposal` as steps (see `Steps`): one per transaction."""
         self._check_header(block, txs, now)
+        state = self.state
+        ids = tuple(m.id for m in txs)
+        key = (self.id, state.height, state.head, block.hash, ids)
+        self.checked = None
+        shared = _CHECKED.get(key)
+        if shared is not None:
+            _CHECKED.move_to_end(key)
+            self.checked = (block.hash, ids, state.height, state.head, state.adopt(shared))
+            return
         marked = self._preverify(txs)
         effect: list[Effect] = []
-        self.checked = None
         try:
-            with self.state.trial(effect):
+            with state.trial(effect):
                 yield from self._apply_txs(block, txs)
         except Rejected:
             self.verified -= marked
             raise
-        self.verified.update(m.id for m in txs)
-        self.checked = (block.hash, tuple(m.id for m in txs), self.state.height,
-                        self.state.head, effect[0])
+        self.verified.update(ids)
+        self.checked = (block.hash, ids, state.height, state.head, effect[0])
+        portable = state.share(effect[0])
+        if portable is not None:
+            _CHECKED[key] = portable
+            if len(_CHECKED) > MAX_SHARED_CHECKS:
+                _CHECKED.popitem(last=False)
 
     def commit(self, block: Block, txs: Sequence[SignedMessage], cert: bytes, *,
                now: float | None = None) -> None:

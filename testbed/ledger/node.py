@@ -128,6 +128,19 @@ async def _proposal_txs(digest: str, obj: Any) -> list[SignedMessage]:
     return list(await asyncio.shield(task))  # a node cancelled meanwhile leaves it running
 
 
+def _check_turn(digest: str) -> asyncio.Lock | contextlib.AbstractAsyncContextManager[None]:
+    """Taken by a node while it checks the proposal `digest`: the nodes of one process
+    check it one after the other (not interleaved slice by slice), so all but the first
+    find its answer in `chain._CHECKED` (the same check on the same state and bytes)."""
+    hit = _SHARED.get(digest)
+    if hit is None:
+        return contextlib.nullcontext()
+    loop = asyncio.get_running_loop()
+    if len(hit) < 3 or hit[2][0] is not loop:
+        hit[2:] = [(loop, asyncio.Lock())]
+    return hit[2][1]
+
+
 _COMMITTED_HEAD = b'{"block":{"header":'
 _JSON = json.JSONDecoder()
 
@@ -674,7 +687,9 @@ class LedgerNode:
                 txs = await _proposal_txs(digest, obj)
                 if block.height != height:
                     raise Rejected(Reason.BAD_BLOCK, "block height differs from the proposal's")
-                await _drive(self.chain.check_proposal_steps(block, txs, now=self.clock()))
+                async with _check_turn(digest):
+                    await _drive(self.chain.check_proposal_steps(block, txs,
+                                                                 now=self.clock()))
                 valid = True
                 self._blocks[block.hash] = (block, txs)
             except Rejected as exc:

@@ -84,6 +84,14 @@ async def test_produce_commits_on_the_scenario_schedule_and_reports(tmp_path):
             assert await vals.produce(ids) == 1
             blocks = vals.blocks_since(0)
             assert len(blocks) == 1 and set(blocks[0][1]) == ids - {forged.id}
+            # what `produce` waits on: every node knows what it committed, without an index
+            # on the stores' transaction ids (none: it was most of a block's write)
+            assert all(ids - {forged.id} <= set(n.committed_txs) for n in vals.nodes)
+            assert all(n.chain.store.tx_location(t) is not None for n in vals.nodes
+                       for t in ids - {forged.id})
+            assert not vals.nodes[0].chain.store.db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'txs' "
+                "AND sql IS NOT NULL").fetchall()
             assert blocks[0][0].round == 0
             rep = vals.report()
             assert {r["height"] for r in rep.values()} == {1}

@@ -69,6 +69,8 @@ MAX_AHEAD_PER_SENDER = 16
 MAX_QUEUED = 20_000
 """Votes or sync requests waiting to be handled, at most (the oldest make room)."""
 MAX_QUEUED_PROPOSALS = 2_000
+MAX_REMEMBERED = 100_000
+"""Transaction ids a node keeps of those it refused and of those it committed."""
 MAX_LOG_PER_S = 20
 """Refusal lines logged per second per node (the rest are counted)."""
 SLICE_S = 0.0005
@@ -285,6 +287,8 @@ class LedgerNode:
         self.mempool: dict[str, SignedMessage] = {}
         self.refused: OrderedDict[str, str] = OrderedDict()
         """Ids of transactions this node refused (bounded), with the reason."""
+        self.committed_txs: OrderedDict[str, None] = OrderedDict()
+        """Ids of the transactions this node committed, the latest `MAX_REMEMBERED`."""
         self.stats = NodeStats()
         self.evidence: list[C.Evidence] = []
         self._max_log = max_pending_log
@@ -442,7 +446,7 @@ class LedgerNode:
 
     def _refuse_tx(self, tx_id: str, exc: Rejected) -> None:
         self.refused[tx_id] = str(exc)
-        while len(self.refused) > 100_000:
+        while len(self.refused) > MAX_REMEMBERED:
             self.refused.popitem(last=False)
         raise exc
 
@@ -792,8 +796,12 @@ class LedgerNode:
                       round_: int | None = None) -> None:
         await _drive(self.chain.commit_steps(block, txs, cert, now=self.clock()))
         self.committed_height = self.chain.height
+        done = self.committed_txs
         for m in txs:
             self.mempool.pop(m.id, None)
+            done[m.id] = None
+        while len(done) > MAX_REMEMBERED:
+            done.popitem(last=False)
         self.stats.committed += 1
         self.stats.commit_at[block.height] = _time.perf_counter()
         self.stats.commit_latency_s.append(_time.monotonic() - self._height_started)

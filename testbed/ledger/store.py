@@ -34,8 +34,10 @@ CREATE TABLE IF NOT EXISTS txs (
     raw    BLOB NOT NULL,
     PRIMARY KEY (height, idx)
 );
-CREATE INDEX IF NOT EXISTS txs_id ON txs (id);
 """
+"""No index on `txs.id`: keeping one (random 64-character keys) was ~75 % of a block's
+write (1.27 -> 0.33 ms CPU per 96-transaction block, 4 stores per run process); nodes know
+the transactions they committed (`LedgerNode.committed_txs`). Stores made with it keep it."""
 COLUMNS = {"blocks": ["height", "hash", "raw", "cert"], "txs": ["height", "idx", "id", "raw"]}
 
 
@@ -225,6 +227,7 @@ class Store:
         return self._query(0, "SELECT COUNT(*) FROM txs")[0][0]
 
     def tx_location(self, tx_id: str) -> tuple[int, int] | None:
+        """(height, index) of a stored transaction (a table scan: no index on ids)."""
         rows = self._query(0, "SELECT height, idx FROM txs WHERE id = ?", (tx_id,))
         return None if not rows else (rows[0][0], rows[0][1])
 

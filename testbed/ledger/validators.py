@@ -92,10 +92,7 @@ class Validators:
         return next((n for n in self.nodes if n.key.address == elected), None)
 
     def _done(self, node: LedgerNode, tx_id: str) -> bool:
-        if tx_id in node.mempool or tx_id in node.refused:
-            return True
-        store = node.chain.store
-        return store is not None and store.tx_location(tx_id) is not None
+        return tx_id in node.mempool or tx_id in node.refused or tx_id in node.committed_txs
 
     async def produce(self, want: set[str] | None = None, *,
                       timeout_s: float = 10.0) -> int | None:

@@ -58,6 +58,8 @@ def test_the_worker_reports_what_verify_stores_reports_and_exits(tmp_path):
     finally:
         worker.kill()
     assert worker.proc.poll() is not None
+    # it read the closed stores without leaving SQLite's -shm/-wal files beside them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.db", "b.db", "genesis.json"]
     expected = verify_stores(paths, genesis=net.genesis)
     assert reports == expected
     assert all(r.ok and r.height == 6 and r.txs == 30 for r in reports)

@@ -99,6 +99,9 @@ async def test_produce_commits_on_the_scenario_schedule_and_reports(tmp_path):
         finally:
             await vals.stop()
         assert all(v["ok"] and v["height"] == 1 for v in vals.verify().values())
+        # read once the nodes closed them: no SQLite -shm/-wal file is left beside them
+        nodes_dir = layout.db_path(vals.nodes[0].name).parent
+        assert not [p.name for p in nodes_dir.iterdir() if p.name.endswith(("-wal", "-shm"))]
 
 
 async def test_an_equivocating_proposer_is_kept_as_evidence_and_one_block_commits(tmp_path):

@@ -72,6 +72,8 @@ class Follower:
         self.txs = 0
         self.failed = False
         """The first store did not verify (or could not be read): `finish` starts over."""
+        self.closed = False
+        """The nodes closed the stores (`finish`): read without leaving SQLite's WAL files."""
         self.peers = [_Peer(p) for p in self.paths[1:]]
         for p in self.peers:
             p.close()
@@ -82,7 +84,7 @@ class Follower:
         if self.failed or not self.paths:
             return
         try:
-            store = Store(self.paths[0], readonly=True)
+            store = Store(self.paths[0], readonly=True, closed=self.closed)
         except (ValueError, OSError):
             self.failed = True
             return
@@ -90,7 +92,7 @@ class Follower:
         try:
             store.snapshot()
             for p in live:
-                p.open()
+                p.open(closed=self.closed)
             if self.chain is None:
                 self.chain = verify_genesis(store, self.genesis, live)
                 self._remember(store.block(0))
@@ -113,7 +115,7 @@ class Follower:
     def _holds(self, path: Path | str, certs: list[bytes]) -> bool:
         """The store holds exactly the verified heights, byte for byte, and nothing else."""
         try:
-            store = Store(path, readonly=True)
+            store = Store(path, readonly=True, closed=True)
         except (ValueError, OSError):
             return False
         try:
@@ -130,11 +132,12 @@ class Follower:
 
     def finish(self) -> list[VerifyReport]:
         """The reports `verify_stores(paths)` gives now (the nodes have closed the stores)."""
+        self.closed = True
         self.follow()
         chain = self.chain
         if (self.failed or chain is None
                 or not self._holds(self.paths[0], self.certs)):
-            return verify_stores(self.paths, genesis=self.genesis)
+            return verify_stores(self.paths, genesis=self.genesis, closed=True)
         good = VerifyReport(True, chain.height, chain.id, self.txs)
         out = [good]
         for p in self.peers:
@@ -145,7 +148,7 @@ class Follower:
 
 
 def _verify_one(path: Path | str, genesis: Block | None) -> VerifyReport:
-    return verify_stores([path], genesis=genesis)[0]
+    return verify_stores([path], genesis=genesis, closed=True)[0]
 
 
 def _report(r: VerifyReport) -> dict:
@@ -243,7 +246,7 @@ class AuditWorker:
         try:
             return [VerifyReport(**r) for r in json.loads(line or b"")]
         except (ValueError, TypeError):
-            return verify_stores(self.paths, genesis=self.genesis)
+            return verify_stores(self.paths, genesis=self.genesis, closed=True)
 
     def kill(self) -> None:
         """Stop the worker (idempotent); it wrote nothing, so nothing is left."""

@@ -651,7 +651,7 @@ class _Peer:
     `commit` makes, against the validators of that height. Anything else, or any error,
     marks it `differs`: it then gets a full `verify_store` of its own."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, closed: bool = False) -> None:
         self.path = path
         self.store: Store | None = None
         self.differs = False
@@ -659,15 +659,15 @@ class _Peer:
         self.certs: list[bytes] = []
         """The certificate of each height compared so far (an incremental audit checks at
         the end that the store still holds these)."""
-        self.open()
+        self.open(closed=closed)
 
-    def open(self) -> None:
-        """(Re)open the store read-only, on a new snapshot."""
+    def open(self, *, closed: bool = False) -> None:
+        """(Re)open the store read-only, on a new snapshot (`closed`: see `Store`)."""
         self.close()
         if self.differs:
             return
         try:
-            self.store = Store(self.path, readonly=True)
+            self.store = Store(self.path, readonly=True, closed=closed)
             self.store.snapshot()
         except Exception:  # noqa: BLE001 - the full verify reports whatever this is
             self.store = None
@@ -710,17 +710,17 @@ class _Peer:
             self.store = None
 
 
-def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None
-                  ) -> list[VerifyReport]:
+def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None,
+                  closed: bool = False) -> list[VerifyReport]:
     """`verify_store` of several nodes' stores of one chain, with the same reports, at the
     cost of about one: the first is fully verified and the others are read in step and
     compared with it (`_Peer`); a store that differs in any way, or all of them when the
     first fails, is fully verified on its own."""
     if not paths:
         return []
-    peers = [_Peer(p) for p in paths[1:]]
+    peers = [_Peer(p, closed=closed) for p in paths[1:]]
     try:
-        first = verify_store(paths[0], genesis=genesis, _peers=peers)
+        first = verify_store(paths[0], genesis=genesis, _peers=peers, closed=closed)
         out = [first]
         for p in peers:
             # an ok report means heights 0..height, all holding its `txs` transactions
@@ -728,7 +728,7 @@ def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None
                 out.append(first)
             else:
                 p.close()
-                out.append(verify_store(p.path, genesis=genesis))
+                out.append(verify_store(p.path, genesis=genesis, closed=closed))
         return out
     finally:
         for p in peers:
@@ -776,17 +776,18 @@ def verify_next(chain: Chain, store: Store, peers: Sequence[_Peer] = ()) -> Stor
 
 
 def verify_store(path: Path | str, *, genesis: Block | None = None,
-                 against: Against | None = None, _peers: Sequence[_Peer] = ()
-                 ) -> VerifyReport:
+                 against: Against | None = None, _peers: Sequence[_Peer] = (),
+                 closed: bool = False) -> VerifyReport:
     """Recompute every hash, signature, election and contract result of a node database.
 
     Never raises for a damaged file: whatever is wrong (bytes changed, a column of the
     wrong type, a dropped table, a truncated or foreign file) comes back as a failed
     report naming the first bad height, or height None for "not a ledger store".
     `against` (see `load_against`) also catches a store whose last blocks were deleted.
-    `_peers` (see `verify_stores`) are compared with each height as it is checked."""
+    `_peers` (see `verify_stores`) are compared with each height as it is checked.
+    `closed`: no node has the store open (see `Store`: no SQLite file is left beside it)."""
     try:
-        store = Store(path, readonly=True)
+        store = Store(path, readonly=True, closed=closed)
     except (ValueError, OSError) as exc:
         return VerifyReport(False, None, "", 0, f"not a ledger store ({exc})")
     at, count, chain_id = 0, 0, ""

@@ -80,13 +80,20 @@ def _typed(row: Sequence, kinds: Sequence[str], names: Sequence[str], height: in
 
 
 class Store:
-    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path | str, *, readonly: bool = False,
+                 closed: bool = False) -> None:
+        """`closed` (read-only): the caller knows no connection has the file open for
+        writing (its nodes stopped). Without a WAL file left, it is then read as immutable:
+        SQLite creates no -shm/-wal file beside it (a plain read-only connection to a WAL
+        store leaves both behind)."""
         self.path = Path(path)
         self.readonly = readonly
         if readonly:
             if not self.path.is_file():
                 raise FileNotFoundError(f"{self.path}: no ledger database")
             uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+            if closed and not Path(f"{self.path}-wal").exists():
+                uri += "&immutable=1"
             try:
                 self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             except sqlite3.Error as exc:

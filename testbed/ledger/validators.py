@@ -179,7 +179,7 @@ class Validators:
         paths = [self.layout.db_path(n.name) for n in self.nodes]
         auditor, self.auditor = self.auditor, None
         reports = (auditor.finish() if auditor is not None
-                   else verify_stores(paths, genesis=self.layout.genesis()))
+                   else verify_stores(paths, genesis=self.layout.genesis(), closed=True))
         return {n.name: {"ok": rep.ok, "height": rep.height, "error": rep.error}
                 for n, rep in zip(self.nodes, reports, strict=True)}
 

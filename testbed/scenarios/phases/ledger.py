@@ -54,9 +54,10 @@ class LedgerPhase:
         await self.validators.submit(msg)
 
     async def _flush(self) -> None:
+        """Publish what is queued, in order, in as few messages as it takes."""
         outbox, self._outbox = self._outbox, []
-        for msg in outbox:
-            await self._publish(msg)
+        self.submitted.extend(m.id for m in outbox)
+        await self.validators.submit_many(outbox)
 
     def readings(self, interval: int, certified: Iterable[tuple[str, float, float]],
                  at: float) -> None:

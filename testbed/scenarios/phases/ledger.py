@@ -2,9 +2,10 @@
 validators (`ledger.validators.Validators`, the facade), a block is produced at every
 interval end on the run's clock, and committed blocks are recorded in the run store.
 
-Does bus I/O through the facade. Transactions are queued during an interval and flushed
-before the block (or before a message the market submits itself), in a fixed order, so a
-replay with the same seed commits the same blocks."""
+Does bus I/O through the facade. Transactions (its own and those the market hands in) are
+queued during an interval and sent before the block, in their order and as few bus
+messages (`Validators.submit_many`), so a replay with the same seed commits the same
+blocks."""
 
 from __future__ import annotations
 
@@ -45,13 +46,9 @@ class LedgerPhase:
         validators.audit_as_committed()  # the end-of-run audit, block by block meanwhile
 
     async def submit(self, msg: messages.SignedMessage) -> None:
-        """What the market's agents hand in: everything queued goes first."""
-        await self._flush()
-        await self._publish(msg)
-
-    async def _publish(self, msg: messages.SignedMessage) -> None:
-        self.submitted.append(msg.id)
-        await self.validators.submit(msg)
+        """What the market's agents hand in: queued after everything queued before, and
+        sent with it at the interval's end (before its block), in one batch."""
+        self._outbox.append(msg)
 
     async def _flush(self) -> None:
         """Publish what is queued, in order, in as few messages as it takes."""

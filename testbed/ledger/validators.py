@@ -166,8 +166,12 @@ class Validators:
         at the end only what was committed since is left to check."""
         if self.auditor is None and self.nodes:
             paths = [self.layout.db_path(n.name) for n in self.nodes]
-            self.auditor = AuditWorker.start(self.layout.genesis_path, paths,
-                                             self.layout.genesis())
+            try:
+                self.auditor = AuditWorker.start(self.layout.genesis_path, paths,
+                                                 self.layout.genesis())
+            except OSError as exc:  # no process: `verify` audits in this one, as before
+                log.warning("%s: store audit worker not started (%s); the stores are "
+                            "audited at the end instead", self.site, exc)
 
     def audit_committed(self) -> None:
         """Blocks were committed: the audit worker (if any) verifies them meanwhile."""

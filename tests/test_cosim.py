@@ -310,7 +310,8 @@ async def test_a_killed_feeder_federate_ends_the_run_cleanly(tmp_path: Path) -> 
 
 @needs_broker
 def test_no_shard_outlives_a_killed_run(tmp_path: Path) -> None:
-    """SIGKILL of `testbed run --shards 2` itself: its broker and shards end too."""
+    """SIGKILL of `testbed run --shards 2` itself: its broker, shards and ledger store
+    audit worker end too."""
     import subprocess
     import sys
     import time
@@ -322,13 +323,13 @@ def test_no_shard_outlives_a_killed_run(tmp_path: Path) -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         kids: list[int] = []
-        for _ in range(600):  # until the broker and both shards are up and stepping
+        for _ in range(600):  # until the broker, both shards and the audit worker are up
             kids = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
                     if _ppid(p) == run.pid]
-            if len(kids) == 3 and _steps(tmp_path) >= 3:
+            if len(kids) == 4 and _steps(tmp_path) >= 3:
                 break
             time.sleep(0.05)
-        assert len(kids) == 3
+        assert len(kids) == 4
     finally:
         run.kill()
         run.wait()

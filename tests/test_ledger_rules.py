@@ -640,3 +640,20 @@ def test_commit_of_the_checked_block_redoes_its_effect_to_the_same_state():
     full.commit(p.block, p.txs, net.certify(p.block))
     assert full.state.digest() == c.state.digest()
     assert list(full.state._recent_order) == list(c.state._recent_order)
+
+
+@pytest.mark.parametrize("params", [
+    {"to": "tb" + "0" * 40, "amount": 5, "award": None, "memo": "héllo \"quoted\" \u2603"},
+    {"meter": "tb" + "1" * 40, "start": 1, "duration_s": 900, "production_kwh": 0.1,
+     "consumption_kwh": 1e-7},
+    {"nested": {"b": [1, 2.5, {"z": None, "a": True}], "a": "x"}, "empty": {}},
+])
+def test_a_signed_message_s_bytes_are_its_canonical_encoding(params):
+    """`sign` builds the envelope's bytes from the signed body (not encoded twice): they
+    are exactly the canonical encoding, parse strictly and verify."""
+    key = KeyPair.from_seed(b"bytes")
+    m = messages.sign(key, T.PAYMENT, params, at=1_800_000_000.25)
+    assert m.raw == canonical.encode(m.as_dict())
+    again = messages.parse(bytes(m.raw))
+    assert again == m and again.id == m.id
+    assert messages.verify(again, lambda a: key.public) == key.public

@@ -84,6 +84,14 @@ async def test_produce_commits_on_the_scenario_schedule_and_reports(tmp_path):
             assert await vals.produce(ids) == 1
             blocks = vals.blocks_since(0)
             assert len(blocks) == 1 and set(blocks[0][1]) == ids - {forged.id}
+            # what `produce` waits on: every node knows what it committed, without an index
+            # on the stores' transaction ids (none: it was most of a block's write)
+            assert all(ids - {forged.id} <= set(n.committed_txs) for n in vals.nodes)
+            assert all(n.chain.store.tx_location(t) is not None for n in vals.nodes
+                       for t in ids - {forged.id})
+            assert not vals.nodes[0].chain.store.db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'txs' "
+                "AND sql IS NOT NULL").fetchall()
             assert blocks[0][0].round == 0
             rep = vals.report()
             assert {r["height"] for r in rep.values()} == {1}
@@ -91,6 +99,9 @@ async def test_produce_commits_on_the_scenario_schedule_and_reports(tmp_path):
         finally:
             await vals.stop()
         assert all(v["ok"] and v["height"] == 1 for v in vals.verify().values())
+        # read once the nodes closed them: no SQLite -shm/-wal file is left beside them
+        nodes_dir = layout.db_path(vals.nodes[0].name).parent
+        assert not [p.name for p in nodes_dir.iterdir() if p.name.endswith(("-wal", "-shm"))]
 
 
 async def test_an_equivocating_proposer_is_kept_as_evidence_and_one_block_commits(tmp_path):
@@ -129,3 +140,47 @@ async def test_an_equivocating_proposer_is_kept_as_evidence_and_one_block_commit
     assert all(e >= 1 for e in evidence), evidence
     ev = vals.nodes[0].evidence[0]
     assert ev.first.sender == ev.second.sender == elected
+
+
+async def test_a_batch_of_transactions_is_admitted_as_each_alone(tmp_path):
+    """`submit_many` sends a burst as newline-joined batches (`tx_batches`): each node
+    admits or refuses every transaction of a batch on its own, in order, with the reason it
+    would give it alone; a batch over the bound is refused whole; a block commits them."""
+    from testbed.ledger import node as N
+
+    layout = init_ledger(load_site("demo"), tmp_path / "ledger", validators=4, seed=4,
+                         params=Params(round_timeout_s=2.0))
+    agg = layout.key("aggregator")
+    t0 = time.time()
+
+    def pay(i: int, at: float = t0) -> messages.SignedMessage:
+        return messages.sign(agg, T.PAYMENT, {"to": layout.key("house-1").address,
+                                              "amount": 10 + i, "award": None,
+                                              "memo": f"batch {i}"}, at=at)
+
+    good = [pay(i) for i in range(5)]
+    stale = pay(99, at=t0 - 3600)
+    forged = messages.SignedMessage(agg.address, "forged", good[0].date, T.PAYMENT,
+                                    {**good[0].parameters, "amount": 1}, good[0].signature)
+    burst = [good[0], stale, good[1], forged, good[2], good[1], good[3], good[4]]
+    assert len(N.tx_batches(burst)) == 1 and N.tx_batches(burst)[0].count(b"\n") == 7
+    many = burst * 600  # 4,800 envelopes, ~2 MB: cut by size and count, order kept
+    batches = N.tx_batches(many)
+    assert len(batches) > 1 and b"\n".join(batches) == b"\n".join(m.raw for m in many)
+    assert all(b.count(b"\n") < N.MAX_TX_BATCH and len(b) <= N.TX_BATCH_BYTES
+               for b in batches)
+    async with EmbeddedBroker() as broker, BusClient(broker.url) as bus:
+        vals = await Validators.start(layout, bus, "demo", clock=lambda: t0 + 1)
+        try:
+            await vals.submit_many(burst)
+            await bus.publish(topics.ledger_tx("demo"),
+                              b"\n".join([good[0].raw] * (N.MAX_TX_BATCH + 1)), qos=1)
+            assert await vals.produce({m.id for m in good} | {stale.id}) == 1
+            for n in vals.nodes:
+                assert n.refused[stale.id].startswith("stale:")
+                assert n.refused[forged.id].startswith("bad-signature:")
+                assert any("batch of 4097" in r for r in n.stats.rejected)
+            (block, ids), = vals.blocks_since(0)
+            assert ids == [m.id for m in good]  # in the batch's order, the copy ignored
+        finally:
+            await vals.stop()

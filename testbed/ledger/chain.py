@@ -10,6 +10,7 @@ rules in `state`. Nothing changes unless all of it passes.
 from __future__ import annotations
 
 import time as _time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,22 @@ from testbed.ledger.blocks import (
 from testbed.ledger.errors import Reason, Rejected
 from testbed.ledger.identity import KeyPair, address_of, batch_verifier
 from testbed.ledger.messages import SignedMessage
-from testbed.ledger.state import POOL, Effect, Entry, LedgerState, Params
+from testbed.ledger.state import POOL, Effect, Entry, LedgerState, Params, SharedEffect
 from testbed.ledger.store import Store, StoreDamaged, StoredBlock
 from testbed.steps import Steps, run_steps
 
 MAX_ROUNDS = 1000
 MAX_PENDING_PSEUDONYMS = 65536
 
+
+MAX_SHARED_CHECKS = 8
+_CHECKED: OrderedDict[tuple[str, int, str, str, tuple[str, ...]], SharedEffect] = OrderedDict()
+"""Blocks that passed `check_proposal` in this process: (chain, height and head of the
+state checked on, block hash, transaction ids) -> the block's effect. The rules are pure
+functions of the state and the block's bytes, and a chain's state at a height and head
+is the one its blocks give, so a validator of this process that checks the same block on
+the same state gets the answer another one computed, as from the signature cache (only
+passes are kept: a refusal is always recomputed)."""
 
 _PRECEDENCE = {T.REGISTRY: -1, T.PSEUDONYM: -1, T.GRID_CHECK: 0.5, T.AWARD: 1, T.PAYMENT: 2}
 """Order of operations within a proposal (stable otherwise: arrival order)."""
@@ -378,18 +388,30 @@ class Chain:
                              now: float | None = None) -> Steps[None]:
         """`check_proposal` as steps (see `Steps`): one per transaction."""
         self._check_header(block, txs, now)
+        state = self.state
+        ids = tuple(m.id for m in txs)
+        key = (self.id, state.height, state.head, block.hash, ids)
+        self.checked = None
+        shared = _CHECKED.get(key)
+        if shared is not None:
+            _CHECKED.move_to_end(key)
+            self.checked = (block.hash, ids, state.height, state.head, state.adopt(shared))
+            return
         marked = self._preverify(txs)
         effect: list[Effect] = []
-        self.checked = None
         try:
-            with self.state.trial(effect):
+            with state.trial(effect):
                 yield from self._apply_txs(block, txs)
         except Rejected:
             self.verified -= marked
             raise
-        self.verified.update(m.id for m in txs)
-        self.checked = (block.hash, tuple(m.id for m in txs), self.state.height,
-                        self.state.head, effect[0])
+        self.verified.update(ids)
+        self.checked = (block.hash, ids, state.height, state.head, effect[0])
+        portable = state.share(effect[0])
+        if portable is not None:
+            _CHECKED[key] = portable
+            if len(_CHECKED) > MAX_SHARED_CHECKS:
+                _CHECKED.popitem(last=False)
 
     def commit(self, block: Block, txs: Sequence[SignedMessage], cert: bytes, *,
                now: float | None = None) -> None:
@@ -629,15 +651,26 @@ class _Peer:
     `commit` makes, against the validators of that height. Anything else, or any error,
     marks it `differs`: it then gets a full `verify_store` of its own."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, closed: bool = False) -> None:
         self.path = path
         self.store: Store | None = None
         self.differs = False
         self.certs_checked = 0
+        self.certs: list[bytes] = []
+        """The certificate of each height compared so far (an incremental audit checks at
+        the end that the store still holds these)."""
+        self.open(closed=closed)
+
+    def open(self, *, closed: bool = False) -> None:
+        """(Re)open the store read-only, on a new snapshot (`closed`: see `Store`)."""
+        self.close()
+        if self.differs:
+            return
         try:
-            self.store = Store(path, readonly=True)
+            self.store = Store(self.path, readonly=True, closed=closed)
             self.store.snapshot()
         except Exception:  # noqa: BLE001 - the full verify reports whatever this is
+            self.store = None
             self.differs = True
 
     def compare(self, ours: StoredBlock, chain: Chain | None) -> None:
@@ -648,7 +681,8 @@ class _Peer:
             b = self.store.block(ours.height)
             if b is None or (b.hash, b.raw, b.txs) != (ours.hash, ours.raw, ours.txs):
                 self.differs = True
-            elif b.cert != ours.cert:
+                return
+            if b.cert != ours.cert:
                 if chain is None:
                     self.differs = True
                     return
@@ -658,6 +692,7 @@ class _Peer:
                                               for a in state.validators()},
                                   quorum=state.quorum())
                 self.certs_checked += 1
+            self.certs.append(b.cert)
         except Exception:  # noqa: BLE001 - a refused certificate, a damaged row, ...
             self.differs = True
 
@@ -672,19 +707,20 @@ class _Peer:
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+            self.store = None
 
 
-def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None
-                  ) -> list[VerifyReport]:
+def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None,
+                  closed: bool = False) -> list[VerifyReport]:
     """`verify_store` of several nodes' stores of one chain, with the same reports, at the
     cost of about one: the first is fully verified and the others are read in step and
     compared with it (`_Peer`); a store that differs in any way, or all of them when the
     first fails, is fully verified on its own."""
     if not paths:
         return []
-    peers = [_Peer(p) for p in paths[1:]]
+    peers = [_Peer(p, closed=closed) for p in paths[1:]]
     try:
-        first = verify_store(paths[0], genesis=genesis, _peers=peers)
+        first = verify_store(paths[0], genesis=genesis, _peers=peers, closed=closed)
         out = [first]
         for p in peers:
             # an ok report means heights 0..height, all holding its `txs` transactions
@@ -692,25 +728,66 @@ def verify_stores(paths: Sequence[Path | str], *, genesis: Block | None = None
                 out.append(first)
             else:
                 p.close()
-                out.append(verify_store(p.path, genesis=genesis))
+                out.append(verify_store(p.path, genesis=genesis, closed=closed))
         return out
     finally:
         for p in peers:
             p.close()
 
 
+def verify_genesis(store: Store, genesis: Block | None, peers: Sequence[_Peer] = ()
+                   ) -> Chain:
+    """`verify_store`'s check of height 0 (the stored genesis, against `genesis` if given):
+    a chain at height 0 to replay the store on. Raises Rejected or StoreDamaged."""
+    g0 = store.block(0)
+    if g0 is None:
+        raise Rejected(Reason.BAD_BLOCK, "genesis row vanished", height=0)
+    g = Block.parse(g0.raw, genesis=True)
+    if g0.hash != g.hash:
+        raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's", height=0)
+    if genesis is not None and g.hash != genesis.hash:
+        raise Rejected(Reason.BAD_BLOCK, f"genesis {g.hash[:16]} is not the expected "
+                       f"{genesis.hash[:16]}", height=0)
+    if g0.txs or g0.cert != b"[]":
+        raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes", height=0)
+    for p in peers:
+        p.compare(g0, None)
+    return Chain(g)
+
+
+def verify_next(chain: Chain, store: Store, peers: Sequence[_Peer] = ()) -> StoredBlock:
+    """`verify_store`'s check of the store's next height: the block read back, committed
+    by `chain` with every check `commit` makes (certificate included), its stored hash
+    and transaction ids recomputed. Raises Rejected or StoreDamaged."""
+    h = chain.height + 1
+    b = store.block(h)
+    if b is None:
+        raise Rejected(Reason.BAD_BLOCK, f"height {h} is missing", height=h)
+    for p in peers:
+        p.compare(b, chain)
+    block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
+    if block.hash != b.hash:
+        raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's", height=h)
+    for tid, raw in b.txs:
+        if tid != canonical.sha256_hex(raw):
+            raise Rejected(Reason.BAD_BLOCK, f"stored tx id {tid[:16]} differs from its bytes",
+                           height=h)
+    return b
+
+
 def verify_store(path: Path | str, *, genesis: Block | None = None,
-                 against: Against | None = None, _peers: Sequence[_Peer] = ()
-                 ) -> VerifyReport:
+                 against: Against | None = None, _peers: Sequence[_Peer] = (),
+                 closed: bool = False) -> VerifyReport:
     """Recompute every hash, signature, election and contract result of a node database.
 
     Never raises for a damaged file: whatever is wrong (bytes changed, a column of the
     wrong type, a dropped table, a truncated or foreign file) comes back as a failed
     report naming the first bad height, or height None for "not a ledger store".
     `against` (see `load_against`) also catches a store whose last blocks were deleted.
-    `_peers` (see `verify_stores`) are compared with each height as it is checked."""
+    `_peers` (see `verify_stores`) are compared with each height as it is checked.
+    `closed`: no node has the store open (see `Store`: no SQLite file is left beside it)."""
     try:
-        store = Store(path, readonly=True)
+        store = Store(path, readonly=True, closed=closed)
     except (ValueError, OSError) as exc:
         return VerifyReport(False, None, "", 0, f"not a ledger store ({exc})")
     at, count, chain_id = 0, 0, ""
@@ -719,40 +796,13 @@ def verify_store(path: Path | str, *, genesis: Block | None = None,
         heights = store.heights()
         if not heights or heights[0] != 0:
             return VerifyReport(False, 0, "", 0, "no genesis block at height 0")
-        g0 = store.block(0)
-        if g0 is None:
-            raise Rejected(Reason.BAD_BLOCK, "genesis row vanished", height=0)
-        g = Block.parse(g0.raw, genesis=True)
-        if g0.hash != g.hash:
-            raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's", height=0)
-        if genesis is not None and g.hash != genesis.hash:
-            raise Rejected(Reason.BAD_BLOCK, f"genesis {g.hash[:16]} is not the expected "
-                           f"{genesis.hash[:16]}", height=0)
-        if g0.txs or g0.cert != b"[]":
-            raise Rejected(Reason.BAD_BLOCK, "genesis carries transactions or votes",
-                           height=0)
-        for p in _peers:
-            p.compare(g0, None)
-        chain = Chain(g)
+        chain = verify_genesis(store, genesis, _peers)
         chain_id = chain.id
         for expect, h in enumerate(heights[1:], start=1):
             at = expect
             if h != expect:
                 raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
-            b = store.block(h)
-            if b is None:
-                raise Rejected(Reason.BAD_BLOCK, f"height {expect} is missing", height=expect)
-            for p in _peers:
-                p.compare(b, chain)
-            block = chain.commit_raw(b.raw, [raw for _, raw in b.txs], b.cert)
-            if block.hash != b.hash:
-                raise Rejected(Reason.BAD_BLOCK, "stored hash differs from the block's",
-                               height=h)
-            for tid, raw in b.txs:
-                if tid != canonical.sha256_hex(raw):
-                    raise Rejected(Reason.BAD_BLOCK, f"stored tx id {tid[:16]} differs from "
-                                   "its bytes", height=h)
-            count += len(b.txs)
+            count += len(verify_next(chain, store, _peers).txs)
         at = chain.height + 1
         stray = store.tx_count() - count
         if stray:

@@ -112,9 +112,14 @@ def sign(key: KeyPair, operation: str, parameters: Mapping[str, Any], *, at: flo
         req_id = canonical.sha256_hex(canonical.encode(
             [client, date, operation, dict(parameters)]))[:24]
     unsigned = SignedMessage(client, req_id, date, operation, dict(parameters), "")
-    signature = key.sign(unsigned.signed_bytes()).hex()
-    return SignedMessage(unsigned.client_id, unsigned.req_id, unsigned.date, operation,
-                         unsigned.parameters, signature)
+    body = canonical.encode(unsigned.body())
+    signature = key.sign(DOMAIN + body).hex()
+    msg = SignedMessage(unsigned.client_id, unsigned.req_id, unsigned.date, operation,
+                        unsigned.parameters, signature)
+    # "signature" sorts after every other field: the canonical envelope is the canonical
+    # body with it appended (`signed_bytes` cuts it off the same way)
+    msg.__dict__["raw"] = body[:-1] + f',"signature":"{signature}"}}'.encode()
+    return msg
 
 
 MAX_PARSED = 4096

@@ -69,6 +69,10 @@ MAX_AHEAD_PER_SENDER = 16
 MAX_QUEUED = 20_000
 """Votes or sync requests waiting to be handled, at most (the oldest make room)."""
 MAX_QUEUED_PROPOSALS = 2_000
+MAX_TX_BATCH = 4096
+"""Transactions one message on the tx topic may carry (`tx_batch`)."""
+MAX_REMEMBERED = 100_000
+"""Transaction ids a node keeps of those it refused and of those it committed."""
 MAX_LOG_PER_S = 20
 """Refusal lines logged per second per node (the rest are counted)."""
 SLICE_S = 0.0005
@@ -91,6 +95,54 @@ def _from_dicts(items: list[Any]) -> Steps[list[SignedMessage]]:
         _ = m.id
         out.append(m)
     return out
+
+
+MAX_SHARED = 8
+"""Proposals whose decoding is kept per process (see `_SHARED`)."""
+_SHARED: OrderedDict[str, list[Any]] = OrderedDict()
+"""Decoded proposals by the sha256 of their bytes: [decoded JSON, the task building its
+transactions (`_from_dicts`) or None]. The validators of one process receive the same
+proposal each, and decoding it (the JSON, then each transaction's canonical bytes and id
+for the Merkle check) is a pure function of the bytes, so one node does it for all; each
+node still checks the block itself. Nothing writes to a decoded proposal or a message."""
+
+
+def _decoded(digest: str, payload: bytes) -> Any:
+    """canonical.decode(payload, strict=False), once per process (see `_SHARED`)."""
+    hit = _SHARED.get(digest)
+    if hit is not None:
+        _SHARED.move_to_end(digest)
+        return hit[0]
+    obj = canonical.decode(payload, strict=False)
+    _SHARED[digest] = [obj, None]
+    if len(_SHARED) > MAX_SHARED:
+        _SHARED.popitem(last=False)
+    return obj
+
+
+async def _proposal_txs(digest: str, obj: Any) -> list[SignedMessage]:
+    """The transactions of the decoded proposal `obj` (`_from_dicts`), built once per
+    process: the nodes that ask while the first builds them (in slices) wait for it."""
+    hit = _SHARED.get(digest)
+    if hit is None or hit[0] is not obj:
+        return await _drive(_from_dicts(obj["txs"]))
+    task = hit[1]
+    if task is None or task.get_loop() is not asyncio.get_running_loop():
+        task = hit[1] = asyncio.ensure_future(_drive(_from_dicts(obj["txs"])))
+    return list(await asyncio.shield(task))  # a node cancelled meanwhile leaves it running
+
+
+def _check_turn(digest: str) -> asyncio.Lock | contextlib.AbstractAsyncContextManager[None]:
+    """Taken by a node while it checks the proposal `digest`: the nodes of one process
+    check it one after the other (not interleaved slice by slice), so all but the first
+    find its answer in `chain._CHECKED` (the same check on the same state and bytes)."""
+    hit = _SHARED.get(digest)
+    if hit is None:
+        return contextlib.nullcontext()
+    loop = asyncio.get_running_loop()
+    if len(hit) < 3 or hit[2][0] is not loop:
+        hit[2:] = [(loop, asyncio.Lock())]
+    return hit[2][1]
 
 
 _COMMITTED_HEAD = b'{"block":{"header":'
@@ -237,6 +289,8 @@ class LedgerNode:
         self.mempool: dict[str, SignedMessage] = {}
         self.refused: OrderedDict[str, str] = OrderedDict()
         """Ids of transactions this node refused (bounded), with the reason."""
+        self.committed_txs: OrderedDict[str, None] = OrderedDict()
+        """Ids of the transactions this node committed, the latest `MAX_REMEMBERED`."""
         self.stats = NodeStats()
         self.evidence: list[C.Evidence] = []
         self._max_log = max_pending_log
@@ -394,7 +448,7 @@ class LedgerNode:
 
     def _refuse_tx(self, tx_id: str, exc: Rejected) -> None:
         self.refused[tx_id] = str(exc)
-        while len(self.refused) > 100_000:
+        while len(self.refused) > MAX_REMEMBERED:
             self.refused.popitem(last=False)
         raise exc
 
@@ -403,17 +457,34 @@ class LedgerNode:
             fn()
 
     async def _on_tx(self, m: BusMessage) -> None:
+        """One transaction, or a batch of them (`tx_batch`): each is admitted or refused
+        on its own, exactly as if it had come alone, in the batch's order."""
         try:
-            await self._admit_tx(m)
+            if b"\n" not in m.payload:
+                self._admit_tx(m.payload)
+                return
+            parts = m.payload.split(b"\n")
+            if len(parts) > MAX_TX_BATCH:
+                raise Rejected(Reason.MALFORMED, f"batch of {len(parts)} transactions (at "
+                               f"most {MAX_TX_BATCH})")
+            since = _time.perf_counter()
+            for raw in parts:
+                try:
+                    self._admit_tx(raw)
+                except Rejected as exc:
+                    self._reject(m.topic, exc)
+                if _time.perf_counter() - since > SLICE_S:
+                    await asyncio.sleep(0)  # a real-time run's ticks share the loop
+                    since = _time.perf_counter()
         finally:
             self._notify()
 
-    async def _admit_tx(self, m: BusMessage) -> None:
-        tx_id = _sha(m.payload)
+    def _admit_tx(self, payload: bytes) -> None:
+        tx_id = _sha(payload)
         if tx_id in self.mempool:
             return
         try:
-            msg = messages.parse(m.payload)
+            msg = messages.parse(payload)
             if msg.id in self.mempool:
                 return
             if (msg.client_id, msg.req_id) in self.chain.state.recent:
@@ -589,7 +660,7 @@ class LedgerNode:
         digest = _sha(m.payload)
         if digest in self._seen:
             return
-        obj = canonical.decode(m.payload, strict=False)
+        obj = _decoded(digest, m.payload)
         fields = {"type", "chain", "height", "round", "valid_round", "proposer", "signature",
                   "block", "txs"}
         if not (isinstance(obj, dict) and set(obj) == fields and obj["type"] == "proposal"
@@ -636,10 +707,12 @@ class LedgerNode:
         valid = self._checked.get(block.hash)
         if valid is None:
             try:
-                txs = await _drive(_from_dicts(obj["txs"]))
+                txs = await _proposal_txs(digest, obj)
                 if block.height != height:
                     raise Rejected(Reason.BAD_BLOCK, "block height differs from the proposal's")
-                await _drive(self.chain.check_proposal_steps(block, txs, now=self.clock()))
+                async with _check_turn(digest):
+                    await _drive(self.chain.check_proposal_steps(block, txs,
+                                                                 now=self.clock()))
                 valid = True
                 self._blocks[block.hash] = (block, txs)
             except Rejected as exc:
@@ -742,8 +815,12 @@ class LedgerNode:
                       round_: int | None = None) -> None:
         await _drive(self.chain.commit_steps(block, txs, cert, now=self.clock()))
         self.committed_height = self.chain.height
+        done = self.committed_txs
         for m in txs:
             self.mempool.pop(m.id, None)
+            done[m.id] = None
+        while len(done) > MAX_REMEMBERED:
+            done.popitem(last=False)
         self.stats.committed += 1
         self.stats.commit_at[block.height] = _time.perf_counter()
         self.stats.commit_latency_s.append(_time.monotonic() - self._height_started)
@@ -856,6 +933,31 @@ class LedgerNode:
         await self._after_commit()
         if len(items) >= SYNC_BATCH:
             await self.request_sync()  # there may be more
+
+
+TX_BATCH_BYTES = 1 << 20
+"""What `tx_batches` puts in one message at most (a larger transaction goes alone)."""
+
+
+def tx_batches(msgs: list[SignedMessage]) -> list[bytes]:
+    """Payloads for the tx topic carrying `msgs` in order: each a batch of envelopes
+    joined by newlines (a canonical envelope holds no newline byte: JSON escapes it), at
+    most `MAX_TX_BATCH` and about `TX_BATCH_BYTES` each. A node admits a batch's
+    transactions one by one as if each had come alone; one message instead of one per
+    transaction spares the bus and broker most of their per-message work."""
+    out: list[bytes] = []
+    batch: list[bytes] = []
+    size = 0
+    for m in msgs:
+        raw = m.raw
+        if batch and (size + len(raw) > TX_BATCH_BYTES or len(batch) >= MAX_TX_BATCH):
+            out.append(b"\n".join(batch))
+            batch, size = [], 0
+        batch.append(raw)
+        size += len(raw) + 1
+    if batch:
+        out.append(b"\n".join(batch))
+    return out
 
 
 def proposal_wire(key: KeyPair, chain_id: str, round_: int, valid_round: int, block: Block,

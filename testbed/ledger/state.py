@@ -166,6 +166,22 @@ class Effect:
     """Entries appended to the replay horizon, in order."""
 
 
+@dataclass(frozen=True)
+class SharedEffect:
+    """An `Effect` with its tables named, not held: what another state at the same height
+    and head (hence the same state: the rules are pure functions of the chain) adopts to
+    redo the same block (`LedgerState.share`, `adopt`)."""
+
+    sets: tuple[tuple[str, Any, Any], ...]
+    recent: tuple[tuple[float, str, str], ...]
+
+
+_TABLES = ("identities", "pseudonyms", "balances", "readings", "auctions", "grid_checks",
+           "lines", "recent")
+"""The state's tables an `Effect` may touch (their values are immutable: every change
+replaces them through the journal)."""
+
+
 @dataclass
 class LedgerState:
     params: Params
@@ -310,6 +326,21 @@ class LedgerState:
         return Effect(tuple([(e[0], e[1], e[0].get(e[1], _MISSING)) for e in undo
                              if type(e) is tuple]),
                       tuple(list(order)[len(order) - appended:]) if appended else ())
+
+    def share(self, effect: Effect) -> SharedEffect | None:
+        """`effect` (of a trial on this state) by table name; None if it touched anything
+        else."""
+        names = {id(getattr(self, n)): n for n in _TABLES}
+        try:
+            sets = tuple([(names[id(t)], k, v) for t, k, v in effect.sets])
+        except KeyError:
+            return None
+        return SharedEffect(sets, effect.recent)
+
+    def adopt(self, shared: SharedEffect) -> Effect:
+        """A shared effect on this state's own tables (for `redo`)."""
+        return Effect(tuple([(getattr(self, n), k, v) for n, k, v in shared.sets]),
+                      shared.recent)
 
     def redo(self, effect: Effect, height: int, head: str, time: float) -> None:
         """Make the change `effect` recorded (a `trial` from this very state, of the block

@@ -17,10 +17,11 @@ from typing import Any
 from testbed.bus import topics
 from testbed.bus.client import BusClient
 from testbed.ledger import consensus, election
+from testbed.ledger.audit import AuditWorker
 from testbed.ledger.blocks import Block
 from testbed.ledger.chain import Chain, verify_stores
 from testbed.ledger.messages import SignedMessage
-from testbed.ledger.node import LedgerNode
+from testbed.ledger.node import LedgerNode, tx_batches
 from testbed.ledger.setup import LedgerLayout
 
 log = logging.getLogger("testbed.ledger.validators")
@@ -46,6 +47,7 @@ class Validators:
     def __init__(self, layout: LedgerLayout, bus: BusClient, site: str,
                  nodes: list[LedgerNode]) -> None:
         self.layout, self.bus, self.site, self.nodes = layout, bus, site, nodes
+        self.auditor: AuditWorker | None = None
         self._changed = asyncio.Event()
         for n in nodes:
             n.watchers.append(self._changed.set)
@@ -83,6 +85,14 @@ class Validators:
         """Publish a signed transaction on the site's ledger tx topic (qos 1)."""
         await self.bus.publish(topics.ledger_tx(self.site), msg.raw, qos=1)
 
+    async def submit_many(self, msgs: list[SignedMessage]) -> None:
+        """`submit` for a burst, in order, as few messages (`node.tx_batches`): what a
+        validator admits is the same, the bus and broker handle one message, not one
+        per transaction."""
+        topic = topics.ledger_tx(self.site)
+        for payload in tx_batches(msgs):
+            await self.bus.publish(topic, payload, qos=1)
+
     def _proposer(self) -> LedgerNode | None:
         if not self.nodes:
             return None
@@ -90,10 +100,7 @@ class Validators:
         return next((n for n in self.nodes if n.key.address == elected), None)
 
     def _done(self, node: LedgerNode, tx_id: str) -> bool:
-        if tx_id in node.mempool or tx_id in node.refused:
-            return True
-        store = node.chain.store
-        return store is not None and store.tx_location(tx_id) is not None
+        return tx_id in node.mempool or tx_id in node.refused or tx_id in node.committed_txs
 
     async def produce(self, want: set[str] | None = None, *,
                       timeout_s: float = 10.0) -> int | None:
@@ -153,17 +160,52 @@ class Validators:
                          "late_rounds": sum(1 for r in n.stats.rounds.values() if r > 0)}
                 for n in self.nodes}
 
+    def audit_as_committed(self) -> None:
+        """Have `verify` done by a worker process (`audit.AuditWorker`, the machine's other
+        core) that verifies each block once `audit_committed` says it is in the stores:
+        at the end only what was committed since is left to check."""
+        if self.auditor is None and self.nodes:
+            paths = [self.layout.db_path(n.name) for n in self.nodes]
+            try:
+                self.auditor = AuditWorker.start(self.layout.genesis_path, paths,
+                                                 self.layout.genesis())
+            except OSError as exc:  # no process: `verify` audits in this one, as before
+                log.warning("%s: store audit worker not started (%s); the stores are "
+                            "audited at the end instead", self.site, exc)
+
+    def audit_committed(self) -> None:
+        """Blocks were committed: the audit worker (if any) verifies them meanwhile."""
+        if self.auditor is not None:
+            self.auditor.follow()
+
+    def verify_start(self) -> None:
+        """Start `verify` (after `stop`): the audit worker, if any, checks what is left
+        and reads the stores back while the caller does other work."""
+        if self.auditor is not None:
+            self.auditor.finish_start()
+
     def verify(self) -> dict[str, dict[str, Any]]:
         """`verify_store` of every validator's store (through `verify_stores`: one full
-        check, the others compared with it): {name: {"ok", "height", "error"}}."""
-        reports = verify_stores([self.layout.db_path(n.name) for n in self.nodes],
-                                genesis=self.layout.genesis())
+        check, the others compared with it; by the audit worker if started, which has
+        checked most blocks already): {name: {"ok", "height", "error"}}. After `stop`."""
+        paths = [self.layout.db_path(n.name) for n in self.nodes]
+        auditor, self.auditor = self.auditor, None
+        reports = (auditor.finish() if auditor is not None
+                   else verify_stores(paths, genesis=self.layout.genesis(), closed=True))
         return {n.name: {"ok": rep.ok, "height": rep.height, "error": rep.error}
                 for n, rep in zip(self.nodes, reports, strict=True)}
 
     async def stop(self) -> None:
         for n in self.nodes:
             await n.stop()
+        if self.auditor is not None and not self.auditor.pause():
+            self.auditor = None  # it did not answer (killed): `verify` checks here
         for n in self.nodes:
             if n.chain.store is not None:
                 n.chain.store.close()
+
+    def close_audit(self) -> None:
+        """Kill the audit worker if `verify` did not collect it (a failed run)."""
+        auditor, self.auditor = self.auditor, None
+        if auditor is not None:
+            auditor.kill()

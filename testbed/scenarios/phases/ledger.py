@@ -2,9 +2,10 @@
 validators (`ledger.validators.Validators`, the facade), a block is produced at every
 interval end on the run's clock, and committed blocks are recorded in the run store.
 
-Does bus I/O through the facade. Transactions are queued during an interval and flushed
-before the block (or before a message the market submits itself), in a fixed order, so a
-replay with the same seed commits the same blocks."""
+Does bus I/O through the facade. Transactions (its own and those the market hands in) are
+queued during an interval and sent before the block, in their order and as few bus
+messages (`Validators.submit_many`), so a replay with the same seed commits the same
+blocks."""
 
 from __future__ import annotations
 
@@ -41,20 +42,19 @@ class LedgerPhase:
         self.recorded = 0
         self._outbox: list[messages.SignedMessage] = []
         self.verified: dict[str, dict[str, Any]] = {}
+        self._verifying = False
+        validators.audit_as_committed()  # the end-of-run audit, block by block meanwhile
 
     async def submit(self, msg: messages.SignedMessage) -> None:
-        """What the market's agents hand in: everything queued goes first."""
-        await self._flush()
-        await self._publish(msg)
-
-    async def _publish(self, msg: messages.SignedMessage) -> None:
-        self.submitted.append(msg.id)
-        await self.validators.submit(msg)
+        """What the market's agents hand in: queued after everything queued before, and
+        sent with it at the interval's end (before its block), in one batch."""
+        self._outbox.append(msg)
 
     async def _flush(self) -> None:
+        """Publish what is queued, in order, in as few messages as it takes."""
         outbox, self._outbox = self._outbox, []
-        for msg in outbox:
-            await self._publish(msg)
+        self.submitted.extend(m.id for m in outbox)
+        await self.validators.submit_many(outbox)
 
     def readings(self, interval: int, certified: Iterable[tuple[str, float, float]],
                  at: float) -> None:
@@ -96,6 +96,7 @@ class LedgerPhase:
         self._record()
 
     def _record(self) -> None:
+        recorded = self.recorded
         for block, tx_ids in self.validators.blocks_since(self.recorded):
             self.committed.update(tx_ids)
             self.blocks += 1
@@ -105,16 +106,34 @@ class LedgerPhase:
                 "proposer_name": self.names.get(block.proposer, "?"), "round": block.round,
                 "txs": block.header["txs"], "cpf": block.header.get("evidence", {})})
             self.recorded = block.height
+        if self.recorded > recorded:
+            self.validators.audit_committed()
 
     async def stop(self) -> None:
-        await self.validators.stop()
-        self.verified = self.validators.verify()
+        """Stop the validators and start the audit of their stores (`summary` collects it:
+        the audit worker reads the stores back while the run tears down the rest)."""
+        try:
+            await self.validators.stop()
+            self.validators.verify_start()
+            self._verifying = True
+        except BaseException:
+            self.validators.close_audit()
+            raise
+
+    def _verified(self) -> dict[str, dict[str, Any]]:
+        if self._verifying:
+            self._verifying = False
+            try:
+                self.verified = self.validators.verify()
+            finally:
+                self.validators.close_audit()
+        return self.verified
 
     def rejected(self) -> int:
         return sum(r["rejected"] for r in self.validators.report().values())
 
     def summary(self) -> dict[str, Any]:
-        v = self.verified
+        v = self._verified()
         return {"enabled": True, "validators": self.n, "tolerates": self.f,
                 "blocks": self.blocks, "submitted": len(self.submitted),
                 "uncommitted": len(set(self.submitted) - self.committed), "verified": v,

@@ -363,13 +363,20 @@ def household_load_w(p: LoadParams, t_s: float, key: str = "load") -> float:
 
     `t_s` is seconds since local midnight of day 0; the shape repeats daily.
     """
+    w = p.base_w + (p.peak_w - p.base_w) * household_shape(t_s)
+    if not p.noise:  # the noise term would be 1.0 + 0.0 * (a finite draw): exactly 1.0
+        return max(0.0, w)
+    return max(0.0, w * (1.0 + p.noise * seeded_noise(p.seed, key, t_s)))
+
+
+def household_shape(t_s: float) -> float:
+    """The residential profile's shape at t, 0..1 (the same for every household: a
+    schedule over many households computes it once per instant)."""
     h = (t_s / 3600.0) % 24.0
     morning = 0.45 * math.exp(-((h - 7.5) ** 2) / (2 * 1.0**2))
     evening = 1.0 * math.exp(-((h - 19.0) ** 2) / (2 * 1.6**2))
     midday = 0.20 * math.exp(-((h - 13.0) ** 2) / (2 * 2.0**2))
-    shape = max(morning, evening, midday)
-    w = p.base_w + (p.peak_w - p.base_w) * shape
-    return max(0.0, w * (1.0 + p.noise * seeded_noise(p.seed, key, t_s)))
+    return max(morning, evening, midday)
 
 
 def clear_sky_irradiance(t_s: float, *, peak_w_m2: float = 1000.0, sunrise_h: float = 6.0,

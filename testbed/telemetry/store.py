@@ -69,6 +69,9 @@ date cost ~10 ms of inserts and ~10 ms of commit a step at 50 prosumers (1,500 r
 the rows themselves; building it once at the end costs ~1 ms a step. Nothing reads by
 device while a run is recorded (the InfluxDB sink follows rowids)."""
 
+_MAX_ROWS = 1024
+"""Rows per INSERT at most (x 6 columns: well inside SQLite's 32,766 variables)."""
+
 WALL_CLOCK_COLUMNS = {("steps", "late_ms"), ("steps", "wall"), ("meta", "started_at"),
                       ("meta", "finished_at"), ("meta", "wall_s"), ("meta", "run_id"),
                       ("meta", "out"), ("meta", "broker"),
@@ -101,6 +104,7 @@ class RunStore:
         self._idle = threading.Condition()
         self._error: BaseException | None = None
         self._indexing: threading.Thread | None = None
+        self._sql: dict[tuple[str, tuple[str, ...], int], str] = {}
         if writer:
             self._queue = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._write, name=f"run-store-{self.path}",
@@ -200,10 +204,30 @@ class RunStore:
 
     def insert_many(self, table: str, cols: Iterable[str], rows: Iterable[tuple[Any, ...]]
                     ) -> None:
-        cols = list(cols)
-        self._do(self._db.executemany, f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
-                 f"({', '.join('?' for _ in cols)})",
-                 rows if self._queue is None else list(rows))
+        """The rows in order, as multi-row INSERTs of power-of-two sizes (a step's ~1,300
+        measurement rows: 4 statements instead of `executemany`'s 1,300 executions of one,
+        1.4 -> 0.8 ms a step with the commit; the same rows, rowids and order)."""
+        cols = tuple(cols)
+        rows = rows if isinstance(rows, list) else list(rows)
+        k = len(cols)
+        if any(len(row) != k for row in rows):  # flattened, a short row would shift the rest
+            bad = next(row for row in rows if len(row) != k)
+            raise ValueError(f"{table}: a row of {len(bad)} values for {k} columns: {bad!r}")
+        at, left = 0, len(rows)
+        while left:
+            n = min(_MAX_ROWS, 1 << (left.bit_length() - 1))
+            self._do(self._db.execute, self._insert_sql(table, cols, n),
+                     [v for row in rows[at:at + n] for v in row])
+            at, left = at + n, left - n
+
+    def _insert_sql(self, table: str, cols: tuple[str, ...], n: int) -> str:
+        key = (table, cols, n)
+        sql = self._sql.get(key)
+        if sql is None:
+            one = f"({', '.join('?' for _ in cols)})"
+            sql = self._sql[key] = (f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
+                                    + ", ".join([one] * n))
+        return sql
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
         """Any other write (in order with the inserts)."""

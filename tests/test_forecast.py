@@ -14,7 +14,7 @@ from testbed.physics.models import (
     pv_step,
 )
 from testbed.scenarios.model import bundled_scenario_path, load_scenario
-from testbed.scenarios.profiles import _noise, forecast_schedule
+from testbed.scenarios.profiles import _noise, forecast_schedule, load_fn
 
 
 def reference(sc, site) -> list[float]:  # type: ignore[no-untyped-def]
@@ -62,3 +62,19 @@ def test_noise_free_load_is_the_shape_alone() -> None:
     for t in range(0, 86400, 900):
         assert household_load_w(p, t, key="a") == household_load_w(p, t, key="b") \
             == household_load_w(replace(p, seed=8), t)
+
+
+def test_load_profile_is_the_household_load_with_the_scenarios_noise() -> None:
+    sc = load_scenario(bundled_scenario_path("demo"))
+    sc = sc.model_copy(update={"profiles": sc.profiles.model_copy(
+        update={"load_noise": 0.11})})
+    site = load_site(sc.site)
+    load = load_fn(sc, site)
+    for p in site.prosumers:
+        lp = p.physics(sc.seed).load
+        for t in (0.0, 7.5 * 3600, 19 * 3600 + 17):
+            want = household_load_w(replace(lp, noise=0.11), t, key=p.name)
+            assert load(p.name, lp, t) == want  # the same draw, twice: the params are cached
+            assert load(p.name, lp, t) == want
+    assert load(site.prosumers[0].name, LoadParams(noise=0.5), 3600.0) == household_load_w(
+        LoadParams(noise=0.11), 3600.0, key=site.prosumers[0].name)

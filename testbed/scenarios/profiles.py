@@ -157,13 +157,19 @@ def load_fn(sc: Scenario, site: SiteConfig) -> Callable[[str, LoadParams, float]
             raise ConfigError(f"{prof.file}:1: {missing[0]}: no column for prosumer(s) "
                               f"{', '.join(missing)}")
     noise = sc.profiles.load_noise
+    noisy: dict[LoadParams, LoadParams] = {}
+    """Each household's params with the scenario's noise, made once (`replace` re-runs
+    the dataclass's checks: it was a tenth of the physics step)."""
 
     def load(name: str, p: LoadParams, t: float) -> float:
         if csv_cols is not None:
             col = prof.column if isinstance(prof, CsvProfile) and prof.column else name
             w = csv_cols[col](t)
         else:
-            w = household_load_w(replace(p, noise=noise, seed=p.seed), t, key=name)
+            q = noisy.get(p)
+            if q is None:
+                q = noisy[p] = replace(p, noise=noise, seed=p.seed)
+            w = household_load_w(q, t, key=name)
         for e in spikes:
             if e.active(t) and (e.prosumer is None or e.prosumer == name):
                 w += e.extra_w

@@ -14,6 +14,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -213,14 +214,14 @@ class RunStore:
         cols = tuple(cols)
         rows = rows if isinstance(rows, list) else list(rows)
         k = len(cols)
-        if any(len(row) != k for row in rows):  # flattened, a short row would shift the rest
+        if rows and set(map(len, rows)) != {k}:  # flattened, a short row would shift the rest
             bad = next(row for row in rows if len(row) != k)
             raise ValueError(f"{table}: a row of {len(bad)} values for {k} columns: {bad!r}")
         at, left = 0, len(rows)
         while left:
             n = min(_MAX_ROWS, 1 << (left.bit_length() - 1))
             self._do(self._db.execute, self._insert_sql(table, cols, n),
-                     [v for row in rows[at:at + n] for v in row])
+                     list(chain.from_iterable(rows[at:at + n])))
             at, left = at + n, left - n
 
     def _insert_sql(self, table: str, cols: tuple[str, ...], n: int) -> str:

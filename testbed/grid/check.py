@@ -244,21 +244,22 @@ class GridChecker:
 
     def _vector(self, base_w: Mapping[str, float], awards: Awards,
                 skip: str | None = None) -> np.ndarray:
-        p = np.zeros(len(self.connections))
+        # summed in Python floats, then one array: the same IEEE additions as into a numpy
+        # array element by element, without a numpy scalar operation per prosumer
+        p = [0.0] * len(self.connections)
+        pos = self._pos
         for name, w in base_w.items():
-            p[self._index(name)] += w
+            i = pos.get(name)
+            p[self._index(name) if i is None else i] += w
         for key, (name, w) in awards.items():
             if key != skip:
                 p[self._index(name)] += w
-        return p
+        return np.array(p, dtype=float)
 
     def _q_vector(self, base_q: Mapping[str, float] | None) -> np.ndarray | None:
         if not base_q:
             return None
-        q = np.zeros(len(self.connections))
-        for name, var in base_q.items():
-            q[self._index(name)] += var
-        return q
+        return self._vector(base_q, {})
 
     def prosumer_vm(self, report: GridReport) -> dict[str, float]:
         """Voltage magnitude (p.u.) at each prosumer's connection bus (NaN if no solution):

@@ -189,6 +189,7 @@ class FastFlow:
                                 "grid.buses")
             inj.append(self._bus_pos[k])
         self._inj = np.asarray(inj, dtype=np.int64)
+        self._inj_unique = len(set(inj)) == len(inj)
 
     def solve(self, p_w: Sequence[float] | np.ndarray, q_var: Sequence[float] | np.ndarray | None
               = None, background: float = 1.0) -> FlowResult:
@@ -201,7 +202,10 @@ class FastFlow:
         if not np.all(np.isfinite(s)) or not math.isfinite(background):
             return _failed(self._sizes, 0, "an injection is not a finite number")
         sbus = self._sbus_bg * background
-        np.add.at(sbus, self._inj, s / (self._base_mva * 1e6))
+        if self._inj_unique:  # one injection per bus: plain fancy-index add, same sums
+            sbus[self._inj] += s / (self._base_mva * 1e6)
+        else:
+            np.add.at(sbus, self._inj, s / (self._base_mva * 1e6))
         solver = self._solver
         solver.solve(self._ybus, self._v0, sbus, self._ref, self._slack_w, self._pv, self._pq,
                      self._max_it, self._tol)

@@ -324,7 +324,7 @@ def run(sc: Scenario, out: Path, profile: str | None = None,
             "ledger_verifies": s["ledger"]["verifies"],
             "grid_steps": s["grid"]["steps"], "lateness": s["clock"]["lateness"],
             "covered_share": s["deviation"]["covered_share"], "run_dir": str(res.run_dir),
-            "loop_per_step": loop_cpu.per_step()}
+            "loop_per_step": loop_cpu.per_step(), "timings": dict(the_run.timings)}
 
 
 def main() -> int:
@@ -468,6 +468,12 @@ def main() -> int:
                      if "warm" in setup else "; the runs above started cold (--cold)"),
                   highlight=False)
     if fast is not None:
+        tm = fast["timings"]
+        outside = sum(v for k, v in tm.items() if k != "step loop")
+        console.print(f"fast, the run's phases (wall s; `Run.timings`): outside the step loop "
+                      f"{outside:.2f} s = " + ", ".join(f"{k} {v:.2f}" for k, v in tm.items()
+                                                         if k != "step loop")
+                      + f"; the step loop {tm.get('step loop', 0.0):.1f} s", highlight=False)
         console.print(f"fast: garbage collector {fast['gc_s']:.1f} s CPU "
                       f"({fast['gc_full_collections']} full collections), "
                       f"{fast['cpu_s'] / fast['steps'] * 1e3:.1f} ms CPU per step",

@@ -24,7 +24,8 @@ What is measured
        built) is timed in a fresh process twice against a bench-private feeder cache
        (`grid.cache`): cold (no entry yet) and warm (the entry the cold one wrote). The runs
        start warm, as every run after a site's first does; `--cold` runs them with the
-       cache off.
+       cache off. The run's phases outside the step loop (`Run.timings`: feeder, emulators
+       start, ledger stop, waiting for the store's index, ...) are printed in wall seconds.
     2. realtime: ~`--devices` emulated devices (devices / 3 prosumers) at a 1 s step in
        real time (speed 1) for `--realtime-s` seconds, market interval 60 s, grid and
        ledger on. Tick lateness p50/p99/max (target p99 < 10 ms) and drift (the last

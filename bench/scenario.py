@@ -2,7 +2,7 @@
 
 Run:  python bench/scenario.py [--prosumers 50] [--hours 24] [--devices 200]
                                [--realtime-s 120] [--quick] [--json PATH] [--check]
-                               [--fast-only] [--profile PATH] [--shards N [N ...]]
+                               [--fast-only] [--cold] [--profile PATH] [--shards N [N ...]]
                                [--big-prosumers 500 --big-shards 2 4 --big-hours H]
                                [--realtime-shards 2 --rt-shard-devices 1000 --rt-shard-s 600]
 
@@ -20,6 +20,12 @@ What is measured
        machine's other load).
        `gc` is the CPU time the garbage collector took (`gc.callbacks`).
        `--profile PATH` runs it under cProfile and prints the top functions.
+       The feeder set-up (`grid.feeder.checker_for`: pandapower imported, the Kerber net
+       built) is timed in a fresh process twice against a bench-private feeder cache
+       (`grid.cache`): cold (no entry yet) and warm (the entry the cold one wrote). The runs
+       start warm, as every run after a site's first does; `--cold` runs them with the
+       cache off. The run's phases outside the step loop (`Run.timings`: feeder, emulators
+       start, ledger stop, waiting for the store's index, ...) are printed in wall seconds.
     2. realtime: ~`--devices` emulated devices (devices / 3 prosumers) at a 1 s step in
        real time (speed 1) for `--realtime-s` seconds, market interval 60 s, grid and
        ledger on. Tick lateness p50/p99/max (target p99 < 10 ms) and drift (the last
@@ -253,6 +259,28 @@ class StepLoopCPU:
         return out
 
 
+FEEDER_SETUP = """
+import json, sys, time
+from testbed.config import load_site
+site = load_site(sys.argv[1])
+w, c = time.perf_counter(), time.process_time()
+from testbed.grid.feeder import checker_for
+checker = checker_for(site)
+print(json.dumps({"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c,
+                  "restored": checker.restored}))
+"""
+
+
+def feeder_setup(site: Path) -> dict[str, Any]:
+    """A fresh process's feeder set-up for `site` (`grid.feeder.checker_for`, its imports
+    included), against the feeder cache in $TESTBED_CACHE_DIR: cold when the cache has no
+    entry yet (pandapower imported, the network built, the entry written), warm after."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", FEEDER_SETUP, str(site)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def same_store(a: str, b: str) -> bool:
     """Row for row, wall-clock columns aside and loopback ports masked."""
     from testbed.telemetry.store import dump
@@ -297,7 +325,7 @@ def run(sc: Scenario, out: Path, profile: str | None = None,
             "ledger_verifies": s["ledger"]["verifies"],
             "grid_steps": s["grid"]["steps"], "lateness": s["clock"]["lateness"],
             "covered_share": s["deviation"]["covered_share"], "run_dir": str(res.run_dir),
-            "loop_per_step": loop_cpu.per_step()}
+            "loop_per_step": loop_cpu.per_step(), "timings": dict(the_run.timings)}
 
 
 def main() -> int:
@@ -313,6 +341,8 @@ def main() -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     ap.add_argument("--fast-only", action="store_true", help="skip the real-time run")
+    ap.add_argument("--cold", action="store_true",
+                    help="runs without the feeder cache (pandapower builds the feeder in each)")
     ap.add_argument("--profile", metavar="PATH", help="cProfile the fast run into PATH")
     ap.add_argument("--shards", type=int, nargs="+", default=[],
                     help="also the fast run with its emulators in N HELICS shard processes")
@@ -337,6 +367,11 @@ def main() -> int:
         folder = Path(tmp)
         big = site_file(folder, args.prosumers, "kerber-dorfnetz")
         start = "00:00" if hours >= 24 else "11:00"
+        # the bench's own feeder cache (`grid.cache`): empty at first, so the first set-up
+        # is cold; the runs then start warm, like any run after the first (or --cold)
+        os.environ["TESTBED_CACHE_DIR"] = "" if args.cold else str(folder / "feeder-cache")
+        setup = ({"cold": feeder_setup(big), "warm": feeder_setup(big)} if not args.cold
+                 else {"cold": feeder_setup(big)})
         fast = (run(scenario(big, start=start, duration=hours * 3600, step=60),
                     folder / "fast", args.profile) if hours else None)
         sharded = []
@@ -426,7 +461,20 @@ def main() -> int:
                   f"{lr.get('p50_ms', 0):.2f} / {lr.get('p99_ms', 0):.2f} / "
                   f"{lr.get('max_ms', 0):.2f}")
     console.print(t)
+    console.print("feeder set-up (a fresh process's `checker_for`, imports included): cold "
+                  f"{setup['cold']['wall_s']:.2f} s wall / {setup['cold']['cpu_s']:.2f} s CPU"
+                  + (f", warm (feeder cache) {setup['warm']['wall_s']:.2f} s / "
+                     f"{setup['warm']['cpu_s']:.2f} s; the runs above started "
+                     + ("warm" if setup["warm"]["restored"] else "COLD (the cache was not used)")
+                     if "warm" in setup else "; the runs above started cold (--cold)"),
+                  highlight=False)
     if fast is not None:
+        tm = fast["timings"]
+        outside = sum(v for k, v in tm.items() if k != "step loop")
+        console.print(f"fast, the run's phases (wall s; `Run.timings`): outside the step loop "
+                      f"{outside:.2f} s = " + ", ".join(f"{k} {v:.2f}" for k, v in tm.items()
+                                                         if k != "step loop")
+                      + f"; the step loop {tm.get('step loop', 0.0):.1f} s", highlight=False)
         console.print(f"fast: garbage collector {fast['gc_s']:.1f} s CPU "
                       f"({fast['gc_full_collections']} full collections), "
                       f"{fast['cpu_s'] / fast['steps'] * 1e3:.1f} ms CPU per step",
@@ -483,6 +531,7 @@ def main() -> int:
                          "projected_24h_s": projected} if fast is not None else None),
                "realtime": {**rt, "devices": 3 * n_rt, "seconds": rt_s},
                "sharded": sharded, "big": bigs, "realtime_sharded": rts,
+               "feeder_setup": setup, "feeder_cache": not args.cold,
                "targets": {"fast_24h_s": TARGET_FAST_S, "p99_ms": TARGET_P99_MS},
                "targets_met": {"fast": ok_fast, "realtime": ok_rt}}
     print(json.dumps(figures, separators=(",", ":"), default=str), flush=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,6 +36,19 @@ def make_site(**emulation: object) -> SiteConfig:
 @pytest.fixture
 def site() -> SiteConfig:
     return make_site()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _feeder_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session's own feeder cache (`grid.cache`), not the user's ~/.cache: runs and
+    CLI subprocesses of the session share it."""
+    old = os.environ.get("TESTBED_CACHE_DIR")
+    os.environ["TESTBED_CACHE_DIR"] = str(tmp_path_factory.mktemp("feeder-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TESTBED_CACHE_DIR", None)
+    else:
+        os.environ["TESTBED_CACHE_DIR"] = old
 
 
 pytest_plugins = ["pytester"]

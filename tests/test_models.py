@@ -175,3 +175,24 @@ def test_prosumer_meter_sees_load_minus_pv_minus_battery():
     s = prosumer_step(params, s, irradiance_w_m2=500, load_w=800, dt_s=1)
     assert s.pv.ac_w == pytest.approx(2000)
     assert s.meter.net_w == pytest.approx(800 - 2000 + 1500)
+
+
+def test_step_functions_build_complete_states_equal_to_the_constructors() -> None:
+    """The per-step states come from a fast constructor (`models._maker`): every field
+    set, and equal (hash, repr too) to what the dataclass's own constructor makes."""
+    import dataclasses
+
+    from testbed.physics.models import BatteryParams, ProsumerParams, ProsumerState, prosumer_step
+
+    p = ProsumerParams(pv=PVParams(rating_w=4000.0), battery=BatteryParams())
+    s = ProsumerState.initial(p, 0.0)
+    for k in range(3):
+        s = prosumer_step(p, s, irradiance_w_m2=700.0, load_w=800.0 + k, dt_s=60.0,
+                          key="h", voltage_v=None if k == 0 else 231.0)
+    for state in (s, s.pv, s.battery, s.meter):
+        names = {f.name for f in dataclasses.fields(state)}
+        assert set(vars(state)) == names, type(state).__name__
+        again = type(state)(**{n: getattr(state, n) for n in names})
+        assert again == state and hash(again) == hash(state) and repr(again) == repr(state)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            state.t_s = 1.0  # type: ignore[misc]

@@ -148,8 +148,16 @@ expect: {{no_lost_messages: true, ledger_verifies: true}}
 def test_same_seed_in_fast_mode_gives_an_identical_run_store(tmp_path: Path) -> None:
     sc = load_scenario(short(tmp_path, SHORT.format(seed=4)))
     import asyncio
-    a = asyncio.run(Run(sc, out=tmp_path / "a").execute())
+    run_a = Run(sc, out=tmp_path / "a")
+    a = asyncio.run(run_a.execute())
     b = asyncio.run(Run(sc, out=tmp_path / "b").execute())
+    # the run times its phases outside the step loop (bench/scenario.py prints them)
+    phases = list(run_a.timings)
+    assert phases[:3] == ["site", "forecast and profiles", "feeder"]
+    assert phases[-3:] == ["store index (waited for)", "summary", "store close"]
+    assert "step loop" in phases and "ledger stop (validators, verify)" in phases
+    assert all(v >= 0 for v in run_a.timings.values())
+    assert sum(run_a.timings.values()) >= a.summary["clock"]["wall_s"]
     rows_a, rows_b = list(dump(a.run_dir / "run.db")), list(dump(b.run_dir / "run.db"))
     assert len(rows_a) > 1000 and rows_a == rows_b
     c = asyncio.run(Run(sc, out=tmp_path / "c", seed=5).execute())

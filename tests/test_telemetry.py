@@ -471,3 +471,21 @@ def test_indexes_built_before_close_leave_the_store_as_close_alone_does(
         "AND name = 'p_w' ORDER BY t"))
     db.close()
     assert "measurements_by_device" in plan
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1024, 1300, 2600])
+def test_insert_many_writes_the_rows_in_order_as_executemany_would(tmp_path: Path,
+                                                                   n: int) -> None:
+    cols = ("t", "device", "prosumer", "kind", "name", "value")
+    rows = [(60.0 * (i // 13), f"d{i % 13}", f"p{i % 5}", "meter", f"v{i % 3}",
+             i * 0.25 - 7.0) for i in range(n)]
+    store = RunStore(tmp_path / "run.db")
+    store.insert_many("measurements", cols, iter(rows))
+    store.insert_many("measurements", cols, rows[:3])
+    store.commit()
+    got = store.db.execute("SELECT rowid, * FROM measurements ORDER BY rowid").fetchall()
+    assert got == [(i + 1, *r) for i, r in enumerate(rows + rows[:3])]
+    with pytest.raises(ValueError, match=r"measurements: a row of 5 values for 6 columns"):
+        store.insert_many("measurements", cols, [rows[0], rows[0][:5]] if rows else
+                          [(1.0, "d", "p", "k", "n")])
+    store.close()

@@ -17,7 +17,7 @@ broken, whoever broke it).
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -28,7 +28,7 @@ from testbed.steps import run_steps
 
 from .limits import GridLimits
 from .network import Connection, GridError, bus_label
-from .powerflow import Flow, FlowResult, make_flow
+from .powerflow import FastFlow, Flow, FlowResult, make_flow
 
 
 class Light(StrEnum):
@@ -166,6 +166,19 @@ class GridReport:
         return d
 
 
+@dataclass(frozen=True)
+class CheckerState:
+    """A fast-flow `GridChecker` without its pandapower network (`grid.cache`)."""
+
+    connections: tuple[Connection, ...]
+    bus_names: tuple[str, ...]
+    line_names: tuple[str, ...]
+    trafo_names: tuple[str, ...]
+    conn_rows: tuple[int, ...]
+    flow: dict[str, Any]
+    """`FastFlow.state()`"""
+
+
 Awards = Mapping[str, tuple[str, float]]
 """award key -> (prosumer, injection W; + = into the grid)."""
 
@@ -175,7 +188,7 @@ class GridChecker:
 
     def __init__(self, net: Any, connections: Sequence[Connection],
                  limits: GridLimits | None = None, *, engine: str = "auto") -> None:
-        self.net = net
+        self._net, self._make_net = net, None
         self.connections = tuple(connections)
         self.limits = limits or GridLimits()
         self.flow: Flow = make_flow(net, [c.bus for c in self.connections], engine)
@@ -183,7 +196,47 @@ class GridChecker:
         self._bus_names = tuple(bus_label(net, b) for b in net.bus.index)
         self._line_names = tuple(_names(net.line, "line"))
         self._trafo_names = tuple(_names(net.trafo, "trafo"))
-        self._conn_rows = tuple(net.bus.index.get_loc(c.bus) for c in self.connections)
+        self._conn_rows = tuple(int(net.bus.index.get_loc(c.bus)) for c in self.connections)
+
+    def state(self) -> CheckerState | None:
+        """What this checker is made of, pandapower aside (None with the reference flow,
+        which runs pandapower itself): `restore` makes the same checker from it."""
+        if not isinstance(self.flow, FastFlow):
+            return None
+        return CheckerState(self.connections, self._bus_names, self._line_names,
+                            self._trafo_names, self._conn_rows, self.flow.state())
+
+    @property
+    def net(self) -> Any:
+        """The pandapower network (a restored checker builds it on first use: the run
+        itself never needs it)."""
+        if self._net is None and self._make_net is not None:
+            self._net = self._make_net()
+        return self._net
+
+    @net.setter
+    def net(self, net: Any) -> None:
+        self._net = net
+
+    @property
+    def restored(self) -> bool:
+        """Made from a `CheckerState` (`grid.cache`), not by pandapower in this process."""
+        return self._make_net is not None
+
+    @classmethod
+    def restore(cls, state: CheckerState, limits: GridLimits | None = None, *,
+                net: Callable[[], Any] | None = None) -> GridChecker:
+        """The checker `state()` describes, without pandapower; `net` builds the network
+        if something asks for it."""
+        self = cls.__new__(cls)
+        self._net, self._make_net = None, net or _no_net
+        self.connections = tuple(state.connections)
+        self.limits = limits or GridLimits()
+        self.flow = FastFlow.restore(state.flow, [c.bus for c in self.connections])
+        self._pos = {c.prosumer: i for i, c in enumerate(self.connections)}
+        self._bus_names, self._line_names = state.bus_names, state.line_names
+        self._trafo_names, self._conn_rows = state.trafo_names, state.conn_rows
+        return self
 
     @property
     def prosumers(self) -> tuple[str, ...]:
@@ -191,21 +244,22 @@ class GridChecker:
 
     def _vector(self, base_w: Mapping[str, float], awards: Awards,
                 skip: str | None = None) -> np.ndarray:
-        p = np.zeros(len(self.connections))
+        # summed in Python floats, then one array: the same IEEE additions as into a numpy
+        # array element by element, without a numpy scalar operation per prosumer
+        p = [0.0] * len(self.connections)
+        pos = self._pos
         for name, w in base_w.items():
-            p[self._index(name)] += w
+            i = pos.get(name)
+            p[self._index(name) if i is None else i] += w
         for key, (name, w) in awards.items():
             if key != skip:
                 p[self._index(name)] += w
-        return p
+        return np.array(p, dtype=float)
 
     def _q_vector(self, base_q: Mapping[str, float] | None) -> np.ndarray | None:
         if not base_q:
             return None
-        q = np.zeros(len(self.connections))
-        for name, var in base_q.items():
-            q[self._index(name)] += var
-        return q
+        return self._vector(base_q, {})
 
     def prosumer_vm(self, report: GridReport) -> dict[str, float]:
         """Voltage magnitude (p.u.) at each prosumer's connection bus (NaN if no solution):
@@ -336,6 +390,10 @@ class GridChecker:
         causes.sort(key=lambda c: (-c.contribution, c.award))
         return replace(v, base_value=base_value if math.isfinite(base_value) else None,
                        causes=tuple(causes))
+
+
+def _no_net() -> Any:
+    raise GridError("this checker was restored without a way to build its network")
 
 
 def _names(df: Any, what: str) -> list[str]:

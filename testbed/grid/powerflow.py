@@ -52,10 +52,15 @@ class Flow(Protocol):
               = None, background: float = 1.0) -> FlowResult: ...
 
 
-def _failed(net: Any, iterations: int, reason: str) -> FlowResult:
-    nan = np.full(len(net.bus), np.nan)
-    return FlowResult(False, iterations, reason, nan, np.full(len(net.line), np.nan),
-                      np.full(len(net.trafo), np.nan), math.nan, math.nan)
+def _failed(sizes: tuple[int, int, int], iterations: int, reason: str) -> FlowResult:
+    """No solution; `sizes`: the network's buses, lines, transformers."""
+    n_bus, n_line, n_trafo = sizes
+    return FlowResult(False, iterations, reason, np.full(n_bus, np.nan),
+                      np.full(n_line, np.nan), np.full(n_trafo, np.nan), math.nan, math.nan)
+
+
+def _sizes(net: Any) -> tuple[int, int, int]:
+    return len(net.bus), len(net.line), len(net.trafo)
 
 
 def _has_zip_loads(net: Any) -> bool:
@@ -78,55 +83,65 @@ class FastFlow:
     """Power flow with Ybus built once (see module doc). `buses` are the pandapower bus
     indices of the injections `solve` takes, in that order (repeats allowed)."""
 
+    STATE = ("ybus", "yf", "yt", "base_mva", "sbus_bg", "v0", "ref", "pv", "pq",
+             "ref_load_mw", "bus_index", "bus_ok", "bus_pos", "f", "t", "ika_f", "ika_t",
+             "line_rows", "line_ok", "trafo_rows", "trafo_ok", "line_imax", "tr_hv", "tr_lv",
+             "sizes")
+    """What a FastFlow is made of once pandapower has built the network: `state()`,
+    `restore()` (`grid.cache` keeps it between runs)."""
+
     def __init__(self, net: Any, buses: Sequence[int], *, max_iteration: int = 10,
                  tolerance_mva: float = 1e-8) -> None:
-        from lightsim2grid.algorithm import NR_KLU
+        self.net = net
+        self._setup(self._compile(net), buses, max_iteration, tolerance_mva)
+
+    @classmethod
+    def restore(cls, state: dict[str, Any], buses: Sequence[int], *, max_iteration: int = 10,
+                tolerance_mva: float = 1e-8) -> FastFlow:
+        """The flow `state()` describes, without pandapower (`net` is None)."""
+        self = cls.__new__(cls)
+        self.net = None
+        self._setup(state, buses, max_iteration, tolerance_mva)
+        return self
+
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, f"_{k}") for k in self.STATE}
+
+    @staticmethod
+    def _compile(net: Any) -> dict[str, Any]:
         from pandapower.pypower.idx_brch import F_BUS, T_BUS
         from pandapower.pypower.idx_bus import BASE_KV, PD
 
-        self.net = net
         _base_runpp(net)
         ppc = net._ppc
         internal = ppc["internal"]
-        self._ybus = internal["Ybus"].tocsc()
-        self._yf, self._yt = internal["Yf"].tocsr(), internal["Yt"].tocsr()
-        self._base_mva = float(internal["baseMVA"])
-        self._sbus_bg = np.asarray(internal["Sbus"], dtype=complex).copy()
-        self._v0 = np.asarray(internal["V"], dtype=complex).copy()
-        self._ref = np.asarray(internal["ref"], dtype=np.int64)
-        self._pv = np.asarray(internal["pv"], dtype=np.int64)
-        self._pq = np.asarray(internal["pq"], dtype=np.int64)
-        if len(self._ref) != 1:
-            raise GridError(f"the network has {len(self._ref)} slack buses; the fast power "
+        st: dict[str, Any] = {"sizes": (len(net.bus), len(net.line), len(net.trafo))}
+        st["ybus"] = internal["Ybus"].tocsc()
+        st["yf"], st["yt"] = internal["Yf"].tocsr(), internal["Yt"].tocsr()
+        st["base_mva"] = base_mva = float(internal["baseMVA"])
+        st["sbus_bg"] = np.asarray(internal["Sbus"], dtype=complex).copy()
+        st["v0"] = v0 = np.asarray(internal["V"], dtype=complex).copy()
+        st["ref"] = ref = np.asarray(internal["ref"], dtype=np.int64)
+        st["pv"] = np.asarray(internal["pv"], dtype=np.int64)
+        st["pq"] = np.asarray(internal["pq"], dtype=np.int64)
+        if len(ref) != 1:
+            raise GridError(f"the network has {len(ref)} slack buses; the fast power "
                             "flow supports exactly one ext_grid", "grid.network")
-        self._ref_load_mw = float(internal["bus"][self._ref[0], PD])
-        self._y_ref = self._ybus[self._ref[0], :]  # the slack's row, sliced once, not per flow
-        self._slack_w = np.zeros(len(self._v0))
-        self._slack_w[self._ref] = 1.0
-        self._max_it, self._tol = max_iteration, tolerance_mva
-        self._solver = NR_KLU()
+        st["ref_load_mw"] = float(internal["bus"][ref[0], PD])
 
         lookup = net._pd2ppc_lookups["bus"]
-        n_ppci = len(self._v0)
-        bus_idx = net.bus.index.to_numpy()
+        n_ppci = len(v0)
+        st["bus_index"] = bus_idx = net.bus.index.to_numpy()
         pos = lookup[bus_idx]
-        self._bus_ok = (pos >= 0) & (pos < n_ppci) & net.bus.in_service.to_numpy()
-        self._bus_pos = np.where(self._bus_ok, pos, 0)
-        inj = []
-        for b in buses:
-            k = net.bus.index.get_loc(b)
-            if not self._bus_ok[k]:
-                raise GridError(f"bus {b} is out of service or not connected to the slack",
-                                "grid.buses")
-            inj.append(self._bus_pos[k])
-        self._inj = np.asarray(inj, dtype=np.int64)
+        st["bus_ok"] = bus_ok = (pos >= 0) & (pos < n_ppci) & net.bus.in_service.to_numpy()
+        st["bus_pos"] = np.where(bus_ok, pos, 0)
 
         branch = internal["branch"]
-        self._f = branch[:, F_BUS].real.astype(np.int64)
-        self._t = branch[:, T_BUS].real.astype(np.int64)
+        st["f"] = f = branch[:, F_BUS].real.astype(np.int64)
+        st["t"] = t = branch[:, T_BUS].real.astype(np.int64)
         base_kv = internal["bus"][:, BASE_KV]
-        self._ika_f = self._base_mva / (SQRT3 * base_kv[self._f])
-        self._ika_t = self._base_mva / (SQRT3 * base_kv[self._t])
+        st["ika_f"] = base_mva / (SQRT3 * base_kv[f])
+        st["ika_t"] = base_mva / (SQRT3 * base_kv[t])
         is_ = np.asarray(internal["branch_is"], dtype=bool)
         ppci_row = np.cumsum(is_) - 1
         ranges = net._pd2ppc_lookups.get("branch", {})
@@ -138,18 +153,43 @@ class FastFlow:
             r = np.arange(start, start + n)
             return np.where(is_[r], ppci_row[r], 0), is_[r]
 
-        self._line_rows, self._line_ok = rows("line", len(net.line))
-        self._trafo_rows, self._trafo_ok = rows("trafo", len(net.trafo))
+        st["line_rows"], st["line_ok"] = rows("line", len(net.line))
+        st["trafo_rows"], st["trafo_ok"] = rows("trafo", len(net.trafo))
         line = net.line
-        self._line_imax = (line.max_i_ka * line.df * line.parallel).to_numpy(dtype=float) \
+        st["line_imax"] = (line.max_i_ka * line.df * line.parallel).to_numpy(dtype=float) \
             if len(line) else np.zeros(0)
         tr = net.trafo
         if len(tr):
             scale = SQRT3 * 100.0 / (tr.sn_mva * tr.parallel).to_numpy(dtype=float)
-            self._tr_hv = tr.vn_hv_kv.to_numpy(dtype=float) * scale
-            self._tr_lv = tr.vn_lv_kv.to_numpy(dtype=float) * scale
+            st["tr_hv"] = tr.vn_hv_kv.to_numpy(dtype=float) * scale
+            st["tr_lv"] = tr.vn_lv_kv.to_numpy(dtype=float) * scale
         else:
-            self._tr_hv = self._tr_lv = np.zeros(0)
+            st["tr_hv"] = st["tr_lv"] = np.zeros(0)
+        return st
+
+    def _setup(self, st: dict[str, Any], buses: Sequence[int], max_iteration: int,
+               tolerance_mva: float) -> None:
+        from lightsim2grid.algorithm import NR_KLU
+
+        for k in self.STATE:
+            setattr(self, f"_{k}", st[k])
+        self._sizes = tuple(int(n) for n in st["sizes"])
+        self._base_mva, self._ref_load_mw = float(st["base_mva"]), float(st["ref_load_mw"])
+        self._y_ref = self._ybus[self._ref[0], :]  # the slack's row, sliced once, not per flow
+        self._slack_w = np.zeros(len(self._v0))
+        self._slack_w[self._ref] = 1.0
+        self._max_it, self._tol = max_iteration, tolerance_mva
+        self._solver = NR_KLU()
+        where = {int(b): k for k, b in enumerate(self._bus_index)}
+        inj = []
+        for b in buses:
+            k = where[int(b)]
+            if not self._bus_ok[k]:
+                raise GridError(f"bus {b} is out of service or not connected to the slack",
+                                "grid.buses")
+            inj.append(self._bus_pos[k])
+        self._inj = np.asarray(inj, dtype=np.int64)
+        self._inj_unique = len(set(inj)) == len(inj)
 
     def solve(self, p_w: Sequence[float] | np.ndarray, q_var: Sequence[float] | np.ndarray | None
               = None, background: float = 1.0) -> FlowResult:
@@ -160,15 +200,18 @@ class FastFlow:
             raise ValueError(f"expected {len(self._inj)} injections, got {p.shape}")
         s = p + 1j * (np.zeros_like(p) if q_var is None else np.asarray(q_var, dtype=float))
         if not np.all(np.isfinite(s)) or not math.isfinite(background):
-            return _failed(self.net, 0, "an injection is not a finite number")
+            return _failed(self._sizes, 0, "an injection is not a finite number")
         sbus = self._sbus_bg * background
-        np.add.at(sbus, self._inj, s / (self._base_mva * 1e6))
+        if self._inj_unique:  # one injection per bus: plain fancy-index add, same sums
+            sbus[self._inj] += s / (self._base_mva * 1e6)
+        else:
+            np.add.at(sbus, self._inj, s / (self._base_mva * 1e6))
         solver = self._solver
         solver.solve(self._ybus, self._v0, sbus, self._ref, self._slack_w, self._pv, self._pq,
                      self._max_it, self._tol)
         iterations = int(solver.get_nb_iter())
         if not solver.converged():
-            return _failed(self.net, iterations,
+            return _failed(self._sizes, iterations,
                            f"power flow did not converge in {iterations} Newton-Raphson "
                            f"iterations ({solver.get_error().name}): the injections are "
                            "beyond what the feeder can carry")
@@ -216,7 +259,7 @@ class ReferenceFlow:
         p = np.asarray(p_w, dtype=float) / 1e6
         q = np.zeros_like(p) if q_var is None else np.asarray(q_var, dtype=float) / 1e6
         if not (np.all(np.isfinite(p)) and np.all(np.isfinite(q)) and math.isfinite(background)):
-            return _failed(net, 0, "an injection is not a finite number")
+            return _failed(_sizes(net), 0, "an injection is not a finite number")
         net.sgen.loc[self._sgens, "p_mw"] = p
         net.sgen.loc[self._sgens, "q_mvar"] = q
         if self._n_load:
@@ -229,7 +272,7 @@ class ReferenceFlow:
                 warnings.simplefilter("ignore")
                 pp.runpp(net, **self._kw)
         except Exception as exc:
-            return _failed(net, 0, f"power flow did not converge ({type(exc).__name__})")
+            return _failed(_sizes(net), 0, f"power flow did not converge ({type(exc).__name__})")
         res_line = net.res_line.loading_percent.reindex(net.line.index).fillna(0.0)
         res_tr = net.res_trafo.loading_percent.reindex(net.trafo.index).fillna(0.0)
         losses = float(net.res_line.pl_mw.sum() + net.res_trafo.pl_mw.sum()) * 1e6

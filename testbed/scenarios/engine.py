@@ -100,6 +100,10 @@ class Run:
                  report: bool = True, helics: str | None = None, shards: int | None = None,
                  feeder_federate: bool = False,
                  progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> None:
+        self.timings: dict[str, float] = {}
+        """Wall seconds of the run's phases outside the step loop (and the loop), in order:
+        where a run's start-up and end go (`bench/scenario.py` prints them)."""
+        self._t = _time.perf_counter()
         updates: dict[str, Any] = {}
         if seed is not None:
             updates["seed"] = seed
@@ -111,8 +115,10 @@ class Run:
         sc = scenario.model_copy(update=updates) if updates else scenario  # keeps .source
         self.sc = sc
         self.site = self._site()
+        self._lap("site")
         self.schedule = forecast_schedule(sc, self.site)
         self.profiles = (irradiance_fn(sc), load_fn(sc, self.site))  # checked before start
+        self._lap("forecast and profiles")
         self.broker = broker
         self.progress = progress
         self.influx = influx or self.site.telemetry.influx
@@ -150,6 +156,13 @@ class Run:
         if sc.grid.enabled and self.site.grid.enabled:
             from testbed.grid.feeder import checker_for
             self.checker = checker_for(self.site)
+            self._lap("feeder")
+
+    def _lap(self, phase: str) -> None:
+        """`phase` has just ended: its wall time since the previous lap."""
+        now = _time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self._t
+        self._t = now
 
     def _site(self) -> SiteConfig:
         sc = self.sc
@@ -169,6 +182,7 @@ class Run:
 
     async def execute(self) -> RunResult:
         sc, site = self.sc, self.site
+        self._lap("before execute")
         self.dir.mkdir(parents=True)
         (self.dir / "scenario.json").write_text(
             json.dumps(sc.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
@@ -197,6 +211,7 @@ class Run:
             params=Params(max_skew_s=max(300.0, 2.0 * sc.market.interval_s),
                           max_age_s=max(900.0, 4.0 * sc.market.interval_s),
                           round_timeout_s=max(2.0, sc.market.gate_s)))
+        self._lap("run folder, store, ledger set-up")
         self.keys = {p.name: self.layout.key(p.name) for p in site.prosumers}
         self.agg_key = self.layout.key("aggregator")
         self.owners = {k.address: n for n, k in self.keys.items()}
@@ -237,7 +252,9 @@ class Run:
             else:
                 await emulators.start(clock=False)
                 served = emulators.resolved_site()
+            self._lap("phases, emulators start")
             async with open_bus(self.broker) as bus:
+                self._lap("bus open")
                 await self._with_bus(bus, served, self.cosim or emulators)
         except BaseException:
             # a run that fails still keeps every step it committed: in real time those
@@ -252,14 +269,18 @@ class Run:
                 self.cosim.close()
             if self.federation is not None:
                 self.federation.stop()
+        self._lap("bus close, emulators stop")
         st.put_meta("finished_at", datetime.now(UTC).isoformat())
+        self._lap("store index (waited for)")
         st.put_meta("wall_s", f"{_time.perf_counter() - wall0:.3f}")
         summary = self._summary(_time.perf_counter() - wall0)
         verdicts = evaluate(sc, summary)
         summary["expectations"] = [v.to_dict() for v in verdicts]
         summary["passed"] = all(v.ok for v in verdicts) and self.lost is None
         st.put_meta("passed", json.dumps(summary["passed"]))
+        self._lap("summary")
         st.close()
+        self._lap("store close")
         if sink is not None:
             summary["telemetry"] = sink.close().to_dict()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True)
@@ -282,6 +303,7 @@ class Run:
             self.ledger = LedgerPhase(validators, self.store, self.keys, self.agg_key,
                                       sc.market.interval_s)
             identities = validators.nodes[0].chain.state.identities
+            self._lap("validators start")
         else:
             first = self.layout.validators()[0]
             identities = Chain.open(self.layout.db_path(first)).state.identities
@@ -303,6 +325,7 @@ class Run:
                                     self.ledger.submit if self.ledger else None,
                                     dso=self.layout.key("dso"), pseudonym=desk.issue)
             await self.devices.connect()
+            self._lap("market start, devices connect")
             # Everything set up so far (pandapower, the feeder, keys, emulators) lives as
             # long as the run: out of the collector's way, a full collection scans only
             # what the loop allocates (in real time, unfrozen, each full collection
@@ -315,8 +338,10 @@ class Run:
             gc.collect()
             gc.freeze()
             gc.set_threshold(20_000, 20, 10)
+            self._lap("gc collect and freeze")
             try:
                 await self._loop()
+                self._lap("step loop")
                 self.store.build_indexes()  # every measurement is in: index while we stop
             finally:
                 gc.set_threshold(*thresholds)
@@ -324,8 +349,10 @@ class Run:
         finally:
             await self.market.stop()
             await self.devices.close()
+            self._lap("market stop, devices close")
             if self.ledger is not None:
                 await self.ledger.stop()
+                self._lap("ledger stop (validators, verify)")
 
     # ------------------------------------------------------------------ loop
 

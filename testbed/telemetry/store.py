@@ -14,6 +14,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,9 @@ date cost ~10 ms of inserts and ~10 ms of commit a step at 50 prosumers (1,500 r
 the rows themselves; building it once at the end costs ~1 ms a step. Nothing reads by
 device while a run is recorded (the InfluxDB sink follows rowids)."""
 
+_MAX_ROWS = 1024
+"""Rows per INSERT at most (x 6 columns: well inside SQLite's 32,766 variables)."""
+
 WALL_CLOCK_COLUMNS = {("steps", "late_ms"), ("steps", "wall"), ("meta", "started_at"),
                       ("meta", "finished_at"), ("meta", "wall_s"), ("meta", "run_id"),
                       ("meta", "out"), ("meta", "broker"),
@@ -86,12 +90,15 @@ class RunStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # 8 kB pages (a new file's; SQLite's default is 4 kB): a step's rows and commit
+        # touch half the pages, 0.81 -> 0.70 ms a step at 50 prosumers (same rows)
+        self._db.execute("PRAGMA page_size=8192")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         # Checkpoint the WAL every ~40 MB instead of SQLite's 4 MB: each checkpoint syncs
         # the files, which at ~150 kB of rows a step (50 prosumers) cost a fast run ~10 ms
         # a step; commits stay per step, so a killed run keeps everything to its last step.
-        self._db.execute("PRAGMA wal_autocheckpoint=10000")
+        self._db.execute("PRAGMA wal_autocheckpoint=5000")  # pages of 8 kB
         self._db.executescript(SCHEMA)
         self._db.execute("BEGIN")
         self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] \
@@ -101,6 +108,7 @@ class RunStore:
         self._idle = threading.Condition()
         self._error: BaseException | None = None
         self._indexing: threading.Thread | None = None
+        self._sql: dict[tuple[str, tuple[str, ...], int], str] = {}
         if writer:
             self._queue = queue.SimpleQueue()
             self._thread = threading.Thread(target=self._write, name=f"run-store-{self.path}",
@@ -200,10 +208,30 @@ class RunStore:
 
     def insert_many(self, table: str, cols: Iterable[str], rows: Iterable[tuple[Any, ...]]
                     ) -> None:
-        cols = list(cols)
-        self._do(self._db.executemany, f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
-                 f"({', '.join('?' for _ in cols)})",
-                 rows if self._queue is None else list(rows))
+        """The rows in order, as multi-row INSERTs of power-of-two sizes (a step's ~1,300
+        measurement rows: 4 statements instead of `executemany`'s 1,300 executions of one,
+        1.4 -> 0.8 ms a step with the commit; the same rows, rowids and order)."""
+        cols = tuple(cols)
+        rows = rows if isinstance(rows, list) else list(rows)
+        k = len(cols)
+        if rows and set(map(len, rows)) != {k}:  # flattened, a short row would shift the rest
+            bad = next(row for row in rows if len(row) != k)
+            raise ValueError(f"{table}: a row of {len(bad)} values for {k} columns: {bad!r}")
+        at, left = 0, len(rows)
+        while left:
+            n = min(_MAX_ROWS, 1 << (left.bit_length() - 1))
+            self._do(self._db.execute, self._insert_sql(table, cols, n),
+                     list(chain.from_iterable(rows[at:at + n])))
+            at, left = at + n, left - n
+
+    def _insert_sql(self, table: str, cols: tuple[str, ...], n: int) -> str:
+        key = (table, cols, n)
+        sql = self._sql.get(key)
+        if sql is None:
+            one = f"({', '.join('?' for _ in cols)})"
+            sql = self._sql[key] = (f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
+                                    + ", ".join([one] * n))
+        return sql
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
         """Any other write (in order with the inserts)."""

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import sqlite3
+import time
 import urllib.parse
 import urllib.request
 from collections import defaultdict
@@ -177,7 +178,12 @@ def test_server_stopped_mid_run_then_backfill_makes_it_whole(vm: VictoriaMetrics
     stopped: list[int] = []
 
     def kill_at(k: int, n: int, info: dict) -> None:
-        if k == 80 and not stopped:
+        if k >= 80 and not stopped:
+            # mid-run, once the server holds some of it (a fast run reaches step 80 before
+            # the sink's first write): bounded, the run waits here at most 20 s
+            deadline = time.monotonic() + 20
+            while not vm.export() and time.monotonic() < deadline:
+                time.sleep(0.05)
             vm.stop()
             stopped.append(k)
 
@@ -446,31 +452,44 @@ def test_a_failed_write_in_the_writer_thread_is_raised_to_the_run(tmp_path: Path
     assert [r for r in dump(tmp_path / "run.db") if r[0] == "steps"] == [("steps", (1, 60.0))]
 
 
+def _plan(path: Path) -> str:
+    db = RunStore.open_readonly(path)
+    try:
+        return " ".join(str(tuple(r)) for r in db.execute(
+            "EXPLAIN QUERY PLAN SELECT t, value FROM measurements WHERE device = 'd3' "
+            "AND name = 'p_w' ORDER BY t"))
+    finally:
+        db.close()
+
+
 @pytest.mark.parametrize("writer", [False, True])
-def test_indexes_built_before_close_leave_the_store_as_close_alone_does(
-        tmp_path: Path, writer: bool) -> None:
-    """`build_indexes` after the last measurement (in the background) then more writes:
-    the same rows as a store indexed at `close`, and the index is there, used by a query
-    by device."""
-    plain = RunStore(tmp_path / "a.db")
-    _fill(plain)
-    plain.close()
-    early = RunStore(tmp_path / "b.db", writer=writer)
-    _fill(early)
-    early.build_indexes()
-    early.put_meta("passed", "true")
-    plain_after = RunStore(tmp_path / "a.db")
-    plain_after.put_meta("passed", "true")
-    plain_after.close()
-    assert early.db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] == 39 * 30
-    early.close()
-    assert list(dump(tmp_path / "b.db")) == list(dump(tmp_path / "a.db"))
-    db = RunStore.open_readonly(tmp_path / "b.db")
-    plan = " ".join(str(tuple(r)) for r in db.execute(
-        "EXPLAIN QUERY PLAN SELECT t, value FROM measurements WHERE device = 'd3' "
-        "AND name = 'p_w' ORDER BY t"))
+def test_the_by_device_index_is_built_by_its_first_reader(tmp_path: Path, writer: bool) -> None:
+    """A run store closes without the (device, name, t) index; `ensure_indexes` (the
+    report's open) builds it once, changing no row; a read-only store keeps scanning."""
+    store = RunStore(tmp_path / "run.db", writer=writer)
+    _fill(store)
+    store.put_meta("passed", "true")
+    store.close()
+    before = list(dump(tmp_path / "run.db"))
+    assert "measurements_by_device" not in _plan(tmp_path / "run.db")
+    assert RunStore.ensure_indexes(tmp_path / "run.db") is True
+    assert "measurements_by_device" in _plan(tmp_path / "run.db")
+    assert RunStore.ensure_indexes(tmp_path / "run.db") is True  # already there: nothing to do
+    assert list(dump(tmp_path / "run.db")) == before
+    assert RunStore.ensure_indexes(tmp_path / "missing.db") is False
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_the_report_builds_the_by_device_index(tmp_path: Path) -> None:
+    """Opening a run for its report leaves the store indexed (the run itself does not)."""
+    from testbed.dashboards.report import open_run
+    store = RunStore(tmp_path / "run.db")
+    _fill(store)
+    store.close()
+    assert "measurements_by_device" not in _plan(tmp_path / "run.db")
+    db, _ = open_run(tmp_path)
     db.close()
-    assert "measurements_by_device" in plan
+    assert "measurements_by_device" in _plan(tmp_path / "run.db")
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 1024, 1300, 2600])

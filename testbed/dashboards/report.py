@@ -91,6 +91,7 @@ def open_run(run_dir: Path) -> tuple[sqlite3.Connection, RunFiles]:
     if not db_path.is_file():
         raise ReportError(f"{run_dir}: not a run directory (no run.db: the run store "
                           "`testbed run` writes)")
+    RunStore.ensure_indexes(db_path)  # the run leaves its by-device index to its reader
     try:
         db = RunStore.open_readonly(db_path)
         meta = {r[0]: r[1] for r in _q(db, "SELECT key, value FROM meta")}

@@ -271,7 +271,6 @@ class Run:
                 self.federation.stop()
         self._lap("bus close, emulators stop")
         st.put_meta("finished_at", datetime.now(UTC).isoformat())
-        self._lap("store index (waited for)")
         st.put_meta("wall_s", f"{_time.perf_counter() - wall0:.3f}")
         summary = self._summary(_time.perf_counter() - wall0)
         verdicts = evaluate(sc, summary)
@@ -342,7 +341,6 @@ class Run:
             try:
                 await self._loop()
                 self._lap("step loop")
-                self.store.build_indexes()  # every measurement is in: index while we stop
             finally:
                 gc.set_threshold(*thresholds)
                 gc.unfreeze()

@@ -65,10 +65,12 @@ CREATE TABLE IF NOT EXISTS cpf (t REAL NOT NULL, prosumer TEXT NOT NULL,
 INDEXES = """
 CREATE INDEX IF NOT EXISTS measurements_by_device ON measurements (device, name, t);
 """
-"""Built when the run closes, not while it runs: keeping a (device, name, t) index up to
-date cost ~10 ms of inserts and ~10 ms of commit a step at 50 prosumers (1,500 rows), 20x
-the rows themselves; building it once at the end costs ~1 ms a step. Nothing reads by
-device while a run is recorded (the InfluxDB sink follows rowids)."""
+"""Built by the first reader that asks by device (`ensure_indexes`: the HTML report), not
+while the run records: keeping a (device, name, t) index up to date cost ~10 ms of inserts
+and ~10 ms of commit a step at 50 prosumers (1,500 rows), 20x the rows themselves, and
+building it at the end of the run held the run's last writes ~1.3 s (24 h, 50 prosumers)
+for an index that a run without a report (CI, sweeps, benches) never reads. Nothing reads
+by device while a run is recorded (the InfluxDB sink follows rowids)."""
 
 _MAX_ROWS = 1024
 """Rows per INSERT at most (x 6 columns: well inside SQLite's 32,766 variables)."""
@@ -107,7 +109,6 @@ class RunStore:
         self._pending = 0
         self._idle = threading.Condition()
         self._error: BaseException | None = None
-        self._indexing: threading.Thread | None = None
         self._sql: dict[tuple[str, tuple[str, ...], int], str] = {}
         if writer:
             self._queue = queue.SimpleQueue()
@@ -120,36 +121,6 @@ class RunStore:
         """The connection, once every write so far is done."""
         self.flush()
         return self._db
-
-    def build_indexes(self) -> None:
-        """Commit and start building `INDEXES` now, in a thread (SQLite runs without the
-        GIL), once the rows they cover are all written: the end of a run (stopping the
-        validators, checking their chains) goes on meanwhile instead of waiting for the
-        index at `close` (~1.4 s CPU for a 24 h run of 50 prosumers). Any later use of the
-        store waits for it first, so the connection is never used by two threads at once."""
-        if self._queue is not None:
-            self._do(self._index)  # the writer thread is the background already
-            return
-        self._join_index()
-        self._indexing = threading.Thread(target=self._index_caught,
-                                          name=f"run-store-index-{self.path}", daemon=True)
-        self._indexing.start()
-
-    def _index(self) -> None:
-        self._db.execute("COMMIT")
-        self._db.executescript(INDEXES)
-        self._db.execute("BEGIN")
-
-    def _index_caught(self) -> None:
-        try:
-            self._index()
-        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
-            self._error = exc
-
-    def _join_index(self) -> None:
-        if self._indexing is not None:
-            self._indexing.join()
-            self._indexing = None
 
     def _write(self) -> None:
         assert self._queue is not None
@@ -167,7 +138,6 @@ class RunStore:
                         self._idle.notify_all()
 
     def _do(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._join_index()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -181,7 +151,6 @@ class RunStore:
     def flush(self) -> None:
         """Wait until the writer thread has done every write handed to it; raise what
         one of them raised."""
-        self._join_index()
         if self._queue is not None:
             with self._idle:
                 self._idle.wait_for(lambda: self._pending == 0)
@@ -256,8 +225,24 @@ class RunStore:
             self._thread.join()
             self._queue = None
         self._db.execute("COMMIT")
-        self._db.executescript(INDEXES)
         self._db.close()
+
+    @staticmethod
+    def ensure_indexes(path: Path) -> bool:
+        """Build `INDEXES` in the store at `path` if they are missing (once, by the first
+        reader that queries by device). False when the store cannot be written (a
+        read-only copy): its queries then scan, slower but with the same answers."""
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None)
+        except sqlite3.OperationalError:
+            return False
+        try:
+            db.executescript(INDEXES)
+            return True
+        except sqlite3.DatabaseError:  # read-only file or folder, locked, not a database
+            return False
+        finally:
+            db.close()
 
 
 def dump(path: Path, *, skip_wall_clock: bool = True) -> Iterator[tuple[str, tuple[Any, ...]]]:

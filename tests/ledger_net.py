@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,15 +142,22 @@ def make_net(n: int = 4, *, nodes: int = 2, params: Params | None = None,
     return Net(admin, aggregator, validators, genesis, chains)
 
 
-def stored_chain(folder: Path, blocks: int) -> Net:
-    """A chain stored in folder/a.db and folder/b.db (closed): `blocks` blocks of readings
-    and a payment each, then an auction and its award."""
-    net = make_net(4, stores=[str(folder / "a.db"), str(folder / "b.db")])
+def commit_traffic(net: Net, blocks: int, after: Callable[[], object] = lambda: None) -> None:
+    """`blocks` blocks of a reading by each validator and a payment, a minute apart;
+    `after` is called after each block."""
     for h in range(blocks):
         net.time += 60
         txs = [net.reading(k, 0.5 + 0.1 * i, 0.7) for i, k in enumerate(net.validators)]
         txs.append(net.pay(net.aggregator, net.validators[h % 4].address, 1000 + h))
         assert not net.commit(txs).dropped
+        after()
+
+
+def stored_chain(folder: Path, blocks: int) -> Net:
+    """A chain stored in folder/a.db and folder/b.db (closed): `blocks` blocks of readings
+    and a payment each, then an auction and its award."""
+    net = make_net(4, stores=[str(folder / "a.db"), str(folder / "b.db")])
+    commit_traffic(net, blocks)
     net.open_and_award("test/first-come-v1", seller=net.validators[0])
     for c in net.chains:
         c.store.close()

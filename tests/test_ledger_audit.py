@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from ledger_net import make_net
+from ledger_net import commit_traffic, make_net
 
 from testbed.ledger.audit import AuditWorker, Follower
 from testbed.ledger.chain import verify_store, verify_stores
@@ -17,12 +17,7 @@ def _grow(folder, blocks: int, follow=lambda: None):
     """Two validators' stores of one chain (a.db, b.db), `follow` called after each block
     while their writers are open; the stores closed at the end."""
     net = make_net(4, stores=[str(folder / "a.db"), str(folder / "b.db")])
-    for h in range(blocks):
-        net.time += 60
-        txs = [net.reading(k, 0.5 + 0.1 * i, 0.7) for i, k in enumerate(net.validators)]
-        txs.append(net.pay(net.aggregator, net.validators[h % 4].address, 1000 + h))
-        assert not net.commit(txs).dropped
-        follow()
+    commit_traffic(net, blocks, follow)
     return net
 
 

@@ -5,7 +5,7 @@ the certificate, and ends in the state it would have reached alone."""
 from __future__ import annotations
 
 import pytest
-from ledger_net import make_net
+from ledger_net import commit_traffic, make_net
 
 from testbed.ledger import chain as C
 from testbed.ledger.errors import Reason, Rejected
@@ -13,11 +13,7 @@ from testbed.ledger.state import LedgerState
 
 
 def _traffic(net, blocks: int = 3) -> None:
-    for h in range(blocks):
-        net.time += 60
-        txs = [net.reading(k, 0.5 + 0.1 * i, 0.7) for i, k in enumerate(net.validators)]
-        txs.append(net.pay(net.aggregator, net.validators[h % 4].address, 1000 + h))
-        assert not net.commit(txs).dropped
+    commit_traffic(net, blocks)
     net.open_and_award("test/first-come-v1", seller=net.validators[0])
 
 

@@ -154,7 +154,7 @@ def test_same_seed_in_fast_mode_gives_an_identical_run_store(tmp_path: Path) -> 
     # the run times its phases outside the step loop (bench/scenario.py prints them)
     phases = list(run_a.timings)
     assert phases[:3] == ["site", "forecast and profiles", "feeder"]
-    assert phases[-3:] == ["store index (waited for)", "summary", "store close"]
+    assert phases[-3:] == ["bus close, emulators stop", "summary", "store close"]
     assert "step loop" in phases and "ledger stop (validators, verify)" in phases
     assert all(v >= 0 for v in run_a.timings.values())
     assert sum(run_a.timings.values()) >= a.summary["clock"]["wall_s"]

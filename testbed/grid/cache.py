@@ -166,7 +166,6 @@ def store(k: dict[str, Any], state: CheckerState, folder: Path | None = None) ->
         os.replace(tmp, path)
         return path
     except Exception as exc:  # noqa: BLE001 - a cache that cannot be written costs a rebuild
-
         log.warning("feeder cache not written to %s (%s: %s)", folder, type(exc).__name__,
                     exc)
         if tmp is not None:

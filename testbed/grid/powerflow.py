@@ -115,7 +115,7 @@ class FastFlow:
         _base_runpp(net)
         ppc = net._ppc
         internal = ppc["internal"]
-        st: dict[str, Any] = {"sizes": (len(net.bus), len(net.line), len(net.trafo))}
+        st: dict[str, Any] = {"sizes": _sizes(net)}
         st["ybus"] = internal["Ybus"].tocsc()
         st["yf"], st["yt"] = internal["Yf"].tocsr(), internal["Yt"].tocsr()
         st["base_mva"] = base_mva = float(internal["baseMVA"])

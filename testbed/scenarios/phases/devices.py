@@ -94,7 +94,7 @@ class DeviceIO:
         self._fails: dict[str, int] = {}
         self._active: set[int] = set()
         self._groups = _by_link(self.devices)
-        piped = {x.endpoint: x.window for x in _links(self.devices) if x.window > 1}
+        piped = {x.endpoint: x.window for _, x in self._links() if x.window > 1}
         if piped:
             log.info("Modbus links pipelined (requests in flight): %s",
                      ", ".join(f"{e} ({n})" for e, n in piped.items()))
@@ -191,26 +191,24 @@ class DeviceIO:
             loop = asyncio.get_running_loop()
             rest = [loop.create_task(_read(devices[n])) for n in names[1:]]
             return [await _read(devices[names[0]]), *[await t for t in rest]]
-        out: list[Reading | Exception] = []
-        for name in names:
-            try:
-                out.append(await devices[name].read())
-            except Exception as exc:  # noqa: BLE001 - sorted out by the caller, as gather's
-                out.append(exc)
-        return out
+        return [await _read(devices[n]) for n in names]
 
     def links(self) -> dict[str, Any]:
         """The Modbus links by the devices on them (not by endpoint: the emulators' ports
         are free ones, and a summary must not differ between two runs of a seed):
         pipelined ones with their requests in flight, and those carrying one at a time."""
         pipelined, single = [], []
-        for link in _links(self.devices):
-            names = [n for n, d in self.devices.items() if getattr(d, "link", None) is link]
+        for names, link in self._links():
             if link.window > 1:
                 pipelined.append({"devices": names, "in_flight": link.window})
             else:
                 single.append(names)
         return {"pipelined": pipelined, "one_at_a_time": single}
+
+    def _links(self) -> list[tuple[list[str], ModbusLink]]:
+        """The Modbus links with the devices on them, in site order (`_by_link`'s groups)."""
+        return [(names, link) for names in self._groups
+                if isinstance(link := getattr(self.devices[names[0]], "link", None), ModbusLink)]
 
     def _failed(self, pr: _Prosumer, device: str, kind: str, t: float,
                 exc: Exception) -> bool:
@@ -276,12 +274,6 @@ async def _read(device: Device) -> Reading | Exception:
         return await device.read()
     except Exception as exc:  # noqa: BLE001 - sorted out by the caller, as gather's
         return exc
-
-
-def _links(devices: Mapping[str, Device]) -> list[ModbusLink]:
-    """The devices' Modbus links, each once, in site order."""
-    return list({id(x): x for d in devices.values()
-                 if isinstance(x := getattr(d, "link", None), ModbusLink)}.values())
 
 
 def _by_link(devices: Mapping[str, Device]) -> list[list[str]]:

@@ -61,15 +61,14 @@ class _StrictSimCore(SimCore):
     """Unit -> its fast read path (set per server, built at the unit's first read)."""
 
     async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1):
-        if func_code in (3, 4) and \
-                (now := self.read_now(device_id, func_code, address, count)) is not None:
-            return now
-        if device_id not in self.devices or device_id in self.silent:
-            raise NoSuchIdException(f"unit {device_id}")
-        if func_code in (3, 4):
+        if func_code in (3, 4):  # register reads, the poll path: see _ReadSpan
+            if (now := self.read_now(device_id, func_code, address, count)) is not None:
+                return now  # read_now refused an unknown or silent unit already
             span = self.spans.get(device_id)
             if span is not None:
                 return await span.read(func_code, address, count)
+        elif device_id not in self.devices or device_id in self.silent:
+            raise NoSuchIdException(f"unit {device_id}")
         return await super().async_getValues(device_id, func_code, address, count)
 
     def read_now(self, device_id: int, func_code: int, address: int,

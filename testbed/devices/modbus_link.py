@@ -399,6 +399,7 @@ def socket_frame(pdu: ModbusPDU) -> bytes:
     data = pdu.encode()
     return _MBAP.pack(pdu.transaction_id, 0, len(data) + 2, pdu.dev_id, pdu.function_code) + data
 
+
 MAX_IN_FLIGHT = 32
 """The most requests a link keeps in flight (a site file's `max_in_flight`, at most)."""
 
